@@ -1,0 +1,71 @@
+//! CNN backbones written on candle. Each maps `[B, 3, H, W]` to pooled features `[B, C]`
+//! and exposes its stages so early ones can be frozen and their outputs cached.
+
+use candle_core::{Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// The backbones the project ships. Serialised names are the CLI names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+#[value(rename_all = "kebab-case")]
+pub enum BackboneKind {
+    EfficientnetLite0,
+    BnInception,
+    Resnet18,
+    Resnet50,
+}
+
+impl BackboneKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackboneKind::EfficientnetLite0 => "efficientnet-lite0",
+            BackboneKind::BnInception => "bn-inception",
+            BackboneKind::Resnet18 => "resnet18",
+            BackboneKind::Resnet50 => "resnet50",
+        }
+    }
+}
+
+impl std::fmt::Display for BackboneKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for BackboneKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        <Self as clap::ValueEnum>::from_str(s, true).map_err(|_| {
+            format!(
+                "unknown backbone '{s}' (expected one of: efficientnet-lite0, bn-inception, resnet18, resnet50)"
+            )
+        })
+    }
+}
+
+/// A feature extractor split into stages (stem = 0, …, last = head conv).
+///
+/// `features(x) == pool(forward_stages(x, 0..num_stages()))`. Training with
+/// `--freeze-until S` computes `forward_stages(x, 0..S)` once per image and caches it.
+pub trait Backbone: Send + Sync {
+    fn kind(&self) -> BackboneKind;
+    /// Number of stages; stage indices are `0..num_stages()`.
+    fn num_stages(&self) -> usize;
+    /// Human names of the stages, for `--freeze-until` help and errors.
+    fn stage_names(&self) -> Vec<String>;
+    /// Runs stages `range` on an unpooled activation (the image batch when `range.start == 0`).
+    fn forward_stages(&self, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor>;
+    /// Global average pool `[B, C, H, W]` → `[B, C]`.
+    fn pool(&self, x: &Tensor) -> Result<Tensor> {
+        x.mean(candle_core::D::Minus1)?.mean(candle_core::D::Minus1)
+    }
+    /// Channels of the pooled feature.
+    fn feature_dim(&self) -> usize;
+    /// The stage a variable (by its name in the backbone's `VarMap`) belongs to, so the
+    /// trainer hands only unfrozen ones to the optimiser.
+    fn param_stage(&self, name: &str) -> Option<usize>;
+    /// Pooled features of an image batch.
+    fn features(&self, x: &Tensor) -> Result<Tensor> {
+        self.pool(&self.forward_stages(x, 0..self.num_stages())?)
+    }
+}

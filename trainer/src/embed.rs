@@ -1,0 +1,207 @@
+//! The embedding model (backbone → global pool → optional linear head → L2) and the
+//! [`Embedder`] the indexer and the server use to turn images into vectors.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{Linear, Module, VarBuilder, VarMap};
+use rayon::prelude::*;
+
+use crate::backbone::{self, Backbone, BackboneKind};
+use crate::checkpoint::{self, ModelConfig, ModelIdentity};
+use crate::error::{Error, Result};
+
+/// Variable-name prefix of backbone weights inside a checkpoint.
+pub const BACKBONE_PREFIX: &str = "backbone";
+/// Variable-name prefix of the embedding head inside a checkpoint.
+pub const HEAD_PREFIX: &str = "head";
+
+/// Backbone + head, all weights held in one `VarMap` so training and saving see them all.
+pub struct EmbeddingModel {
+    pub backbone: Box<dyn Backbone>,
+    pub head: Option<Linear>,
+    pub config: ModelConfig,
+    pub varmap: VarMap,
+    pub device: Device,
+}
+
+impl EmbeddingModel {
+    /// Builds the network with fresh variables (head initialised randomly) on `device`.
+    fn build(config: ModelConfig, device: &Device) -> Result<Self> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let backbone = backbone::build(config.backbone, vb.pp(BACKBONE_PREFIX))?;
+        let head = match config.embedding_dim {
+            Some(dim) => Some(candle_nn::linear(config.feature_dim, dim, vb.pp(HEAD_PREFIX))?),
+            None => None,
+        };
+        Ok(Self { backbone, head, config, varmap, device: device.clone() })
+    }
+
+    /// A pretrained backbone from a weight file (legacy/zip `.pth` or safetensors) plus,
+    /// when `embedding_dim` is set, a freshly initialised linear head.
+    pub fn pretrained(kind: BackboneKind, weights: &Path, embedding_dim: Option<usize>, device: &Device) -> Result<Self> {
+        let preprocess = backbone::default_preprocess(kind);
+        let feature_dim = backbone::feature_dim(kind);
+        let model = Self::build(ModelConfig::new(kind, feature_dim, embedding_dim, preprocess), device)?;
+        let loaded = crate::weights::load_backbone_weights(kind, weights, device)?;
+        let data = model.varmap.data().lock().expect("varmap lock");
+        let prefix = format!("{BACKBONE_PREFIX}.");
+        for (name, var) in data.iter() {
+            let Some(inner) = name.strip_prefix(&prefix) else { continue };
+            let t = loaded.get(inner).ok_or_else(|| {
+                Error::file(weights, format!("weight '{inner}' needed by {kind} is missing from this file"))
+            })?;
+            if t.dims() != var.dims() {
+                return Err(Error::file(
+                    weights,
+                    format!("weight '{inner}' has shape {:?}, {kind} needs {:?}", t.dims(), var.dims()),
+                ));
+            }
+            var.set(&t.to_dtype(DType::F32)?.to_device(device)?)?;
+        }
+        drop(data);
+        Ok(model)
+    }
+
+    /// Loads a checkpoint directory written by [`EmbeddingModel::save`].
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let config = ModelConfig::read(dir)?;
+        let mut model = Self::build(config, device)?;
+        let path = dir.join(checkpoint::WEIGHTS_FILE);
+        model
+            .varmap
+            .load(&path)
+            .map_err(|e| Error::file(&path, format!("cannot load checkpoint weights: {e}")))?;
+        model.config.epoch = model.config.epoch.max(0);
+        Ok(model)
+    }
+
+    /// Writes weights then config, each atomically; the config is written last so a
+    /// directory with a config always has complete weights.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+        let path = dir.join(checkpoint::WEIGHTS_FILE);
+        let tmp = checkpoint::tmp_sibling(&path);
+        self.varmap.save(&tmp).map_err(|e| Error::file(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::file(&path, e))?;
+        self.config.write(dir)
+    }
+
+    /// Pooled features → head → L2 normalisation.
+    pub fn embed_pooled(&self, pooled: &Tensor) -> candle_core::Result<Tensor> {
+        let z = match &self.head {
+            Some(h) => h.forward(pooled)?,
+            None => pooled.clone(),
+        };
+        l2_normalize(&z)
+    }
+
+    /// Embeds from an activation after stage `start - 1` (an image batch when `start == 0`).
+    pub fn embed_from_stage(&self, x: &Tensor, start: usize) -> candle_core::Result<Tensor> {
+        let n = self.backbone.num_stages();
+        let feats = self.backbone.pool(&self.backbone.forward_stages(x, start..n)?)?;
+        self.embed_pooled(&feats)
+    }
+
+    /// Embeds an image batch `[B, 3, H, W]`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.embed_from_stage(x, 0)
+    }
+}
+
+/// Row-wise L2 normalisation with an epsilon so a zero vector stays finite.
+pub fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
+    let norm = (x.sqr()?.sum_keepdim(D::Minus1)? + 1e-12)?.sqrt()?;
+    x.broadcast_div(&norm)
+}
+
+/// Where an embedding model comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSpec {
+    /// A run directory (checkpoint) written by `trainer`.
+    Run(PathBuf),
+    /// A bare pretrained backbone; its pooled features are the embedding.
+    Pretrained { backbone: BackboneKind, weights: Option<PathBuf> },
+}
+
+impl ModelSpec {
+    /// Parses `RUN_DIR` or `pretrained:BACKBONE`; `weights` applies to the latter.
+    pub fn parse(s: &str, weights: Option<PathBuf>) -> Result<Self> {
+        match s.strip_prefix("pretrained:") {
+            Some(kind) => Ok(ModelSpec::Pretrained { backbone: kind.parse().map_err(Error::Invalid)?, weights }),
+            None => Ok(ModelSpec::Run(PathBuf::from(s))),
+        }
+    }
+}
+
+/// Embeds decoded images; thread-safe, shared by the indexer's and the server's workers.
+pub struct Embedder {
+    model: EmbeddingModel,
+    identity: ModelIdentity,
+    batch_size: usize,
+}
+
+impl Embedder {
+    pub fn load(spec: &ModelSpec) -> Result<Self> {
+        let device = Device::Cpu;
+        let (model, weights_file) = match spec {
+            ModelSpec::Run(dir) => {
+                (EmbeddingModel::load(dir, &device)?, dir.join(checkpoint::WEIGHTS_FILE))
+            }
+            ModelSpec::Pretrained { backbone, weights } => {
+                let path = crate::weights::resolve_pretrained(*backbone, weights.as_deref())?;
+                (EmbeddingModel::pretrained(*backbone, &path, None, &device)?, path)
+            }
+        };
+        let identity = ModelIdentity::new(&model.config, checkpoint::sha256_file(&weights_file)?);
+        Ok(Self { model, identity, batch_size: 32 })
+    }
+
+    pub fn from_model(model: EmbeddingModel, identity: ModelIdentity) -> Self {
+        Self { model, identity, batch_size: 32 }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.model.config.output_dim()
+    }
+    pub fn identity(&self) -> &ModelIdentity {
+        &self.identity
+    }
+    pub fn config(&self) -> &ModelConfig {
+        &self.model.config
+    }
+    pub fn model(&self) -> &EmbeddingModel {
+        &self.model
+    }
+
+    /// Preprocesses (in parallel) and embeds images; rows are L2-normalised.
+    pub fn embed_images(&self, images: &[image::DynamicImage]) -> Result<Vec<Vec<f32>>> {
+        let pre = &self.model.config.preprocess;
+        let views: Vec<image::RgbImage> = images.par_iter().map(|im| pre.eval_view(im)).collect();
+        self.embed_views(&views)
+    }
+
+    /// Embeds images already at the model's input size (see `Preprocess::eval_view`).
+    pub fn embed_views(&self, views: &[image::RgbImage]) -> Result<Vec<Vec<f32>>> {
+        let pre = &self.model.config.preprocess;
+        let side = pre.crop as usize;
+        let mut out = Vec::with_capacity(views.len());
+        for chunk in views.chunks(self.batch_size) {
+            let mut buf = Vec::with_capacity(chunk.len() * 3 * side * side);
+            for v in chunk {
+                if v.dimensions() != (pre.crop, pre.crop) {
+                    return Err(Error::Invalid(format!(
+                        "image view is {:?}, the model takes {side}×{side}",
+                        v.dimensions()
+                    )));
+                }
+                pre.normalize_into(v, &mut buf);
+            }
+            let x = Tensor::from_vec(buf, (chunk.len(), 3, side, side), &self.model.device)?;
+            let y = self.model.forward(&x)?;
+            out.extend(y.to_vec2::<f32>()?);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,16 @@
+//! Deep Metric's learned metric: datasets, backbones, losses, training, retrieval metrics.
+//!
+//! The crate is the core the `indexer` and `search-server` programs build on: they load a
+//! checkpoint written here ([`checkpoint`]) and embed images through [`embed::Embedder`].
+
+pub mod backbone;
+pub mod checkpoint;
+pub mod data;
+pub mod embed;
+pub mod error;
+pub mod loss;
+pub mod metrics;
+pub mod ops;
+pub mod preprocess;
+pub mod train;
+pub mod weights;
