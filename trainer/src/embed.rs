@@ -205,3 +205,71 @@ impl Embedder {
         Ok(out)
     }
 }
+
+/// Vectors of a whole dataset, in sample order.
+pub struct DatasetEmbeddings {
+    /// Row-major `len × dim`.
+    pub data: Vec<f32>,
+    pub dim: usize,
+    /// Labels of the rows that were embedded.
+    pub labels: Vec<u32>,
+    /// Sample indices of the rows (skipped samples are absent).
+    pub indices: Vec<usize>,
+    /// Unreadable images that were skipped (with `skip_bad`), as messages naming the file.
+    pub skipped: Vec<String>,
+    pub seconds: f64,
+}
+
+impl Embedder {
+    /// Embeds every sample of `set` with its eval view: parallel decoding, batched forward
+    /// passes, and a progress bar (img/s, ETA) on stderr when `progress` is set.
+    pub fn embed_dataset(&self, set: &crate::data::Dataset, skip_bad: bool, progress: bool) -> Result<DatasetEmbeddings> {
+        let t0 = std::time::Instant::now();
+        let pb = if progress {
+            let pb = indicatif::ProgressBar::new(set.samples.len() as u64);
+            pb.set_style(
+                indicatif::ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            pb.set_prefix("embed");
+            pb
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let pre = &self.model.config.preprocess;
+        let mut out = DatasetEmbeddings {
+            data: Vec::with_capacity(set.samples.len() * self.dim()),
+            dim: self.dim(),
+            labels: Vec::new(),
+            indices: Vec::new(),
+            skipped: Vec::new(),
+            seconds: 0.0,
+        };
+        let idx: Vec<usize> = (0..set.samples.len()).collect();
+        for chunk in idx.chunks(self.batch_size) {
+            let views: Vec<(usize, Result<image::RgbImage>)> = chunk
+                .par_iter()
+                .map(|&i| (i, crate::data::decode_image(&set.samples[i].path).map(|im| pre.eval_view(&im))))
+                .collect();
+            let mut ok = Vec::with_capacity(views.len());
+            for (i, v) in views {
+                match v {
+                    Ok(img) => ok.push((i, img)),
+                    Err(e) if skip_bad => out.skipped.push(e.to_string()),
+                    Err(e) => return Err(Error::Invalid(format!("{e} (listed at {})", set.samples[i].origin))),
+                }
+            }
+            let imgs: Vec<image::RgbImage> = ok.iter().map(|(_, im)| im.clone()).collect();
+            for (row, (i, _)) in self.embed_views(&imgs)?.into_iter().zip(&ok) {
+                out.data.extend(row);
+                out.labels.push(set.samples[*i].label);
+                out.indices.push(*i);
+            }
+            pb.inc(chunk.len() as u64);
+        }
+        pb.finish_and_clear();
+        out.seconds = t0.elapsed().as_secs_f64();
+        Ok(out)
+    }
+}

@@ -11,6 +11,7 @@ pub mod error;
 pub mod loss;
 pub mod metrics;
 pub mod ops;
+pub mod optim;
 pub mod preprocess;
 pub mod train;
 pub mod weights;
