@@ -1,0 +1,160 @@
+//! Triplet losses on a batch: every valid triplet (batch-all), or each anchor's hardest
+//! positive and negative (batch-hard, Hermans et al. 2017).
+
+use candle_core::{DType, Result, Tensor};
+
+use super::pairwise::{
+    check_batch, check_constant, host_tensor, pairwise_distances, to_host, zero_loss, Classes,
+};
+use super::{LossOutput, MetricLoss};
+
+/// Upper bound on the elements of one `[anchors, n, n]` triplet block. Batch-all is O(n³):
+/// at n = 256 a single block would be 16.7 M elements per intermediate (and the backward pass
+/// keeps several), so anchors are processed in blocks of about 2 M triplets each.
+const TRIPLET_BLOCK: usize = 1 << 21;
+
+/// Batch-all triplet loss: `max(0, d_ap − d_an + m)` over every (anchor, positive,
+/// negative), averaged over all valid triplets, zeros included (seed), or over the non-zero
+/// ones only (`nonzero_mean`, as pytorch-metric-learning). `active` counts non-zero triplets.
+#[derive(Debug, Clone)]
+pub struct BatchAll {
+    /// Margin m.
+    pub margin: f64,
+    /// Divide by the number of non-zero triplets instead of all valid triplets.
+    pub nonzero_mean: bool,
+}
+
+impl MetricLoss for BatchAll {
+    fn name(&self) -> &'static str {
+        "batch-all"
+    }
+
+    fn check(&self) -> Result<()> {
+        check_constant(self.name(), "triplet-margin", self.margin, false)
+    }
+
+    fn forward(&self, embeddings: &Tensor, labels: &[u32]) -> Result<LossOutput> {
+        self.check()?;
+        let n = check_batch(self.name(), embeddings, labels)?;
+        if n == 0 {
+            return Ok(LossOutput { loss: zero_loss(embeddings)?, active: 0 });
+        }
+        let dist = pairwise_distances(embeddings)?;
+        let classes = Classes::new(labels);
+        let mut pos = vec![0.0; n * n];
+        let mut neg = vec![0.0; n * n];
+        let mut valid = 0usize;
+        for i in 0..n {
+            let mut np = 0;
+            for j in classes.positives(i) {
+                pos[i * n + j] = 1.0;
+                np += 1;
+            }
+            let mut nn = 0;
+            for j in classes.negatives(i) {
+                neg[i * n + j] = 1.0;
+                nn += 1;
+            }
+            valid += np * nn;
+        }
+        let pos = host_tensor(pos, &[n, n], &dist)?;
+        let neg = host_tensor(neg, &[n, n], &dist)?;
+
+        // Block of anchors a: hinge[a, p, q] = relu(d_ap − d_aq + m), masked by
+        // pos[a, p] · neg[a, q] (the triplet mask is an outer product per anchor).
+        let block = (TRIPLET_BLOCK / (n * n)).clamp(1, n);
+        let mut total: Option<Tensor> = None;
+        let mut active = 0usize;
+        for start in (0..n).step_by(block) {
+            let len = block.min(n - start);
+            let d = dist.narrow(0, start, len)?;
+            let diff = d.unsqueeze(2)?.broadcast_sub(&d.unsqueeze(1)?)?;
+            let hinge = (diff + self.margin)?.relu()?;
+            let mask = pos
+                .narrow(0, start, len)?
+                .unsqueeze(2)?
+                .broadcast_mul(&neg.narrow(0, start, len)?.unsqueeze(1)?)?;
+            let masked = (hinge * mask)?;
+            active += masked
+                .detach()
+                .gt(0.0)?
+                .to_dtype(DType::U32)?
+                .sum_all()?
+                .to_scalar::<u32>()? as usize;
+            let part = masked.sum_all()?;
+            total = Some(match total {
+                None => part,
+                Some(t) => (t + part)?,
+            });
+        }
+        let total = total.expect("n > 0 gives at least one block");
+        let denominator = if self.nonzero_mean { active } else { valid };
+        Ok(LossOutput { loss: (total / denominator.max(1) as f64)?, active })
+    }
+}
+
+/// Batch-hard triplet loss: per anchor, the farthest positive and the nearest negative;
+/// hinge `max(0, d_ap − d_an + m)` or soft margin `log(1 + exp(d_ap − d_an))`, averaged over
+/// the anchors that have both a positive and a negative (all of them in a P×K batch).
+/// `active` counts anchors with a non-zero term (for the soft margin: every valid anchor).
+#[derive(Debug, Clone)]
+pub struct BatchHard {
+    /// Margin m of the hinge form (unused by the soft margin).
+    pub margin: f64,
+    /// Soft margin instead of the hinge.
+    pub soft: bool,
+}
+
+impl MetricLoss for BatchHard {
+    fn name(&self) -> &'static str {
+        "batch-hard"
+    }
+
+    fn check(&self) -> Result<()> {
+        check_constant(self.name(), "triplet-margin", self.margin, false)
+    }
+
+    fn forward(&self, embeddings: &Tensor, labels: &[u32]) -> Result<LossOutput> {
+        self.check()?;
+        let n = check_batch(self.name(), embeddings, labels)?;
+        if n == 0 {
+            return Ok(LossOutput { loss: zero_loss(embeddings)?, active: 0 });
+        }
+        let dist = pairwise_distances(embeddings)?;
+        let host = to_host(&dist)?;
+        let classes = Classes::new(labels);
+
+        // One-hot selectors of each anchor's hardest positive (+1) and negative (−1): the
+        // row sums of W ⊙ d are then d_ap − d_an.
+        let mut selector = vec![0.0; n * n];
+        let mut valid = vec![0.0; n];
+        let mut gaps = Vec::with_capacity(n);
+        for (i, row) in host.iter().enumerate() {
+            let hardest_pos = classes.positives(i).max_by(|&a, &b| row[a].total_cmp(&row[b]));
+            let hardest_neg = classes.negatives(i).min_by(|&a, &b| row[a].total_cmp(&row[b]));
+            if let (Some(p), Some(q)) = (hardest_pos, hardest_neg) {
+                selector[i * n + p] = 1.0;
+                selector[i * n + q] = -1.0;
+                valid[i] = 1.0;
+                gaps.push(row[p] - row[q]);
+            }
+        }
+        let anchors = gaps.len();
+        let active = if self.soft {
+            anchors
+        } else {
+            gaps.iter().filter(|&&g| g + self.margin > 0.0).count()
+        };
+        let selector = host_tensor(selector, &[n, n], &dist)?;
+        let valid = host_tensor(valid, &[n], &dist)?;
+        let gap = (dist * selector)?.sum(1)?;
+        let per_anchor = if self.soft {
+            // softplus(x) = relu(x) + log(1 + exp(−|x|)): no overflow for large gaps.
+            (gap.relu()? + (gap.abs()?.neg()?.exp()? + 1.0)?.log()?)?
+        } else {
+            (gap + self.margin)?.relu()?
+        };
+        let total = (per_anchor * valid)?.sum_all()?;
+        Ok(LossOutput { loss: (total / anchors.max(1) as f64)?, active })
+    }
+}
