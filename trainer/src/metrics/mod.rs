@@ -18,7 +18,7 @@ mod knn;
 mod nmi;
 mod retrieval;
 
-pub use evaluate::{default_ks, evaluate, RetrievalMetrics, KMEANS_MAX_ITER};
+pub use evaluate::{default_ks, evaluate, evaluate_retrieval, RetrievalMetrics, KMEANS_MAX_ITER};
 pub use kmeans::kmeans_pp;
 pub use knn::knn_exact;
 pub use nmi::nmi;
