@@ -92,6 +92,7 @@ def main():
     ap.add_argument("--weight-decay", type=float, default=5e-4)
     ap.add_argument("--margin", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-file", help="reuse frozen activations across runs (experiments)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     a = ap.parse_args()
     torch.manual_seed(a.seed)
@@ -104,7 +105,17 @@ def main():
     trp, trl = load_cub(a.data, "train")
     tep, tel = load_cub(a.data, "test")
     t0 = time.time()
-    xtr, xte = cache(model, trp, a.freeze_until), cache(model, tep, a.freeze_until)
+    if a.cache_file and os.path.exists(a.cache_file):
+        c = torch.load(a.cache_file)
+        assert c["upto"] <= a.freeze_until, "cache file was made for a later stage"
+        xtr, xte = c["train"], c["test"]
+        with torch.no_grad():
+            for s in stages[c["upto"]:a.freeze_until]:
+                xtr, xte = s(xtr), s(xte)
+    else:
+        xtr, xte = cache(model, trp, a.freeze_until), cache(model, tep, a.freeze_until)
+        if a.cache_file:
+            torch.save({"upto": a.freeze_until, "train": xtr, "test": xte}, a.cache_file)
     cache_s = time.time() - t0
     print(f"cached {len(trp)}+{len(tep)} images in {cache_s:.1f}s", file=sys.stderr)
 

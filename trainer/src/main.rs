@@ -97,7 +97,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     eprintln!("evaluating {} images of {} classes", set.samples.len(), set.class_names.len());
     let emb = embedder.embed_dataset(&set, a.skip_bad_images, true)?;
     let ks = trainer::metrics::default_ks(a.dataset == DatasetKind::Sop);
-    let m = trainer::metrics::evaluate(&emb.data, emb.dim, &emb.labels, ks, a.seed);
+    let m = trainer::metrics::evaluate(&emb.data, emb.dim, &emb.labels, ks, a.seed)?;
     println!("{}", m.table());
     let mut line = serde_json::Map::new();
     line.insert("epoch".into(), embedder.config().epoch.into());

@@ -259,8 +259,8 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
     }
 
     let device = Device::Cpu;
-    let train_split: SplitSpec = args.split.parse().map_err(Error::Invalid)?;
-    let eval_split: SplitSpec = args.eval_split.parse().map_err(Error::Invalid)?;
+    let train_split: SplitSpec = args.split.parse().map_err(|e| Error::Invalid(format!("--split: {e}")))?;
+    let eval_split: SplitSpec = args.eval_split.parse().map_err(|e| Error::Invalid(format!("--eval-split: {e}")))?;
     let train_set = data::load_dataset(args.dataset, &args.data, &train_split)?;
     let eval_set = data::load_dataset(args.dataset, &args.data, &eval_split)?;
     if train_set.class_names.len() < args.classes_per_batch {
@@ -300,7 +300,7 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
 
     let loss_fn = loss::build(args.loss, &args.loss_args);
     let pre = model.config.preprocess.clone();
-    let augment = data::Augment::new(&pre);
+    let augment = data::Augment::new(pre.clone(), args.seed);
     let bad = std::sync::Mutex::new(Vec::<String>::new());
     let load = |set: &Dataset, i: usize| -> Result<Option<image::DynamicImage>> {
         match data::decode_image(&set.samples[i].path) {
@@ -331,7 +331,7 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
                 if v == 0 {
                     pre.eval_view(&im)
                 } else {
-                    augment.train_view(&im, args.seed, v as u64, i as u64)
+                    augment.train_view(&im, 0, i, v as u32)
                 }
             }))
         })?;
@@ -341,8 +341,9 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
     };
 
     let labels: Vec<u32> = train_set.samples.iter().map(|s| s.label).collect();
-    let mut sampler = data::PkSampler::new(&labels, args.classes_per_batch, args.images_per_class, args.seed)?;
-    let per_epoch = args.batches_per_epoch.unwrap_or_else(|| (labels.len() / (args.classes_per_batch * args.images_per_class)).max(1));
+    let sampler = data::PkSampler::new(&labels, args.classes_per_batch, args.images_per_class, args.seed)?;
+    let mut batches = BatchQueue { sampler: &sampler, queue: std::collections::VecDeque::new(), epoch: (start_epoch * per_epoch_hint(&args, labels.len())) as u64 };
+    let per_epoch = per_epoch_hint(&args, labels.len());
     let total_steps = per_epoch * args.epochs;
     let warmup = (args.warmup_epochs * per_epoch as f64).round() as usize;
     let metrics_path = out.join(METRICS_FILE);
@@ -356,7 +357,7 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
         let t0 = Instant::now();
         let (mut loss_sum, mut seen) = (0.0f64, 0usize);
         for step in 0..per_epoch {
-            let batch = sampler.next_batch();
+            let batch = batches.next();
             let blabels: Vec<u32> = batch.iter().map(|&i| labels[i]).collect();
             let emb = match &train_cache {
                 Some((cache, ok)) => {
@@ -376,7 +377,7 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
                     use rayon::prelude::*;
                     let imgs: Vec<Result<Option<image::RgbImage>>> = batch
                         .par_iter()
-                        .map(|&i| Ok(load(&train_set, i)?.map(|im| augment.train_view(&im, args.seed, epoch as u64 + 1, i as u64))))
+                        .map(|&i| Ok(load(&train_set, i)?.map(|im| augment.train_view(&im, epoch as u64 + 1, i, 0))))
                         .collect();
                     let mut buf = Vec::with_capacity(batch.len() * 3 * side * side);
                     for img in imgs {
@@ -429,7 +430,7 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
                 }
             };
             let elabels: Vec<u32> = eval_set.samples.iter().map(|s| s.label).collect();
-            let m = metrics::evaluate(&emb, model.config.output_dim(), &elabels, ks, args.seed);
+            let m = metrics::evaluate(&emb, model.config.output_dim(), &elabels, ks, args.seed)?;
             eprintln!("{}", m.table());
             let mut line = serde_json::Map::new();
             line.insert("epoch".into(), done.into());
@@ -458,6 +459,28 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
         }
     }
     Ok(TrainSummary { epochs_done: args.epochs, last_metrics })
+}
+
+/// Batches per epoch: `--batches-per-epoch`, else one pass over the training images.
+fn per_epoch_hint(args: &TrainArgs, images: usize) -> usize {
+    args.batches_per_epoch.unwrap_or_else(|| (images / (args.classes_per_batch * args.images_per_class)).max(1))
+}
+
+/// An endless stream of P×K batches drawn from the sampler's (class-pass) epochs.
+struct BatchQueue<'a> {
+    sampler: &'a data::PkSampler,
+    queue: std::collections::VecDeque<Vec<usize>>,
+    epoch: u64,
+}
+
+impl BatchQueue<'_> {
+    fn next(&mut self) -> Vec<usize> {
+        while self.queue.is_empty() {
+            self.queue.extend(self.sampler.epoch(self.epoch));
+            self.epoch += 1;
+        }
+        self.queue.pop_front().expect("refilled")
+    }
 }
 
 /// Appends one JSON line and flushes it to disk.
