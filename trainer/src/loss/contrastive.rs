@@ -26,15 +26,28 @@ impl MetricLoss for Contrastive {
     }
 
     fn check(&self) -> Result<()> {
-        check_constant(self.name(), "contrastive-pos-margin", self.pos_margin, false)?;
-        check_constant(self.name(), "contrastive-neg-margin", self.neg_margin, false)
+        check_constant(
+            self.name(),
+            "contrastive-pos-margin",
+            self.pos_margin,
+            false,
+        )?;
+        check_constant(
+            self.name(),
+            "contrastive-neg-margin",
+            self.neg_margin,
+            false,
+        )
     }
 
     fn forward(&self, embeddings: &Tensor, labels: &[u32]) -> Result<LossOutput> {
         self.check()?;
         let n = check_batch(self.name(), embeddings, labels)?;
         if n == 0 {
-            return Ok(LossOutput { loss: zero_loss(embeddings)?, active: 0 });
+            return Ok(LossOutput {
+                loss: zero_loss(embeddings)?,
+                active: 0,
+            });
         }
         let dist = pairwise_distances(embeddings)?;
         let host = to_host(&dist)?;
@@ -62,6 +75,9 @@ impl MetricLoss for Contrastive {
         let wneg = host_tensor(wneg, &[n, n], &dist)?;
         let pull = ((&dist - self.pos_margin)?.relu()? * wpos)?.sum_all()?;
         let push = ((self.neg_margin - &dist)?.relu()? * wneg)?.sum_all()?;
-        Ok(LossOutput { loss: ((pull + push)? / n as f64)?, active })
+        Ok(LossOutput {
+            loss: ((pull + push)? / n as f64)?,
+            active,
+        })
     }
 }

@@ -41,7 +41,10 @@ impl MetricLoss for Fuzzy {
         self.check()?;
         let n = check_batch(self.name(), embeddings, labels)?;
         if n == 0 {
-            return Ok(LossOutput { loss: zero_loss(embeddings)?, active: 0 });
+            return Ok(LossOutput {
+                loss: zero_loss(embeddings)?,
+                active: 0,
+            });
         }
         let dist = pairwise_distances(embeddings)?;
         let host = to_host(&dist)?;
@@ -59,7 +62,10 @@ impl MetricLoss for Fuzzy {
             pos.sort_by(|&a, &b| row[a].total_cmp(&row[b]));
             pos.truncate(self.positives);
             let threshold = row[pos[pos.len() - 1]] + self.margin;
-            let neg: Vec<usize> = classes.negatives(i).filter(|&j| row[j] < threshold).collect();
+            let neg: Vec<usize> = classes
+                .negatives(i)
+                .filter(|&j| row[j] < threshold)
+                .collect();
             if neg.is_empty() {
                 continue;
             }
@@ -72,6 +78,9 @@ impl MetricLoss for Fuzzy {
         }
         let weights = host_tensor(weights, &[n, n], &dist)?;
         let total = ((dist * weights)?.sum_all()? + self.margin * active as f64)?;
-        Ok(LossOutput { loss: (total / n as f64)?, active })
+        Ok(LossOutput {
+            loss: (total / n as f64)?,
+            active,
+        })
     }
 }

@@ -37,7 +37,10 @@ impl MetricLoss for Lifted {
         self.check()?;
         let n = check_batch(self.name(), embeddings, labels)?;
         if n == 0 {
-            return Ok(LossOutput { loss: zero_loss(embeddings)?, active: 0 });
+            return Ok(LossOutput {
+                loss: zero_loss(embeddings)?,
+                active: 0,
+            });
         }
         let dist = pairwise_distances(embeddings)?;
         let classes = Classes::new(labels);
@@ -70,6 +73,9 @@ impl MetricLoss for Lifted {
             .flat_map(|a| classes.positives(a).map(move |b| (a, b)))
             .filter(|&(a, b)| j_host[a][b] > 0.0)
             .count();
-        Ok(LossOutput { loss, active: ordered_active / 2 })
+        Ok(LossOutput {
+            loss,
+            active: ordered_active / 2,
+        })
     }
 }

@@ -45,7 +45,10 @@ impl MetricLoss for MultiSimilarity {
         self.check()?;
         let n = check_batch(self.name(), embeddings, labels)?;
         if n == 0 {
-            return Ok(LossOutput { loss: zero_loss(embeddings)?, active: 0 });
+            return Ok(LossOutput {
+                loss: zero_loss(embeddings)?,
+                active: 0,
+            });
         }
         let sim = pairwise_similarities(embeddings)?;
         let host = to_host(&sim)?;
@@ -56,12 +59,22 @@ impl MetricLoss for MultiSimilarity {
         let mut anchor = vec![0.0; n];
         let mut active = 0usize;
         for (i, row) in host.iter().enumerate() {
-            let min_pos = classes.positives(i).map(|j| row[j]).fold(f64::INFINITY, f64::min);
-            let max_neg = classes.negatives(i).map(|j| row[j]).fold(f64::NEG_INFINITY, f64::max);
-            let mined_pos: Vec<usize> =
-                classes.positives(i).filter(|&j| row[j] - self.epsilon < max_neg).collect();
-            let mined_neg: Vec<usize> =
-                classes.negatives(i).filter(|&j| row[j] + self.epsilon > min_pos).collect();
+            let min_pos = classes
+                .positives(i)
+                .map(|j| row[j])
+                .fold(f64::INFINITY, f64::min);
+            let max_neg = classes
+                .negatives(i)
+                .map(|j| row[j])
+                .fold(f64::NEG_INFINITY, f64::max);
+            let mined_pos: Vec<usize> = classes
+                .positives(i)
+                .filter(|&j| row[j] - self.epsilon < max_neg)
+                .collect();
+            let mined_neg: Vec<usize> = classes
+                .negatives(i)
+                .filter(|&j| row[j] + self.epsilon > min_pos)
+                .collect();
             if mined_pos.is_empty() || mined_neg.is_empty() {
                 continue;
             }
@@ -78,6 +91,9 @@ impl MetricLoss for MultiSimilarity {
         let pull = (masked_logsumexp(&(&shifted * -self.alpha)?, &pos, true)? / self.alpha)?;
         let push = (masked_logsumexp(&(&shifted * self.beta)?, &neg, true)? / self.beta)?;
         let total = ((pull + push)? * anchor)?.sum_all()?;
-        Ok(LossOutput { loss: (total / n as f64)?, active })
+        Ok(LossOutput {
+            loss: (total / n as f64)?,
+            active,
+        })
     }
 }

@@ -15,23 +15,56 @@ fn configurations() -> Vec<(LossKind, LossArgs)> {
     let d = LossArgs::default;
     vec![
         (LossKind::Fuzzy, d()),
-        (LossKind::Fuzzy, LossArgs { fuzzy_margin: 0.05, fuzzy_positives: 3, ..d() }),
+        (
+            LossKind::Fuzzy,
+            LossArgs {
+                fuzzy_margin: 0.05,
+                fuzzy_positives: 3,
+                ..d()
+            },
+        ),
         (LossKind::Contrastive, d()),
         (
             LossKind::Contrastive,
-            LossArgs { contrastive_pos_margin: -0.2, contrastive_neg_margin: 0.38, ..d() },
+            LossArgs {
+                contrastive_pos_margin: -0.2,
+                contrastive_neg_margin: 0.38,
+                ..d()
+            },
         ),
         (LossKind::Lifted, d()),
         (LossKind::BatchAll, d()),
-        (LossKind::BatchAll, LossArgs { batch_all_nonzero: true, ..d() }),
+        (
+            LossKind::BatchAll,
+            LossArgs {
+                batch_all_nonzero: true,
+                ..d()
+            },
+        ),
         (LossKind::BatchHard, d()),
-        (LossKind::BatchHard, LossArgs { batch_hard_soft: true, ..d() }),
+        (
+            LossKind::BatchHard,
+            LossArgs {
+                batch_hard_soft: true,
+                ..d()
+            },
+        ),
         (LossKind::MultiSimilarity, d()),
     ]
 }
 
+/// `kind[flag=value, …]` listing only the constants that differ from the defaults.
 fn describe(kind: LossKind, args: &LossArgs) -> String {
-    format!("{kind} {args:?}")
+    let args = serde_json::to_value(args).unwrap();
+    let defaults = serde_json::to_value(LossArgs::default()).unwrap();
+    let changed: Vec<String> = args
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, v)| defaults.get(k.as_str()) != Some(*v))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    format!("{kind}[{}]", changed.join(", "))
 }
 
 /// P classes × K items, in an interleaved order so classes are not contiguous.
@@ -99,7 +132,7 @@ fn tensor_losses_equal_naive_loops() {
 
 #[test]
 fn tensor_losses_equal_naive_loops_on_a_large_batch() {
-    // n = 200 also exercises batch-all's anchor blocks (several blocks at this size).
+    // n = 200: realistic batch size, many classes, every anchor with several candidates.
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let labels = pk_labels(50, 4);
     let x = clustered(&labels, 16, 1.0, &mut rng);
@@ -107,8 +140,16 @@ fn tensor_losses_equal_naive_loops_on_a_large_batch() {
         let out = build(kind, &args).forward(&to_tensor(&x), &labels).unwrap();
         let got = out.loss.to_scalar::<f64>().unwrap();
         let want = naive(kind, &args, &x, &labels);
-        assert!(close(got, want, 1e-9), "{}: {got} vs {want}", describe(kind, &args));
-        assert!(out.active > 0, "{}: nothing active on a random batch", describe(kind, &args));
+        assert!(
+            close(got, want, 1e-9),
+            "{}: {got} vs {want}",
+            describe(kind, &args)
+        );
+        assert!(
+            out.active > 0,
+            "{}: nothing active on a random batch",
+            describe(kind, &args)
+        );
     }
 }
 
@@ -119,15 +160,21 @@ fn fuzzy_matches_a_hand_computed_value() {
     let s = 60f64.to_radians();
     let x = vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![s.cos(), s.sin()]];
     let labels = [0, 0, 1];
-    let out = build(LossKind::Fuzzy, &LossArgs::default()).forward(&to_tensor(&x), &labels).unwrap();
-    let want =
-        (2.0 * 2f64.sqrt() - 1.0 - 2.0 * 15f64.to_radians().sin() + 2.0 * 0.1) / 3.0;
+    let out = build(LossKind::Fuzzy, &LossArgs::default())
+        .forward(&to_tensor(&x), &labels)
+        .unwrap();
+    let want = (2.0 * 2f64.sqrt() - 1.0 - 2.0 * 15f64.to_radians().sin() + 2.0 * 0.1) / 3.0;
     assert!((out.loss.to_scalar::<f64>().unwrap() - want).abs() < 1e-12);
     assert_eq!(out.active, 2);
 }
 
 /// Gradient of the tensor loss at `x`, and central differences of the naive loss.
-fn gradients(kind: LossKind, args: &LossArgs, x: &[Vec<f64>], labels: &[u32]) -> (Vec<f64>, Vec<f64>) {
+fn gradients(
+    kind: LossKind,
+    args: &LossArgs,
+    x: &[Vec<f64>],
+    labels: &[u32],
+) -> (Vec<f64>, Vec<f64>) {
     let var = Var::from_tensor(&to_tensor(x)).unwrap();
     let out = build(kind, args).forward(var.as_tensor(), labels).unwrap();
     let grads = out.loss.backward().unwrap();
@@ -143,7 +190,10 @@ fn gradients(kind: LossKind, args: &LossArgs, x: &[Vec<f64>], labels: &[u32]) ->
             plus[i][k] += eps;
             let mut minus = x.to_vec();
             minus[i][k] -= eps;
-            numeric.push((naive(kind, args, &plus, labels) - naive(kind, args, &minus, labels)) / (2.0 * eps));
+            numeric.push(
+                (naive(kind, args, &plus, labels) - naive(kind, args, &minus, labels))
+                    / (2.0 * eps),
+            );
         }
     }
     (analytic, numeric)
@@ -157,7 +207,11 @@ fn gradients_match_finite_differences_of_naive_loops() {
         for (kind, args) in configurations() {
             let (analytic, numeric) = gradients(kind, &args, &x, &labels);
             let scale = numeric.iter().fold(0.0f64, |m, g| m.max(g.abs()));
-            assert!(scale > 1e-3, "{}: gradient vanishes, test is vacuous", describe(kind, &args));
+            assert!(
+                scale > 1e-3,
+                "{}: gradient vanishes, test is vacuous",
+                describe(kind, &args)
+            );
             for (idx, (a, n)) in analytic.iter().zip(&numeric).enumerate() {
                 assert!(
                     (a - n).abs() <= 1e-5 * n.abs().max(0.1),
@@ -172,19 +226,33 @@ fn gradients_match_finite_differences_of_naive_loops() {
 /// Degenerate batches: loss finite, equal to the naive value, zero when nothing is active,
 /// and a finite gradient; in f64 and in f32 (the training dtype, where the rounding of
 /// duplicated rows' squared distances is largest).
+/// A named batch: embeddings and labels.
+type Case = (&'static str, Vec<Vec<f64>>, Vec<u32>);
+
 #[test]
 fn degenerate_batches_are_finite_and_zero_when_inactive() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let mut cases: Vec<(&str, Vec<Vec<f64>>, Vec<u32>)> = Vec::new();
+    let mut cases: Vec<Case> = Vec::new();
     let six = vec![0u32; 6];
     cases.push(("single class", clustered(&six, 8, 1.0, &mut rng), six));
     let distinct: Vec<u32> = (0..6).collect();
-    cases.push(("all classes distinct", clustered(&distinct, 8, 1.0, &mut rng), distinct));
+    cases.push((
+        "all classes distinct",
+        clustered(&distinct, 8, 1.0, &mut rng),
+        distinct,
+    ));
     let one = vec![4u32];
     cases.push(("n = 1", clustered(&one, 8, 1.0, &mut rng), one));
     // Duplicates within a class (positives at distance 0) and across classes (negatives at 0).
     let mut dup = clustered(&[0, 1, 2], 8, 1.0, &mut rng);
-    dup = vec![dup[0].clone(), dup[0].clone(), dup[1].clone(), dup[1].clone(), dup[0].clone(), dup[2].clone()];
+    dup = vec![
+        dup[0].clone(),
+        dup[0].clone(),
+        dup[1].clone(),
+        dup[1].clone(),
+        dup[0].clone(),
+        dup[2].clone(),
+    ];
     cases.push(("duplicated embeddings", dup, vec![0, 0, 1, 1, 2, 2]));
     let same = clustered(&[0], 8, 1.0, &mut rng)[0].clone();
     cases.push(("all rows identical", vec![same; 6], vec![0, 0, 0, 1, 1, 1]));
@@ -195,17 +263,34 @@ fn degenerate_batches_are_finite_and_zero_when_inactive() {
                 let what = format!("{} on {case} ({dtype:?})", describe(kind, &args));
                 let var = Var::from_tensor(&to_tensor(x).to_dtype(dtype).unwrap()).unwrap();
                 let out = build(kind, &args).forward(var.as_tensor(), labels).unwrap();
-                let loss = out.loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+                let loss = out
+                    .loss
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
                 assert!(loss.is_finite(), "{what}: loss {loss}");
                 let grads = out.loss.backward().unwrap();
                 let grad: Vec<f64> = match grads.get(var.as_tensor()) {
-                    Some(g) => g.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap(),
+                    Some(g) => g
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap(),
                     None => Vec::new(),
                 };
-                assert!(grad.iter().all(|g| g.is_finite()), "{what}: gradient {grad:?}");
+                assert!(
+                    grad.iter().all(|g| g.is_finite()),
+                    "{what}: gradient {grad:?}"
+                );
                 if out.active == 0 {
                     assert_eq!(loss, 0.0, "{what}: nothing active but loss {loss}");
-                    assert!(grad.iter().all(|&g| g == 0.0), "{what}: nothing active but gradient {grad:?}");
+                    assert!(
+                        grad.iter().all(|&g| g == 0.0),
+                        "{what}: nothing active but gradient {grad:?}"
+                    );
                 }
                 let tol = if dtype == DType::F64 { 1e-9 } else { 1e-3 };
                 let want = naive(kind, &args, x, labels);
@@ -215,7 +300,10 @@ fn degenerate_batches_are_finite_and_zero_when_inactive() {
         // Nothing can be active without both a positive and a negative for some anchor
         // (contrastive's per-side hinges excepted).
         if *case != "duplicated embeddings" && *case != "all rows identical" {
-            for (kind, args) in configurations().into_iter().filter(|(k, _)| *k != LossKind::Contrastive) {
+            for (kind, args) in configurations()
+                .into_iter()
+                .filter(|(k, _)| *k != LossKind::Contrastive)
+            {
                 let out = build(kind, &args).forward(&to_tensor(x), labels).unwrap();
                 assert_eq!(out.active, 0, "{} on {case}", describe(kind, &args));
             }
@@ -234,7 +322,10 @@ fn empty_batch_gives_zero_and_mismatched_labels_are_an_error() {
         assert_eq!(out.active, 0);
         let err = loss.forward(&x, &[0, 1]).unwrap_err().to_string();
         assert!(err.contains("3 embeddings but 2 labels"), "{err}");
-        let err = loss.forward(&x.flatten_all().unwrap(), &[0, 1, 2]).unwrap_err().to_string();
+        let err = loss
+            .forward(&x.flatten_all().unwrap(), &[0, 1, 2])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("[n, d]"), "{err}");
     }
 }
@@ -261,8 +352,16 @@ fn a_few_gradient_steps_reduce_each_loss() {
             sgd.backward_step(&l).unwrap();
         }
         let last = eval(&var).to_scalar::<f32>().unwrap();
-        assert!(first > 0.0, "{}: initial loss is zero, test is vacuous", describe(kind, &args));
-        assert!(last < 0.8 * first, "{}: {first} → {last} after 30 SGD steps", describe(kind, &args));
+        assert!(
+            first > 0.0,
+            "{}: initial loss is zero, test is vacuous",
+            describe(kind, &args)
+        );
+        assert!(
+            last < 0.8 * first,
+            "{}: {first} → {last} after 30 SGD steps",
+            describe(kind, &args)
+        );
     }
 }
 
@@ -282,9 +381,15 @@ fn command_line_defaults_are_the_protocol_defaults() {
     assert_eq!(cli.args, LossArgs::default());
     let d = LossArgs::default();
     assert_eq!((d.fuzzy_margin, d.fuzzy_positives), (0.1, 1));
-    assert_eq!((d.contrastive_pos_margin, d.contrastive_neg_margin), (0.6, 1.2));
+    assert_eq!(
+        (d.contrastive_pos_margin, d.contrastive_neg_margin),
+        (0.6, 1.2)
+    );
     assert_eq!((d.lifted_margin, d.triplet_margin), (1.0, 0.2));
-    assert_eq!((d.ms_alpha, d.ms_beta, d.ms_lambda, d.ms_epsilon), (2.0, 50.0, 0.5, 0.1));
+    assert_eq!(
+        (d.ms_alpha, d.ms_beta, d.ms_lambda, d.ms_epsilon),
+        (2.0, 50.0, 0.5, 0.1)
+    );
     assert!(!d.batch_all_nonzero && !d.batch_hard_soft);
 }
 
@@ -308,12 +413,23 @@ fn command_line_parses_variants_and_rejects_bad_values() {
     assert!(Cli::try_parse_from(["trainer", "--fuzzy-positives", "0"]).is_err());
     assert!(Cli::try_parse_from(["trainer", "--loss", "neighbour"]).is_err());
 
-    let bad = LossArgs { ms_alpha: 0.0, ..LossArgs::default() };
-    let err = bad.validate(LossKind::MultiSimilarity).unwrap_err().to_string();
+    let bad = LossArgs {
+        ms_alpha: 0.0,
+        ..LossArgs::default()
+    };
+    let err = bad
+        .validate(LossKind::MultiSimilarity)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("--ms-alpha"), "{err}");
-    assert!(bad.validate(LossKind::Fuzzy).is_ok(), "only the selected loss's flags matter");
+    assert!(
+        bad.validate(LossKind::Fuzzy).is_ok(),
+        "only the selected loss's flags matter"
+    );
     let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
-    assert!(build(LossKind::MultiSimilarity, &bad).forward(&x, &[0, 1]).is_err());
+    assert!(build(LossKind::MultiSimilarity, &bad)
+        .forward(&x, &[0, 1])
+        .is_err());
 }
 
 #[test]
@@ -325,5 +441,28 @@ fn loss_names_round_trip_through_serde_and_match_the_cli() {
         assert_eq!(build(kind, &args).name(), kind.name());
         let back: LossArgs = serde_json::from_str(&serde_json::to_string(&args).unwrap()).unwrap();
         assert_eq!(back, args);
+    }
+}
+
+/// Forward + backward time of every loss at the largest batch the trainer uses
+/// (n = 256, 512-d, f32). Ignored by default: it measures, it does not check.
+/// Run with `trainer-<hash> loss::tests::timings --ignored --nocapture`.
+#[test]
+#[ignore]
+fn timings_at_batch_256() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let labels = pk_labels(64, 4);
+    let x = clustered(&labels, 512, 1.0, &mut rng);
+    let var = Var::from_tensor(&to_tensor(&x).to_dtype(DType::F32).unwrap()).unwrap();
+    for (kind, args) in configurations() {
+        let loss = build(kind, &args);
+        let start = std::time::Instant::now();
+        let reps = 5;
+        for _ in 0..reps {
+            let out = loss.forward(var.as_tensor(), &labels).unwrap();
+            out.loss.backward().unwrap();
+        }
+        let ms = start.elapsed().as_secs_f64() * 1e3 / reps as f64;
+        println!("{:<60} {ms:8.2} ms forward+backward", describe(kind, &args));
     }
 }

@@ -1,17 +1,12 @@
 //! Triplet losses on a batch: every valid triplet (batch-all), or each anchor's hardest
 //! positive and negative (batch-hard, Hermans et al. 2017).
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 use super::pairwise::{
     check_batch, check_constant, host_tensor, pairwise_distances, to_host, zero_loss, Classes,
 };
 use super::{LossOutput, MetricLoss};
-
-/// Upper bound on the elements of one `[anchors, n, n]` triplet block. Batch-all is O(n³):
-/// at n = 256 a single block would be 16.7 M elements per intermediate (and the backward pass
-/// keeps several), so anchors are processed in blocks of about 2 M triplets each.
-const TRIPLET_BLOCK: usize = 1 << 21;
 
 /// Batch-all triplet loss: `max(0, d_ap − d_an + m)` over every (anchor, positive,
 /// negative), averaged over all valid triplets, zeros included (seed), or over the non-zero
@@ -37,59 +32,42 @@ impl MetricLoss for BatchAll {
         self.check()?;
         let n = check_batch(self.name(), embeddings, labels)?;
         if n == 0 {
-            return Ok(LossOutput { loss: zero_loss(embeddings)?, active: 0 });
-        }
-        let dist = pairwise_distances(embeddings)?;
-        let classes = Classes::new(labels);
-        let mut pos = vec![0.0; n * n];
-        let mut neg = vec![0.0; n * n];
-        let mut valid = 0usize;
-        for i in 0..n {
-            let mut np = 0;
-            for j in classes.positives(i) {
-                pos[i * n + j] = 1.0;
-                np += 1;
-            }
-            let mut nn = 0;
-            for j in classes.negatives(i) {
-                neg[i * n + j] = 1.0;
-                nn += 1;
-            }
-            valid += np * nn;
-        }
-        let pos = host_tensor(pos, &[n, n], &dist)?;
-        let neg = host_tensor(neg, &[n, n], &dist)?;
-
-        // Block of anchors a: hinge[a, p, q] = relu(d_ap − d_aq + m), masked by
-        // pos[a, p] · neg[a, q] (the triplet mask is an outer product per anchor).
-        let block = (TRIPLET_BLOCK / (n * n)).clamp(1, n);
-        let mut total: Option<Tensor> = None;
-        let mut active = 0usize;
-        for start in (0..n).step_by(block) {
-            let len = block.min(n - start);
-            let d = dist.narrow(0, start, len)?;
-            let diff = d.unsqueeze(2)?.broadcast_sub(&d.unsqueeze(1)?)?;
-            let hinge = (diff + self.margin)?.relu()?;
-            let mask = pos
-                .narrow(0, start, len)?
-                .unsqueeze(2)?
-                .broadcast_mul(&neg.narrow(0, start, len)?.unsqueeze(1)?)?;
-            let masked = (hinge * mask)?;
-            active += masked
-                .detach()
-                .gt(0.0)?
-                .to_dtype(DType::U32)?
-                .sum_all()?
-                .to_scalar::<u32>()? as usize;
-            let part = masked.sum_all()?;
-            total = Some(match total {
-                None => part,
-                Some(t) => (t + part)?,
+            return Ok(LossOutput {
+                loss: zero_loss(embeddings)?,
+                active: 0,
             });
         }
-        let total = total.expect("n > 0 gives at least one block");
+        let dist = pairwise_distances(embeddings)?;
+        let host = to_host(&dist)?;
+        let classes = Classes::new(labels);
+
+        // Where a triplet's hinge is active it is linear: d_ap − d_aq + m. So the sum over
+        // active triplets is Σ W ⊙ d + m · #active, with W[a, p] = +(active triplets through
+        // (a, p)) and W[a, q] = −(active triplets through (a, q)). Deciding activity is
+        // mining (no gradient), done on the host in O(n · K · n) for a P×K batch; the tensor
+        // side stays O(n²) in time and memory instead of an [n, n, n] hinge tensor.
+        let mut weights = vec![0.0; n * n];
+        let (mut valid, mut active) = (0usize, 0usize);
+        for (a, row) in host.iter().enumerate() {
+            let negatives: Vec<usize> = classes.negatives(a).collect();
+            for p in classes.positives(a) {
+                valid += negatives.len();
+                for &q in &negatives {
+                    if row[p] - row[q] + self.margin > 0.0 {
+                        active += 1;
+                        weights[a * n + p] += 1.0;
+                        weights[a * n + q] -= 1.0;
+                    }
+                }
+            }
+        }
+        let weights = host_tensor(weights, &[n, n], &dist)?;
+        let total = ((dist * weights)?.sum_all()? + self.margin * active as f64)?;
         let denominator = if self.nonzero_mean { active } else { valid };
-        Ok(LossOutput { loss: (total / denominator.max(1) as f64)?, active })
+        Ok(LossOutput {
+            loss: (total / denominator.max(1) as f64)?,
+            active,
+        })
     }
 }
 
@@ -118,7 +96,10 @@ impl MetricLoss for BatchHard {
         self.check()?;
         let n = check_batch(self.name(), embeddings, labels)?;
         if n == 0 {
-            return Ok(LossOutput { loss: zero_loss(embeddings)?, active: 0 });
+            return Ok(LossOutput {
+                loss: zero_loss(embeddings)?,
+                active: 0,
+            });
         }
         let dist = pairwise_distances(embeddings)?;
         let host = to_host(&dist)?;
@@ -130,8 +111,12 @@ impl MetricLoss for BatchHard {
         let mut valid = vec![0.0; n];
         let mut gaps = Vec::with_capacity(n);
         for (i, row) in host.iter().enumerate() {
-            let hardest_pos = classes.positives(i).max_by(|&a, &b| row[a].total_cmp(&row[b]));
-            let hardest_neg = classes.negatives(i).min_by(|&a, &b| row[a].total_cmp(&row[b]));
+            let hardest_pos = classes
+                .positives(i)
+                .max_by(|&a, &b| row[a].total_cmp(&row[b]));
+            let hardest_neg = classes
+                .negatives(i)
+                .min_by(|&a, &b| row[a].total_cmp(&row[b]));
             if let (Some(p), Some(q)) = (hardest_pos, hardest_neg) {
                 selector[i * n + p] = 1.0;
                 selector[i * n + q] = -1.0;
@@ -155,6 +140,9 @@ impl MetricLoss for BatchHard {
             (gap + self.margin)?.relu()?
         };
         let total = (per_anchor * valid)?.sum_all()?;
-        Ok(LossOutput { loss: (total / anchors.max(1) as f64)?, active })
+        Ok(LossOutput {
+            loss: (total / anchors.max(1) as f64)?,
+            active,
+        })
     }
 }
