@@ -3,7 +3,7 @@
 //! class-disjoint splits of the metric-learning protocol, P×K batch sampling, augmentation,
 //! and a parallel, prefetching batch loader.
 //!
-//! Every dataset kind is first read into a [`Catalogue`] (all classes in their canonical
+//! Every dataset kind is first read into a catalogue (all classes in their canonical
 //! order, every image with the class it belongs to and the annotation line that listed it);
 //! [`load_dataset`] then applies the [`SplitSpec`] and relabels the chosen classes densely
 //! (`0..num_classes`), which is what losses and retrieval metrics expect.

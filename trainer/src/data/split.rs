@@ -169,4 +169,25 @@ mod tests {
         }
         assert!(serde_json::from_str::<SplitSpec>("\"classes=0\"").is_err());
     }
+
+    #[test]
+    fn works_as_a_clap_argument() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[arg(long, default_value = "train")]
+            split: SplitSpec,
+        }
+        assert_eq!(Cli::try_parse_from(["x"]).unwrap().split, SplitSpec::TRAIN);
+        let cli = Cli::try_parse_from(["x", "--split", "classes=5-9"]).unwrap();
+        assert_eq!(cli.split, SplitSpec::Classes { first: 5, last: 9 });
+        let e = Cli::try_parse_from(["x", "--split", "val"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("expected train, test, all, or classes=A-B"),
+            "{e}"
+        );
+    }
 }
