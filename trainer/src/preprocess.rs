@@ -22,7 +22,13 @@ pub struct Preprocess {
 impl Preprocess {
     /// EfficientNet-Lite: RGB, (x − 127) / 128, 224×224 direct resize.
     pub fn efficientnet_lite() -> Self {
-        Self { resize: 224, crop: 224, mean: [127.0; 3], std: [128.0; 3], bgr: false }
+        Self {
+            resize: 224,
+            crop: 224,
+            mean: [127.0; 3],
+            std: [128.0; 3],
+            bgr: false,
+        }
     }
     /// ImageNet mean/std, as timm's ResNets.
     pub fn imagenet(resize: u32, crop: u32) -> Self {
@@ -36,7 +42,13 @@ impl Preprocess {
     }
     /// BN-Inception (the seed): BGR, 0–255, minus [104, 117, 128], 227 crop from 256.
     pub fn bn_inception() -> Self {
-        Self { resize: 256, crop: 227, mean: [104.0, 117.0, 128.0], std: [1.0; 3], bgr: true }
+        Self {
+            resize: 256,
+            crop: 227,
+            mean: [104.0, 117.0, 128.0],
+            std: [1.0; 3],
+            bgr: true,
+        }
     }
 
     /// Normalise an RGB image of exactly `crop`×`crop` into CHW floats, appended to `out`.
@@ -51,7 +63,11 @@ impl Preprocess {
     /// so a batch loader can fill its batch buffer in place from several threads.
     pub fn normalize_to(&self, img: &image::RgbImage, dst: &mut [f32]) {
         let plane = img.width() as usize * img.height() as usize;
-        assert_eq!(dst.len(), 3 * plane, "normalize_to: destination does not match the image size");
+        assert_eq!(
+            dst.len(),
+            3 * plane,
+            "normalize_to: destination does not match the image size"
+        );
         // (x − mean) / std as one multiply-add per value.
         let scale = self.std.map(|s| 1.0 / s);
         let offset = [0, 1, 2].map(|c| -self.mean[c] * scale[c]);
@@ -89,7 +105,17 @@ impl Preprocess {
         let nh = ((h as f64 * s).round() as u32).max(crop);
         let (x, y) = ((nw - crop) / 2, (nh - crop) / 2);
         let (sx, sy) = (w as f64 / nw as f64, h as f64 / nh as f64);
-        resample(&rgb, [x as f64 * sx, y as f64 * sy, crop as f64 * sx, crop as f64 * sy], crop, crop)
+        resample(
+            &rgb,
+            [
+                x as f64 * sx,
+                y as f64 * sy,
+                crop as f64 * sx,
+                crop as f64 * sy,
+            ],
+            crop,
+            crop,
+        )
     }
 }
 
@@ -124,12 +150,22 @@ pub(crate) fn resample(src: &image::RgbImage, region: [f64; 4], w: u32, h: u32) 
         .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
         .crop(left, top, width, height);
     let mut dst = Image::new(w, h, PixelType::U8x3);
-    let done = fast_image_resize::images::ImageRef::new(src.width(), src.height(), src.as_raw(), PixelType::U8x3)
-        .map_err(|e| e.to_string())
-        .and_then(|src_ref| {
-            RESIZER.with(|r| r.borrow_mut().resize(&src_ref, &mut dst, &options)).map_err(|e| e.to_string())
-        });
-    match done.ok().and_then(|_| image::RgbImage::from_raw(w, h, dst.into_vec())) {
+    let done = fast_image_resize::images::ImageRef::new(
+        src.width(),
+        src.height(),
+        src.as_raw(),
+        PixelType::U8x3,
+    )
+    .map_err(|e| e.to_string())
+    .and_then(|src_ref| {
+        RESIZER
+            .with(|r| r.borrow_mut().resize(&src_ref, &mut dst, &options))
+            .map_err(|e| e.to_string())
+    });
+    match done
+        .ok()
+        .and_then(|_| image::RgbImage::from_raw(w, h, dst.into_vec()))
+    {
         Some(img) => img,
         None => {
             // Not reachable with a clipped region and matching pixel types; stay correct anyway.
@@ -146,7 +182,13 @@ mod tests {
     use super::*;
 
     fn checker(w: u32, h: u32) -> image::RgbImage {
-        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x / 8 + y / 8) % 2 * 255) as u8]))
+        image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([
+                (x % 256) as u8,
+                (y % 256) as u8,
+                ((x / 8 + y / 8) % 2 * 255) as u8,
+            ])
+        })
     }
 
     #[test]
@@ -165,16 +207,26 @@ mod tests {
             .map(|(&a, &b)| (a as f64 - b as f64).abs())
             .sum::<f64>()
             / view.as_raw().len() as f64;
-        assert!(mean_abs < 3.0, "mean |difference| to resize-then-crop: {mean_abs}");
+        assert!(
+            mean_abs < 3.0,
+            "mean |difference| to resize-then-crop: {mean_abs}"
+        );
     }
 
     #[test]
     fn eval_view_squashes_when_resize_equals_crop_and_keeps_exact_inputs() {
         let pre = Preprocess::efficientnet_lite();
         let img = checker(300, 100);
-        assert_eq!(pre.eval_view(&image::DynamicImage::ImageRgb8(img)).dimensions(), (224, 224));
+        assert_eq!(
+            pre.eval_view(&image::DynamicImage::ImageRgb8(img))
+                .dimensions(),
+            (224, 224)
+        );
         let exact = checker(224, 224);
-        assert_eq!(pre.eval_view(&image::DynamicImage::ImageRgb8(exact.clone())), exact);
+        assert_eq!(
+            pre.eval_view(&image::DynamicImage::ImageRgb8(exact.clone())),
+            exact
+        );
         // Grayscale input becomes RGB.
         let gray = image::DynamicImage::ImageLuma8(image::GrayImage::new(50, 70));
         assert_eq!(pre.eval_view(&gray).dimensions(), (224, 224));
@@ -189,6 +241,16 @@ mod tests {
         assert_eq!(out, vec![7.0, -74.0, -74.0, -97.0, -97.0, -118.0, -117.0]);
         let mut out = Vec::new();
         Preprocess::efficientnet_lite().normalize_into(&img, &mut out);
-        assert_eq!(out, vec![(10.0 - 127.0) / 128.0, (11.0 - 127.0) / 128.0, -107.0 / 128.0, -107.0 / 128.0, -97.0 / 128.0, -97.0 / 128.0]);
+        assert_eq!(
+            out,
+            vec![
+                (10.0 - 127.0) / 128.0,
+                (11.0 - 127.0) / 128.0,
+                -107.0 / 128.0,
+                -107.0 / 128.0,
+                -97.0 / 128.0,
+                -97.0 / 128.0
+            ]
+        );
     }
 }

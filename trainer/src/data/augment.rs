@@ -28,7 +28,10 @@ pub struct RandomResizedCrop {
 impl Default for RandomResizedCrop {
     /// The seed's setting: scale (0.16, 1), ratio (3/4, 4/3).
     fn default() -> Self {
-        Self { scale: (0.16, 1.0), ratio: (3.0 / 4.0, 4.0 / 3.0) }
+        Self {
+            scale: (0.16, 1.0),
+            ratio: (3.0 / 4.0, 4.0 / 3.0),
+        }
     }
 }
 
@@ -52,7 +55,10 @@ impl RandomResizedCrop {
             }
         }
         let in_ratio = wf / hf.max(1.0);
-        let (lo, hi) = (self.ratio.0.min(self.ratio.1), self.ratio.0.max(self.ratio.1));
+        let (lo, hi) = (
+            self.ratio.0.min(self.ratio.1),
+            self.ratio.0.max(self.ratio.1),
+        );
         let (cw, ch) = if in_ratio < lo {
             (w, ((wf / lo).round() as u32).clamp(1, h.max(1)))
         } else if in_ratio > hi {
@@ -87,7 +93,12 @@ pub struct Augment {
 impl Augment {
     /// The seed's augmentation for `preprocess` (sizes from `preprocess.resize` / `.crop`).
     pub fn new(preprocess: Preprocess, seed: u64) -> Self {
-        Self { preprocess, crop: RandomResizedCrop::default(), flip_p: 0.5, seed }
+        Self {
+            preprocess,
+            crop: RandomResizedCrop::default(),
+            flip_p: 0.5,
+            seed,
+        }
     }
 
     /// The random stream of one view: ChaCha keyed by (seed, epoch, sample, occurrence).
@@ -102,7 +113,13 @@ impl Augment {
 
     /// A random training view (`crop`×`crop` RGB) of dataset sample `sample` in `epoch`;
     /// `occurrence` counts earlier draws of the same sample in the epoch (0 for the first).
-    pub fn train_view(&self, img: &DynamicImage, epoch: u64, sample: usize, occurrence: u32) -> RgbImage {
+    pub fn train_view(
+        &self,
+        img: &DynamicImage,
+        epoch: u64,
+        sample: usize,
+        occurrence: u32,
+    ) -> RgbImage {
         let mut rng = self.rng(epoch, sample, occurrence);
         let rgb = as_rgb8(img);
         let (w, h) = rgb.dimensions();
@@ -140,7 +157,10 @@ mod tests {
         let mut areas = Vec::new();
         for _ in 0..2000 {
             let [x, y, cw, ch] = rrc.sample(w, h, &mut rng);
-            assert!(cw >= 1 && ch >= 1 && x + cw <= w && y + ch <= h, "{x} {y} {cw} {ch}");
+            assert!(
+                cw >= 1 && ch >= 1 && x + cw <= w && y + ch <= h,
+                "{x} {y} {cw} {ch}"
+            );
             let frac = (cw * ch) as f64 / (w * h) as f64;
             let ratio = cw as f64 / ch as f64;
             // Rounding to whole pixels moves both a little past the nominal ranges.
@@ -149,7 +169,10 @@ mod tests {
             areas.push(frac);
         }
         let mean = areas.iter().sum::<f64>() / areas.len() as f64;
-        assert!(mean > 0.45 && mean < 0.65, "mean area fraction {mean} (≈0.55 expected)");
+        assert!(
+            mean > 0.45 && mean < 0.65,
+            "mean area fraction {mean} (≈0.55 expected)"
+        );
         // A 10:1 strip can never fit the ratio range: the fallback center crop clamps it.
         let [x, y, cw, ch] = rrc.sample(1000, 100, &mut rng);
         assert_eq!((cw, ch), (133, 100));
@@ -162,14 +185,35 @@ mod tests {
         let img = DynamicImage::ImageRgb8(gradient(120, 90));
         let a = aug.train_view(&img, 3, 11, 0);
         assert_eq!(a.dimensions(), (56, 56));
-        assert_eq!(a, aug.train_view(&img, 3, 11, 0), "same (seed, epoch, sample, occurrence) → same view");
-        assert_ne!(a, aug.train_view(&img, 4, 11, 0), "another epoch → another view");
-        assert_ne!(a, aug.train_view(&img, 3, 12, 0), "another sample → another view");
-        assert_ne!(a, aug.train_view(&img, 3, 11, 1), "a repeated draw → another view");
-        assert_ne!(a, Augment::new(Preprocess::imagenet(64, 56), 8).train_view(&img, 3, 11, 0));
+        assert_eq!(
+            a,
+            aug.train_view(&img, 3, 11, 0),
+            "same (seed, epoch, sample, occurrence) → same view"
+        );
+        assert_ne!(
+            a,
+            aug.train_view(&img, 4, 11, 0),
+            "another epoch → another view"
+        );
+        assert_ne!(
+            a,
+            aug.train_view(&img, 3, 12, 0),
+            "another sample → another view"
+        );
+        assert_ne!(
+            a,
+            aug.train_view(&img, 3, 11, 1),
+            "a repeated draw → another view"
+        );
+        assert_ne!(
+            a,
+            Augment::new(Preprocess::imagenet(64, 56), 8).train_view(&img, 3, 11, 0)
+        );
         // Views are computed in parallel: the result must not depend on the thread.
         let par: Vec<RgbImage> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..4).map(|_| s.spawn(|| aug.train_view(&img, 3, 11, 0))).collect();
+            let hs: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| aug.train_view(&img, 3, 11, 0)))
+                .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         assert!(par.iter().all(|v| *v == a));
@@ -179,7 +223,10 @@ mod tests {
     fn flips_happen_about_half_the_time() {
         // With the whole image as the crop, a flipped view mirrors an unflipped one.
         let mut aug = Augment::new(Preprocess::imagenet(32, 32), 1);
-        aug.crop = RandomResizedCrop { scale: (1.0, 1.0), ratio: (1.0, 1.0) };
+        aug.crop = RandomResizedCrop {
+            scale: (1.0, 1.0),
+            ratio: (1.0, 1.0),
+        };
         let img = DynamicImage::ImageRgb8(gradient(32, 32));
         let mut no_flip = aug.clone();
         no_flip.flip_p = 0.0;
@@ -192,7 +239,10 @@ mod tests {
             if v == mirrored {
                 flips += 1;
             } else {
-                assert_eq!(v, plain, "sample {sample}: neither the image nor its mirror");
+                assert_eq!(
+                    v, plain,
+                    "sample {sample}: neither the image nor its mirror"
+                );
             }
         }
         assert!((70..=130).contains(&flips), "{flips} flips out of 200");

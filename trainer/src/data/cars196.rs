@@ -19,23 +19,37 @@ const LAYOUT: &str = "the Stanford Cars layout: cars_annos.mat (MATLAB v5) with 
 /// `root` is the dataset folder, or the `.mat` file itself (images relative to its folder).
 pub(super) fn read(root: &Path) -> Result<Catalogue> {
     let (mat_path, base) = if root.is_file() {
-        (root.to_path_buf(), root.parent().unwrap_or(Path::new(".")).to_path_buf())
+        (
+            root.to_path_buf(),
+            root.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        )
     } else {
         (root.join(ANNOS), root.to_path_buf())
     };
     if !mat_path.exists() {
-        return Err(Error::file(&mat_path, format!("annotation file not found; expected {LAYOUT}")));
+        return Err(Error::file(
+            &mat_path,
+            format!("annotation file not found; expected {LAYOUT}"),
+        ));
     }
     let mat = MatFile::read(&mat_path)?;
     let bad = |msg: String| Error::file(&mat_path, format!("{msg}; expected {LAYOUT}"));
 
-    let annos = mat.get("annotations").ok_or_else(|| bad("no variable 'annotations'".to_string()))?;
-    let MatValue::Struct { fields, elements, .. } = annos else {
+    let annos = mat
+        .get("annotations")
+        .ok_or_else(|| bad("no variable 'annotations'".to_string()))?;
+    let MatValue::Struct {
+        fields, elements, ..
+    } = annos
+    else {
         return Err(bad(format!("'annotations' is a {}", annos.describe())));
     };
     for f in ["relative_im_path", "class"] {
         if !fields.iter().any(|n| n == f) {
-            return Err(bad(format!("'annotations' has no field '{f}' (fields: {})", fields.join(", "))));
+            return Err(bad(format!(
+                "'annotations' has no field '{f}' (fields: {})",
+                fields.join(", ")
+            )));
         }
     }
 
@@ -46,7 +60,13 @@ pub(super) fn read(root: &Path) -> Result<Catalogue> {
                 .iter()
                 .enumerate()
                 .map(|(i, v)| {
-                    v.text().ok_or_else(|| bad(format!("class_names{{{}}} is a {}, not text", i + 1, v.describe())))
+                    v.text().ok_or_else(|| {
+                        bad(format!(
+                            "class_names{{{}}} is a {}, not text",
+                            i + 1,
+                            v.describe()
+                        ))
+                    })
                 })
                 .collect::<Result<_>>()?,
         ),
@@ -64,33 +84,48 @@ pub(super) fn read(root: &Path) -> Result<Catalogue> {
             ))
         };
         let p = annos.field(i, "relative_im_path");
-        let path = p.and_then(MatValue::text).ok_or_else(|| at("relative_im_path", p))?;
+        let path = p
+            .and_then(MatValue::text)
+            .ok_or_else(|| at("relative_im_path", p))?;
         let c = annos.field(i, "class");
-        let class = c
-            .and_then(MatValue::scalar)
-            .filter(|v| v.fract() == 0.0 && *v >= 1.0 && *v <= u32::MAX as f64)
-            .ok_or_else(|| at("class (expected a positive integer)", c))? as usize;
+        let class =
+            c.and_then(MatValue::scalar)
+                .filter(|v| v.fract() == 0.0 && *v >= 1.0 && *v <= u32::MAX as f64)
+                .ok_or_else(|| at("class (expected a positive integer)", c))? as usize;
         rows.push((path, class, i + 1));
     }
     let num_classes = match &names {
         Some(n) => n.len(),
         None => {
-            tracing::warn!("{}: no 'class_names'; classes are named by id", mat_path.display());
+            tracing::warn!(
+                "{}: no 'class_names'; classes are named by id",
+                mat_path.display()
+            );
             rows.iter().map(|r| r.1).max().unwrap_or(0)
         }
     };
-    let classes = names.unwrap_or_else(|| (1..=num_classes).map(|c| format!("class {c}")).collect());
+    let classes =
+        names.unwrap_or_else(|| (1..=num_classes).map(|c| format!("class {c}")).collect());
     let mut items = Vec::with_capacity(rows.len());
     for (path, class, index) in rows {
         if class > num_classes {
-            return Err(bad(format!("annotations({index}).class is {class}, but there are {num_classes} class names")));
+            return Err(bad(format!(
+                "annotations({index}).class is {class}, but there are {num_classes} class names"
+            )));
         }
         items.push(Item {
             path: base.join(path),
             class: class - 1,
-            origin: Origin { file: mat_path.clone(), line: Some(index) },
+            origin: Origin {
+                file: mat_path.clone(),
+                line: Some(index),
+            },
             train: true,
         });
     }
-    Ok(Catalogue { classes, items, official: OfficialSplit::ClassHalves })
+    Ok(Catalogue {
+        classes,
+        items,
+        official: OfficialSplit::ClassHalves,
+    })
 }

@@ -41,19 +41,40 @@ fn describe(e: ImageError) -> String {
     }
 }
 
-fn decode<R: std::io::BufRead + std::io::Seek>(reader: ImageReader<R>) -> std::result::Result<DynamicImage, String> {
+fn decode<R: std::io::BufRead + std::io::Seek>(
+    reader: ImageReader<R>,
+) -> std::result::Result<DynamicImage, String> {
+    use image::ImageDecoder;
     let mut reader = reader;
     if reader.format().is_none() {
-        return Err(format!("not an image in a supported format ({})", IMAGE_EXTENSIONS.join(", ")));
+        return Err(format!(
+            "not an image in a supported format ({})",
+            IMAGE_EXTENSIONS.join(", ")
+        ));
     }
-    reader.limits(limits());
-    reader.decode().map_err(describe)
+    let mut limits = limits();
+    reader.limits(limits.clone());
+    let mut decoder = reader.into_decoder().map_err(describe)?;
+    // Refuse before allocating: the size the header claims must fit the budget.
+    limits.reserve(decoder.total_bytes()).map_err(describe)?;
+    // Photos from phones are often stored sideways with an EXIF orientation tag: apply it,
+    // so the image is embedded the way people see it (a missing tag means upright).
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(describe)?;
+    img.apply_orientation(orientation);
+    Ok(img)
 }
 
 /// Decodes the image file at `path` (format from its content). Errors name the file.
 pub fn decode_image(path: &Path) -> Result<DynamicImage> {
     let file = std::fs::File::open(path).map_err(|e| {
-        let why = if e.kind() == std::io::ErrorKind::NotFound { "image file not found".to_string() } else { format!("cannot open image: {e}") };
+        let why = if e.kind() == std::io::ErrorKind::NotFound {
+            "image file not found".to_string()
+        } else {
+            format!("cannot open image: {e}")
+        };
         Error::file(path, why)
     })?;
     let reader = ImageReader::new(BufReader::new(file))
@@ -65,7 +86,9 @@ pub fn decode_image(path: &Path) -> Result<DynamicImage> {
 /// Decodes an image held in memory (an upload), with the same limits as [`decode_image`].
 pub fn decode_image_bytes(bytes: &[u8]) -> Result<DynamicImage> {
     if bytes.is_empty() {
-        return Err(Error::Invalid("empty image: no bytes were received".to_string()));
+        return Err(Error::Invalid(
+            "empty image: no bytes were received".to_string(),
+        ));
     }
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
@@ -81,7 +104,11 @@ mod tests {
     #[test]
     fn decodes_files_and_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        for fmt in [image::ImageFormat::Png, image::ImageFormat::Jpeg, image::ImageFormat::Bmp] {
+        for fmt in [
+            image::ImageFormat::Png,
+            image::ImageFormat::Jpeg,
+            image::ImageFormat::Bmp,
+        ] {
             let bytes = encode(&gradient(40, 30), fmt);
             let path = dir.path().join(format!("a.{}", fmt.extensions_str()[0]));
             std::fs::write(&path, &bytes).unwrap();
@@ -104,11 +131,19 @@ mod tests {
         let e = decode_image(&text).unwrap_err().to_string();
         assert!(e.contains("notes.jpg") && e.contains("not an image"), "{e}");
 
-        assert!(decode_image_bytes(&[]).unwrap_err().to_string().contains("empty"));
-        assert!(decode_image_bytes(b"hello world").unwrap_err().to_string().contains("not an image"));
+        assert!(decode_image_bytes(&[])
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
+        assert!(decode_image_bytes(b"hello world")
+            .unwrap_err()
+            .to_string()
+            .contains("not an image"));
 
         let png = encode(&gradient(64, 64), image::ImageFormat::Png);
-        let e = decode_image_bytes(&png[..png.len() / 2]).unwrap_err().to_string();
+        let e = decode_image_bytes(&png[..png.len() / 2])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("truncated") || e.contains("damaged"), "{e}");
     }
 
@@ -125,7 +160,39 @@ mod tests {
         let crc = crc32(&bomb[12..29]);
         bomb[29..33].copy_from_slice(&crc.to_be_bytes());
         let e = decode_image_bytes(&bomb).unwrap_err().to_string();
-        assert!(e.contains("too large") || e.contains("damaged") || e.contains("truncated"), "{e}");
+        assert!(
+            e.contains("too large") || e.contains("damaged") || e.contains("truncated"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn exif_orientation_is_applied() {
+        use image::ImageEncoder;
+        // TIFF/EXIF block with one entry: Orientation (0x0112) = 6, "rotate 90° clockwise".
+        let exif: Vec<u8> = [
+            &b"II*\0"[..],
+            &8u32.to_le_bytes(),
+            &1u16.to_le_bytes(),
+            &0x0112u16.to_le_bytes(),
+            &3u16.to_le_bytes(),
+            &1u32.to_le_bytes(),
+            &[6, 0, 0, 0],
+            &0u32.to_le_bytes(),
+        ]
+        .concat();
+        let img = gradient(40, 30);
+        let mut jpeg = Vec::new();
+        let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 95);
+        enc.set_exif_metadata(exif).unwrap();
+        enc.write_image(img.as_raw(), 40, 30, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        let decoded = decode_image_bytes(&jpeg).unwrap();
+        assert_eq!(
+            (decoded.width(), decoded.height()),
+            (30, 40),
+            "rotated upright"
+        );
     }
 
     /// CRC-32 (PNG chunk checksum), so the tampered header above is otherwise valid.
@@ -134,7 +201,11 @@ mod tests {
         for &b in data {
             crc ^= b as u32;
             for _ in 0..8 {
-                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc

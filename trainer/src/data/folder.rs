@@ -22,7 +22,8 @@ fn has_image_extension(path: &Path) -> bool {
 
 /// Sorted, non-hidden entries of `dir`.
 fn entries(dir: &Path) -> Result<Vec<(PathBuf, bool)>> {
-    let rd = std::fs::read_dir(dir).map_err(|e| Error::file(dir, format!("cannot list folder: {e}")))?;
+    let rd =
+        std::fs::read_dir(dir).map_err(|e| Error::file(dir, format!("cannot list folder: {e}")))?;
     let mut out = Vec::new();
     for entry in rd {
         let entry = entry.map_err(|e| Error::file(dir, format!("cannot list folder: {e}")))?;
@@ -31,7 +32,9 @@ fn entries(dir: &Path) -> Result<Vec<(PathBuf, bool)>> {
         }
         let path = entry.path();
         // `metadata` follows symlinks: a linked class folder or image counts as what it points to.
-        let is_dir = std::fs::metadata(&path).map(|m| m.is_dir()).unwrap_or(false);
+        let is_dir = std::fs::metadata(&path)
+            .map(|m| m.is_dir())
+            .unwrap_or(false);
         out.push((path, is_dir));
     }
     out.sort();
@@ -40,7 +43,10 @@ fn entries(dir: &Path) -> Result<Vec<(PathBuf, bool)>> {
 
 fn collect_images(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) -> Result<()> {
     if depth > 32 {
-        return Err(Error::file(dir, "folders nested more than 32 deep (a symlink loop?)"));
+        return Err(Error::file(
+            dir,
+            "folders nested more than 32 deep (a symlink loop?)",
+        ));
     }
     for (path, is_dir) in entries(dir)? {
         if is_dir {
@@ -70,22 +76,49 @@ pub(super) fn read(root: &Path) -> Result<Catalogue> {
         let mut images = Vec::new();
         collect_images(&class_dir, &mut images, 0)?;
         if images.is_empty() {
-            tracing::warn!("{}: no images ({}); not a class", class_dir.display(), IMAGE_EXTENSIONS.join(", "));
+            tracing::warn!(
+                "{}: no images ({}); not a class",
+                class_dir.display(),
+                IMAGE_EXTENSIONS.join(", ")
+            );
             continue;
         }
         let class = classes.len();
-        classes.push(class_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-        let origin = Origin { file: class_dir.clone(), line: None };
-        items.extend(images.into_iter().map(|path| Item { path, class, origin: origin.clone(), train: true }));
+        classes.push(
+            class_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
+        let origin = Origin {
+            file: class_dir.clone(),
+            line: None,
+        };
+        items.extend(images.into_iter().map(|path| Item {
+            path,
+            class,
+            origin: origin.clone(),
+            train: true,
+        }));
     }
     if loose > 0 {
-        tracing::warn!("{}: {loose} images directly in the root are ignored (they belong to no class folder)", root.display());
+        tracing::warn!(
+            "{}: {loose} images directly in the root are ignored (they belong to no class folder)",
+            root.display()
+        );
     }
     if classes.is_empty() {
         return Err(Error::file(
             root,
-            format!("no class folders with images ({}); expected ROOT/<class name>/<images>", IMAGE_EXTENSIONS.join(", ")),
+            format!(
+                "no class folders with images ({}); expected ROOT/<class name>/<images>",
+                IMAGE_EXTENSIONS.join(", ")
+            ),
         ));
     }
-    Ok(Catalogue { classes, items, official: OfficialSplit::ClassHalves })
+    Ok(Catalogue {
+        classes,
+        items,
+        official: OfficialSplit::ClassHalves,
+    })
 }

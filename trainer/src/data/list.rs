@@ -14,16 +14,25 @@ use crate::error::{Error, Result};
 
 pub(super) fn read(list: &Path) -> Result<Catalogue> {
     if list.is_dir() {
-        return Err(Error::file(list, "is a folder; the list dataset takes a text file of 'relative/path label' lines"));
+        return Err(Error::file(
+            list,
+            "is a folder; the list dataset takes a text file of 'relative/path label' lines",
+        ));
     }
-    let text = read_annotation(list, "a text file of 'relative/path label' lines, paths relative to its folder")?;
+    let text = read_annotation(
+        list,
+        "a text file of 'relative/path label' lines, paths relative to its folder",
+    )?;
     let base = list.parent().unwrap_or(Path::new("."));
     let mut rows = Vec::new();
     for line in lines(&text) {
         let Some((path, label)) = line.text.rsplit_once(char::is_whitespace) else {
             return Err(Error::file(
                 list,
-                format!("line {}: expected 'relative/path label', found '{}'", line.number, line.text),
+                format!(
+                    "line {}: expected 'relative/path label', found '{}'",
+                    line.number, line.text
+                ),
             ));
         };
         rows.push((base.join(path.trim_end()), label.to_string(), line.number));
@@ -36,15 +45,26 @@ pub(super) fn read(list: &Path) -> Result<Catalogue> {
         order.sort();
     }
     order.dedup();
-    let pos: BTreeMap<&str, usize> = order.iter().enumerate().map(|(i, l)| (l.as_str(), i)).collect();
+    let pos: BTreeMap<&str, usize> = order
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.as_str(), i))
+        .collect();
     let items = rows
         .iter()
         .map(|(path, label, number)| Item {
             path: path.clone(),
             class: pos[label.as_str()],
-            origin: Origin { file: list.to_path_buf(), line: Some(*number) },
+            origin: Origin {
+                file: list.to_path_buf(),
+                line: Some(*number),
+            },
             train: true,
         })
         .collect();
-    Ok(Catalogue { classes: order, items, official: OfficialSplit::ClassHalves })
+    Ok(Catalogue {
+        classes: order,
+        items,
+        official: OfficialSplit::ClassHalves,
+    })
 }

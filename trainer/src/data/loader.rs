@@ -40,7 +40,11 @@ pub struct LoaderOptions {
 
 impl Default for LoaderOptions {
     fn default() -> Self {
-        Self { threads: 0, prefetch: 2, skip_bad_images: false }
+        Self {
+            threads: 0,
+            prefetch: 2,
+            skip_bad_images: false,
+        }
     }
 }
 
@@ -97,7 +101,13 @@ impl fmt::Display for BadImages {
         const SHOWN: usize = 20;
         write!(f, "{} unreadable image(s) skipped", self.images.len())?;
         for b in self.images.iter().take(SHOWN) {
-            write!(f, "\n  {} (listed at {}): {}", b.path.display(), b.origin, b.error)?;
+            write!(
+                f,
+                "\n  {} (listed at {}): {}",
+                b.path.display(),
+                b.origin,
+                b.error
+            )?;
         }
         if self.images.len() > SHOWN {
             write!(f, "\n  … and {} more", self.images.len() - SHOWN)?;
@@ -161,16 +171,32 @@ impl BatchLoader {
         augment: Augment,
         options: LoaderOptions,
     ) -> Result<Self> {
-        Self::start(dataset, sampler.epoch(epoch), View::Train { augment, epoch }, options)
+        Self::start(
+            dataset,
+            sampler.epoch(epoch),
+            View::Train { augment, epoch },
+            options,
+        )
     }
 
     /// The whole dataset in order, `batch_size` images per batch (the last may be smaller),
     /// with the deterministic eval view.
-    pub fn eval(dataset: Arc<Dataset>, preprocess: Preprocess, batch_size: usize, options: LoaderOptions) -> Result<Self> {
+    pub fn eval(
+        dataset: Arc<Dataset>,
+        preprocess: Preprocess,
+        batch_size: usize,
+        options: LoaderOptions,
+    ) -> Result<Self> {
         if batch_size == 0 {
-            return Err(Error::Invalid("evaluation batch size must be at least 1".to_string()));
+            return Err(Error::Invalid(
+                "evaluation batch size must be at least 1".to_string(),
+            ));
         }
-        let plan = (0..dataset.len()).collect::<Vec<_>>().chunks(batch_size).map(<[usize]>::to_vec).collect();
+        let plan = (0..dataset.len())
+            .collect::<Vec<_>>()
+            .chunks(batch_size)
+            .map(<[usize]>::to_vec)
+            .collect();
         Self::start(dataset, plan, View::Eval { preprocess }, options)
     }
 
@@ -186,9 +212,17 @@ impl BatchLoader {
         Self::start(dataset, batches, View::Train { augment, epoch }, options)
     }
 
-    fn start(dataset: Arc<Dataset>, plan: Vec<Vec<usize>>, view: View, options: LoaderOptions) -> Result<Self> {
+    fn start(
+        dataset: Arc<Dataset>,
+        plan: Vec<Vec<usize>>,
+        view: View,
+        options: LoaderOptions,
+    ) -> Result<Self> {
         if let Some(&bad) = plan.iter().flatten().find(|&&i| i >= dataset.len()) {
-            return Err(Error::Invalid(format!("batch plan refers to sample {bad}, but the dataset has {}", dataset.len())));
+            return Err(Error::Invalid(format!(
+                "batch plan refers to sample {bad}, but the dataset has {}",
+                dataset.len()
+            )));
         }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(options.threads)
@@ -201,9 +235,25 @@ impl BatchLoader {
         let worker_shared = shared.clone();
         let worker = std::thread::Builder::new()
             .name("batch-loader".to_string())
-            .spawn(move || produce(&dataset, plan, &view, options.skip_bad_images, &pool, &worker_shared, &tx))
+            .spawn(move || {
+                produce(
+                    &dataset,
+                    plan,
+                    &view,
+                    options.skip_bad_images,
+                    &pool,
+                    &worker_shared,
+                    &tx,
+                )
+            })
             .map_err(Error::Io)?;
-        Ok(Self { rx: Some(rx), worker: Some(worker), shared, batches_total, batches_done: 0 })
+        Ok(Self {
+            rx: Some(rx),
+            worker: Some(worker),
+            shared,
+            batches_total,
+            batches_done: 0,
+        })
     }
 
     /// Batches planned.
@@ -222,7 +272,11 @@ impl BatchLoader {
 
     /// The bad images skipped so far (all of them once the iterator is exhausted).
     pub fn bad_images(&self) -> BadImages {
-        self.shared.bad.lock().map(|b| b.0.clone()).unwrap_or_default()
+        self.shared
+            .bad
+            .lock()
+            .map(|b| b.0.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -240,7 +294,9 @@ impl Iterator for BatchLoader {
                 // look like a complete epoch.
                 self.rx = None;
                 match self.worker.take().map(JoinHandle::join) {
-                    Some(Err(_)) => Some(Err(Error::Invalid("the batch loader thread panicked".to_string()))),
+                    Some(Err(_)) => Some(Err(Error::Invalid(
+                        "the batch loader thread panicked".to_string(),
+                    ))),
                     _ => None,
                 }
             }
@@ -283,7 +339,8 @@ fn produce(
                 *n - 1
             })
             .collect();
-        let item = pool.install(|| build_batch(dataset, indices, &occurrences, view, skip_bad, shared));
+        let item =
+            pool.install(|| build_batch(dataset, indices, &occurrences, view, skip_bad, shared));
         let stop = item.is_err();
         match item {
             Ok(None) => continue, // Every image of the batch was bad and skipped.
@@ -332,10 +389,18 @@ fn build_batch(
 
     if results.iter().all(Result::is_ok) {
         let labels = indices.iter().map(|&i| dataset.samples[i].label).collect();
-        return Ok(Some(Batch { images, shape: (indices.len(), 3, side, side), labels, indices }));
+        return Ok(Some(Batch {
+            images,
+            shape: (indices.len(), 3, side, side),
+            labels,
+            indices,
+        }));
     }
     if !skip_bad {
-        let first = results.into_iter().find_map(Result::err).expect("a failed result exists");
+        let first = results
+            .into_iter()
+            .find_map(Result::err)
+            .expect("a failed result exists");
         return Err(first);
     }
     // Keep the good images, compacting the buffer in place.
@@ -353,7 +418,11 @@ fn build_batch(
                     if bad.1.insert(i) {
                         let s = &dataset.samples[i];
                         tracing::warn!("skipping unreadable image: {e}");
-                        bad.0.images.push(BadImage { path: s.path.clone(), origin: s.origin.clone(), error: e.to_string() });
+                        bad.0.images.push(BadImage {
+                            path: s.path.clone(),
+                            origin: s.origin.clone(),
+                            error: e.to_string(),
+                        });
                     }
                 }
             }
@@ -364,13 +433,21 @@ fn build_batch(
     }
     images.truncate(kept.len() * per);
     let labels = kept.iter().map(|&i| dataset.samples[i].label).collect();
-    Ok(Some(Batch { images, shape: (kept.len(), 3, side, side), labels, indices: kept }))
+    Ok(Some(Batch {
+        images,
+        shape: (kept.len(), 3, side, side),
+        labels,
+        indices: kept,
+    }))
 }
 
 /// Adds the annotation line that listed the image to a decoding error.
 fn with_origin(e: Error, origin: &Origin) -> Error {
     match e {
-        Error::File { path, msg } => Error::File { path, msg: format!("{msg} (listed at {origin})") },
+        Error::File { path, msg } => Error::File {
+            path,
+            msg: format!("{msg} (listed at {origin})"),
+        },
         other => other,
     }
 }

@@ -52,13 +52,26 @@ const MX_SPARSE: u8 = 5;
 /// 2^53 lose precision; the imaginary part of complex arrays is dropped).
 #[derive(Debug, Clone, PartialEq)]
 pub enum MatValue {
-    Numeric { dims: Vec<usize>, data: Vec<f64> },
+    Numeric {
+        dims: Vec<usize>,
+        data: Vec<f64>,
+    },
     /// Characters in column-major order.
-    Char { dims: Vec<usize>, chars: Vec<char> },
+    Char {
+        dims: Vec<usize>,
+        chars: Vec<char>,
+    },
     /// Elements in column-major order.
-    Cell { dims: Vec<usize>, items: Vec<MatValue> },
+    Cell {
+        dims: Vec<usize>,
+        items: Vec<MatValue>,
+    },
     /// `elements[i][f]` is field `fields[f]` of element `i` (column-major).
-    Struct { dims: Vec<usize>, fields: Vec<String>, elements: Vec<Vec<MatValue>> },
+    Struct {
+        dims: Vec<usize>,
+        fields: Vec<String>,
+        elements: Vec<Vec<MatValue>>,
+    },
     /// An array class this reader does not decode (named, for error messages).
     Unsupported(&'static str),
 }
@@ -86,7 +99,9 @@ impl MatValue {
             MatValue::Char { dims, .. } => (dims, "char array"),
             MatValue::Cell { dims, .. } => (dims, "cell array"),
             MatValue::Struct { dims, .. } => (dims, "struct array"),
-            MatValue::Unsupported(class) => return format!("{class} (not supported by this reader)"),
+            MatValue::Unsupported(class) => {
+                return format!("{class} (not supported by this reader)")
+            }
         };
         let d: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
         format!("{} {what}", d.join("×"))
@@ -113,7 +128,9 @@ impl MatValue {
     /// Field `name` of struct element `index`.
     pub fn field(&self, index: usize, name: &str) -> Option<&MatValue> {
         match self {
-            MatValue::Struct { fields, elements, .. } => {
+            MatValue::Struct {
+                fields, elements, ..
+            } => {
                 let f = fields.iter().position(|n| n == name)?;
                 elements.get(index)?.get(f)
             }
@@ -131,14 +148,18 @@ pub struct MatFile {
 impl MatFile {
     /// Reads and parses `path`; errors name the file and what is wrong with it.
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read MAT-file: {e}")))?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| Error::file(path, format!("cannot read MAT-file: {e}")))?;
         Self::parse(&bytes).map_err(|msg| Error::file(path, msg))
     }
 
     /// Parses a MAT-file held in memory. The error is a message without the file name.
     pub fn parse(bytes: &[u8]) -> std::result::Result<Self, String> {
         if bytes.len() < 128 {
-            return Err(format!("not a MATLAB v5 MAT-file: {} bytes, shorter than the 128-byte header", bytes.len()));
+            return Err(format!(
+                "not a MATLAB v5 MAT-file: {} bytes, shorter than the 128-byte header",
+                bytes.len()
+            ));
         }
         if bytes.starts_with(b"MATLAB 7.3") || bytes.get(512..520) == Some(b"\x89HDF\r\n\x1a\n") {
             return Err("a MATLAB 7.3 (HDF5) file, which this reader does not support; re-save it in MATLAB \
@@ -146,12 +167,19 @@ impl MatFile {
                 .to_string());
         }
         if bytes[..4].contains(&0) {
-            return Err("not a MATLAB v5 MAT-file (no text header; MATLAB v4 files are not supported)".to_string());
+            return Err(
+                "not a MATLAB v5 MAT-file (no text header; MATLAB v4 files are not supported)"
+                    .to_string(),
+            );
         }
         let big_endian = match &bytes[126..128] {
             b"IM" => false,
             b"MI" => true,
-            other => return Err(format!("not a MATLAB v5 MAT-file (endian indicator {other:?}, expected \"IM\" or \"MI\")")),
+            other => {
+                return Err(format!(
+                "not a MATLAB v5 MAT-file (endian indicator {other:?}, expected \"IM\" or \"MI\")"
+            ))
+            }
         };
         let mut variables = Vec::new();
         read_top_level(&bytes[128..], big_endian, &mut variables, true)?;
@@ -159,7 +187,10 @@ impl MatFile {
     }
 
     pub fn get(&self, name: &str) -> Option<&MatValue> {
-        self.variables.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+        self.variables
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
     }
 }
 
@@ -169,17 +200,25 @@ fn read_top_level(
     out: &mut Vec<(String, MatValue)>,
     allow_compressed: bool,
 ) -> std::result::Result<(), String> {
-    let mut r = Reader { data: bytes, pos: 0, be };
+    let mut r = Reader {
+        data: bytes,
+        pos: 0,
+        be,
+    };
     while r.remaining() >= 8 {
         let at = 128 + r.pos;
-        let (ty, data) = r.element().map_err(|e| format!("data element at byte {at}: {e}"))?;
+        let (ty, data) = r
+            .element()
+            .map_err(|e| format!("data element at byte {at}: {e}"))?;
         match ty {
             MI_COMPRESSED if allow_compressed => {
-                let inflated = inflate(data).map_err(|e| format!("compressed element at byte {at}: {e}"))?;
+                let inflated =
+                    inflate(data).map_err(|e| format!("compressed element at byte {at}: {e}"))?;
                 read_top_level(&inflated, be, out, false)?;
             }
             MI_MATRIX => {
-                let (name, value) = parse_matrix(data, be, 0).map_err(|e| format!("variable at byte {at}: {e}"))?;
+                let (name, value) =
+                    parse_matrix(data, be, 0).map_err(|e| format!("variable at byte {at}: {e}"))?;
                 out.push((name, value));
             }
             _ => {} // Other top-level elements carry no variables.
@@ -223,7 +262,10 @@ impl<'a> Reader<'a> {
 
     fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
         if n > self.remaining() {
-            return Err(format!("needs {n} bytes but only {} remain (the file is truncated)", self.remaining()));
+            return Err(format!(
+                "needs {n} bytes but only {} remain (the file is truncated)",
+                self.remaining()
+            ));
         }
         let s = &self.data[self.pos..self.pos + n];
         self.pos += n;
@@ -258,24 +300,38 @@ impl<'a> Reader<'a> {
     fn expect(&mut self, want: &[u32], what: &str) -> std::result::Result<&'a [u8], String> {
         let (ty, data) = self.element().map_err(|e| format!("{what}: {e}"))?;
         if !want.contains(&ty) {
-            return Err(format!("{what}: element of type {ty}, expected type {want:?}"));
+            return Err(format!(
+                "{what}: element of type {ty}, expected type {want:?}"
+            ));
         }
         Ok(data)
     }
 
     fn i32s(&self, data: &[u8]) -> Vec<i32> {
-        data.chunks_exact(4).map(|c| self.u32_at(c) as i32).collect()
+        data.chunks_exact(4)
+            .map(|c| self.u32_at(c) as i32)
+            .collect()
     }
 }
 
 /// Parses the contents of a `miMATRIX` element into its name and value.
-fn parse_matrix(data: &[u8], be: bool, depth: usize) -> std::result::Result<(String, MatValue), String> {
+fn parse_matrix(
+    data: &[u8],
+    be: bool,
+    depth: usize,
+) -> std::result::Result<(String, MatValue), String> {
     if depth > MAX_DEPTH {
         return Err(format!("arrays nested more than {MAX_DEPTH} deep"));
     }
     if data.is_empty() {
         // An empty miMATRIX is how MATLAB writes an empty cell element or struct field.
-        return Ok((String::new(), MatValue::Numeric { dims: vec![0, 0], data: Vec::new() }));
+        return Ok((
+            String::new(),
+            MatValue::Numeric {
+                dims: vec![0, 0],
+                data: Vec::new(),
+            },
+        ));
     }
     let mut r = Reader { data, pos: 0, be };
     let flags = r.expect(&[MI_UINT32], "array flags")?;
@@ -289,21 +345,39 @@ fn parse_matrix(data: &[u8], be: bool, depth: usize) -> std::result::Result<(Str
         return Err(format!("invalid dimensions {dims_raw:?}"));
     }
     let dims: Vec<usize> = dims_raw.iter().map(|&d| d as usize).collect();
-    let count = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("dimensions overflow")?;
+    let count = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or("dimensions overflow")?;
     let name_bytes = r.expect(&[MI_INT8, MI_UINT8], "array name")?;
     let name = String::from_utf8_lossy(name_bytes).into_owned();
-    let ctx = |e: String| if name.is_empty() { e } else { format!("'{name}': {e}") };
+    let ctx = |e: String| {
+        if name.is_empty() {
+            e
+        } else {
+            format!("'{name}': {e}")
+        }
+    };
 
     let value = match class {
         MX_CELL => {
             // Each element is a miMATRIX of at least an 8-byte tag: check before allocating.
             if count > r.remaining() / 8 {
-                return Err(ctx(format!("cell of {count} elements does not fit in its {} bytes", r.remaining())));
+                return Err(ctx(format!(
+                    "cell of {count} elements does not fit in its {} bytes",
+                    r.remaining()
+                )));
             }
             let mut items = Vec::with_capacity(count);
             for i in 0..count {
-                let d = r.expect(&[MI_MATRIX], &format!("cell element {}", i + 1)).map_err(&ctx)?;
-                items.push(parse_matrix(d, be, depth + 1).map_err(|e| ctx(format!("cell element {}: {e}", i + 1)))?.1);
+                let d = r
+                    .expect(&[MI_MATRIX], &format!("cell element {}", i + 1))
+                    .map_err(&ctx)?;
+                items.push(
+                    parse_matrix(d, be, depth + 1)
+                        .map_err(|e| ctx(format!("cell element {}: {e}", i + 1)))?
+                        .1,
+                );
             }
             MatValue::Cell { dims, items }
         }
@@ -313,12 +387,20 @@ fn parse_matrix(data: &[u8], be: bool, depth: usize) -> std::result::Result<(Str
             if field_len <= 0 {
                 return Err(ctx(format!("invalid field name length {field_len}")));
             }
-            let names = r.expect(&[MI_INT8, MI_UINT8], "field names").map_err(&ctx)?;
+            let names = r
+                .expect(&[MI_INT8, MI_UINT8], "field names")
+                .map_err(&ctx)?;
             let fields: Vec<String> = names
                 .chunks(field_len as usize)
-                .map(|c| String::from_utf8_lossy(c).trim_end_matches('\0').to_string())
+                .map(|c| {
+                    String::from_utf8_lossy(c)
+                        .trim_end_matches('\0')
+                        .to_string()
+                })
                 .collect();
-            let cells = count.checked_mul(fields.len()).ok_or_else(|| ctx("struct size overflows".to_string()))?;
+            let cells = count
+                .checked_mul(fields.len())
+                .ok_or_else(|| ctx("struct size overflows".to_string()))?;
             if cells > r.remaining() / 8 {
                 return Err(ctx(format!(
                     "struct of {count} elements × {} fields does not fit in its {} bytes",
@@ -332,11 +414,19 @@ fn parse_matrix(data: &[u8], be: bool, depth: usize) -> std::result::Result<(Str
                 for f in &fields {
                     let what = format!("element {} field '{f}'", i + 1);
                     let d = r.expect(&[MI_MATRIX], &what).map_err(&ctx)?;
-                    values.push(parse_matrix(d, be, depth + 1).map_err(|e| ctx(format!("{what}: {e}")))?.1);
+                    values.push(
+                        parse_matrix(d, be, depth + 1)
+                            .map_err(|e| ctx(format!("{what}: {e}")))?
+                            .1,
+                    );
                 }
                 elements.push(values);
             }
-            MatValue::Struct { dims, fields, elements }
+            MatValue::Struct {
+                dims,
+                fields,
+                elements,
+            }
         }
         MX_CHAR => {
             let (ty, d) = r.element().map_err(|e| ctx(format!("char data: {e}")))?;
@@ -345,14 +435,24 @@ fn parse_matrix(data: &[u8], be: bool, depth: usize) -> std::result::Result<(Str
                 MI_UINT16 | MI_UTF16 => {
                     let units: Vec<u16> = d
                         .chunks_exact(2)
-                        .map(|c| if be { u16::from_be_bytes([c[0], c[1]]) } else { u16::from_le_bytes([c[0], c[1]]) })
+                        .map(|c| {
+                            if be {
+                                u16::from_be_bytes([c[0], c[1]])
+                            } else {
+                                u16::from_le_bytes([c[0], c[1]])
+                            }
+                        })
                         .collect();
-                    char::decode_utf16(units).map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER)).collect()
+                    char::decode_utf16(units)
+                        .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
+                        .collect()
                 }
                 MI_UINT8 | MI_INT8 => d.iter().map(|&b| b as char).collect(),
-                MI_UTF32 | MI_UINT32 | MI_INT32 => {
-                    r.i32s(d).into_iter().map(|u| char::from_u32(u as u32).unwrap_or(char::REPLACEMENT_CHARACTER)).collect()
-                }
+                MI_UTF32 | MI_UINT32 | MI_INT32 => r
+                    .i32s(d)
+                    .into_iter()
+                    .map(|u| char::from_u32(u as u32).unwrap_or(char::REPLACEMENT_CHARACTER))
+                    .collect(),
                 other => return Err(ctx(format!("char data of unsupported type {other}"))),
             };
             MatValue::Char { dims, chars }
@@ -361,7 +461,10 @@ fn parse_matrix(data: &[u8], be: bool, depth: usize) -> std::result::Result<(Str
             let (ty, d) = r.element().map_err(|e| ctx(format!("numeric data: {e}")))?;
             let data = numbers(ty, d, be).map_err(&ctx)?;
             if data.len() != count {
-                return Err(ctx(format!("{} numbers for dimensions {dims:?}", data.len())));
+                return Err(ctx(format!(
+                    "{} numbers for dimensions {dims:?}",
+                    data.len()
+                )));
             }
             MatValue::Numeric { dims, data }
         }
@@ -378,11 +481,19 @@ fn parse_matrix(data: &[u8], be: bool, depth: usize) -> std::result::Result<(Str
 /// type when the values fit, so the data type need not match the array class.
 fn numbers(ty: u32, d: &[u8], be: bool) -> std::result::Result<Vec<f64>, String> {
     fn conv<const N: usize>(d: &[u8], be: bool, f: impl Fn([u8; N], bool) -> f64) -> Vec<f64> {
-        d.chunks_exact(N).map(|c| f(c.try_into().expect("chunk of N bytes"), be)).collect()
+        d.chunks_exact(N)
+            .map(|c| f(c.try_into().expect("chunk of N bytes"), be))
+            .collect()
     }
     macro_rules! num {
         ($t:ty) => {
-            conv(d, be, |b, be| if be { <$t>::from_be_bytes(b) as f64 } else { <$t>::from_le_bytes(b) as f64 })
+            conv(d, be, |b, be| {
+                if be {
+                    <$t>::from_be_bytes(b) as f64
+                } else {
+                    <$t>::from_le_bytes(b) as f64
+                }
+            })
         };
     }
     Ok(match ty {
@@ -454,11 +565,17 @@ mod tests {
     }
 
     fn sample_file(be: bool) -> Vec<u8> {
-        let mut w = W { be, out: Vec::new() };
+        let mut w = W {
+            be,
+            out: Vec::new(),
+        };
         w.header();
         // x = uint8 [3 4] (a small data element), s.name = 'ab' (UTF-16).
         let x = w.matrix(9, &[1, 2], "x", &w.element(MI_UINT8, &[3, 4]));
-        let chars: Vec<u8> = "ab".encode_utf16().flat_map(|u| if be { u.to_be_bytes() } else { u.to_le_bytes() }).collect();
+        let chars: Vec<u8> = "ab"
+            .encode_utf16()
+            .flat_map(|u| if be { u.to_be_bytes() } else { u.to_le_bytes() })
+            .collect();
         let name_val = w.matrix(MX_CHAR, &[1, 2], "", &w.element(MI_UINT16, &chars));
         let mut payload = w.element(MI_INT32, &w.u32(8));
         payload.extend(w.element(MI_INT8, b"name\0\0\0\0"));
@@ -474,10 +591,21 @@ mod tests {
         for be in [false, true] {
             let f = MatFile::parse(&sample_file(be)).unwrap();
             let x = f.get("x").unwrap();
-            assert_eq!(x, &MatValue::Numeric { dims: vec![1, 2], data: vec![3.0, 4.0] }, "be={be}");
+            assert_eq!(
+                x,
+                &MatValue::Numeric {
+                    dims: vec![1, 2],
+                    data: vec![3.0, 4.0]
+                },
+                "be={be}"
+            );
             let s = f.get("s").unwrap();
             assert_eq!(s.describe(), "1×1 struct array");
-            assert_eq!(s.field(0, "name").unwrap().text().as_deref(), Some("ab"), "be={be}");
+            assert_eq!(
+                s.field(0, "name").unwrap().text().as_deref(),
+                Some("ab"),
+                "be={be}"
+            );
             assert!(s.field(0, "other").is_none());
         }
     }
@@ -492,8 +620,12 @@ mod tests {
                 assert!(!e.is_empty());
             }
         }
-        assert!(MatFile::parse(&good[..100]).unwrap_err().contains("shorter than the 128-byte header"));
-        assert!(MatFile::parse(&good[..good.len() - 3]).unwrap_err().contains("truncated"));
+        assert!(MatFile::parse(&good[..100])
+            .unwrap_err()
+            .contains("shorter than the 128-byte header"));
+        assert!(MatFile::parse(&good[..good.len() - 3])
+            .unwrap_err()
+            .contains("truncated"));
         let mut v73 = good.clone();
         v73[..10].copy_from_slice(b"MATLAB 7.3");
         assert!(MatFile::parse(&v73).unwrap_err().contains("-v7"));
@@ -501,13 +633,19 @@ mod tests {
         bad_endian[126..128].copy_from_slice(b"XX");
         assert!(MatFile::parse(&bad_endian).unwrap_err().contains("endian"));
         // A cell claiming 2^31 elements must not allocate them.
-        let mut w = W { be: false, out: Vec::new() };
+        let mut w = W {
+            be: false,
+            out: Vec::new(),
+        };
         w.header();
         let huge = w.matrix(MX_CELL, &[1, i32::MAX], "c", &[]);
         w.out.extend(huge);
         assert!(MatFile::parse(&w.out).unwrap_err().contains("does not fit"));
         // Garbage zlib data.
-        let mut w = W { be: false, out: Vec::new() };
+        let mut w = W {
+            be: false,
+            out: Vec::new(),
+        };
         w.header();
         let z = w.element(MI_COMPRESSED, &[1, 2, 3, 4, 5, 6, 7, 8, 9]);
         w.out.extend(z);
@@ -521,11 +659,16 @@ mod tests {
             let f = MatFile::read(&dir.join(name)).unwrap();
             let a = f.get("annotations").unwrap();
             assert_eq!(a.describe(), "1×12 struct array", "{name}");
-            assert_eq!(a.field(0, "relative_im_path").unwrap().text().as_deref(), Some("car_ims/000001.jpg"));
+            assert_eq!(
+                a.field(0, "relative_im_path").unwrap().text().as_deref(),
+                Some("car_ims/000001.jpg")
+            );
             assert_eq!(a.field(11, "class").unwrap().scalar(), Some(4.0));
             assert_eq!(a.field(0, "bbox_x2").unwrap().scalar(), Some(123.0));
             let names = f.get("class_names").unwrap();
-            let MatValue::Cell { items, .. } = names else { panic!("class_names: {}", names.describe()) };
+            let MatValue::Cell { items, .. } = names else {
+                panic!("class_names: {}", names.describe())
+            };
             assert_eq!(items.len(), 4);
             assert_eq!(items[3].text().as_deref(), Some("Škoda Octavia Combi 2011"));
         }

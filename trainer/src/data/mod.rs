@@ -3,7 +3,7 @@
 //! class-disjoint splits of the metric-learning protocol, P×K batch sampling, augmentation,
 //! and a parallel, prefetching batch loader.
 //!
-//! Every dataset kind is first read into a [`Catalogue`] (all classes in their canonical
+//! Every dataset kind is first read into a catalogue (all classes in their canonical
 //! order, every image with the class it belongs to and the annotation line that listed it);
 //! [`load_dataset`] then applies the [`SplitSpec`] and relabels the chosen classes densely
 //! (`0..num_classes`), which is what losses and retrieval metrics expect.
@@ -27,13 +27,17 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 pub use augment::{Augment, RandomResizedCrop};
-pub use decode::{decode_image, decode_image_bytes, IMAGE_EXTENSIONS, MAX_DECODE_ALLOC, MAX_IMAGE_SIDE};
+pub use decode::{
+    decode_image, decode_image_bytes, IMAGE_EXTENSIONS, MAX_DECODE_ALLOC, MAX_IMAGE_SIDE,
+};
 pub use loader::{BadImage, BadImages, Batch, BatchLoader, LoaderOptions, LoaderProgress};
 pub use sampler::PkSampler;
 pub use split::{ParseSplitError, Split, SplitSpec};
 
 /// The on-disk layout of a dataset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 #[value(rename_all = "kebab-case")]
 pub enum DatasetKind {
@@ -134,11 +138,22 @@ pub fn load_dataset(kind: DatasetKind, root: &Path, split: &SplitSpec) -> Result
         DatasetKind::Folder => folder::read(root)?,
         DatasetKind::List => list::read(root)?,
     };
-    let (samples, class_names) = catalogue.select(split).map_err(|msg| Error::file(root, format!("{kind} dataset: {msg}")))?;
+    let (samples, class_names) = catalogue
+        .select(split)
+        .map_err(|msg| Error::file(root, format!("{kind} dataset: {msg}")))?;
     if samples.is_empty() {
-        return Err(Error::file(root, format!("{kind} dataset: the {split} split contains no images")));
+        return Err(Error::file(
+            root,
+            format!("{kind} dataset: the {split} split contains no images"),
+        ));
     }
-    Ok(Dataset { kind, root: root.to_path_buf(), split: split.clone(), samples, class_names })
+    Ok(Dataset {
+        kind,
+        root: root.to_path_buf(),
+        split: split.clone(),
+        samples,
+        class_names,
+    })
 }
 
 /// How a dataset's official train/test split is defined.
@@ -179,7 +194,9 @@ impl Catalogue {
         let n = self.classes.len();
         if let SplitSpec::Classes { last, .. } = spec {
             if *last > n {
-                return Err(format!("split {spec} asks for class {last}, but the dataset has only {n} classes"));
+                return Err(format!(
+                    "split {spec} asks for class {last}, but the dataset has only {n} classes"
+                ));
             }
         }
         let official = self.official;
@@ -200,12 +217,23 @@ impl Catalogue {
         }
         let mut dense = vec![u32::MAX; n];
         let mut class_names = Vec::new();
-        for (c, name) in self.classes.into_iter().enumerate().filter(|(c, _)| used[*c]) {
+        for (c, name) in self
+            .classes
+            .into_iter()
+            .enumerate()
+            .filter(|(c, _)| used[*c])
+        {
             dense[c] = class_names.len() as u32;
             class_names.push(name);
         }
-        let samples =
-            items.into_iter().map(|i| Sample { label: dense[i.class], path: i.path, origin: i.origin }).collect();
+        let samples = items
+            .into_iter()
+            .map(|i| Sample {
+                label: dense[i.class],
+                path: i.path,
+                origin: i.origin,
+            })
+            .collect();
         Ok((samples, class_names))
     }
 }

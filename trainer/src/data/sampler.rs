@@ -33,7 +33,12 @@ pub struct PkSampler {
 
 impl PkSampler {
     /// `labels[i]` is the label of sample `i`; labels need not be dense.
-    pub fn new(labels: &[u32], classes_per_batch: usize, images_per_class: usize, seed: u64) -> Result<Self> {
+    pub fn new(
+        labels: &[u32],
+        classes_per_batch: usize,
+        images_per_class: usize,
+        seed: u64,
+    ) -> Result<Self> {
         if classes_per_batch == 0 || images_per_class == 0 {
             return Err(Error::Invalid(format!(
                 "P×K sampling needs P ≥ 1 classes and K ≥ 1 images per class, got P = {classes_per_batch}, K = {images_per_class}"
@@ -50,7 +55,12 @@ impl PkSampler {
                 by_label.len()
             )));
         }
-        Ok(Self { classes: by_label.into_values().collect(), p: classes_per_batch, k: images_per_class, seed })
+        Ok(Self {
+            classes: by_label.into_values().collect(),
+            p: classes_per_batch,
+            k: images_per_class,
+            seed,
+        })
     }
 
     pub fn classes_per_batch(&self) -> usize {
@@ -97,7 +107,11 @@ impl PkSampler {
     fn draw(&self, members: &[usize], rng: &mut ChaCha8Rng, out: &mut Vec<usize>) {
         let n = members.len();
         if n >= self.k {
-            out.extend(rand::seq::index::sample(rng, n, self.k).into_iter().map(|i| members[i]));
+            out.extend(
+                rand::seq::index::sample(rng, n, self.k)
+                    .into_iter()
+                    .map(|i| members[i]),
+            );
         } else {
             let start = out.len();
             out.extend_from_slice(members);
@@ -114,7 +128,9 @@ mod tests {
 
     /// 13 classes with 1..=13 images: class c has c + 1 images.
     fn labels() -> Vec<u32> {
-        (0..13u32).flat_map(|c| std::iter::repeat_n(c * 10, c as usize + 1)).collect()
+        (0..13u32)
+            .flat_map(|c| std::iter::repeat_n(c * 10, c as usize + 1))
+            .collect()
     }
 
     #[test]
@@ -140,7 +156,11 @@ mod tests {
                     let available = labels.iter().filter(|&&l| l == label).count();
                     // Without replacement when the class is big enough; otherwise every image
                     // of the class, plus repeats.
-                    assert_eq!(distinct.len(), available.min(5), "class {label} with {available} images");
+                    assert_eq!(
+                        distinct.len(),
+                        available.min(5),
+                        "class {label} with {available} images"
+                    );
                 }
             }
             assert_eq!(seen_classes.len(), 13, "every class appears in every epoch");
@@ -153,9 +173,16 @@ mod tests {
         let a = PkSampler::new(&labels, 3, 2, 7).unwrap();
         let b = PkSampler::new(&labels, 3, 2, 7).unwrap();
         assert_eq!(a.epoch(5), b.epoch(5));
-        assert_eq!(a.epoch(5), a.epoch(5), "epochs can be replayed in any order");
+        assert_eq!(
+            a.epoch(5),
+            a.epoch(5),
+            "epochs can be replayed in any order"
+        );
         assert_ne!(a.epoch(5), a.epoch(6));
-        assert_ne!(a.epoch(5), PkSampler::new(&labels, 3, 2, 8).unwrap().epoch(5));
+        assert_ne!(
+            a.epoch(5),
+            PkSampler::new(&labels, 3, 2, 8).unwrap().epoch(5)
+        );
     }
 
     #[test]
@@ -169,7 +196,10 @@ mod tests {
     #[test]
     fn rejects_impossible_settings() {
         let labels = labels();
-        assert!(PkSampler::new(&labels, 14, 2, 0).unwrap_err().to_string().contains("only 13 classes"));
+        assert!(PkSampler::new(&labels, 14, 2, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("only 13 classes"));
         assert!(PkSampler::new(&labels, 0, 2, 0).is_err());
         assert!(PkSampler::new(&labels, 2, 0, 0).is_err());
         assert!(PkSampler::new(&[], 1, 1, 0).is_err());

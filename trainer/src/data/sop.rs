@@ -41,7 +41,15 @@ pub(super) fn read(root: &Path, split: &SplitSpec) -> Result<Catalogue> {
             let _: u64 = id_field(&path, &line, "image_id", f[0])?;
             let class: u64 = id_field(&path, &line, "class_id", f[1])?;
             let _: u64 = id_field(&path, &line, "super_class_id", f[2])?;
-            rows.push((class, root.join(f[3]), Origin { file: path.clone(), line: Some(line.number) }, train));
+            rows.push((
+                class,
+                root.join(f[3]),
+                Origin {
+                    file: path.clone(),
+                    line: Some(line.number),
+                },
+                train,
+            ));
         }
     }
     // Class ids are sorted numerically; a class in both files would make the split leak.
@@ -68,7 +76,12 @@ pub(super) fn read(root: &Path, split: &SplitSpec) -> Result<Catalogue> {
     }
     let items = rows
         .into_iter()
-        .map(|(class, path, origin, train)| Item { path, class: classes[&class].0, origin, train })
+        .map(|(class, path, origin, train)| Item {
+            path,
+            class: classes[&class].0,
+            origin,
+            train,
+        })
         .collect();
     Ok(Catalogue {
         classes: classes.keys().map(|c| c.to_string()).collect(),

@@ -26,7 +26,10 @@ pub enum Split {
 pub enum SplitSpec {
     Split(Split),
     /// 1-based, inclusive; `1 <= first <= last`.
-    Classes { first: usize, last: usize },
+    Classes {
+        first: usize,
+        last: usize,
+    },
 }
 
 impl SplitSpec {
@@ -53,7 +56,10 @@ impl FromStr for SplitSpec {
     type Err = ParseSplitError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason: &str| ParseSplitError { input: s.to_string(), reason: reason.to_string() };
+        let err = |reason: &str| ParseSplitError {
+            input: s.to_string(),
+            reason: reason.to_string(),
+        };
         let t = s.trim();
         match t.to_ascii_lowercase().as_str() {
             "train" => return Ok(SplitSpec::TRAIN),
@@ -65,7 +71,9 @@ impl FromStr for SplitSpec {
             return Err(err("unknown split name"));
         };
         let parse = |v: &str| -> Result<usize, ParseSplitError> {
-            v.trim().parse::<usize>().map_err(|_| err(&format!("'{}' is not a class position", v.trim())))
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| err(&format!("'{}' is not a class position", v.trim())))
         };
         let (first, last) = match range.split_once('-') {
             Some((a, b)) => (parse(a)?, parse(b)?),
@@ -117,9 +125,18 @@ mod tests {
         assert_eq!("train".parse::<SplitSpec>().unwrap(), SplitSpec::TRAIN);
         assert_eq!(" Test ".parse::<SplitSpec>().unwrap(), SplitSpec::TEST);
         assert_eq!("all".parse::<SplitSpec>().unwrap(), SplitSpec::ALL);
-        assert_eq!("classes=1-50".parse::<SplitSpec>().unwrap(), SplitSpec::Classes { first: 1, last: 50 });
-        assert_eq!("classes=7".parse::<SplitSpec>().unwrap(), SplitSpec::Classes { first: 7, last: 7 });
-        assert_eq!("classes= 3 - 4".parse::<SplitSpec>().unwrap(), SplitSpec::Classes { first: 3, last: 4 });
+        assert_eq!(
+            "classes=1-50".parse::<SplitSpec>().unwrap(),
+            SplitSpec::Classes { first: 1, last: 50 }
+        );
+        assert_eq!(
+            "classes=7".parse::<SplitSpec>().unwrap(),
+            SplitSpec::Classes { first: 7, last: 7 }
+        );
+        assert_eq!(
+            "classes= 3 - 4".parse::<SplitSpec>().unwrap(),
+            SplitSpec::Classes { first: 3, last: 4 }
+        );
     }
 
     #[test]
@@ -134,7 +151,10 @@ mod tests {
         ] {
             let e = input.parse::<SplitSpec>().unwrap_err().to_string();
             assert!(e.contains(reason), "{input}: {e}");
-            assert!(e.contains("classes=A-B"), "{input}: the message should show the accepted forms: {e}");
+            assert!(
+                e.contains("classes=A-B"),
+                "{input}: the message should show the accepted forms: {e}"
+            );
         }
     }
 
@@ -148,5 +168,26 @@ mod tests {
             assert_eq!(serde_json::from_str::<SplitSpec>(&json).unwrap(), spec);
         }
         assert!(serde_json::from_str::<SplitSpec>("\"classes=0\"").is_err());
+    }
+
+    #[test]
+    fn works_as_a_clap_argument() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[arg(long, default_value = "train")]
+            split: SplitSpec,
+        }
+        assert_eq!(Cli::try_parse_from(["x"]).unwrap().split, SplitSpec::TRAIN);
+        let cli = Cli::try_parse_from(["x", "--split", "classes=5-9"]).unwrap();
+        assert_eq!(cli.split, SplitSpec::Classes { first: 5, last: 9 });
+        let e = Cli::try_parse_from(["x", "--split", "val"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("expected train, test, all, or classes=A-B"),
+            "{e}"
+        );
     }
 }

@@ -5,14 +5,19 @@ use std::path::Path;
 /// A colour gradient whose pixels differ in every row and column, so crops and flips show.
 pub fn gradient(w: u32, h: u32) -> image::RgbImage {
     image::RgbImage::from_fn(w, h, |x, y| {
-        image::Rgb([(x * 255 / w.max(1)) as u8, (y * 255 / h.max(1)) as u8, ((x + 2 * y) % 256) as u8])
+        image::Rgb([
+            (x * 255 / w.max(1)) as u8,
+            (y * 255 / h.max(1)) as u8,
+            ((x + 2 * y) % 256) as u8,
+        ])
     })
 }
 
 /// Encodes `img` in `format`.
 pub fn encode(img: &image::RgbImage, format: image::ImageFormat) -> Vec<u8> {
     let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, format).expect("encoding a test image");
+    img.write_to(&mut out, format)
+        .expect("encoding a test image");
     out.into_inner()
 }
 
@@ -34,6 +39,9 @@ pub fn shared_dir() -> Option<std::path::PathBuf> {
             return Some(env);
         }
     }
-    eprintln!("skipping: ../shared not found at {} (nor $DEEP_METRIC_SHARED)", dir.display());
+    eprintln!(
+        "skipping: ../shared not found at {} (nor $DEEP_METRIC_SHARED)",
+        dir.display()
+    );
     None
 }

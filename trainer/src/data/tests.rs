@@ -37,15 +37,24 @@ fn cub100_class_split() {
     assert_eq!(train.class_names[0], "001.Black_footed_Albatross");
     assert_eq!(test.class_names[0], "051.Red_breasted_Merganser");
     assert!(counts(&train).iter().all(|&c| c > 0));
-    assert!(test.samples.iter().all(|s| s.path.starts_with(root.join("images"))));
-    assert!(test.samples[0].path.to_string_lossy().contains("051."), "{:?}", test.samples[0].path);
+    assert!(test
+        .samples
+        .iter()
+        .all(|s| s.path.starts_with(root.join("images"))));
+    assert!(
+        test.samples[0].path.to_string_lossy().contains("051."),
+        "{:?}",
+        test.samples[0].path
+    );
     assert_eq!(test.samples[0].origin.file, root.join("images.txt"));
     // The parent folder of CUB_200_2011 works too, and explicit class ranges.
     let r = load(DatasetKind::Cub, root.parent().unwrap(), "classes=51-100").unwrap();
     assert_eq!(r.samples, test.samples);
     let one = load(DatasetKind::Cub, &root, "classes=3").unwrap();
     assert_eq!(one.class_names, vec!["003.Parakeet_Auklet".to_string()]);
-    let e = load(DatasetKind::Cub, &root, "classes=90-101").unwrap_err().to_string();
+    let e = load(DatasetKind::Cub, &root, "classes=90-101")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("only 100 classes"), "{e}");
 }
 
@@ -69,19 +78,39 @@ fn tiny_cub(dir: &Path, classes: usize) {
 #[test]
 fn cub_annotation_errors_name_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
-    let e = load(DatasetKind::Cub, dir.path(), "train").unwrap_err().to_string();
-    assert!(e.contains("classes.txt") && e.contains("not found") && e.contains("CUB-200-2011 layout"), "{e}");
+    let e = load(DatasetKind::Cub, dir.path(), "train")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("classes.txt") && e.contains("not found") && e.contains("CUB-200-2011 layout"),
+        "{e}"
+    );
     tiny_cub(dir.path(), 4);
-    assert_eq!(load(DatasetKind::Cub, dir.path(), "train").unwrap().len(), 4);
+    assert_eq!(
+        load(DatasetKind::Cub, dir.path(), "train").unwrap().len(),
+        4
+    );
     std::fs::write(dir.path().join("image_class_labels.txt"), "1 1\n2 1\n3 9\n").unwrap();
-    let e = load(DatasetKind::Cub, dir.path(), "train").unwrap_err().to_string();
-    assert!(e.contains("image_class_labels.txt") && e.contains("line 3") && e.contains("class id 9"), "{e}");
+    let e = load(DatasetKind::Cub, dir.path(), "train")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("image_class_labels.txt") && e.contains("line 3") && e.contains("class id 9"),
+        "{e}"
+    );
     std::fs::write(dir.path().join("image_class_labels.txt"), "1 1\n2 x\n").unwrap();
-    let e = load(DatasetKind::Cub, dir.path(), "train").unwrap_err().to_string();
+    let e = load(DatasetKind::Cub, dir.path(), "train")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("line 2") && e.contains("'x'"), "{e}");
     std::fs::write(dir.path().join("image_class_labels.txt"), "1 1\n").unwrap();
-    let e = load(DatasetKind::Cub, dir.path(), "train").unwrap_err().to_string();
-    assert!(e.contains("images.txt") && e.contains("line 2") && e.contains("no class"), "{e}");
+    let e = load(DatasetKind::Cub, dir.path(), "train")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("images.txt") && e.contains("line 2") && e.contains("no class"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -109,10 +138,36 @@ fn folder_dataset() {
     let all = load(DatasetKind::Folder, root, "all").unwrap();
     assert_eq!(all.class_names, vec!["ant", "cat", "dog", "zebra"]);
     assert_eq!(counts(&all), vec![1, 1, 2, 3]);
-    let names: Vec<String> =
-        all.samples.iter().map(|s| s.path.strip_prefix(root).unwrap().to_string_lossy().into_owned()).collect();
-    assert_eq!(names, vec!["ant/x.png", "cat/1.png", "dog/1.png", "dog/2.png", "zebra/a.png", "zebra/b.PNG", "zebra/nested/c.png"]);
-    assert_eq!(all.samples[0].origin, Origin { file: root.join("ant"), line: None });
+    let names: Vec<String> = all
+        .samples
+        .iter()
+        .map(|s| {
+            s.path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            "ant/x.png",
+            "cat/1.png",
+            "dog/1.png",
+            "dog/2.png",
+            "zebra/a.png",
+            "zebra/b.PNG",
+            "zebra/nested/c.png"
+        ]
+    );
+    assert_eq!(
+        all.samples[0].origin,
+        Origin {
+            file: root.join("ant"),
+            line: None
+        }
+    );
     let train = load(DatasetKind::Folder, root, "train").unwrap();
     assert_eq!(train.class_names, vec!["ant", "cat"]);
     assert_eq!(train.labels(), vec![0, 1]);
@@ -122,8 +177,13 @@ fn folder_dataset() {
     let mid = load(DatasetKind::Folder, root, "classes=2-3").unwrap();
     assert_eq!(mid.class_names, vec!["cat", "dog"]);
 
-    let e = load(DatasetKind::Folder, &root.join("nowhere"), "all").unwrap_err().to_string();
-    assert!(e.contains("nowhere") && e.contains("one subfolder per class"), "{e}");
+    let e = load(DatasetKind::Folder, &root.join("nowhere"), "all")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("nowhere") && e.contains("one subfolder per class"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -140,8 +200,17 @@ fn list_dataset() {
     // Integer labels sort numerically: 2, 7, 10.
     assert_eq!(all.class_names, vec!["2", "7", "10"]);
     assert_eq!(all.labels(), vec![2, 0, 2, 1, 0]);
-    assert_eq!(all.samples[1].path, dir.path().join("lists/imgs/with space.png"));
-    assert_eq!(all.samples[1].origin, Origin { file: list.clone(), line: Some(4) });
+    assert_eq!(
+        all.samples[1].path,
+        dir.path().join("lists/imgs/with space.png")
+    );
+    assert_eq!(
+        all.samples[1].origin,
+        Origin {
+            file: list.clone(),
+            line: Some(4)
+        }
+    );
     let train = load(DatasetKind::List, &list, "train").unwrap();
     assert_eq!(train.class_names, vec!["2"]);
     let test = load(DatasetKind::List, &list, "test").unwrap();
@@ -149,10 +218,18 @@ fn list_dataset() {
     assert_eq!(test.len(), 3);
 
     std::fs::write(&list, "a.png cat\nb.png ant\nlonely\n").unwrap();
-    let e = load(DatasetKind::List, &list, "all").unwrap_err().to_string();
-    assert!(e.contains("train list.txt") && e.contains("line 3") && e.contains("'lonely'"), "{e}");
+    let e = load(DatasetKind::List, &list, "all")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("train list.txt") && e.contains("line 3") && e.contains("'lonely'"),
+        "{e}"
+    );
     std::fs::write(&list, "a.png cat\nb.png ant\n").unwrap();
-    assert_eq!(load(DatasetKind::List, &list, "all").unwrap().class_names, vec!["ant", "cat"]);
+    assert_eq!(
+        load(DatasetKind::List, &list, "all").unwrap().class_names,
+        vec!["ant", "cat"]
+    );
 }
 
 #[test]
@@ -172,20 +249,38 @@ fn sop_lists() {
     )
     .unwrap();
     let train = load(DatasetKind::Sop, root, "train").unwrap();
-    assert_eq!((train.len(), train.class_names.clone()), (4, vec!["1".into(), "2".into(), "3".into()]));
+    assert_eq!(
+        (train.len(), train.class_names.clone()),
+        (4, vec!["1".into(), "2".into(), "3".into()])
+    );
     assert_eq!(train.samples[3].path, root.join("cabinet_final/333_0.JPG"));
     assert_eq!(train.samples[3].origin.line, Some(5));
     let test = load(DatasetKind::Sop, root, "test").unwrap();
     assert_eq!((test.len(), test.labels()), (3, vec![0, 1, 1]));
     assert_eq!(load(DatasetKind::Sop, root, "all").unwrap().len(), 7);
-    assert_eq!(load(DatasetKind::Sop, root, "classes=3-4").unwrap().len(), 2);
+    assert_eq!(
+        load(DatasetKind::Sop, root, "classes=3-4").unwrap().len(),
+        2
+    );
 
-    std::fs::write(root.join("Ebay_test.txt"), "image_id class_id super_class_id path\n5 3 1 x/y.JPG\n").unwrap();
+    std::fs::write(
+        root.join("Ebay_test.txt"),
+        "image_id class_id super_class_id path\n5 3 1 x/y.JPG\n",
+    )
+    .unwrap();
     let e = load(DatasetKind::Sop, root, "all").unwrap_err().to_string();
-    assert!(e.contains("Ebay_test.txt") && e.contains("class 3") && e.contains("disjoint"), "{e}");
+    assert!(
+        e.contains("Ebay_test.txt") && e.contains("class 3") && e.contains("disjoint"),
+        "{e}"
+    );
     std::fs::remove_file(root.join("Ebay_test.txt")).unwrap();
-    let e = load(DatasetKind::Sop, root, "test").unwrap_err().to_string();
-    assert!(e.contains("Ebay_test.txt") && e.contains("Stanford Online Products layout"), "{e}");
+    let e = load(DatasetKind::Sop, root, "test")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("Ebay_test.txt") && e.contains("Stanford Online Products layout"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -193,38 +288,70 @@ fn cars196_fixture() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/fixtures/cars196");
     // The fixture: 4 classes, 3 images each, class k = images 3(k-1)+1 ..= 3k.
     let train = load(DatasetKind::Cars196, &fixture, "train").unwrap();
-    assert_eq!(train.class_names, vec!["AM General Hummer SUV 2000", "Acura RL Sedan 2012"]);
+    assert_eq!(
+        train.class_names,
+        vec!["AM General Hummer SUV 2000", "Acura RL Sedan 2012"]
+    );
     assert_eq!(train.labels(), vec![0, 0, 0, 1, 1, 1]);
     assert_eq!(train.samples[0].path, fixture.join("car_ims/000001.jpg"));
-    assert_eq!(train.samples[4].origin, Origin { file: fixture.join("cars_annos.mat"), line: Some(5) });
+    assert_eq!(
+        train.samples[4].origin,
+        Origin {
+            file: fixture.join("cars_annos.mat"),
+            line: Some(5)
+        }
+    );
     let test = load(DatasetKind::Cars196, &fixture, "test").unwrap();
     assert_eq!(test.class_names[1], "Škoda Octavia Combi 2011");
     assert_eq!(test.samples[0].path, fixture.join("car_ims/000007.jpg"));
     // The .mat file itself as root; the uncompressed variant reads the same.
-    let direct = load(DatasetKind::Cars196, &fixture.join("cars_annos_uncompressed.mat"), "test").unwrap();
+    let direct = load(
+        DatasetKind::Cars196,
+        &fixture.join("cars_annos_uncompressed.mat"),
+        "test",
+    )
+    .unwrap();
     assert_eq!(direct.labels(), test.labels());
     assert_eq!(direct.class_names, test.class_names);
 
     let dir = tempfile::tempdir().unwrap();
-    let e = load(DatasetKind::Cars196, dir.path(), "train").unwrap_err().to_string();
-    assert!(e.contains("cars_annos.mat") && e.contains("Stanford Cars layout"), "{e}");
+    let e = load(DatasetKind::Cars196, dir.path(), "train")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cars_annos.mat") && e.contains("Stanford Cars layout"),
+        "{e}"
+    );
     std::fs::write(dir.path().join("cars_annos.mat"), b"not a mat file at all").unwrap();
-    let e = load(DatasetKind::Cars196, dir.path(), "train").unwrap_err().to_string();
-    assert!(e.contains("cars_annos.mat") && e.contains("128-byte header"), "{e}");
+    let e = load(DatasetKind::Cars196, dir.path(), "train")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cars_annos.mat") && e.contains("128-byte header"),
+        "{e}"
+    );
 }
 
 /// A folder dataset of `classes` × `per_class` PNGs of distinct sizes.
 fn image_tree(root: &Path, classes: usize, per_class: usize) -> Arc<Dataset> {
     for c in 0..classes {
         for i in 0..per_class {
-            write_png(&root.join(format!("class_{c}/{i}.png")), 20 + i as u32, 16 + c as u32);
+            write_png(
+                &root.join(format!("class_{c}/{i}.png")),
+                20 + i as u32,
+                16 + c as u32,
+            );
         }
     }
     Arc::new(load(DatasetKind::Folder, root, "all").unwrap())
 }
 
 fn opts(skip: bool) -> LoaderOptions {
-    LoaderOptions { threads: 2, prefetch: 2, skip_bad_images: skip }
+    LoaderOptions {
+        threads: 2,
+        prefetch: 2,
+        skip_bad_images: skip,
+    }
 }
 
 #[test]
@@ -232,9 +359,14 @@ fn eval_loader_keeps_order_labels_and_values() {
     let dir = tempfile::tempdir().unwrap();
     let ds = image_tree(dir.path(), 3, 3);
     let pre = Preprocess::imagenet(16, 12);
-    let batches: Vec<Batch> =
-        BatchLoader::eval(ds.clone(), pre.clone(), 4, opts(false)).unwrap().map(|b| b.unwrap()).collect();
-    assert_eq!(batches.iter().map(Batch::len).collect::<Vec<_>>(), vec![4, 4, 1]);
+    let batches: Vec<Batch> = BatchLoader::eval(ds.clone(), pre.clone(), 4, opts(false))
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect();
+    assert_eq!(
+        batches.iter().map(Batch::len).collect::<Vec<_>>(),
+        vec![4, 4, 1]
+    );
     assert_eq!(batches[0].shape, (4, 3, 12, 12));
     let indices: Vec<usize> = batches.iter().flat_map(|b| b.indices.clone()).collect();
     assert_eq!(indices, (0..9).collect::<Vec<_>>());
@@ -243,7 +375,10 @@ fn eval_loader_keeps_order_labels_and_values() {
     // Pixel values are exactly the eval view of each file.
     let mut expected = Vec::new();
     for s in &ds.samples[4..8] {
-        pre.normalize_into(&pre.eval_view(&decode_image(&s.path).unwrap()), &mut expected);
+        pre.normalize_into(
+            &pre.eval_view(&decode_image(&s.path).unwrap()),
+            &mut expected,
+        );
     }
     assert_eq!(batches[1].images, expected);
 }
@@ -255,20 +390,32 @@ fn train_loader_is_reproducible_and_follows_the_sampler() {
     let sampler = PkSampler::new(&ds.labels(), 2, 3, 5).unwrap();
     let aug = Augment::new(Preprocess::imagenet(16, 12), 9);
     let run = |threads| {
-        let o = LoaderOptions { threads, ..opts(false) };
-        BatchLoader::train(ds.clone(), &sampler, 1, aug.clone(), o).unwrap().map(|b| b.unwrap()).collect::<Vec<_>>()
+        let o = LoaderOptions {
+            threads,
+            ..opts(false)
+        };
+        BatchLoader::train(ds.clone(), &sampler, 1, aug.clone(), o)
+            .unwrap()
+            .map(|b| b.unwrap())
+            .collect::<Vec<_>>()
     };
     let a = run(1);
     assert_eq!(a.len(), 2);
     let plan = sampler.epoch(1);
     for (b, p) in a.iter().zip(&plan) {
         assert_eq!(&b.indices, p);
-        assert_eq!(b.labels, p.iter().map(|&i| ds.samples[i].label).collect::<Vec<_>>());
+        assert_eq!(
+            b.labels,
+            p.iter().map(|&i| ds.samples[i].label).collect::<Vec<_>>()
+        );
         assert_eq!(b.shape, (6, 3, 12, 12));
     }
     assert_eq!(a, run(2), "same batches with another thread count");
     let other_epoch: Vec<Batch> =
-        BatchLoader::train(ds.clone(), &sampler, 2, aug.clone(), opts(false)).unwrap().map(|b| b.unwrap()).collect();
+        BatchLoader::train(ds.clone(), &sampler, 2, aug.clone(), opts(false))
+            .unwrap()
+            .map(|b| b.unwrap())
+            .collect();
     assert_ne!(a[0].images, other_epoch[0].images);
 }
 
@@ -281,7 +428,11 @@ fn bad_images_name_the_file_and_line_or_are_skipped() {
     }
     std::fs::write(root.join("imgs/2.png"), b"garbage").unwrap();
     let list = root.join("list.txt");
-    std::fs::write(&list, "imgs/0.png a\nimgs/1.png a\nimgs/2.png b\nimgs/missing.png b\nimgs/3.png b\n").unwrap();
+    std::fs::write(
+        &list,
+        "imgs/0.png a\nimgs/1.png a\nimgs/2.png b\nimgs/missing.png b\nimgs/3.png b\n",
+    )
+    .unwrap();
     let ds = Arc::new(load(DatasetKind::List, &list, "all").unwrap());
     let pre = Preprocess::imagenet(8, 8);
 
@@ -294,18 +445,32 @@ fn bad_images_name_the_file_and_line_or_are_skipped() {
     let mut loader = BatchLoader::eval(ds.clone(), pre.clone(), 2, opts(true)).unwrap();
     let batches: Vec<Batch> = loader.by_ref().map(|b| b.unwrap()).collect();
     let kept: Vec<usize> = batches.iter().flat_map(|b| b.indices.clone()).collect();
-    assert_eq!(kept, vec![0, 1, 4], "a batch of two bad images is dropped whole");
+    assert_eq!(
+        kept,
+        vec![0, 1, 4],
+        "a batch of two bad images is dropped whole"
+    );
     assert_eq!(batches[1].shape, (1, 3, 8, 8));
     assert_eq!(batches[1].images.len(), 3 * 8 * 8);
     let bad = loader.bad_images();
     assert_eq!(bad.len(), 2);
     assert_eq!(bad.images[0].path, root.join("imgs/2.png"));
     assert_eq!(bad.images[1].origin.line, Some(4));
-    assert!(bad.images[1].error.contains("not found"), "{}", bad.images[1].error);
+    assert!(
+        bad.images[1].error.contains("not found"),
+        "{}",
+        bad.images[1].error
+    );
     let summary = bad.to_string();
-    assert!(summary.starts_with("2 unreadable image(s) skipped") && summary.contains("missing.png"), "{summary}");
+    assert!(
+        summary.starts_with("2 unreadable image(s) skipped") && summary.contains("missing.png"),
+        "{summary}"
+    );
     let p = loader.progress();
-    assert_eq!((p.batches_total, p.batches_done, p.images_done, p.bad_images), (3, 2, 3, 2));
+    assert_eq!(
+        (p.batches_total, p.batches_done, p.images_done, p.bad_images),
+        (3, 2, 3, 2)
+    );
 }
 
 /// Decode + augment throughput on cub100 with 2 threads (`cargo test … -- --ignored
@@ -318,7 +483,11 @@ fn throughput_cub100() {
     let pre = Preprocess::bn_inception();
     let sampler = PkSampler::new(&ds.labels(), 16, 5, 0).unwrap();
     let aug = Augment::new(pre.clone(), 0);
-    let o = LoaderOptions { threads: 2, prefetch: 2, skip_bad_images: false };
+    let o = LoaderOptions {
+        threads: 2,
+        prefetch: 2,
+        skip_bad_images: false,
+    };
     let t = std::time::Instant::now();
     let mut n = 0;
     for epoch in 0..2 {
@@ -327,13 +496,51 @@ fn throughput_cub100() {
         }
     }
     let s = t.elapsed().as_secs_f64();
-    println!("train views (256 → RRC 227 → flip, BN-Inception): {n} images in {s:.2} s = {:.1} img/s", n as f64 / s);
-    let sub = Arc::new(Dataset { samples: ds.samples[..1000].to_vec(), ..(*ds).clone() });
+    println!(
+        "train views (256 → RRC 227 → flip, BN-Inception): {n} images in {s:.2} s = {:.1} img/s",
+        n as f64 / s
+    );
+    let sub = Arc::new(Dataset {
+        samples: ds.samples[..1000].to_vec(),
+        ..(*ds).clone()
+    });
     let t = std::time::Instant::now();
     let mut n = 0;
     for b in BatchLoader::eval(sub, Preprocess::efficientnet_lite(), 64, o).unwrap() {
         n += b.unwrap().len();
     }
     let s = t.elapsed().as_secs_f64();
-    println!("eval views (224 squash, EfficientNet-Lite): {n} images in {s:.2} s = {:.1} img/s", n as f64 / s);
+    println!(
+        "eval views (224 squash, EfficientNet-Lite): {n} images in {s:.2} s = {:.1} img/s",
+        n as f64 / s
+    );
+
+    // Single thread, on 200 decoded images: decoding alone, this eval view, and the
+    // image-crate resize-then-crop it replaced.
+    let t = std::time::Instant::now();
+    let imgs: Vec<_> = ds.samples[..200]
+        .iter()
+        .map(|s| decode_image(&s.path).unwrap())
+        .collect();
+    let decode = t.elapsed().as_secs_f64() / 200.0;
+    let t = std::time::Instant::now();
+    let views: Vec<_> = imgs.iter().map(|i| pre.eval_view(i)).collect();
+    let fast = t.elapsed().as_secs_f64() / 200.0;
+    let t = std::time::Instant::now();
+    for img in &imgs {
+        let rgb = img.to_rgb8();
+        let (w, h) = rgb.dimensions();
+        let s = 256.0 / w.min(h) as f32;
+        let (nw, nh) = ((w as f32 * s).round() as u32, (h as f32 * s).round() as u32);
+        let r = image::imageops::resize(&rgb, nw, nh, image::imageops::FilterType::Triangle);
+        let v = image::imageops::crop_imm(&r, (nw - 227) / 2, (nh - 227) / 2, 227, 227).to_image();
+        assert_eq!(v.dimensions(), views[0].dimensions());
+    }
+    let slow = t.elapsed().as_secs_f64() / 200.0;
+    println!(
+        "per image, 1 thread: decode {:.2} ms, eval view {:.2} ms (image-crate resize+crop {:.2} ms)",
+        decode * 1e3,
+        fast * 1e3,
+        slow * 1e3
+    );
 }
