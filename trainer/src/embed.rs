@@ -73,7 +73,6 @@ impl EmbeddingModel {
             .varmap
             .load(&path)
             .map_err(|e| Error::file(&path, format!("cannot load checkpoint weights: {e}")))?;
-        model.config.epoch = model.config.epoch.max(0);
         Ok(model)
     }
 
@@ -86,6 +85,23 @@ impl EmbeddingModel {
         self.varmap.save(&tmp).map_err(|e| Error::file(&tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| Error::file(&path, e))?;
         self.config.write(dir)
+    }
+
+    /// Sets the head to a (truncated) identity with zero bias, so training starts from the
+    /// pretrained metric itself: with `embedding_dim == feature_dim` the initial embedding
+    /// equals the L2-normalised pooled features.
+    pub fn init_head_identity(&self) -> Result<()> {
+        let Some(head) = &self.head else { return Ok(()) };
+        let (dim, feat) = (self.config.output_dim(), self.config.feature_dim);
+        let eye = Tensor::eye(feat, DType::F32, &self.device)?.narrow(0, 0, dim.min(feat))?;
+        let w = if dim > feat { Tensor::cat(&[eye, Tensor::zeros((dim - feat, feat), DType::F32, &self.device)?], 0)? } else { eye };
+        let data = self.varmap.data().lock().expect("varmap lock");
+        for (name, value) in [(format!("{HEAD_PREFIX}.weight"), w), (format!("{HEAD_PREFIX}.bias"), Tensor::zeros(dim, DType::F32, &self.device)?)] {
+            let var = data.get(&name).ok_or_else(|| Error::Invalid(format!("head variable {name} missing")))?;
+            var.set(&value)?;
+        }
+        let _ = head;
+        Ok(())
     }
 
     /// Pooled features → head → L2 normalisation.

@@ -55,6 +55,10 @@ pub struct TrainArgs {
     /// Embedding dimension of the linear head (the seed: 512).
     #[arg(long, default_value_t = 512)]
     pub embedding_dim: usize,
+    /// Head initialisation: `identity` starts training from the pretrained metric itself
+    /// (best with --embedding-dim equal to the backbone's feature dim, 1280 for EfficientNet-Lite0).
+    #[arg(long, value_enum, default_value = "random")]
+    pub head_init: HeadInit,
     /// Metric-learning loss.
     #[arg(long, value_enum, default_value = "fuzzy")]
     pub loss: LossKind,
@@ -113,6 +117,16 @@ pub struct TrainArgs {
     /// Images per forward pass when embedding for evaluation / caching.
     #[arg(long, default_value_t = 32)]
     pub eval_batch_size: usize,
+}
+
+/// How the new linear head starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeadInit {
+    /// candle-nn's default (Kaiming-uniform weights).
+    Random,
+    /// A (truncated) identity with zero bias.
+    Identity,
 }
 
 /// Progress of a run, written last at each checkpoint.
@@ -215,7 +229,8 @@ fn encode_views(
             }
         }
         let x = Tensor::from_vec(buf, (end - start, 3, side, side), &model.device)?;
-        let y = if upto == 0 { x } else { model.backbone.forward_stages(&x, 0..upto)? };
+        // Detached: a cached activation must not keep the forward graph (all intermediates) alive.
+        let y = if upto == 0 { x } else { model.backbone.forward_stages(&x, 0..upto)?.detach() };
         outs.push(y);
         pb.inc((end - start) as u64);
     }
@@ -283,13 +298,17 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
     } else {
         let weights = crate::weights::resolve_pretrained(args.backbone, args.weights.as_deref())?;
         seed_candle(args.seed);
-        EmbeddingModel::pretrained(args.backbone, &weights, Some(args.embedding_dim), &device)?
+        let m = EmbeddingModel::pretrained(args.backbone, &weights, Some(args.embedding_dim), &device)?;
+        if args.head_init == HeadInit::Identity {
+            m.init_head_identity()?;
+        }
+        m
     };
     model.config.training = serde_json::json!({
         "dataset": args.dataset, "data": args.data, "split": args.split, "loss": args.loss,
         "loss_args": args.loss_args, "epochs": args.epochs, "lr": args.lr, "head_lr": args.head_lr,
         "optimizer": args.optimizer, "classes_per_batch": args.classes_per_batch,
-        "images_per_class": args.images_per_class, "freeze_until": args.freeze_until, "seed": args.seed,
+        "images_per_class": args.images_per_class, "head_init": args.head_init, "freeze_until": args.freeze_until, "seed": args.seed,
     });
     let frozen = resolve_stage(&model, &args.freeze_until)?;
     let mut opt = Adam::new(args.optimizer, param_groups(&model, frozen, &args), args.weight_decay)?;
@@ -298,6 +317,7 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
     }
     tracing::info!("{} trainable parameters; stages 0..{frozen} frozen", opt.num_params());
 
+    args.loss_args.validate(args.loss)?;
     let loss_fn = loss::build(args.loss, &args.loss_args);
     let pre = model.config.preprocess.clone();
     let augment = data::Augment::new(pre.clone(), args.seed);
