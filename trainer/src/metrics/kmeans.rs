@@ -311,7 +311,7 @@ mod tests {
         // Inertia after Lloyd must not exceed inertia of the k-means++ seeds alone.
         let (data, _) = blobs(&corners(4, 5), 50, 6.0, 3);
         let inertia = |labels: &[u32]| -> f64 {
-            let mut c = vec![0.0f64; 4 * 5];
+            let mut c = [0.0f64; 4 * 5];
             let mut cnt = [0usize; 4];
             for (x, &l) in data.chunks_exact(5).zip(labels) {
                 cnt[l as usize] += 1;

@@ -36,7 +36,8 @@ fn rows(data: &[f32], dim: usize) -> Result<usize> {
             "embedding dimension must be at least 1".into(),
         ));
     }
-    if data.len() % dim != 0 {
+    let n = data.len() / dim;
+    if n * dim != data.len() {
         return Err(Error::Invalid(format!(
             "embedding buffer holds {} values, not a whole number of rows of dimension {dim}",
             data.len()
@@ -50,7 +51,7 @@ fn rows(data: &[f32], dim: usize) -> Result<usize> {
             pos % dim
         )));
     }
-    Ok(data.len() / dim)
+    Ok(n)
 }
 
 /// Squared L2 norm of every row, in f32 (the same arithmetic for identical rows, so exact
