@@ -32,7 +32,9 @@ const BLOCK_FLOATS: usize = 16 << 20;
 pub fn knn_exact(data: &[f32], dim: usize, k: usize) -> Result<Vec<Vec<u32>>> {
     let n = rows(data, dim)?;
     if n > u32::MAX as usize {
-        return Err(Error::Invalid(format!("{n} embeddings exceed the u32 index range")));
+        return Err(Error::Invalid(format!(
+            "{n} embeddings exceed the u32 index range"
+        )));
     }
     let k = k.min(n.saturating_sub(1));
     if k == 0 {
@@ -42,7 +44,13 @@ pub fn knn_exact(data: &[f32], dim: usize, k: usize) -> Result<Vec<Vec<u32>>> {
 }
 
 /// [`knn_exact`] on a validated `n × dim` matrix, `block` query rows at a time, 1 ≤ k < n.
-fn knn_blocked(data: &[f32], n: usize, dim: usize, k: usize, block: usize) -> Result<Vec<Vec<u32>>> {
+fn knn_blocked(
+    data: &[f32],
+    n: usize,
+    dim: usize,
+    k: usize,
+    block: usize,
+) -> Result<Vec<Vec<u32>>> {
     let norms = row_norms_sq(data, dim);
     let all = Tensor::from_slice(data, (n, dim), &Device::Cpu)?;
     let gallery_t = all.t()?;
@@ -110,13 +118,19 @@ fn top_k(dots: &[f32], norms: &[f32], query: usize, k: usize) -> Vec<u32> {
         }
         let score = 2.0 * dot - norm + 0.0; // `+ 0.0` turns a -0.0 into 0.0
         if heap.len() < k {
-            heap.push(Cand { score, idx: j as u32 });
+            heap.push(Cand {
+                score,
+                idx: j as u32,
+            });
             if heap.len() == k {
                 worst = heap.peek().map_or(f32::NEG_INFINITY, |c| c.score);
             }
         } else if score > worst {
             if let Some(mut top) = heap.peek_mut() {
-                *top = Cand { score, idx: j as u32 };
+                *top = Cand {
+                    score,
+                    idx: j as u32,
+                };
             }
             worst = heap.peek().map_or(f32::NEG_INFINITY, |c| c.score);
         }
@@ -140,7 +154,11 @@ mod tests {
                     .filter(|&j| j != q)
                     .map(|j| {
                         let x = &data[j * dim..(j + 1) * dim];
-                        let dist = qv.iter().zip(x).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+                        let dist = qv
+                            .iter()
+                            .zip(x)
+                            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                            .sum();
                         (dist, j as u32)
                     })
                     .collect();
@@ -173,8 +191,13 @@ mod tests {
         // exact and the tie rule (smaller index first) is checked against the reference sort.
         let (n, dim, k) = (120, 3, 30);
         let mut rng = ChaCha8Rng::seed_from_u64(11);
-        let data: Vec<f32> = (0..n * dim).map(|_| rng.gen_range(-2i32..=2) as f32).collect();
-        assert_eq!(knn_exact(&data, dim, k).unwrap(), brute_force(&data, dim, k));
+        let data: Vec<f32> = (0..n * dim)
+            .map(|_| rng.gen_range(-2i32..=2) as f32)
+            .collect();
+        assert_eq!(
+            knn_exact(&data, dim, k).unwrap(),
+            brute_force(&data, dim, k)
+        );
     }
 
     #[test]
@@ -203,8 +226,14 @@ mod tests {
     #[test]
     fn degenerate_sizes() {
         assert_eq!(knn_exact(&[], 4, 3).unwrap(), Vec::<Vec<u32>>::new());
-        assert_eq!(knn_exact(&[1.0, 0.0], 2, 3).unwrap(), vec![Vec::<u32>::new()]);
-        assert_eq!(knn_exact(&[1.0, 0.0, 0.0, 1.0], 2, 0).unwrap(), vec![Vec::<u32>::new(); 2]);
+        assert_eq!(
+            knn_exact(&[1.0, 0.0], 2, 3).unwrap(),
+            vec![Vec::<u32>::new()]
+        );
+        assert_eq!(
+            knn_exact(&[1.0, 0.0, 0.0, 1.0], 2, 0).unwrap(),
+            vec![Vec::<u32>::new(); 2]
+        );
         assert!(knn_exact(&[1.0, 0.0, 0.0], 2, 1).is_err());
     }
 

@@ -32,9 +32,12 @@ use crate::error::{Error, Result};
 /// everything), so they are rejected up front with the offending row named.
 fn rows(data: &[f32], dim: usize) -> Result<usize> {
     if dim == 0 {
-        return Err(Error::Invalid("embedding dimension must be at least 1".into()));
+        return Err(Error::Invalid(
+            "embedding dimension must be at least 1".into(),
+        ));
     }
-    if data.len() % dim != 0 {
+    let n = data.len() / dim;
+    if n * dim != data.len() {
         return Err(Error::Invalid(format!(
             "embedding buffer holds {} values, not a whole number of rows of dimension {dim}",
             data.len()
@@ -48,13 +51,15 @@ fn rows(data: &[f32], dim: usize) -> Result<usize> {
             pos % dim
         )));
     }
-    Ok(data.len() / dim)
+    Ok(n)
 }
 
 /// Squared L2 norm of every row, in f32 (the same arithmetic for identical rows, so exact
 /// duplicates keep exactly equal scores and the index tie rule decides between them).
 fn row_norms_sq(data: &[f32], dim: usize) -> Vec<f32> {
-    data.chunks_exact(dim).map(|r| r.iter().map(|v| v * v).sum()).collect()
+    data.chunks_exact(dim)
+        .map(|r| r.iter().map(|v| v * v).sum())
+        .collect()
 }
 
 #[cfg(test)]
@@ -65,9 +70,20 @@ mod tests {
     fn rows_rejects_bad_shapes_and_values() {
         assert_eq!(rows(&[0.0; 6], 3).unwrap(), 2);
         assert_eq!(rows(&[], 3).unwrap(), 0);
-        assert!(rows(&[0.0; 6], 0).unwrap_err().to_string().contains("at least 1"));
-        assert!(rows(&[0.0; 7], 3).unwrap_err().to_string().contains("7 values"));
-        let err = rows(&[0.0, 0.0, 0.0, 0.0, f32::NAN, 0.0], 3).unwrap_err().to_string();
-        assert!(err.contains("row 1") && err.contains("component 1"), "{err}");
+        assert!(rows(&[0.0; 6], 0)
+            .unwrap_err()
+            .to_string()
+            .contains("at least 1"));
+        assert!(rows(&[0.0; 7], 3)
+            .unwrap_err()
+            .to_string()
+            .contains("7 values"));
+        let err = rows(&[0.0, 0.0, 0.0, 0.0, f32::NAN, 0.0], 3)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("row 1") && err.contains("component 1"),
+            "{err}"
+        );
     }
 }

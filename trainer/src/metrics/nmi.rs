@@ -25,7 +25,9 @@ pub fn nmi(pred: &[u32], truth: &[u32]) -> Result<f64> {
         )));
     }
     if pred.is_empty() {
-        return Err(Error::Invalid("NMI of an empty labelling is undefined".into()));
+        return Err(Error::Invalid(
+            "NMI of an empty labelling is undefined".into(),
+        ));
     }
     let n = pred.len() as f64;
     let mut joint: BTreeMap<(u32, u32), usize> = BTreeMap::new();
@@ -86,8 +88,12 @@ mod tests {
         // A single cluster carries no information about 3 classes.
         assert_eq!(nmi(&[0, 0, 0, 0, 0, 0], &[0, 0, 1, 1, 2, 2]).unwrap(), 0.0);
         // Large random independent labellings: close to 0 (finite-sample bias only).
-        let pred: Vec<u32> = (0..20_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % 10).collect();
-        let truth: Vec<u32> = (0..20_000u32).map(|i| (i.wrapping_mul(40_503) >> 3) % 10).collect();
+        let pred: Vec<u32> = (0..20_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % 10)
+            .collect();
+        let truth: Vec<u32> = (0..20_000u32)
+            .map(|i| (i.wrapping_mul(40_503) >> 3) % 10)
+            .collect();
         let v = nmi(&pred, &truth).unwrap();
         assert!(v < 0.01, "{v}");
     }
@@ -123,7 +129,9 @@ mod tests {
         //   p = [(i % 7) // 2 if i % 3 else i % 4 for i in range(100)]
         //   normalized_mutual_info_score(t, p)  → 0.3300586345276739
         let truth: Vec<u32> = (0..100).map(|i| i % 7).collect();
-        let pred: Vec<u32> = (0..100).map(|i| if i % 3 != 0 { (i % 7) / 2 } else { i % 4 }).collect();
+        let pred: Vec<u32> = (0..100)
+            .map(|i| if i % 3 != 0 { (i % 7) / 2 } else { i % 4 })
+            .collect();
         let got = nmi(&pred, &truth).unwrap();
         assert!((got - SKLEARN_LARGER).abs() < 1e-12, "{got}");
     }
@@ -132,7 +140,10 @@ mod tests {
 
     #[test]
     fn mismatched_or_empty_inputs_are_errors() {
-        assert!(nmi(&[0, 1], &[0]).unwrap_err().to_string().contains("2 cluster labels for 1"));
+        assert!(nmi(&[0, 1], &[0])
+            .unwrap_err()
+            .to_string()
+            .contains("2 cluster labels for 1"));
         assert!(nmi(&[], &[]).is_err());
     }
 }

@@ -21,7 +21,9 @@ fn check_lists(neighbors: &[Vec<u32>], labels: &[u32]) -> Result<()> {
         )));
     }
     if labels.is_empty() {
-        return Err(Error::Invalid("no queries to score (empty label list)".into()));
+        return Err(Error::Invalid(
+            "no queries to score (empty label list)".into(),
+        ));
     }
     let n = labels.len();
     for (q, list) in neighbors.iter().enumerate() {
@@ -51,23 +53,36 @@ fn check_lists(neighbors: &[Vec<u32>], labels: &[u32]) -> Result<()> {
 /// is scored on what it holds: the missing positions count as misses.
 ///
 /// For K = 1 this equals Precision@1 (PML's `precision_at_1`).
-pub fn recall_at_k(neighbors: &[Vec<u32>], labels: &[u32], ks: &[usize]) -> Result<Vec<(usize, f64)>> {
+pub fn recall_at_k(
+    neighbors: &[Vec<u32>],
+    labels: &[u32],
+    ks: &[usize],
+) -> Result<Vec<(usize, f64)>> {
     check_lists(neighbors, labels)?;
     if let Some(&bad) = ks.iter().find(|&&k| k == 0) {
-        return Err(Error::Invalid(format!("Recall@{bad} is undefined; K must be at least 1")));
+        return Err(Error::Invalid(format!(
+            "Recall@{bad} is undefined; K must be at least 1"
+        )));
     }
     // 1-based rank of each query's first same-class neighbour; usize::MAX when none is listed.
     let first_hit: Vec<usize> = neighbors
         .par_iter()
         .enumerate()
         .map(|(q, list)| {
-            list.iter().position(|&j| labels[j as usize] == labels[q]).map_or(usize::MAX, |p| p + 1)
+            list.iter()
+                .position(|&j| labels[j as usize] == labels[q])
+                .map_or(usize::MAX, |p| p + 1)
         })
         .collect();
     let n = labels.len() as f64;
     Ok(ks
         .iter()
-        .map(|&k| (k, first_hit.iter().filter(|&&rank| rank <= k).count() as f64 / n))
+        .map(|&k| {
+            (
+                k,
+                first_hit.iter().filter(|&&rank| rank <= k).count() as f64 / n,
+            )
+        })
         .collect())
 }
 
@@ -107,11 +122,15 @@ pub fn map_at_r(neighbors: &[Vec<u32>], labels: &[u32]) -> Result<(f64, f64)> {
     let scored: Vec<(f64, f64)> = per_query.into_iter().flatten().collect();
     if scored.is_empty() {
         return Err(Error::Invalid(
-            "MAP@R is undefined: every item is the only one of its class (R = 0 for all queries)".into(),
+            "MAP@R is undefined: every item is the only one of its class (R = 0 for all queries)"
+                .into(),
         ));
     }
     let m = scored.len() as f64;
-    Ok((scored.iter().map(|s| s.0).sum::<f64>() / m, scored.iter().map(|s| s.1).sum::<f64>() / m))
+    Ok((
+        scored.iter().map(|s| s.0).sum::<f64>() / m,
+        scored.iter().map(|s| s.1).sum::<f64>() / m,
+    ))
 }
 
 /// Number of items of each label.
@@ -136,7 +155,9 @@ mod tests {
         // Query 0 (label 0) has its only same-class item (index 8) at rank 8 exactly;
         // the rank-9 item is irrelevant to it.
         let labels = [0, 1, 1, 1, 1, 1, 1, 1, 0, 1];
-        let mut neighbors: Vec<Vec<u32>> = (0..10u32).map(|q| (0..10).filter(|&j| j != q).collect()).collect();
+        let mut neighbors: Vec<Vec<u32>> = (0..10u32)
+            .map(|q| (0..10).filter(|&j| j != q).collect())
+            .collect();
         neighbors[0] = vec![1, 2, 3, 4, 5, 6, 7, 8, 9];
         // Query 8 (label 0): its class mate 0 at rank 9 — a hit at K = 9 only.
         neighbors[8] = vec![1, 2, 3, 4, 5, 6, 7, 9, 0];
@@ -146,7 +167,10 @@ mod tests {
         // exactly rank 8); R@9 = 10/10 (query 8 hits at rank 9). An off-by-one in either
         // direction changes R@7, R@8 or R@9.
         let r = recall_at_k(&neighbors, &labels, &[1, 2, 7, 8, 9]).unwrap();
-        assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 7, 8, 9]);
+        assert_eq!(
+            r.iter().map(|x| x.0).collect::<Vec<_>>(),
+            vec![1, 2, 7, 8, 9]
+        );
         let want = [0.0, 0.8, 0.8, 0.9, 1.0];
         for ((_, got), want) in r.iter().zip(want) {
             assert!(close(*got, want), "{r:?}");
@@ -214,7 +238,13 @@ mod tests {
         // Same hits in the first R, different positions: R-Precision equal, MAP@R not.
         // Items 0..2 class 0 (R = 2 each), 3..4 class 1.
         let labels = [0, 0, 0, 1, 1];
-        let early = vec![vec![1, 3, 2, 4], vec![0, 2, 3, 4], vec![0, 1, 3, 4], vec![4, 0, 1, 2], vec![3, 0, 1, 2]];
+        let early = vec![
+            vec![1, 3, 2, 4],
+            vec![0, 2, 3, 4],
+            vec![0, 1, 3, 4],
+            vec![4, 0, 1, 2],
+            vec![3, 0, 1, 2],
+        ];
         let mut late = early.clone();
         late[0] = vec![3, 1, 2, 4];
         // q0 early: [rel, irrel] → AP = 1/2, RP = 1/2; late: [irrel, rel] → AP = (1/2)/2 = 1/4.
@@ -230,20 +260,30 @@ mod tests {
         let labels = [1, 1, 5];
         let nb = vec![vec![1, 2], vec![0, 2], vec![0, 1]];
         assert_eq!(map_at_r(&nb, &labels).unwrap(), (1.0, 1.0));
-        let err = map_at_r(&[vec![1], vec![0]], &[1, 2]).unwrap_err().to_string();
+        let err = map_at_r(&[vec![1], vec![0]], &[1, 2])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("R = 0"), "{err}");
     }
 
     #[test]
     fn malformed_lists_are_rejected_with_the_reason() {
         let labels = [0, 0];
-        let e = recall_at_k(&[vec![1]], &labels, &[1]).unwrap_err().to_string();
+        let e = recall_at_k(&[vec![1]], &labels, &[1])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("1 neighbour lists for 2 labels"), "{e}");
-        let e = recall_at_k(&[vec![1], vec![1]], &labels, &[1]).unwrap_err().to_string();
+        let e = recall_at_k(&[vec![1], vec![1]], &labels, &[1])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("query 1 contains the query itself"), "{e}");
-        let e = map_at_r(&[vec![5], vec![0]], &labels).unwrap_err().to_string();
+        let e = map_at_r(&[vec![5], vec![0]], &labels)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("names item 5"), "{e}");
-        let e = recall_at_k(&[vec![1], vec![0]], &labels, &[0]).unwrap_err().to_string();
+        let e = recall_at_k(&[vec![1], vec![0]], &labels, &[0])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("Recall@0"), "{e}");
         assert!(recall_at_k(&[], &[], &[1]).is_err());
     }
