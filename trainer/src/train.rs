@@ -14,6 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::backbone::BackboneKind;
 use crate::data::{self, Dataset, DatasetKind, SplitSpec};
@@ -102,6 +103,10 @@ pub struct TrainArgs {
     /// seeded random-resized-crop/flip views, one drawn per image per step).
     #[arg(long, default_value_t = 1)]
     pub cached_views: usize,
+    /// With --freeze-until: keep the frozen stages' activations here and reuse them in later
+    /// runs with the same data, backbone weights, stage and preprocessing.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
     /// Evaluate on --eval-split every N epochs (0 = only at the end).
     #[arg(long, default_value_t = 1)]
     pub eval_every: usize,
@@ -238,6 +243,59 @@ fn encode_views(
     Ok((outs, ok))
 }
 
+/// Hashes the frozen stages' weights, so cached activations are reused only for identical ones.
+fn frozen_weights_digest(model: &EmbeddingModel, frozen: usize) -> Result<String> {
+    let data = model.varmap.data().lock().expect("varmap lock");
+    let prefix = format!("{}.", crate::embed::BACKBONE_PREFIX);
+    let mut names: Vec<&String> = data
+        .keys()
+        .filter(|n| n.strip_prefix(&prefix).and_then(|i| model.backbone.param_stage(i)).is_some_and(|s| s < frozen))
+        .collect();
+    names.sort();
+    let mut h = Sha256::new();
+    for n in names {
+        h.update(n.as_bytes());
+        for v in data[n].as_tensor().flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()? {
+            h.update(v.to_le_bytes());
+        }
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Loads `dir/key.safetensors` if present, else computes the activations and (with a
+/// directory) stores them atomically for the next run.
+fn cached(
+    dir: Option<&Path>,
+    key: &str,
+    compute: impl FnOnce() -> Result<(Vec<Tensor>, Vec<bool>)>,
+) -> Result<(Tensor, Vec<bool>)> {
+    let path = dir.map(|d| d.join(format!("{key}.safetensors")));
+    if let Some(p) = path.as_ref().filter(|p| p.exists()) {
+        match candle_core::safetensors::load(p, &Device::Cpu) {
+            Ok(mut m) => {
+                if let (Some(x), Some(ok)) = (m.remove("x"), m.remove("ok")) {
+                    let ok = ok.to_vec1::<u8>()?.into_iter().map(|b| b != 0).collect();
+                    tracing::info!("reusing cached activations {}", p.display());
+                    return Ok((x, ok));
+                }
+                tracing::warn!("{}: not an activation cache; recomputing", p.display());
+            }
+            Err(e) => tracing::warn!("{}: unreadable cache ({e}); recomputing", p.display()),
+        }
+    }
+    let (chunks, ok) = compute()?;
+    let x = Tensor::cat(&chunks, 0)?;
+    if let (Some(d), Some(p)) = (dir, path) {
+        std::fs::create_dir_all(d).map_err(|e| Error::file(d, e))?;
+        let okt = Tensor::from_vec(ok.iter().map(|&b| b as u8).collect::<Vec<u8>>(), ok.len(), &Device::Cpu)?;
+        let tmp = crate::checkpoint::tmp_sibling(&p);
+        candle_core::safetensors::save(&std::collections::HashMap::from([("x".to_string(), x.clone()), ("ok".to_string(), okt)]), &tmp)
+            .map_err(|e| Error::file(&tmp, e))?;
+        std::fs::rename(&tmp, &p).map_err(|e| Error::file(&p, e))?;
+    }
+    Ok((x, ok))
+}
+
 /// Embeds a dataset's eval views from cached stage activations (or images when `cache` is None).
 fn embed_eval(model: &EmbeddingModel, cached: &[Tensor], from_stage: usize) -> Result<Vec<f32>> {
     let mut out = Vec::new();
@@ -333,10 +391,27 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
         }
     };
 
+    // Frozen stages never change, so their outputs are computed once per image (and per cached
+    // view) and, with --cache-dir, kept across runs keyed by everything that determines them.
+    let frozen_digest = if frozen > 0 { Some(frozen_weights_digest(&model, frozen)?) } else { None };
+    let cache_key = |set: &Dataset, views: usize, what: &str| -> String {
+        let mut h = Sha256::new();
+        h.update(format!("{what}|{}|{frozen}|{views}|{}|", model.config.backbone, args.seed));
+        h.update(frozen_digest.as_deref().unwrap_or(""));
+        h.update(serde_json::to_vec(&pre).expect("preprocess serialises"));
+        for smp in &set.samples {
+            h.update(smp.path.to_string_lossy().as_bytes());
+            h.update(b"\n");
+        }
+        format!("{what}-{}", &hex::encode(h.finalize())[..24])
+    };
+    let cache_dir = args.cache_dir.as_deref();
     // Eval views of the held-out classes never change: cache their frozen activations.
     let eval_cache = if frozen > 0 {
-        Some(encode_views(&model, eval_set.samples.len(), frozen, args.eval_batch_size, "cache eval", &|i| {
-            Ok(load(&eval_set, i)?.map(|im| pre.eval_view(&im)))
+        Some(cached(cache_dir, &cache_key(&eval_set, 1, "eval"), || {
+            encode_views(&model, eval_set.samples.len(), frozen, args.eval_batch_size, "cache eval", &|i| {
+                Ok(load(&eval_set, i)?.map(|im| pre.eval_view(&im)))
+            })
         })?)
     } else {
         None
@@ -345,17 +420,12 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
     let views = args.cached_views.max(1);
     let train_cache = if frozen > 0 {
         let n = train_set.samples.len();
-        let (chunks, ok) = encode_views(&model, n * views, frozen, args.eval_batch_size, "cache train", &|j| {
-            let (v, i) = (j / n, j % n);
-            Ok(load(&train_set, i)?.map(|im| {
-                if v == 0 {
-                    pre.eval_view(&im)
-                } else {
-                    augment.train_view(&im, 0, i, v as u32)
-                }
-            }))
-        })?;
-        Some((Tensor::cat(&chunks, 0)?, ok))
+        Some(cached(cache_dir, &cache_key(&train_set, views, "train"), || {
+            encode_views(&model, n * views, frozen, args.eval_batch_size, "cache train", &|j| {
+                let (v, i) = (j / n, j % n);
+                Ok(load(&train_set, i)?.map(|im| if v == 0 { pre.eval_view(&im) } else { augment.train_view(&im, 0, i, v as u32) }))
+            })
+        })?)
     } else {
         None
     };
@@ -440,16 +510,35 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
 
         let last = done == args.epochs;
         if (args.eval_every > 0 && done % args.eval_every == 0) || last {
-            let emb = match &eval_cache {
-                Some((cache, _)) => embed_eval(&model, cache, frozen)?,
+            let (emb, ok) = match &eval_cache {
+                Some((cache, ok)) => {
+                    let step = args.eval_batch_size.max(1);
+                    let chunks = (0..ok.len())
+                        .step_by(step)
+                        .map(|start| cache.narrow(0, start, step.min(ok.len() - start)))
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    (embed_eval(&model, &chunks, frozen)?, ok.clone())
+                }
                 None => {
-                    let (chunks, _) = encode_views(&model, eval_set.samples.len(), 0, args.eval_batch_size, "evaluate", &|i| {
+                    let (chunks, ok) = encode_views(&model, eval_set.samples.len(), 0, args.eval_batch_size, "evaluate", &|i| {
                         Ok(load(&eval_set, i)?.map(|im| pre.eval_view(&im)))
                     })?;
-                    embed_eval(&model, &chunks, 0)?
+                    (embed_eval(&model, &chunks, 0)?, ok)
                 }
             };
-            let elabels: Vec<u32> = eval_set.samples.iter().map(|s| s.label).collect();
+            // Unreadable (skipped) images are left out of the metrics.
+            let dim = model.config.output_dim();
+            let (emb, elabels): (Vec<f32>, Vec<u32>) = if ok.iter().all(|&o| o) {
+                (emb, eval_set.samples.iter().map(|s| s.label).collect())
+            } else {
+                let rows = emb.chunks(dim).zip(&ok).zip(&eval_set.samples).filter(|((_, o), _)| **o);
+                let (mut e, mut l) = (Vec::new(), Vec::new());
+                for ((row, _), smp) in rows {
+                    e.extend_from_slice(row);
+                    l.push(smp.label);
+                }
+                (e, l)
+            };
             let m = metrics::evaluate(&emb, model.config.output_dim(), &elabels, ks, args.seed)?;
             eprintln!("{}", m.table());
             let mut line = serde_json::Map::new();
