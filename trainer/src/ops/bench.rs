@@ -38,6 +38,8 @@ pub struct BenchConfig {
     pub iters: usize,
     /// Also time stock candle (slow: its depthwise backward takes seconds per call).
     pub stock: bool,
+    /// Only run layers whose label contains this text (e.g. `dw3x3`).
+    pub filter: Option<String>,
 }
 
 impl Default for BenchConfig {
@@ -46,7 +48,14 @@ impl Default for BenchConfig {
             batch: 32,
             iters: 5,
             stock: true,
+            filter: None,
         }
+    }
+}
+
+impl BenchConfig {
+    fn selects(&self, label: &str) -> bool {
+        self.filter.as_deref().is_none_or(|f| label.contains(f))
     }
 }
 
@@ -130,6 +139,9 @@ fn bench_conv(
     s: usize,
     pad: Pad4,
 ) -> Result<()> {
+    if !cfg.selects(label) {
+        return Ok(());
+    }
     let x = Var::from_tensor(&randn(&xs)?)?;
     let w = Var::from_tensor(&(randn(&ws)? * 0.1)?)?;
     for bwd in [false, true] {
@@ -172,6 +184,9 @@ fn bench_pool(
     (k, s): (usize, usize),
     pad: Pad4,
 ) -> Result<()> {
+    if !cfg.selects(label) {
+        return Ok(());
+    }
     let x = Var::from_tensor(&randn(&xs)?)?;
     for bwd in [false, true] {
         let pass = if bwd { "fwd+bwd" } else { "fwd" };

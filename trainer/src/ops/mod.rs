@@ -10,9 +10,13 @@
 //! * [`conv2d`]: im2col + `gemm` (a 1×1 stride-1 conv is a plain matmul, no copy).
 //! * [`max_pool2d`] / [`avg_pool2d`]: any kernel, stride and padding.
 //!
+//! Large activations are allocated afresh by every candle op; see [`tune_glibc_malloc`],
+//! which the binaries should call at start-up.
+//!
 //! Tensors on other devices fall back to the stock candle composition ([`stock`]), so model
 //! code can call these functions unconditionally.
 
+mod alloc;
 mod conv;
 mod depthwise;
 mod elem;
@@ -24,6 +28,7 @@ pub mod stock;
 #[cfg(test)]
 mod tests;
 
+pub use alloc::tune_glibc_malloc;
 use candle_core::{bail, DType, Result, Shape, Tensor};
 
 /// Explicit padding `[top, bottom, left, right]`; TF "SAME" padding is asymmetric at stride 2.
