@@ -5,7 +5,9 @@
 //! weight through `Tensor::backward`). A slow first run (> 1 s) is reported as is; faster
 //! ones are repeated and the fastest run is kept.
 
-use super::{avg_pool2d, conv2d, depthwise_conv2d, max_pool2d, same_padding, stock, Pad4};
+use super::{
+    avg_pool2d, conv2d, depthwise_conv2d, max_pool2d, pairwise_sq_dist, same_padding, stock, Pad4,
+};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::time::Instant;
 
@@ -218,6 +220,41 @@ fn bench_pool(
     Ok(())
 }
 
+/// Times `pairwise_sq_dist` on `[n, d]` (forward, then forward + backward).
+fn bench_pairwise(cfg: &BenchConfig, rows: &mut Vec<BenchRow>, n: usize, d: usize) -> Result<()> {
+    let label = format!("pairwise_sq_dist {n}x{d}");
+    if !cfg.selects(&label) {
+        return Ok(());
+    }
+    let x = Var::from_tensor(&randn(&[n, d])?)?;
+    type DistOp = fn(&Tensor) -> Result<Tensor>;
+    for bwd in [false, true] {
+        let pass = if bwd { "fwd+bwd" } else { "fwd" };
+        let run = |op: DistOp| -> Result<f64> {
+            time_ms(cfg.iters.max(20), || {
+                let y = op(x.as_tensor())?;
+                if bwd {
+                    y.sum_all()?.backward()?;
+                }
+                Ok(())
+            })
+        };
+        let ours_ms = run(pairwise_sq_dist)?;
+        let stock_ms = if cfg.stock {
+            Some(run(stock::pairwise_sq_dist)?)
+        } else {
+            None
+        };
+        rows.push(BenchRow {
+            name: format!("{label} {pass}"),
+            stock_ms,
+            stock_error: None,
+            ours_ms,
+        });
+    }
+    Ok(())
+}
+
 /// Runs every shape with the given configuration.
 pub fn run_with(cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
     let b = cfg.batch;
@@ -246,5 +283,9 @@ pub fn run_with(cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
     let avg = (avg_pool2d as PoolOp, stock::avg_pool2d as PoolOp);
     bench_pool(cfg, &mut rows, "maxpool3x3/2 64x112x112", max, [b, 64, 112, 112], (3, 2), [1; 4])?;
     bench_pool(cfg, &mut rows, "avgpool3x3/1 192x28x28", avg, [b, 192, 28, 28], (3, 1), [1; 4])?;
+    // Loss-side distance matrices: a training batch and a large mined batch.
+    for (n, d) in [(b.max(2) * 4, 128), (1024, 128)] {
+        bench_pairwise(cfg, &mut rows, n, d)?;
+    }
     Ok(rows)
 }

@@ -9,6 +9,7 @@
 //!   (see [`depthwise`] internals), specialised for 3×3/5×5/7×7, any stride.
 //! * [`conv2d`]: im2col + `gemm` (a 1×1 stride-1 conv is a plain matmul, no copy).
 //! * [`max_pool2d`] / [`avg_pool2d`]: any kernel, stride and padding.
+//! * [`pairwise_sq_dist`]: fused `[n, n]` squared distances for metric losses.
 //!
 //! Large activations are allocated afresh by every candle op; see [`tune_glibc_malloc`],
 //! which the binaries should call at start-up.
@@ -20,6 +21,7 @@ mod alloc;
 mod conv;
 mod depthwise;
 mod elem;
+mod pairwise;
 mod pool;
 
 pub mod bench;
@@ -192,4 +194,26 @@ pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result
         return stock::avg_pool2d(x, kernel, stride, pad);
     }
     x.contiguous()?.apply_op1(pool::AvgPool { g })
+}
+
+/// Pairwise squared Euclidean distances of the rows of `x [n, d]` → `[n, n]`, differentiable.
+///
+/// Computed as `|x_i|² + |x_j|² − 2·x_i·x_j` from one gemm, clamped at 0, diagonal exactly 0
+/// (see `pairwise` internals for the gradient).
+pub fn pairwise_sq_dist(x: &Tensor) -> Result<Tensor> {
+    const OP: &str = "pairwise_sq_dist";
+    let (n, d) = x
+        .dims2()
+        .map_err(|e| candle_core::Error::Msg(format!("{OP}: input must be [n, d]: {e}")))?;
+    match x.dtype() {
+        DType::F32 | DType::F64 => {}
+        dt => bail!("{OP}: only f32 and f64 are supported, got {dt:?}"),
+    }
+    if n == 0 || d == 0 {
+        bail!("{OP}: empty input {:?}", x.dims())
+    }
+    if !x.device().is_cpu() {
+        return stock::pairwise_sq_dist(x);
+    }
+    x.contiguous()?.apply_op1(pairwise::PairwiseSqDist { n, d })
 }

@@ -337,3 +337,41 @@ fn same_padding_is_tf_same() {
     assert_eq!(same_padding(56, 5, 2), (1, 2));
     assert_eq!(same_padding(7, 1, 1), (0, 0));
 }
+
+#[test]
+fn pairwise_sq_dist_matches_naive_and_finite_differences() {
+    for &(n, d, seed) in &[(7usize, 5usize, 1u64), (1, 3, 2), (12, 33, 3)] {
+        let mut x = rand_vec(n * d, seed);
+        if n > 2 {
+            // An exact duplicate pair: distance 0, gradient 0.
+            let (a, b) = x.split_at_mut(d);
+            b[..d].copy_from_slice(a);
+        }
+        let naive = |x: &[f64]| -> Vec<f64> {
+            let mut out = vec![0.0; n * n];
+            for i in 0..n {
+                for j in 0..n {
+                    out[i * n + j] = (0..d).map(|k| (x[i * d + k] - x[j * d + k]).powi(2)).sum();
+                }
+            }
+            out
+        };
+        let want = naive(&x);
+        let y = pairwise_sq_dist(&tensor(&x, &[n, d])).unwrap();
+        assert_close(&y, &want, &[n, n], 1e-12, "pairwise f64");
+        let y32 = pairwise_sq_dist(&tensor(&x, &[n, d]).to_dtype(DType::F32).unwrap()).unwrap();
+        assert_close(&y32, &want, &[n, n], 1e-4, "pairwise f32");
+        let stock = stock::pairwise_sq_dist(&tensor(&x, &[n, d])).unwrap();
+        assert_close(&stock, &want, &[n, n], 1e-12, "pairwise stock");
+
+        let r = rand_vec(n * n, seed + 1);
+        let xv = Var::from_tensor(&tensor(&x, &[n, d])).unwrap();
+        let loss = (pairwise_sq_dist(xv.as_tensor()).unwrap() * tensor(&r, &[n, n]))
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let g = loss.backward().unwrap();
+        let fd = finite_diff(&x, &r, &naive);
+        assert_close(g.get(xv.as_tensor()).unwrap(), &fd, &[n, d], 1e-6, "pairwise grad");
+    }
+}
