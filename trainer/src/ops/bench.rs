@@ -259,13 +259,30 @@ fn bench_pairwise(cfg: &BenchConfig, rows: &mut Vec<BenchRow>, n: usize, d: usiz
 pub fn run_with(cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
     let b = cfg.batch;
     let mut rows = Vec::new();
-    let dw = (depthwise_conv2d as ConvOp, stock::depthwise_conv2d as ConvOp);
+    let dw = (
+        depthwise_conv2d as ConvOp,
+        stock::depthwise_conv2d as ConvOp,
+    );
     let dense = (conv2d as ConvOp, stock::conv2d as ConvOp);
     // EfficientNet-Lite0 depthwise layers (TF SAME padding).
-    for (c, h, k, s) in [(144, 56, 3, 1), (96, 112, 3, 2), (240, 28, 5, 1), (144, 56, 5, 2)] {
+    for (c, h, k, s) in [
+        (144, 56, 3, 1),
+        (96, 112, 3, 2),
+        (240, 28, 5, 1),
+        (144, 56, 5, 2),
+    ] {
         let label = format!("dw{k}x{k}/{s} {c}x{h}x{h}");
         let xs = [b, c, h, h];
-        bench_conv(cfg, &mut rows, &label, dw, xs, [c, 1, k, k], s, same4(h, k, s))?;
+        bench_conv(
+            cfg,
+            &mut rows,
+            &label,
+            dw,
+            xs,
+            [c, 1, k, k],
+            s,
+            same4(h, k, s),
+        )?;
     }
     // Dense convs: Lite0 1x1 projections/expansions and stem, ResNet 3x3.
     for (ci, co, h, k, s) in [
@@ -276,13 +293,38 @@ pub fn run_with(cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
     ] {
         let label = format!("conv{k}x{k}/{s} {ci}->{co} {h}x{h}");
         let xs = [b, ci, h, h];
-        bench_conv(cfg, &mut rows, &label, dense, xs, [co, ci, k, k], s, same4(h, k, s))?;
+        bench_conv(
+            cfg,
+            &mut rows,
+            &label,
+            dense,
+            xs,
+            [co, ci, k, k],
+            s,
+            same4(h, k, s),
+        )?;
     }
     // ResNet stem max-pool, BN-Inception 3x3/1 average pool.
     let max = (max_pool2d as PoolOp, stock::max_pool2d as PoolOp);
     let avg = (avg_pool2d as PoolOp, stock::avg_pool2d as PoolOp);
-    bench_pool(cfg, &mut rows, "maxpool3x3/2 64x112x112", max, [b, 64, 112, 112], (3, 2), [1; 4])?;
-    bench_pool(cfg, &mut rows, "avgpool3x3/1 192x28x28", avg, [b, 192, 28, 28], (3, 1), [1; 4])?;
+    bench_pool(
+        cfg,
+        &mut rows,
+        "maxpool3x3/2 64x112x112",
+        max,
+        [b, 64, 112, 112],
+        (3, 2),
+        [1; 4],
+    )?;
+    bench_pool(
+        cfg,
+        &mut rows,
+        "avgpool3x3/1 192x28x28",
+        avg,
+        [b, 192, 28, 28],
+        (3, 1),
+        [1; 4],
+    )?;
     // Loss-side distance matrices: a training batch and a large mined batch.
     for (n, d) in [(b.max(2) * 4, 128), (1024, 128)] {
         bench_pairwise(cfg, &mut rows, n, d)?;

@@ -200,7 +200,7 @@ fn load_row_stride2<T: Elem>(src: &[T], pl: usize, pitch: usize, dst: &mut [T]) 
     let src = &src[..n];
     let (even, odd) = dst.split_at_mut(pitch);
     // Input column ix sits at padded column c = ix + left, phase c % 2, index c / 2.
-    let (first, second, j_first, j_second) = if pl % 2 == 0 {
+    let (first, second, j_first, j_second) = if pl.is_multiple_of(2) {
         (even, odd, pl / 2, pl / 2)
     } else {
         (odd, even, pl / 2, pl / 2 + 1)
@@ -554,17 +554,15 @@ pub(crate) fn backward_input<T: Elem>(gout: &[T], w: &[T], g: &Geom) -> Vec<T> {
     let (hw, howo, kk) = (g.h * g.w, g.ho * g.wo, g.kh * g.kw);
     let d = bwd_input_dims(g);
     let mut gx = vec![T::zero(); g.b * g.c * hw];
-    gx.par_chunks_mut(hw)
-        .enumerate()
-        .for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(gbuf, tmp), (plane, gxp)| {
-                let ch = plane % g.c;
-                load_grad_plane(&gout[plane * howo..(plane + 1) * howo], g, gbuf);
-                let wc = &w[ch * kk..(ch + 1) * kk];
-                square_dispatch!(bwd_input_plane_mv, d.qh, d.qw, (gbuf, wc, g, gxp, tmp));
-            },
-        );
+    gx.par_chunks_mut(hw).enumerate().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(gbuf, tmp), (plane, gxp)| {
+            let ch = plane % g.c;
+            load_grad_plane(&gout[plane * howo..(plane + 1) * howo], g, gbuf);
+            let wc = &w[ch * kk..(ch + 1) * kk];
+            square_dispatch!(bwd_input_plane_mv, d.qh, d.qw, (gbuf, wc, g, gxp, tmp));
+        },
+    );
     gx
 }
 

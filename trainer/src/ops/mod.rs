@@ -86,7 +86,10 @@ impl Geom {
             )
         }
         if b == 0 || c == 0 || co == 0 {
-            bail!("{op}: empty tensor: input {:?}, {co} output channels", x.dims())
+            bail!(
+                "{op}: empty tensor: input {:?}, {co} output channels",
+                x.dims()
+            )
         }
         match x.dtype() {
             DType::F32 | DType::F64 => {}
@@ -118,7 +121,9 @@ impl Geom {
 
 fn check_weight(op: &str, x: &Tensor, w: &Tensor, want_in: usize, in_name: &str) -> Result<()> {
     let (_, wi, _, _) = w.dims4().map_err(|e| {
-        candle_core::Error::Msg(format!("{op}: weight must be [Cout, {in_name}, kh, kw]: {e}"))
+        candle_core::Error::Msg(format!(
+            "{op}: weight must be [Cout, {in_name}, kh, kw]: {e}"
+        ))
     })?;
     if wi != want_in {
         bail!(
@@ -128,7 +133,11 @@ fn check_weight(op: &str, x: &Tensor, w: &Tensor, want_in: usize, in_name: &str)
         )
     }
     if w.dtype() != x.dtype() {
-        bail!("{op}: weight dtype {:?} differs from input dtype {:?}", w.dtype(), x.dtype())
+        bail!(
+            "{op}: weight dtype {:?} differs from input dtype {:?}",
+            w.dtype(),
+            x.dtype()
+        )
     }
     if !w.device().same_device(x.device()) {
         bail!("{op}: weight and input are on different devices")
@@ -175,7 +184,14 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: Pad4) -> Result<Tensor
 /// Each padding must be smaller than the kernel, so that every window sees real input.
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result<Tensor> {
     const OP: &str = "max_pool2d";
-    let g = Geom::new(OP, x, x.dims().get(1).copied().unwrap_or(0), (kernel, kernel), stride, pad)?;
+    let g = Geom::new(
+        OP,
+        x,
+        x.dims().get(1).copied().unwrap_or(0),
+        (kernel, kernel),
+        stride,
+        pad,
+    )?;
     if pad.iter().any(|&p| p >= kernel) {
         bail!("{OP}: padding {pad:?} must be smaller than the kernel {kernel}")
     }
@@ -189,7 +205,14 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result
 /// average (PyTorch's `count_include_pad=True`): every window divides by `kernel²`.
 pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result<Tensor> {
     const OP: &str = "avg_pool2d";
-    let g = Geom::new(OP, x, x.dims().get(1).copied().unwrap_or(0), (kernel, kernel), stride, pad)?;
+    let g = Geom::new(
+        OP,
+        x,
+        x.dims().get(1).copied().unwrap_or(0),
+        (kernel, kernel),
+        stride,
+        pad,
+    )?;
     if !x.device().is_cpu() {
         return stock::avg_pool2d(x, kernel, stride, pad);
     }

@@ -33,7 +33,11 @@ fn forward<T: Elem>(x: &[T], n: usize, d: usize) -> Vec<T> {
     for (i, row) in dist.chunks_exact_mut(n).enumerate() {
         for (j, v) in row.iter_mut().enumerate() {
             let d2 = norms[i] + norms[j] - two * *v;
-            *v = if i == j || d2 < T::zero() { T::zero() } else { d2 };
+            *v = if i == j || d2 < T::zero() {
+                T::zero()
+            } else {
+                d2
+            };
         }
     }
     dist
@@ -49,7 +53,10 @@ impl CustomOp1 for PairwiseSqDist {
         with_float_storage!(self.name(), s, |T| {
             let x = contiguous_slice::<T>(s, l, self.name())?;
             check_len(self.name(), "input", x.len(), n * d)?;
-            Ok((T::to_cpu_storage_owned(forward(x, n, d)), Shape::from((n, n))))
+            Ok((
+                T::to_cpu_storage_owned(forward(x, n, d)),
+                Shape::from((n, n)),
+            ))
         })
     }
 
