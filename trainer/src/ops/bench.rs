@@ -5,7 +5,9 @@
 //! weight through `Tensor::backward`). A slow first run (> 1 s) is reported as is; faster
 //! ones are repeated and the fastest run is kept.
 
-use super::{avg_pool2d, conv2d, depthwise_conv2d, max_pool2d, same_padding, stock, Pad4};
+use super::{
+    avg_pool2d, conv2d, depthwise_conv2d, max_pool2d, pairwise_sq_dist, same_padding, stock, Pad4,
+};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::time::Instant;
 
@@ -38,6 +40,8 @@ pub struct BenchConfig {
     pub iters: usize,
     /// Also time stock candle (slow: its depthwise backward takes seconds per call).
     pub stock: bool,
+    /// Only run layers whose label contains this text (e.g. `dw3x3`).
+    pub filter: Option<String>,
 }
 
 impl Default for BenchConfig {
@@ -46,7 +50,14 @@ impl Default for BenchConfig {
             batch: 32,
             iters: 5,
             stock: true,
+            filter: None,
         }
+    }
+}
+
+impl BenchConfig {
+    fn selects(&self, label: &str) -> bool {
+        self.filter.as_deref().is_none_or(|f| label.contains(f))
     }
 }
 
@@ -130,6 +141,9 @@ fn bench_conv(
     s: usize,
     pad: Pad4,
 ) -> Result<()> {
+    if !cfg.selects(label) {
+        return Ok(());
+    }
     let x = Var::from_tensor(&randn(&xs)?)?;
     let w = Var::from_tensor(&(randn(&ws)? * 0.1)?)?;
     for bwd in [false, true] {
@@ -172,6 +186,9 @@ fn bench_pool(
     (k, s): (usize, usize),
     pad: Pad4,
 ) -> Result<()> {
+    if !cfg.selects(label) {
+        return Ok(());
+    }
     let x = Var::from_tensor(&randn(&xs)?)?;
     for bwd in [false, true] {
         let pass = if bwd { "fwd+bwd" } else { "fwd" };
@@ -203,17 +220,69 @@ fn bench_pool(
     Ok(())
 }
 
+/// Times `pairwise_sq_dist` on `[n, d]` (forward, then forward + backward).
+fn bench_pairwise(cfg: &BenchConfig, rows: &mut Vec<BenchRow>, n: usize, d: usize) -> Result<()> {
+    let label = format!("pairwise_sq_dist {n}x{d}");
+    if !cfg.selects(&label) {
+        return Ok(());
+    }
+    let x = Var::from_tensor(&randn(&[n, d])?)?;
+    type DistOp = fn(&Tensor) -> Result<Tensor>;
+    for bwd in [false, true] {
+        let pass = if bwd { "fwd+bwd" } else { "fwd" };
+        let run = |op: DistOp| -> Result<f64> {
+            time_ms(cfg.iters.max(20), || {
+                let y = op(x.as_tensor())?;
+                if bwd {
+                    y.sum_all()?.backward()?;
+                }
+                Ok(())
+            })
+        };
+        let ours_ms = run(pairwise_sq_dist)?;
+        let stock_ms = if cfg.stock {
+            Some(run(stock::pairwise_sq_dist)?)
+        } else {
+            None
+        };
+        rows.push(BenchRow {
+            name: format!("{label} {pass}"),
+            stock_ms,
+            stock_error: None,
+            ours_ms,
+        });
+    }
+    Ok(())
+}
+
 /// Runs every shape with the given configuration.
 pub fn run_with(cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
     let b = cfg.batch;
     let mut rows = Vec::new();
-    let dw = (depthwise_conv2d as ConvOp, stock::depthwise_conv2d as ConvOp);
+    let dw = (
+        depthwise_conv2d as ConvOp,
+        stock::depthwise_conv2d as ConvOp,
+    );
     let dense = (conv2d as ConvOp, stock::conv2d as ConvOp);
     // EfficientNet-Lite0 depthwise layers (TF SAME padding).
-    for (c, h, k, s) in [(144, 56, 3, 1), (96, 112, 3, 2), (240, 28, 5, 1), (144, 56, 5, 2)] {
+    for (c, h, k, s) in [
+        (144, 56, 3, 1),
+        (96, 112, 3, 2),
+        (240, 28, 5, 1),
+        (144, 56, 5, 2),
+    ] {
         let label = format!("dw{k}x{k}/{s} {c}x{h}x{h}");
         let xs = [b, c, h, h];
-        bench_conv(cfg, &mut rows, &label, dw, xs, [c, 1, k, k], s, same4(h, k, s))?;
+        bench_conv(
+            cfg,
+            &mut rows,
+            &label,
+            dw,
+            xs,
+            [c, 1, k, k],
+            s,
+            same4(h, k, s),
+        )?;
     }
     // Dense convs: Lite0 1x1 projections/expansions and stem, ResNet 3x3.
     for (ci, co, h, k, s) in [
@@ -224,12 +293,41 @@ pub fn run_with(cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
     ] {
         let label = format!("conv{k}x{k}/{s} {ci}->{co} {h}x{h}");
         let xs = [b, ci, h, h];
-        bench_conv(cfg, &mut rows, &label, dense, xs, [co, ci, k, k], s, same4(h, k, s))?;
+        bench_conv(
+            cfg,
+            &mut rows,
+            &label,
+            dense,
+            xs,
+            [co, ci, k, k],
+            s,
+            same4(h, k, s),
+        )?;
     }
     // ResNet stem max-pool, BN-Inception 3x3/1 average pool.
     let max = (max_pool2d as PoolOp, stock::max_pool2d as PoolOp);
     let avg = (avg_pool2d as PoolOp, stock::avg_pool2d as PoolOp);
-    bench_pool(cfg, &mut rows, "maxpool3x3/2 64x112x112", max, [b, 64, 112, 112], (3, 2), [1; 4])?;
-    bench_pool(cfg, &mut rows, "avgpool3x3/1 192x28x28", avg, [b, 192, 28, 28], (3, 1), [1; 4])?;
+    bench_pool(
+        cfg,
+        &mut rows,
+        "maxpool3x3/2 64x112x112",
+        max,
+        [b, 64, 112, 112],
+        (3, 2),
+        [1; 4],
+    )?;
+    bench_pool(
+        cfg,
+        &mut rows,
+        "avgpool3x3/1 192x28x28",
+        avg,
+        [b, 192, 28, 28],
+        (3, 1),
+        [1; 4],
+    )?;
+    // Loss-side distance matrices: a training batch and a large mined batch.
+    for (n, d) in [(b.max(2) * 4, 128), (1024, 128)] {
+        bench_pairwise(cfg, &mut rows, n, d)?;
+    }
     Ok(rows)
 }

@@ -128,7 +128,7 @@ impl CustomOp2 for Conv2dBwdWeight {
 
 /// A strided read-only matrix view for [`matmul`].
 #[derive(Clone, Copy)]
-struct Mat<'a, T> {
+pub(crate) struct Mat<'a, T> {
     data: &'a [T],
     rows: usize,
     cols: usize,
@@ -140,7 +140,7 @@ struct Mat<'a, T> {
 
 impl<'a, T> Mat<'a, T> {
     /// Row-major `rows × cols`.
-    fn rm(data: &'a [T], rows: usize, cols: usize) -> Self {
+    pub(crate) fn rm(data: &'a [T], rows: usize, cols: usize) -> Self {
         Self {
             data,
             rows,
@@ -151,7 +151,7 @@ impl<'a, T> Mat<'a, T> {
     }
 
     /// The transpose of a row-major `cols × rows` matrix.
-    fn rm_t(data: &'a [T], rows: usize, cols: usize) -> Self {
+    pub(crate) fn rm_t(data: &'a [T], rows: usize, cols: usize) -> Self {
         Self {
             data,
             rows,
@@ -170,7 +170,13 @@ impl<'a, T> Mat<'a, T> {
 }
 
 /// `dst (row-major m×n) = [dst +] a · b` through the `gemm` crate.
-fn matmul<T: Elem>(dst: &mut [T], accumulate: bool, a: Mat<T>, b: Mat<T>, par: Parallelism) {
+pub(crate) fn matmul<T: Elem>(
+    dst: &mut [T],
+    accumulate: bool,
+    a: Mat<T>,
+    b: Mat<T>,
+    par: Parallelism,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "matmul inner dimensions");
     assert_eq!(dst.len(), m * n, "matmul destination size");
@@ -298,7 +304,9 @@ where
     if b >= nt || nt == 1 {
         out.par_chunks_mut(chunk)
             .enumerate()
-            .for_each_init(Vec::new, |scratch, (i, o)| f(i, o, scratch, Parallelism::None));
+            .for_each_init(Vec::new, |scratch, (i, o)| {
+                f(i, o, scratch, Parallelism::None)
+            });
     } else {
         let mut scratch = Vec::new();
         for (i, o) in out.chunks_mut(chunk).enumerate() {

@@ -152,15 +152,19 @@ fn load_phase_plane<T: Elem>(x: &[T], g: &Geom, buf: &mut Vec<T>) {
     let s = g.stride;
     let rl = s * pitch;
     let [pt, _, pl, _] = g.pad;
-    buf.clear();
+    // Every cell is written below (data or zero), so a reused buffer needs no clearing.
     buf.resize(rows * rl, T::zero());
-    for r in 0..rows {
+    for (r, dst) in buf.chunks_exact_mut(rl).enumerate() {
         let Some(iy) = r.checked_sub(pt).filter(|&iy| iy < g.h) else {
+            dst.fill(T::zero());
             continue;
         };
         let src = &x[iy * g.w..(iy + 1) * g.w];
-        let dst = &mut buf[r * rl..(r + 1) * rl];
-        for p in 0..s {
+        if s == 2 {
+            load_row_stride2(src, pl, pitch, dst);
+            continue;
+        }
+        for (p, d) in dst.chunks_exact_mut(pitch).enumerate() {
             // Columns j with 0 <= s·j + p - left < W.
             let lo = if pl > p { (pl - p).div_ceil(s) } else { 0 };
             let hi = if g.w + pl > p {
@@ -168,18 +172,52 @@ fn load_phase_plane<T: Elem>(x: &[T], g: &Geom, buf: &mut Vec<T>) {
             } else {
                 0
             };
-            if lo >= hi {
+            let lo = lo.min(hi);
+            d[..lo].fill(T::zero());
+            d[hi..].fill(T::zero());
+            let d = &mut d[lo..hi];
+            if d.is_empty() {
                 continue;
             }
-            let d = &mut dst[p * pitch + lo..p * pitch + hi];
+            let start = s * lo + p - pl;
             if s == 1 {
-                d.copy_from_slice(&src[lo - pl..hi - pl]);
+                d.copy_from_slice(&src[start..start + d.len()]);
             } else {
-                for (k, v) in d.iter_mut().enumerate() {
-                    *v = src[s * (lo + k) + p - pl];
+                for (v, &xv) in d.iter_mut().zip(src[start..].iter().step_by(s)) {
+                    *v = xv;
                 }
             }
         }
+    }
+}
+
+/// Stride-2 case of [`load_phase_plane`] for one row: de-interleaves input column pairs
+/// into the even/odd phase halves of `dst` (`2 × pitch`) in one pass.
+fn load_row_stride2<T: Elem>(src: &[T], pl: usize, pitch: usize, dst: &mut [T]) {
+    dst.fill(T::zero());
+    // Input columns that land inside the buffer: padded column ix + left < 2·pitch.
+    let n = src.len().min((2 * pitch).saturating_sub(pl));
+    let src = &src[..n];
+    let (even, odd) = dst.split_at_mut(pitch);
+    // Input column ix sits at padded column c = ix + left, phase c % 2, index c / 2.
+    let (first, second, j_first, j_second) = if pl.is_multiple_of(2) {
+        (even, odd, pl / 2, pl / 2)
+    } else {
+        (odd, even, pl / 2, pl / 2 + 1)
+    };
+    let pairs = src.chunks_exact(2);
+    let rest = pairs.remainder();
+    let np = pairs.len();
+    for ((a, b), pair) in first[j_first..]
+        .iter_mut()
+        .zip(second[j_second..].iter_mut())
+        .zip(pairs)
+    {
+        *a = pair[0];
+        *b = pair[1];
+    }
+    if let Some(&v) = rest.first() {
+        first[j_first + np] = v;
     }
 }
 
@@ -516,17 +554,15 @@ pub(crate) fn backward_input<T: Elem>(gout: &[T], w: &[T], g: &Geom) -> Vec<T> {
     let (hw, howo, kk) = (g.h * g.w, g.ho * g.wo, g.kh * g.kw);
     let d = bwd_input_dims(g);
     let mut gx = vec![T::zero(); g.b * g.c * hw];
-    gx.par_chunks_mut(hw)
-        .enumerate()
-        .for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(gbuf, tmp), (plane, gxp)| {
-                let ch = plane % g.c;
-                load_grad_plane(&gout[plane * howo..(plane + 1) * howo], g, gbuf);
-                let wc = &w[ch * kk..(ch + 1) * kk];
-                square_dispatch!(bwd_input_plane_mv, d.qh, d.qw, (gbuf, wc, g, gxp, tmp));
-            },
-        );
+    gx.par_chunks_mut(hw).enumerate().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(gbuf, tmp), (plane, gxp)| {
+            let ch = plane % g.c;
+            load_grad_plane(&gout[plane * howo..(plane + 1) * howo], g, gbuf);
+            let wc = &w[ch * kk..(ch + 1) * kk];
+            square_dispatch!(bwd_input_plane_mv, d.qh, d.qw, (gbuf, wc, g, gxp, tmp));
+        },
+    );
     gx
 }
 

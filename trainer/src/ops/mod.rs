@@ -9,13 +9,19 @@
 //!   (see [`depthwise`] internals), specialised for 3×3/5×5/7×7, any stride.
 //! * [`conv2d`]: im2col + `gemm` (a 1×1 stride-1 conv is a plain matmul, no copy).
 //! * [`max_pool2d`] / [`avg_pool2d`]: any kernel, stride and padding.
+//! * [`pairwise_sq_dist`]: fused `[n, n]` squared distances for metric losses.
+//!
+//! Large activations are allocated afresh by every candle op; see [`tune_glibc_malloc`],
+//! which the binaries should call at start-up.
 //!
 //! Tensors on other devices fall back to the stock candle composition ([`stock`]), so model
 //! code can call these functions unconditionally.
 
+mod alloc;
 mod conv;
 mod depthwise;
 mod elem;
+mod pairwise;
 mod pool;
 
 pub mod bench;
@@ -24,6 +30,7 @@ pub mod stock;
 #[cfg(test)]
 mod tests;
 
+pub use alloc::tune_glibc_malloc;
 use candle_core::{bail, DType, Result, Shape, Tensor};
 
 /// Explicit padding `[top, bottom, left, right]`; TF "SAME" padding is asymmetric at stride 2.
@@ -79,7 +86,10 @@ impl Geom {
             )
         }
         if b == 0 || c == 0 || co == 0 {
-            bail!("{op}: empty tensor: input {:?}, {co} output channels", x.dims())
+            bail!(
+                "{op}: empty tensor: input {:?}, {co} output channels",
+                x.dims()
+            )
         }
         match x.dtype() {
             DType::F32 | DType::F64 => {}
@@ -111,7 +121,9 @@ impl Geom {
 
 fn check_weight(op: &str, x: &Tensor, w: &Tensor, want_in: usize, in_name: &str) -> Result<()> {
     let (_, wi, _, _) = w.dims4().map_err(|e| {
-        candle_core::Error::Msg(format!("{op}: weight must be [Cout, {in_name}, kh, kw]: {e}"))
+        candle_core::Error::Msg(format!(
+            "{op}: weight must be [Cout, {in_name}, kh, kw]: {e}"
+        ))
     })?;
     if wi != want_in {
         bail!(
@@ -121,7 +133,11 @@ fn check_weight(op: &str, x: &Tensor, w: &Tensor, want_in: usize, in_name: &str)
         )
     }
     if w.dtype() != x.dtype() {
-        bail!("{op}: weight dtype {:?} differs from input dtype {:?}", w.dtype(), x.dtype())
+        bail!(
+            "{op}: weight dtype {:?} differs from input dtype {:?}",
+            w.dtype(),
+            x.dtype()
+        )
     }
     if !w.device().same_device(x.device()) {
         bail!("{op}: weight and input are on different devices")
@@ -168,7 +184,14 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: Pad4) -> Result<Tensor
 /// Each padding must be smaller than the kernel, so that every window sees real input.
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result<Tensor> {
     const OP: &str = "max_pool2d";
-    let g = Geom::new(OP, x, x.dims().get(1).copied().unwrap_or(0), (kernel, kernel), stride, pad)?;
+    let g = Geom::new(
+        OP,
+        x,
+        x.dims().get(1).copied().unwrap_or(0),
+        (kernel, kernel),
+        stride,
+        pad,
+    )?;
     if pad.iter().any(|&p| p >= kernel) {
         bail!("{OP}: padding {pad:?} must be smaller than the kernel {kernel}")
     }
@@ -182,9 +205,38 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result
 /// average (PyTorch's `count_include_pad=True`): every window divides by `kernel²`.
 pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result<Tensor> {
     const OP: &str = "avg_pool2d";
-    let g = Geom::new(OP, x, x.dims().get(1).copied().unwrap_or(0), (kernel, kernel), stride, pad)?;
+    let g = Geom::new(
+        OP,
+        x,
+        x.dims().get(1).copied().unwrap_or(0),
+        (kernel, kernel),
+        stride,
+        pad,
+    )?;
     if !x.device().is_cpu() {
         return stock::avg_pool2d(x, kernel, stride, pad);
     }
     x.contiguous()?.apply_op1(pool::AvgPool { g })
+}
+
+/// Pairwise squared Euclidean distances of the rows of `x [n, d]` → `[n, n]`, differentiable.
+///
+/// Computed as `|x_i|² + |x_j|² − 2·x_i·x_j` from one gemm, clamped at 0, diagonal exactly 0
+/// (see `pairwise` internals for the gradient).
+pub fn pairwise_sq_dist(x: &Tensor) -> Result<Tensor> {
+    const OP: &str = "pairwise_sq_dist";
+    let (n, d) = x
+        .dims2()
+        .map_err(|e| candle_core::Error::Msg(format!("{OP}: input must be [n, d]: {e}")))?;
+    match x.dtype() {
+        DType::F32 | DType::F64 => {}
+        dt => bail!("{OP}: only f32 and f64 are supported, got {dt:?}"),
+    }
+    if n == 0 || d == 0 {
+        bail!("{OP}: empty input {:?}", x.dims())
+    }
+    if !x.device().is_cpu() {
+        return stock::pairwise_sq_dist(x);
+    }
+    x.contiguous()?.apply_op1(pairwise::PairwiseSqDist { n, d })
 }

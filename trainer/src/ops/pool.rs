@@ -61,28 +61,67 @@ fn argmax<T: Elem>(x: &[T], g: &Geom, oy: usize, ox: usize) -> usize {
     best
 }
 
-fn max_forward<T: Elem>(x: &[T], g: &Geom) -> Vec<T> {
+/// Pooling forward, separable: per output row, the window's input rows are reduced
+/// element-wise (vectorised) into a padded row, then each output reduces `kw` cells of it.
+/// `MAX` selects max (padding = −∞, never wins) or average (padding = 0, divide by `kh·kw`).
+fn pool_forward<T: Elem, const MAX: bool>(x: &[T], g: &Geom) -> Vec<T> {
     let (hw, howo) = (g.h * g.w, g.ho * g.wo);
     let [pt, _, pl, _] = g.pad;
+    let s = g.stride;
+    let ident = if MAX { T::neg_infinity() } else { T::zero() };
+    let inv = T::from_f64(1.0 / (g.kh * g.kw) as f64);
+    // Padded row: cell c holds input column c - left; only the cells windows read.
+    let row_len = (g.wo - 1) * s + g.kw;
+    // A left padding past the row (possible for average pooling) leaves no input cell.
+    let pl = pl.min(row_len);
+    let n_in = g.w.min(row_len - pl);
     let mut out = vec![T::zero(); g.b * g.c * howo];
-    out.par_chunks_mut(howo).enumerate().for_each(|(p, o)| {
-        let xp = &x[p * hw..(p + 1) * hw];
-        for oy in 0..g.ho {
-            let (y0, y1) = window(oy, g.stride, g.kh, pt, g.h);
-            for ox in 0..g.wo {
-                let (x0, x1) = window(ox, g.stride, g.kw, pl, g.w);
-                let mut m = T::neg_infinity();
-                for iy in y0..y1 {
-                    for &v in &xp[iy * g.w + x0..iy * g.w + x1] {
-                        if v > m {
-                            m = v;
-                        }
+    out.par_chunks_mut(howo).enumerate().for_each_init(
+        || vec![ident; row_len],
+        |row, (p, o)| {
+            let xp = &x[p * hw..(p + 1) * hw];
+            for (oy, orow) in o.chunks_exact_mut(g.wo).enumerate() {
+                let (y0, y1) = window(oy, s, g.kh, pt, g.h);
+                let r = &mut row[pl..pl + n_in];
+                if y0 >= y1 {
+                    // The window lies entirely in the top/bottom padding.
+                    r.fill(ident);
+                } else {
+                    r.copy_from_slice(&xp[y0 * g.w..y0 * g.w + n_in]);
+                }
+                for iy in y0 + 1..y1 {
+                    let src = &xp[iy * g.w..iy * g.w + n_in];
+                    for (a, &v) in r.iter_mut().zip(src) {
+                        *a = if MAX {
+                            if v > *a {
+                                v
+                            } else {
+                                *a
+                            }
+                        } else {
+                            *a + v
+                        };
                     }
                 }
-                o[oy * g.wo + ox] = m;
+                for (ox, ov) in orow.iter_mut().enumerate() {
+                    let cells = &row[ox * s..ox * s + g.kw];
+                    let mut acc = cells[0];
+                    for &v in &cells[1..] {
+                        acc = if MAX {
+                            if v > acc {
+                                v
+                            } else {
+                                acc
+                            }
+                        } else {
+                            acc + v
+                        };
+                    }
+                    *ov = if MAX { acc } else { acc * inv };
+                }
             }
-        }
-    });
+        },
+    );
     out
 }
 
@@ -99,30 +138,6 @@ fn max_backward<T: Elem>(x: &[T], gout: &[T], g: &Geom) -> Vec<T> {
         }
     });
     gx
-}
-
-fn avg_forward<T: Elem>(x: &[T], g: &Geom) -> Vec<T> {
-    let (hw, howo) = (g.h * g.w, g.ho * g.wo);
-    let [pt, _, pl, _] = g.pad;
-    let inv = T::from_f64(1.0 / (g.kh * g.kw) as f64);
-    let mut out = vec![T::zero(); g.b * g.c * howo];
-    out.par_chunks_mut(howo).enumerate().for_each(|(p, o)| {
-        let xp = &x[p * hw..(p + 1) * hw];
-        for oy in 0..g.ho {
-            let (y0, y1) = window(oy, g.stride, g.kh, pt, g.h);
-            for ox in 0..g.wo {
-                let (x0, x1) = window(ox, g.stride, g.kw, pl, g.w);
-                let mut acc = T::zero();
-                for iy in y0..y1 {
-                    for &v in &xp[iy * g.w + x0..iy * g.w + x1] {
-                        acc += v;
-                    }
-                }
-                o[oy * g.wo + ox] = acc * inv;
-            }
-        }
-    });
-    out
 }
 
 fn avg_backward<T: Elem>(gout: &[T], g: &Geom) -> Vec<T> {
@@ -158,7 +173,10 @@ impl CustomOp1 for MaxPool {
         with_float_storage!(self.name(), s, |T| {
             let x = contiguous_slice::<T>(s, l, self.name())?;
             check_len(self.name(), "input", x.len(), g.b * g.c * g.h * g.w)?;
-            Ok((T::to_cpu_storage_owned(max_forward(x, g)), g.out_shape()))
+            Ok((
+                T::to_cpu_storage_owned(pool_forward::<T, true>(x, g)),
+                g.out_shape(),
+            ))
         })
     }
 
@@ -204,7 +222,10 @@ impl CustomOp1 for AvgPool {
         with_float_storage!(self.name(), s, |T| {
             let x = contiguous_slice::<T>(s, l, self.name())?;
             check_len(self.name(), "input", x.len(), g.b * g.c * g.h * g.w)?;
-            Ok((T::to_cpu_storage_owned(avg_forward(x, g)), g.out_shape()))
+            Ok((
+                T::to_cpu_storage_owned(pool_forward::<T, false>(x, g)),
+                g.out_shape(),
+            ))
         })
     }
 

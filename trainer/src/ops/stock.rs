@@ -62,3 +62,10 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result
 pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result<Tensor> {
     pad_with(x, pad, 0.0)?.avg_pool2d_with_stride(kernel, stride)
 }
+
+/// Pairwise squared distances `[n, n]` of `x [n, d]` from stock tensor ops (clamped at 0).
+pub fn pairwise_sq_dist(x: &Tensor) -> Result<Tensor> {
+    let sq = x.sqr()?.sum_keepdim(1)?;
+    let dot = x.matmul(&x.t()?)?;
+    sq.broadcast_add(&sq.t()?)?.sub(&(dot * 2.0)?)?.relu()
+}

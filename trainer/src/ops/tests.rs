@@ -120,7 +120,10 @@ fn assert_close(got: &Tensor, want: &[f64], want_shape: &[usize], tol: f64, what
         .unwrap();
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let err = (g - w).abs() / w.abs().max(1.0);
-        assert!(err <= tol, "{what}: element {i}: got {g}, want {w} (tol {tol})");
+        assert!(
+            err <= tol,
+            "{what}: element {i}: got {g}, want {w} (tol {tol})"
+        );
     }
 }
 
@@ -149,11 +152,27 @@ fn vec_of(t: &Tensor) -> Vec<f64> {
         .unwrap()
 }
 
+/// One conv test shape: input, output channels, kernel, stride, padding (`None` = SAME).
+#[derive(Clone, Copy)]
+struct ConvCase {
+    xs: [usize; 4],
+    co: usize,
+    k: (usize, usize),
+    s: usize,
+    pad: Option<Pad4>,
+}
+
+fn case(xs: [usize; 4], co: usize, k: (usize, usize), s: usize, pad: Option<Pad4>) -> ConvCase {
+    ConvCase { xs, co, k, s, pad }
+}
+
 type ConvFn = fn(&Tensor, &Tensor, usize, Pad4) -> candle_core::Result<Tensor>;
 
 /// Forward vs naive (f64 and f32), gradients vs finite differences (f64), and the f32
 /// gradients vs the f64 ones.
-fn check_conv(op: ConvFn, depthwise: bool, xs: [usize; 4], co: usize, k: (usize, usize), s: usize, pad: Pad4, seed: u64) {
+fn check_conv(op: ConvFn, depthwise: bool, case: ConvCase, seed: u64) {
+    let ConvCase { xs, co, k, s, pad } = case;
+    let pad = pad.unwrap_or_else(|| same4(xs[2], xs[3], k.0, k.1, s));
     let [b, cin, h, w] = xs;
     let (kh, kw) = k;
     let wci = if depthwise { 1 } else { cin };
@@ -161,7 +180,10 @@ fn check_conv(op: ConvFn, depthwise: bool, xs: [usize; 4], co: usize, k: (usize,
     let x = rand_vec(b * cin * h * w, seed);
     let wt = rand_vec(co * wci * kh * kw, seed + 1);
     let groups = if depthwise { cin } else { 1 };
-    let what = format!("{} x{xs:?} k{k:?} s{s} pad{pad:?}", if depthwise { "dw" } else { "conv" });
+    let what = format!(
+        "{} x{xs:?} k{k:?} s{s} pad{pad:?}",
+        if depthwise { "dw" } else { "conv" }
+    );
     let (want, os) = naive_conv(&x, xs, &wt, [co, kh, kw], groups, s, pad);
 
     // Forward, f64 and f32.
@@ -194,31 +216,59 @@ fn check_conv(op: ConvFn, depthwise: bool, xs: [usize; 4], co: usize, k: (usize,
         )
     };
     let (gx, gw) = grads_for(DType::F64);
-    let fd_x = finite_diff(&x, &r, &|xp| naive_conv(xp, xs, &wt, [co, kh, kw], groups, s, pad).0);
-    let fd_w = finite_diff(&wt, &r, &|wp| naive_conv(&x, xs, wp, [co, kh, kw], groups, s, pad).0);
-    assert_close(&tensor(&gx, &xs), &fd_x, &xs, 1e-6, &format!("{what} grad x"));
-    assert_close(&tensor(&gw, &ws), &fd_w, &ws, 1e-6, &format!("{what} grad w"));
+    let fd_x = finite_diff(&x, &r, &|xp| {
+        naive_conv(xp, xs, &wt, [co, kh, kw], groups, s, pad).0
+    });
+    let fd_w = finite_diff(&wt, &r, &|wp| {
+        naive_conv(&x, xs, wp, [co, kh, kw], groups, s, pad).0
+    });
+    assert_close(
+        &tensor(&gx, &xs),
+        &fd_x,
+        &xs,
+        1e-6,
+        &format!("{what} grad x"),
+    );
+    assert_close(
+        &tensor(&gw, &ws),
+        &fd_w,
+        &ws,
+        1e-6,
+        &format!("{what} grad w"),
+    );
     let (gx32, gw32) = grads_for(DType::F32);
-    assert_close(&tensor(&gx32, &xs), &gx, &xs, 1e-4, &format!("{what} grad x f32"));
-    assert_close(&tensor(&gw32, &ws), &gw, &ws, 1e-4, &format!("{what} grad w f32"));
+    assert_close(
+        &tensor(&gx32, &xs),
+        &gx,
+        &xs,
+        1e-4,
+        &format!("{what} grad x f32"),
+    );
+    assert_close(
+        &tensor(&gw32, &ws),
+        &gw,
+        &ws,
+        1e-4,
+        &format!("{what} grad w f32"),
+    );
 }
 
 #[test]
 fn depthwise_matches_naive_and_finite_differences() {
-    let cases: &[([usize; 4], (usize, usize), usize, Option<Pad4>)] = &[
-        ([1, 3, 7, 9], (3, 3), 1, None),
-        ([2, 4, 9, 8], (3, 3), 2, None),
-        ([1, 2, 11, 10], (5, 5), 2, None),
-        ([2, 3, 6, 7], (5, 5), 1, Some([2, 2, 2, 2])),
-        ([1, 2, 13, 12], (7, 7), 1, None),
-        ([1, 2, 10, 11], (4, 4), 3, Some([0, 1, 2, 0])),
-        ([2, 2, 8, 9], (2, 3), 1, Some([1, 0, 0, 2])),
-        ([1, 3, 6, 5], (1, 1), 2, Some([0, 0, 0, 0])),
-        ([1, 2, 5, 5], (3, 3), 1, Some([0, 0, 0, 0])),
+    // Depthwise: output channels == input channels.
+    let cases = [
+        case([1, 3, 7, 9], 3, (3, 3), 1, None),
+        case([2, 4, 9, 8], 4, (3, 3), 2, None),
+        case([1, 2, 11, 10], 2, (5, 5), 2, None),
+        case([2, 3, 6, 7], 3, (5, 5), 1, Some([2, 2, 2, 2])),
+        case([1, 2, 13, 12], 2, (7, 7), 1, None),
+        case([1, 2, 10, 11], 2, (4, 4), 3, Some([0, 1, 2, 0])),
+        case([2, 2, 8, 9], 2, (2, 3), 1, Some([1, 0, 0, 2])),
+        case([1, 3, 6, 5], 3, (1, 1), 2, Some([0, 0, 0, 0])),
+        case([1, 2, 5, 5], 2, (3, 3), 1, Some([0, 0, 0, 0])),
     ];
-    for (i, &(xs, k, s, pad)) in cases.iter().enumerate() {
-        let pad = pad.unwrap_or_else(|| same4(xs[2], xs[3], k.0, k.1, s));
-        check_conv(depthwise_conv2d, true, xs, xs[1], k, s, pad, 10 * i as u64);
+    for (i, &c) in cases.iter().enumerate() {
+        check_conv(depthwise_conv2d, true, c, 10 * i as u64);
     }
 }
 
@@ -227,32 +277,33 @@ fn depthwise_wide_planes_use_vector_loops() {
     // Widths past the 8-lane chunks and odd tails, f32 vs f64 op (the f64 op is checked
     // against the naive loops above).
     for (s, k) in [(1, 3), (2, 3), (1, 5), (2, 5)] {
-        let xs = [2, 3, 19, 37];
-        let pad = same4(xs[2], xs[3], k, k, s);
-        check_conv(depthwise_conv2d, true, xs, 3, (k, k), s, pad, 100 + s as u64 * 7 + k as u64);
+        let c = case([2, 3, 19, 37], 3, (k, k), s, None);
+        check_conv(depthwise_conv2d, true, c, 100 + s as u64 * 7 + k as u64);
     }
 }
 
 #[test]
 fn dense_conv_matches_naive_and_finite_differences() {
-    let cases: &[([usize; 4], usize, (usize, usize), usize, Option<Pad4>)] = &[
-        ([2, 3, 7, 9], 4, (1, 1), 1, Some([0; 4])),
-        ([1, 3, 9, 8], 5, (3, 3), 2, None),
-        ([2, 2, 7, 6], 3, (3, 3), 1, Some([1, 1, 1, 1])),
-        ([1, 2, 11, 10], 2, (5, 5), 2, None),
-        ([3, 2, 6, 7], 3, (1, 1), 2, Some([0; 4])),
-        ([1, 3, 8, 9], 2, (2, 3), 1, Some([1, 0, 0, 2])),
+    let cases = [
+        case([2, 3, 7, 9], 4, (1, 1), 1, Some([0; 4])),
+        case([1, 3, 9, 8], 5, (3, 3), 2, None),
+        case([2, 2, 7, 6], 3, (3, 3), 1, Some([1, 1, 1, 1])),
+        case([1, 2, 11, 10], 2, (5, 5), 2, None),
+        case([3, 2, 6, 7], 3, (1, 1), 2, Some([0; 4])),
+        case([1, 3, 8, 9], 2, (2, 3), 1, Some([1, 0, 0, 2])),
     ];
-    for (i, &(xs, co, k, s, pad)) in cases.iter().enumerate() {
-        let pad = pad.unwrap_or_else(|| same4(xs[2], xs[3], k.0, k.1, s));
-        check_conv(conv2d, false, xs, co, k, s, pad, 1000 + 10 * i as u64);
+    for (i, &c) in cases.iter().enumerate() {
+        check_conv(conv2d, false, c, 1000 + 10 * i as u64);
     }
 }
 
 type PoolFn = fn(&Tensor, usize, usize, Pad4) -> candle_core::Result<Tensor>;
 
 fn check_pool(op: PoolFn, max: bool, xs: [usize; 4], k: usize, s: usize, pad: Pad4, seed: u64) {
-    let what = format!("{} x{xs:?} k{k} s{s} pad{pad:?}", if max { "max" } else { "avg" });
+    let what = format!(
+        "{} x{xs:?} k{k} s{s} pad{pad:?}",
+        if max { "max" } else { "avg" }
+    );
     // Shifted so that many windows are all-negative: a padded zero must never win a max.
     let x: Vec<f64> = rand_vec(xs.iter().product(), seed)
         .iter()
@@ -289,6 +340,8 @@ fn pools_match_naive_and_finite_differences() {
         check_pool(max_pool2d, true, xs, k, s, pad, 2000 + 10 * i as u64);
         check_pool(avg_pool2d, false, xs, k, s, pad, 3000 + 10 * i as u64);
     }
+    // Average pooling allows padding >= kernel: some windows hold only padding (output 0).
+    check_pool(avg_pool2d, false, [1, 2, 5, 6], 2, 1, [2, 1, 3, 0], 4000);
 }
 
 #[test]
@@ -307,7 +360,9 @@ fn frozen_weights_get_no_gradient() {
 #[test]
 fn non_contiguous_inputs_are_accepted() {
     // A transposed view must give the same result as its contiguous copy.
-    let x = tensor(&rand_vec(2 * 3 * 6 * 7, 5), &[2, 3, 7, 6]).transpose(2, 3).unwrap();
+    let x = tensor(&rand_vec(2 * 3 * 6 * 7, 5), &[2, 3, 7, 6])
+        .transpose(2, 3)
+        .unwrap();
     let w = tensor(&rand_vec(3 * 9, 6), &[3, 1, 3, 3]);
     let a = depthwise_conv2d(&x, &w, 2, [0, 1, 0, 1]).unwrap();
     let b = depthwise_conv2d(&x.contiguous().unwrap(), &w, 2, [0, 1, 0, 1]).unwrap();
@@ -320,11 +375,20 @@ fn invalid_arguments_are_errors() {
     let w3 = tensor(&rand_vec(3 * 9, 2), &[3, 1, 3, 3]);
     let w4 = tensor(&rand_vec(4 * 9, 2), &[4, 1, 3, 3]);
     let big = tensor(&rand_vec(3 * 49, 2), &[3, 1, 7, 7]);
-    assert!(depthwise_conv2d(&x, &w4, 1, [0; 4]).is_err(), "channel mismatch");
-    assert!(depthwise_conv2d(&x, &big, 1, [0; 4]).is_err(), "kernel larger than input");
+    assert!(
+        depthwise_conv2d(&x, &w4, 1, [0; 4]).is_err(),
+        "channel mismatch"
+    );
+    assert!(
+        depthwise_conv2d(&x, &big, 1, [0; 4]).is_err(),
+        "kernel larger than input"
+    );
     assert!(depthwise_conv2d(&x, &w3, 0, [0; 4]).is_err(), "zero stride");
     assert!(conv2d(&x, &w4, 1, [0; 4]).is_err(), "Cin mismatch");
-    assert!(max_pool2d(&x, 3, 2, [3, 0, 0, 0]).is_err(), "padding >= kernel");
+    assert!(
+        max_pool2d(&x, 3, 2, [3, 0, 0, 0]).is_err(),
+        "padding >= kernel"
+    );
     let xu8 = x.to_dtype(DType::U8).unwrap();
     let err = avg_pool2d(&xu8, 2, 2, [0; 4]).unwrap_err().to_string();
     assert!(err.contains("f32 and f64"), "{err}");
@@ -336,4 +400,48 @@ fn same_padding_is_tf_same() {
     assert_eq!(same_padding(112, 3, 1), (1, 1));
     assert_eq!(same_padding(56, 5, 2), (1, 2));
     assert_eq!(same_padding(7, 1, 1), (0, 0));
+}
+
+#[test]
+fn pairwise_sq_dist_matches_naive_and_finite_differences() {
+    for &(n, d, seed) in &[(7usize, 5usize, 1u64), (1, 3, 2), (12, 33, 3)] {
+        let mut x = rand_vec(n * d, seed);
+        if n > 2 {
+            // An exact duplicate pair: distance 0, gradient 0.
+            let (a, b) = x.split_at_mut(d);
+            b[..d].copy_from_slice(a);
+        }
+        let naive = |x: &[f64]| -> Vec<f64> {
+            let mut out = vec![0.0; n * n];
+            for i in 0..n {
+                for j in 0..n {
+                    out[i * n + j] = (0..d).map(|k| (x[i * d + k] - x[j * d + k]).powi(2)).sum();
+                }
+            }
+            out
+        };
+        let want = naive(&x);
+        let y = pairwise_sq_dist(&tensor(&x, &[n, d])).unwrap();
+        assert_close(&y, &want, &[n, n], 1e-12, "pairwise f64");
+        let y32 = pairwise_sq_dist(&tensor(&x, &[n, d]).to_dtype(DType::F32).unwrap()).unwrap();
+        assert_close(&y32, &want, &[n, n], 1e-4, "pairwise f32");
+        let stock = stock::pairwise_sq_dist(&tensor(&x, &[n, d])).unwrap();
+        assert_close(&stock, &want, &[n, n], 1e-12, "pairwise stock");
+
+        let r = rand_vec(n * n, seed + 1);
+        let xv = Var::from_tensor(&tensor(&x, &[n, d])).unwrap();
+        let loss = (pairwise_sq_dist(xv.as_tensor()).unwrap() * tensor(&r, &[n, n]))
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let g = loss.backward().unwrap();
+        let fd = finite_diff(&x, &r, &naive);
+        assert_close(
+            g.get(xv.as_tensor()).unwrap(),
+            &fd,
+            &[n, d],
+            1e-6,
+            "pairwise grad",
+        );
+    }
 }
