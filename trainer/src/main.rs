@@ -145,6 +145,8 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
+    // Keep freed activation buffers in the heap instead of faulting fresh pages per op.
+    trainer::ops::tune_glibc_malloc();
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // `trainer --loss fuzzy …` means `trainer train --loss fuzzy …`.
     if argv.get(1).and_then(|a| a.to_str()).is_some_and(|a| a.starts_with("--") && !matches!(a, "--help" | "--version")) {
