@@ -1,1 +1,24 @@
+//! Deep Metric's search server: query-by-image over a gallery index, as a JSON API and a
+//! web page.
+//!
+//! Layout: [`routes`] (handlers and the `App`), [`upload`] (reading bodies with limits),
+//! [`decode`] (untrusted image decoding), [`batcher`] (the inference thread that batches
+//! concurrent queries), [`thumbs`] and [`store`] (files under the data dir), [`metrics`]
+//! (Prometheus text), [`backend`] (the model and index traits), [`testing`] (deterministic
+//! fakes).
 
+pub mod assets;
+pub mod backend;
+pub mod batcher;
+pub mod client;
+pub mod decode;
+pub mod error;
+pub mod metrics;
+pub mod routes;
+pub mod store;
+pub mod testing;
+pub mod thumbs;
+pub mod upload;
+
+pub use backend::{AddOutcome, EmbedBackend, GalleryItem, NewGalleryItem, SearchBackend, SearchHit};
+pub use error::ApiError;
