@@ -69,3 +69,14 @@ pub trait Backbone: Send + Sync {
         self.pool(&self.forward_stages(x, 0..self.num_stages())?)
     }
 }
+
+// TEMP-PLACEHOLDER (lead): replaced by the backbone branch's real implementation at merge.
+pub fn build(kind: BackboneKind, _vb: candle_nn::VarBuilder) -> Result<Box<dyn Backbone>> {
+    candle_core::bail!("backbone {kind} is not available in this build")
+}
+pub fn default_preprocess(_kind: BackboneKind) -> crate::preprocess::Preprocess {
+    crate::preprocess::Preprocess::efficientnet_lite()
+}
+pub fn feature_dim(_kind: BackboneKind) -> usize {
+    1280
+}
