@@ -1,8 +1,20 @@
 //! CNN backbones written on candle. Each maps `[B, 3, H, W]` to pooled features `[B, C]`
 //! and exposes its stages so early ones can be frozen and their outputs cached.
+//!
+//! [`build`] creates every variable through the given `VarBuilder` under the backbone's
+//! canonical names; [`crate::weights::load_backbone_weights`] returns pretrained tensors under
+//! the same names, whatever layout the file uses.
+
+pub mod bn_inception;
+pub mod efficientnet;
+pub mod layers;
+pub mod resnet;
 
 use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
+
+use crate::preprocess::Preprocess;
 
 /// The backbones the project ships. Serialised names are the CLI names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -70,13 +82,39 @@ pub trait Backbone: Send + Sync {
     }
 }
 
-// TEMP-PLACEHOLDER (lead): replaced by the backbone branch's real implementation at merge.
-pub fn build(kind: BackboneKind, _vb: candle_nn::VarBuilder) -> Result<Box<dyn Backbone>> {
-    candle_core::bail!("backbone {kind} is not available in this build")
+/// Builds `kind` with all its variables created through `vb` (names relative to `vb`'s prefix).
+/// No classifier is created: the backbones are feature extractors.
+pub fn build(kind: BackboneKind, vb: VarBuilder) -> Result<Box<dyn Backbone>> {
+    Ok(match kind {
+        BackboneKind::EfficientnetLite0 => Box::new(efficientnet::EfficientNetLite::lite0(vb)?),
+        BackboneKind::Resnet18 => Box::new(resnet::ResNet::resnet18(vb)?),
+        BackboneKind::Resnet50 => Box::new(resnet::ResNet::resnet50(vb)?),
+        BackboneKind::BnInception => bn_inception::BnInception::new(vb)?,
+    })
 }
-pub fn default_preprocess(_kind: BackboneKind) -> crate::preprocess::Preprocess {
-    crate::preprocess::Preprocess::efficientnet_lite()
+
+/// The preprocessing the pretrained weights of `kind` were trained with.
+pub fn default_preprocess(kind: BackboneKind) -> Preprocess {
+    match kind {
+        BackboneKind::EfficientnetLite0 => Preprocess::efficientnet_lite(),
+        BackboneKind::Resnet18 | BackboneKind::Resnet50 => Preprocess::imagenet(256, 224),
+        BackboneKind::BnInception => Preprocess::bn_inception(),
+    }
 }
-pub fn feature_dim(_kind: BackboneKind) -> usize {
-    1280
+
+/// Channels of the pooled feature of `kind`.
+pub fn feature_dim(kind: BackboneKind) -> usize {
+    match kind {
+        BackboneKind::EfficientnetLite0 => efficientnet::FEATURE_DIM,
+        BackboneKind::Resnet18 => resnet::RESNET18_FEATURE_DIM,
+        BackboneKind::Resnet50 => resnet::RESNET50_FEATURE_DIM,
+        BackboneKind::BnInception => bn_inception::FEATURE_DIM,
+    }
+}
+
+/// True for batch-norm running statistics: variables that load and save with the weights
+/// but are buffers, never trained (every backbone detaches them, so they get no gradient;
+/// the trainer may also leave them out of the optimiser by this test).
+pub fn is_running_stat(name: &str) -> bool {
+    layers::RUNNING_STAT_SUFFIXES.iter().any(|s| name.ends_with(s))
 }

@@ -1,0 +1,226 @@
+//! EfficientNet-Lite0 (Tan & Le 2019; the "Lite" variants of the TF reference for mobile):
+//! no squeeze-excitation, ReLU6 everywhere, stem (32) and head (1280) widths fixed, batch-norm
+//! ε = 1e-3, and TensorFlow "SAME" padding — asymmetric (bottom/right) at stride 2. The
+//! ImageNet checkpoint was converted from TensorFlow, so matching TF's padding is what makes
+//! its features exact (checked against reference outputs in `tests/reference.rs`).
+//!
+//! Variable names (the canonical names, see [`crate::weights`] for the published layouts
+//! mapped onto them):
+//! `stem.{conv,bn}`, `blocks.S.B.{expand,dw,project}.{conv,bn}` (S = stage 0–6, B = block in
+//! stage; the first stage has no `expand`), `head.{conv,bn}`; each `conv` has `.weight`, each
+//! `bn` has `.weight/.bias/.running_mean/.running_var`.
+//!
+//! Stages of the [`Backbone`] trait: 0 = stem, 1–7 = the seven block groups of the
+//! architecture (one resolution/width each), 8 = head conv. Block groups rather than single
+//! blocks because they are the natural freezing points (and keep cached activations few).
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::layers::{relu6, ConvBn, ConvSpec, Padding};
+use super::{Backbone, BackboneKind};
+
+/// Batch-norm ε of the TF reference (PyTorch's default 1e-5 is measurably off).
+pub const BN_EPS: f64 = 1e-3;
+/// Stem width (fixed in the Lite variants).
+pub const STEM_CHANNELS: usize = 32;
+/// Head width = pooled feature size (fixed in the Lite variants).
+pub const FEATURE_DIM: usize = 1280;
+
+/// One group of MBConv blocks with the same output width.
+#[derive(Debug, Clone, Copy)]
+pub struct StageConfig {
+    pub repeats: usize,
+    pub kernel: usize,
+    /// Stride of the group's first block (the others have stride 1).
+    pub stride: usize,
+    pub expand_ratio: usize,
+    pub out_channels: usize,
+}
+
+/// EfficientNet-Lite0 = B0's block table (width and depth multipliers 1.0).
+pub const LITE0_STAGES: [StageConfig; 7] = [
+    StageConfig { repeats: 1, kernel: 3, stride: 1, expand_ratio: 1, out_channels: 16 },
+    StageConfig { repeats: 2, kernel: 3, stride: 2, expand_ratio: 6, out_channels: 24 },
+    StageConfig { repeats: 2, kernel: 5, stride: 2, expand_ratio: 6, out_channels: 40 },
+    StageConfig { repeats: 3, kernel: 3, stride: 2, expand_ratio: 6, out_channels: 80 },
+    StageConfig { repeats: 3, kernel: 5, stride: 1, expand_ratio: 6, out_channels: 112 },
+    StageConfig { repeats: 4, kernel: 5, stride: 2, expand_ratio: 6, out_channels: 192 },
+    StageConfig { repeats: 1, kernel: 3, stride: 1, expand_ratio: 6, out_channels: 320 },
+];
+
+fn conv_bn(spec: ConvSpec, vb: &VarBuilder) -> Result<ConvBn> {
+    ConvBn::new(spec, BN_EPS, vb.pp("conv"), vb.pp("bn"))
+}
+
+/// Mobile inverted bottleneck: [1×1 expand + ReLU6] → k×k depthwise + ReLU6 → 1×1 project,
+/// plus the identity when shapes allow (no drop-connect: the project freezes BN and trains
+/// with small learning rates, where stochastic depth buys nothing).
+#[derive(Debug, Clone)]
+pub struct MbConv {
+    expand: Option<ConvBn>,
+    depthwise: ConvBn,
+    project: ConvBn,
+    residual: bool,
+}
+
+impl MbConv {
+    pub fn new(in_ch: usize, out_ch: usize, kernel: usize, stride: usize, expand_ratio: usize, vb: VarBuilder) -> Result<Self> {
+        let mid = in_ch * expand_ratio;
+        let expand = if expand_ratio != 1 {
+            Some(conv_bn(ConvSpec::dense(in_ch, mid, 1, 1, Padding::Same), &vb.pp("expand"))?)
+        } else {
+            None
+        };
+        let depthwise = conv_bn(ConvSpec::depthwise(mid, kernel, stride, Padding::Same), &vb.pp("dw"))?;
+        let project = conv_bn(ConvSpec::dense(mid, out_ch, 1, 1, Padding::Same), &vb.pp("project"))?;
+        Ok(Self { expand, depthwise, project, residual: stride == 1 && in_ch == out_ch })
+    }
+}
+
+impl Module for MbConv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = match &self.expand {
+            Some(e) => relu6(&e.forward(x)?)?,
+            None => x.clone(),
+        };
+        h = relu6(&self.depthwise.forward(&h)?)?;
+        h = self.project.forward(&h)?;
+        if self.residual {
+            h + x
+        } else {
+            Ok(h)
+        }
+    }
+}
+
+/// EfficientNet-Lite0 feature extractor: `[B, 3, H, W]` → `[B, 1280, H/32, W/32]`.
+#[derive(Debug, Clone)]
+pub struct EfficientNetLite {
+    stem: ConvBn,
+    stages: Vec<Vec<MbConv>>,
+    head: ConvBn,
+}
+
+impl EfficientNetLite {
+    pub fn lite0(vb: VarBuilder) -> Result<Self> {
+        Self::new(&LITE0_STAGES, vb)
+    }
+
+    pub fn new(config: &[StageConfig], vb: VarBuilder) -> Result<Self> {
+        let stem = conv_bn(ConvSpec::dense(3, STEM_CHANNELS, 3, 2, Padding::Same), &vb.pp("stem"))?;
+        let mut in_ch = STEM_CHANNELS;
+        let mut stages = Vec::with_capacity(config.len());
+        for (s, cfg) in config.iter().enumerate() {
+            let mut blocks = Vec::with_capacity(cfg.repeats);
+            for b in 0..cfg.repeats {
+                let stride = if b == 0 { cfg.stride } else { 1 };
+                let vb_b = vb.pp(format!("blocks.{s}.{b}"));
+                blocks.push(MbConv::new(in_ch, cfg.out_channels, cfg.kernel, stride, cfg.expand_ratio, vb_b)?);
+                in_ch = cfg.out_channels;
+            }
+            stages.push(blocks);
+        }
+        let head = conv_bn(ConvSpec::dense(in_ch, FEATURE_DIM, 1, 1, Padding::Same), &vb.pp("head"))?;
+        Ok(Self { stem, stages, head })
+    }
+
+    fn run_stage(&self, index: usize, x: &Tensor) -> Result<Tensor> {
+        let last = self.stages.len() + 1;
+        match index {
+            0 => relu6(&self.stem.forward(x)?),
+            i if i == last => relu6(&self.head.forward(x)?),
+            i => self.stages[i - 1].iter().try_fold(x.clone(), |h, block| block.forward(&h)),
+        }
+    }
+}
+
+impl Backbone for EfficientNetLite {
+    fn kind(&self) -> BackboneKind {
+        BackboneKind::EfficientnetLite0
+    }
+
+    fn num_stages(&self) -> usize {
+        self.stages.len() + 2
+    }
+
+    fn stage_names(&self) -> Vec<String> {
+        let mut names = vec!["stem".to_string()];
+        names.extend((1..=self.stages.len()).map(|i| format!("blocks{i}")));
+        names.push("head".to_string());
+        names
+    }
+
+    fn forward_stages(&self, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
+        if range.end > self.num_stages() {
+            candle_core::bail!("stage range {range:?} is past the {} stages of efficientnet-lite0", self.num_stages())
+        }
+        range.into_iter().try_fold(x.clone(), |h, i| self.run_stage(i, &h))
+    }
+
+    fn feature_dim(&self) -> usize {
+        FEATURE_DIM
+    }
+
+    fn param_stage(&self, name: &str) -> Option<usize> {
+        param_stage(name, self.stages.len())
+    }
+}
+
+/// Stage of a canonical variable name (`stem.*` → 0, `blocks.S.*` → S + 1, `head.*` → last).
+fn param_stage(name: &str, n_groups: usize) -> Option<usize> {
+    let (first, rest) = name.split_once('.')?;
+    match first {
+        "stem" => Some(0),
+        "head" => Some(n_groups + 1),
+        "blocks" => {
+            let s: usize = rest.split('.').next()?.parse().ok()?;
+            (s < n_groups).then_some(s + 1)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn variables_have_stages_and_shapes() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let net = EfficientNetLite::lite0(vb).unwrap();
+        let data = varmap.data().lock().unwrap();
+        // 16 blocks: 1 without expand (2 conv-bn) + 15 with (3 conv-bn), plus stem and head;
+        // 5 variables per conv-bn.
+        assert_eq!(data.len(), 5 * (2 + 15 * 3 + 2));
+        for name in data.keys() {
+            let stage = net.param_stage(name).unwrap_or_else(|| panic!("no stage for {name}"));
+            assert!(stage < net.num_stages());
+        }
+        assert_eq!(data["blocks.5.3.dw.conv.weight"].dims(), &[1152, 1, 5, 5]);
+        assert_eq!(data["head.conv.weight"].dims(), &[1280, 320, 1, 1]);
+        assert_eq!(net.param_stage("blocks.0.0.dw.conv.weight"), Some(1));
+        assert_eq!(net.param_stage("head.bn.weight"), Some(8));
+        assert_eq!(net.param_stage("classifier.weight"), None);
+    }
+
+    #[test]
+    fn stages_compose_and_shapes_follow_same_padding() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let net = EfficientNetLite::lite0(vb).unwrap();
+        // An odd size exercises the asymmetric "SAME" padding: ⌈65/2⌉ = 33, …, ⌈65/32⌉ = 3.
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 65, 65), &Device::Cpu).unwrap();
+        let split = net.forward_stages(&x, 0..3).unwrap();
+        assert_eq!(split.dims(), &[2, 24, 17, 17]);
+        let full = net.forward_stages(&x, 0..net.num_stages()).unwrap();
+        let resumed = net.forward_stages(&split, 3..net.num_stages()).unwrap();
+        assert_eq!(full.dims(), &[2, 1280, 3, 3]);
+        let diff = (full - resumed).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0);
+        assert!(net.forward_stages(&x, 0..10).is_err());
+    }
+}
