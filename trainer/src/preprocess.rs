@@ -42,15 +42,27 @@ impl Preprocess {
     /// Normalise an RGB image of exactly `crop`×`crop` into CHW floats, appended to `out`.
     pub fn normalize_into(&self, img: &image::RgbImage, out: &mut Vec<f32>) {
         let (w, h) = img.dimensions();
-        let plane = (w * h) as usize;
         let start = out.len();
-        out.resize(start + 3 * plane, 0.0);
-        let dst = &mut out[start..];
-        for (i, px) in img.pixels().enumerate() {
-            for c in 0..3 {
-                let src_c = if self.bgr { 2 - c } else { c };
-                dst[c * plane + i] = (px.0[src_c] as f32 - self.mean[c]) / self.std[c];
-            }
+        out.resize(start + 3 * (w * h) as usize, 0.0);
+        self.normalize_to(img, &mut out[start..]);
+    }
+
+    /// Normalise an RGB image into CHW floats written to `dst` (`3 × width × height` long),
+    /// so a batch loader can fill its batch buffer in place from several threads.
+    pub fn normalize_to(&self, img: &image::RgbImage, dst: &mut [f32]) {
+        let plane = img.width() as usize * img.height() as usize;
+        assert_eq!(dst.len(), 3 * plane, "normalize_to: destination does not match the image size");
+        // (x − mean) / std as one multiply-add per value.
+        let scale = self.std.map(|s| 1.0 / s);
+        let offset = [0, 1, 2].map(|c| -self.mean[c] * scale[c]);
+        let (r, rest) = dst.split_at_mut(plane);
+        let (g, b) = rest.split_at_mut(plane);
+        // Output channel c reads input channel c (RGB) or 2 − c (BGR).
+        let (c0, c2) = if self.bgr { (2, 0) } else { (0, 2) };
+        for (i, px) in img.as_raw().chunks_exact(3).enumerate() {
+            r[i] = px[c0] as f32 * scale[0] + offset[0];
+            g[i] = px[1] as f32 * scale[1] + offset[1];
+            b[i] = px[c2] as f32 * scale[2] + offset[2];
         }
     }
 }
@@ -58,21 +70,125 @@ impl Preprocess {
 impl Preprocess {
     /// The deterministic evaluation view: resize (shorter side to `resize`, or the whole image
     /// to `crop`×`crop` when `resize == crop`), then center crop `crop`×`crop`.
+    ///
+    /// Done as one antialiased bilinear resample of the source region that the crop covers
+    /// (the filter still reads the pixels around that region, so this equals resizing the
+    /// whole image and then cropping, at a fraction of the cost).
     pub fn eval_view(&self, img: &image::DynamicImage) -> image::RgbImage {
-        use image::imageops::FilterType;
-        let rgb = img.to_rgb8();
+        let rgb = as_rgb8(img);
         let crop = self.crop;
-        if self.resize == crop {
-            if rgb.dimensions() == (crop, crop) {
-                return rgb;
-            }
-            return image::imageops::resize(&rgb, crop, crop, FilterType::Triangle);
-        }
         let (w, h) = rgb.dimensions();
-        let s = self.resize as f32 / w.min(h).max(1) as f32;
-        let (nw, nh) = (((w as f32 * s).round() as u32).max(crop), ((h as f32 * s).round() as u32).max(crop));
-        let resized = image::imageops::resize(&rgb, nw, nh, FilterType::Triangle);
+        if self.resize == crop {
+            if (w, h) == (crop, crop) {
+                return rgb.into_owned();
+            }
+            return resample(&rgb, [0.0, 0.0, w as f64, h as f64], crop, crop);
+        }
+        let s = self.resize as f64 / w.min(h).max(1) as f64;
+        let nw = ((w as f64 * s).round() as u32).max(crop);
+        let nh = ((h as f64 * s).round() as u32).max(crop);
         let (x, y) = ((nw - crop) / 2, (nh - crop) / 2);
-        image::imageops::crop_imm(&resized, x, y, crop, crop).to_image()
+        let (sx, sy) = (w as f64 / nw as f64, h as f64 / nh as f64);
+        resample(&rgb, [x as f64 * sx, y as f64 * sy, crop as f64 * sx, crop as f64 * sy], crop, crop)
+    }
+}
+
+/// The image as 8-bit RGB, borrowed when it already is.
+pub(crate) fn as_rgb8(img: &image::DynamicImage) -> std::borrow::Cow<'_, image::RgbImage> {
+    match img {
+        image::DynamicImage::ImageRgb8(rgb) => std::borrow::Cow::Borrowed(rgb),
+        other => std::borrow::Cow::Owned(other.to_rgb8()),
+    }
+}
+
+thread_local! {
+    /// One resizer per thread: it keeps its scratch buffers between calls.
+    static RESIZER: std::cell::RefCell<fast_image_resize::Resizer> =
+        std::cell::RefCell::new(fast_image_resize::Resizer::new());
+}
+
+/// Resamples the region `[left, top, width, height]` of `src` (in source pixels, fractions
+/// allowed) to a `w`×`h` image with an antialiased bilinear filter (PIL's, which the seed's
+/// torchvision transforms used). The region is clipped to the image.
+pub(crate) fn resample(src: &image::RgbImage, region: [f64; 4], w: u32, h: u32) -> image::RgbImage {
+    use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions};
+    let (sw, sh) = (src.width() as f64, src.height() as f64);
+    if sw == 0.0 || sh == 0.0 || w == 0 || h == 0 {
+        return image::RgbImage::new(w, h);
+    }
+    let left = region[0].clamp(0.0, sw - 1.0);
+    let top = region[1].clamp(0.0, sh - 1.0);
+    let width = region[2].clamp(1e-3, sw - left);
+    let height = region[3].clamp(1e-3, sh - top);
+    let options = ResizeOptions::new()
+        .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
+        .crop(left, top, width, height);
+    let mut dst = Image::new(w, h, PixelType::U8x3);
+    let done = fast_image_resize::images::ImageRef::new(src.width(), src.height(), src.as_raw(), PixelType::U8x3)
+        .map_err(|e| e.to_string())
+        .and_then(|src_ref| {
+            RESIZER.with(|r| r.borrow_mut().resize(&src_ref, &mut dst, &options)).map_err(|e| e.to_string())
+        });
+    match done.ok().and_then(|_| image::RgbImage::from_raw(w, h, dst.into_vec())) {
+        Some(img) => img,
+        None => {
+            // Not reachable with a clipped region and matching pixel types; stay correct anyway.
+            let (x, y) = (left as u32, top as u32);
+            let (cw, ch) = ((width as u32).max(1), (height as u32).max(1));
+            let region = image::imageops::crop_imm(src, x, y, cw, ch).to_image();
+            image::imageops::resize(&region, w, h, image::imageops::FilterType::Triangle)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checker(w: u32, h: u32) -> image::RgbImage {
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x / 8 + y / 8) % 2 * 255) as u8]))
+    }
+
+    #[test]
+    fn eval_view_matches_resize_then_center_crop() {
+        let pre = Preprocess::imagenet(64, 56);
+        let img = checker(160, 120);
+        let view = pre.eval_view(&image::DynamicImage::ImageRgb8(img.clone()));
+        assert_eq!(view.dimensions(), (56, 56));
+        // The two-step reference: shorter side → 64 (85×64), then center crop 56.
+        let resized = image::imageops::resize(&img, 85, 64, image::imageops::FilterType::Triangle);
+        let reference = image::imageops::crop_imm(&resized, 14, 4, 56, 56).to_image();
+        let mean_abs: f64 = view
+            .as_raw()
+            .iter()
+            .zip(reference.as_raw())
+            .map(|(&a, &b)| (a as f64 - b as f64).abs())
+            .sum::<f64>()
+            / view.as_raw().len() as f64;
+        assert!(mean_abs < 3.0, "mean |difference| to resize-then-crop: {mean_abs}");
+    }
+
+    #[test]
+    fn eval_view_squashes_when_resize_equals_crop_and_keeps_exact_inputs() {
+        let pre = Preprocess::efficientnet_lite();
+        let img = checker(300, 100);
+        assert_eq!(pre.eval_view(&image::DynamicImage::ImageRgb8(img)).dimensions(), (224, 224));
+        let exact = checker(224, 224);
+        assert_eq!(pre.eval_view(&image::DynamicImage::ImageRgb8(exact.clone())), exact);
+        // Grayscale input becomes RGB.
+        let gray = image::DynamicImage::ImageLuma8(image::GrayImage::new(50, 70));
+        assert_eq!(pre.eval_view(&gray).dimensions(), (224, 224));
+    }
+
+    #[test]
+    fn normalize_orders_channels_and_scales() {
+        let img = image::RgbImage::from_fn(2, 1, |x, _| image::Rgb([10 + x as u8, 20, 30]));
+        let mut out = vec![7.0];
+        Preprocess::bn_inception().normalize_into(&img, &mut out);
+        // BGR, minus [104, 117, 128], std 1: B plane, G plane, R plane.
+        assert_eq!(out, vec![7.0, -74.0, -74.0, -97.0, -97.0, -118.0, -117.0]);
+        let mut out = Vec::new();
+        Preprocess::efficientnet_lite().normalize_into(&img, &mut out);
+        assert_eq!(out, vec![(10.0 - 127.0) / 128.0, (11.0 - 127.0) / 128.0, -107.0 / 128.0, -107.0 / 128.0, -97.0 / 128.0, -97.0 / 128.0]);
     }
 }
