@@ -1,10 +1,30 @@
 //! Convolution and pooling ops the backbones need, with forward *and* backward.
 //!
-//! Stock candle runs a depthwise conv as one conv per group plus a `cat`, and has no
-//! backward for overlapping pooling; these entry points are what the backbones call, so the
-//! kernels behind them can be replaced without touching model code.
+//! Stock candle 0.11 on CPU runs a depthwise conv as one conv per group plus a `cat`, computes
+//! conv gradients through a direct-loop `conv_transpose2d`, and has no backward for
+//! overlapping pooling (ResNet's 3×3/2 max-pool errors out). The entry points here are candle
+//! custom ops with CPU kernels and real backward passes:
+//!
+//! * [`depthwise_conv2d`]: per-plane tap kernels on a padded, phase-split copy of the plane
+//!   (see [`depthwise`] internals), specialised for 3×3/5×5/7×7, any stride.
+//! * [`conv2d`]: im2col + `gemm` (a 1×1 stride-1 conv is a plain matmul, no copy).
+//! * [`max_pool2d`] / [`avg_pool2d`]: any kernel, stride and padding.
+//!
+//! Tensors on other devices fall back to the stock candle composition ([`stock`]), so model
+//! code can call these functions unconditionally.
 
-use candle_core::{Result, Tensor};
+mod conv;
+mod depthwise;
+mod elem;
+mod pool;
+
+pub mod bench;
+pub mod stock;
+
+#[cfg(test)]
+mod tests;
+
+use candle_core::{bail, DType, Result, Shape, Tensor};
 
 /// Explicit padding `[top, bottom, left, right]`; TF "SAME" padding is asymmetric at stride 2.
 pub type Pad4 = [usize; 4];
@@ -16,36 +36,155 @@ pub fn same_padding(input: usize, kernel: usize, stride: usize) -> (usize, usize
     (total / 2, total - total / 2)
 }
 
-fn pad_hw(x: &Tensor, pad: Pad4) -> Result<Tensor> {
-    let [t, b, l, r] = pad;
-    let x = if t + b > 0 { x.pad_with_zeros(2, t, b)? } else { x.clone() };
-    if l + r > 0 {
-        x.pad_with_zeros(3, l, r)
-    } else {
-        Ok(x)
+/// Shapes of one conv/pool call: input `[b, c, h, w]`, kernel `kh × kw`, output `[b, co, ho,
+/// wo]` (`co == c` except for dense convs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Geom {
+    pub b: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub co: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: Pad4,
+    pub ho: usize,
+    pub wo: usize,
+}
+
+impl Geom {
+    /// Validates the hyper-parameters and computes the output size
+    /// `(H + top + bottom - kh) / stride + 1` (floor, like PyTorch and TF).
+    pub(crate) fn new(
+        op: &str,
+        x: &Tensor,
+        co: usize,
+        (kh, kw): (usize, usize),
+        stride: usize,
+        pad: Pad4,
+    ) -> Result<Self> {
+        let (b, c, h, w) = x.dims4().map_err(|e| {
+            candle_core::Error::Msg(format!("{op}: input must be [B, C, H, W]: {e}"))
+        })?;
+        if stride == 0 || kh == 0 || kw == 0 {
+            bail!("{op}: kernel {kh}x{kw} and stride {stride} must be positive")
+        }
+        let [pt, pb, pl, pr] = pad;
+        let (hp, wp) = (h + pt + pb, w + pl + pr);
+        if hp < kh || wp < kw {
+            bail!(
+                "{op}: kernel {kh}x{kw} is larger than the padded input {hp}x{wp} \
+                 (input {h}x{w}, padding {pad:?})"
+            )
+        }
+        if b == 0 || c == 0 || co == 0 {
+            bail!("{op}: empty tensor: input {:?}, {co} output channels", x.dims())
+        }
+        match x.dtype() {
+            DType::F32 | DType::F64 => {}
+            dt => bail!("{op}: only f32 and f64 are supported, got {dt:?}"),
+        }
+        Ok(Self {
+            b,
+            c,
+            h,
+            w,
+            co,
+            kh,
+            kw,
+            stride,
+            pad,
+            ho: (hp - kh) / stride + 1,
+            wo: (wp - kw) / stride + 1,
+        })
+    }
+
+    pub(crate) fn in_shape(&self) -> Shape {
+        Shape::from((self.b, self.c, self.h, self.w))
+    }
+
+    pub(crate) fn out_shape(&self) -> Shape {
+        Shape::from((self.b, self.co, self.ho, self.wo))
     }
 }
 
-/// Depthwise 2-D convolution: `x [B, C, H, W]`, `w [C, 1, k, k]`.
+fn check_weight(op: &str, x: &Tensor, w: &Tensor, want_in: usize, in_name: &str) -> Result<()> {
+    let (_, wi, _, _) = w.dims4().map_err(|e| {
+        candle_core::Error::Msg(format!("{op}: weight must be [Cout, {in_name}, kh, kw]: {e}"))
+    })?;
+    if wi != want_in {
+        bail!(
+            "{op}: weight {:?} does not match input {:?}: expected {want_in} in dim 1 ({in_name})",
+            w.dims(),
+            x.dims()
+        )
+    }
+    if w.dtype() != x.dtype() {
+        bail!("{op}: weight dtype {:?} differs from input dtype {:?}", w.dtype(), x.dtype())
+    }
+    if !w.device().same_device(x.device()) {
+        bail!("{op}: weight and input are on different devices")
+    }
+    Ok(())
+}
+
+/// Depthwise 2-D convolution: `x [B, C, H, W]`, `w [C, 1, kh, kw]` → `[B, C, Ho, Wo]`.
+///
+/// Differentiable w.r.t. both `x` and `w`; gradients are only computed for arguments that
+/// are tracked (a frozen filter costs nothing in the backward pass).
 pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: Pad4) -> Result<Tensor> {
-    let c = x.dim(1)?;
-    pad_hw(x, pad)?.conv2d(w, 0, stride, 1, c)
-}
-
-/// Dense 2-D convolution: `x [B, Cin, H, W]`, `w [Cout, Cin, k, k]`.
-pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: Pad4) -> Result<Tensor> {
-    pad_hw(x, pad)?.conv2d(w, 0, stride, 1, 1)
-}
-
-/// Max pooling with any kernel/stride; padded cells never win.
-pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result<Tensor> {
-    if pad != [0; 4] {
-        candle_core::bail!("max_pool2d with padding is not implemented yet")
+    const OP: &str = "depthwise_conv2d";
+    check_weight(OP, x, w, 1, "1")?;
+    let (wc, _, kh, kw) = w.dims4()?;
+    let g = Geom::new(OP, x, wc, (kh, kw), stride, pad)?;
+    if wc != g.c {
+        bail!("{OP}: weight has {wc} filters for {} input channels", g.c)
     }
-    x.max_pool2d_with_stride(kernel, stride)
+    if !x.device().is_cpu() {
+        return stock::depthwise_conv2d(x, w, stride, pad);
+    }
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, depthwise::DepthwiseConv { g })
 }
 
-/// Average pooling with any kernel/stride (padding counted as zeros, PyTorch's default).
+/// Dense 2-D convolution: `x [B, Cin, H, W]`, `w [Cout, Cin, kh, kw]` → `[B, Cout, Ho, Wo]`.
+pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: Pad4) -> Result<Tensor> {
+    const OP: &str = "conv2d";
+    let cin = x.dims().get(1).copied().unwrap_or(0);
+    check_weight(OP, x, w, cin, "Cin")?;
+    let (co, _, kh, kw) = w.dims4()?;
+    let g = Geom::new(OP, x, co, (kh, kw), stride, pad)?;
+    if !x.device().is_cpu() {
+        return stock::conv2d(x, w, stride, pad);
+    }
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, conv::Conv2d { g })
+}
+
+/// Max pooling with any kernel/stride/padding; padded cells never win, and the gradient goes
+/// to the (first) arg-max of each window.
+///
+/// Each padding must be smaller than the kernel, so that every window sees real input.
+pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result<Tensor> {
+    const OP: &str = "max_pool2d";
+    let g = Geom::new(OP, x, x.dims().get(1).copied().unwrap_or(0), (kernel, kernel), stride, pad)?;
+    if pad.iter().any(|&p| p >= kernel) {
+        bail!("{OP}: padding {pad:?} must be smaller than the kernel {kernel}")
+    }
+    if !x.device().is_cpu() {
+        return stock::max_pool2d(x, kernel, stride, pad);
+    }
+    x.contiguous()?.apply_op1(pool::MaxPool { g })
+}
+
+/// Average pooling with any kernel/stride/padding. Padded cells count as zeros in the
+/// average (PyTorch's `count_include_pad=True`): every window divides by `kernel²`.
 pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result<Tensor> {
-    pad_hw(x, pad)?.avg_pool2d_with_stride(kernel, stride)
+    const OP: &str = "avg_pool2d";
+    let g = Geom::new(OP, x, x.dims().get(1).copied().unwrap_or(0), (kernel, kernel), stride, pad)?;
+    if !x.device().is_cpu() {
+        return stock::avg_pool2d(x, kernel, stride, pad);
+    }
+    x.contiguous()?.apply_op1(pool::AvgPool { g })
 }

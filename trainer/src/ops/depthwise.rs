@@ -1,0 +1,553 @@
+//! Depthwise 2-D convolution (one `kh × kw` filter per channel), forward and backward.
+//!
+//! Every kernel works on one `H × W` plane at a time, so rayon splits the work over
+//! `(batch, channel)` planes (or over channels for the weight gradient, which sums over the
+//! batch). The input plane is first copied into a zero-padded, *phase-split* buffer: padded
+//! column `s·j + p` is stored at `[p][j]`. With that layout a stride-`s` tap `(ky, kx)` reads
+//! the contiguous run `row[oy·s + ky][kx % s][kx / s ..]`, so stride 2 vectorises as well as
+//! stride 1, and the padding never needs a bounds check in the inner loop.
+//!
+//! The input gradient of a stride-`s` convolution splits into `s²` stride-1 correlations of
+//! the output gradient with the sub-kernels `w[py + s·a][px + s·b]` (flipped); each output
+//! phase is computed with the same tap kernel as the forward pass.
+
+use super::elem::{contiguous_slice, has_avx2_fma, with_float_storage, Elem};
+use super::Geom;
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+/// Lanes of the explicit partial sums in the weight-gradient dot products (float reductions
+/// are not auto-vectorised, since that would reorder additions).
+const LANES: usize = 8;
+
+/// Forward op: `x [B, C, H, W]`, `w [C, 1, kh, kw]` → `[B, C, Ho, Wo]`.
+pub(crate) struct DepthwiseConv {
+    pub(crate) g: Geom,
+}
+
+/// Input gradient: `(grad_out, w)` → `[B, C, H, W]`.
+struct DepthwiseBwdInput {
+    g: Geom,
+}
+
+/// Weight gradient: `(x, grad_out)` → `[C, 1, kh, kw]`.
+struct DepthwiseBwdWeight {
+    g: Geom,
+}
+
+impl CustomOp2 for DepthwiseConv {
+    fn name(&self) -> &'static str {
+        "depthwise_conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.g;
+        with_float_storage!(self.name(), s1, |T| {
+            let x = contiguous_slice::<T>(s1, l1, self.name())?;
+            let w = contiguous_slice::<T>(s2, l2, self.name())?;
+            check_len(self.name(), "input", x.len(), g.b * g.c * g.h * g.w)?;
+            check_len(self.name(), "weight", w.len(), g.c * g.kh * g.kw)?;
+            let out = forward(x, w, g);
+            Ok((T::to_cpu_storage_owned(out), g.out_shape()))
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(w, &DepthwiseBwdInput { g: self.g })?)
+        } else {
+            None
+        };
+        let gw = if w.track_op() {
+            Some(x.apply_op2_no_bwd(&grad, &DepthwiseBwdWeight { g: self.g })?)
+        } else {
+            None
+        };
+        Ok((gx, gw))
+    }
+}
+
+impl CustomOp2 for DepthwiseBwdInput {
+    fn name(&self) -> &'static str {
+        "depthwise_conv2d_bwd_input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.g;
+        with_float_storage!(self.name(), s1, |T| {
+            let gout = contiguous_slice::<T>(s1, l1, self.name())?;
+            let w = contiguous_slice::<T>(s2, l2, self.name())?;
+            check_len(self.name(), "grad", gout.len(), g.b * g.c * g.ho * g.wo)?;
+            check_len(self.name(), "weight", w.len(), g.c * g.kh * g.kw)?;
+            let gx = backward_input(gout, w, g);
+            Ok((T::to_cpu_storage_owned(gx), g.in_shape()))
+        })
+    }
+}
+
+impl CustomOp2 for DepthwiseBwdWeight {
+    fn name(&self) -> &'static str {
+        "depthwise_conv2d_bwd_weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.g;
+        with_float_storage!(self.name(), s1, |T| {
+            let x = contiguous_slice::<T>(s1, l1, self.name())?;
+            let gout = contiguous_slice::<T>(s2, l2, self.name())?;
+            check_len(self.name(), "input", x.len(), g.b * g.c * g.h * g.w)?;
+            check_len(self.name(), "grad", gout.len(), g.b * g.c * g.ho * g.wo)?;
+            let gw = backward_weight(x, gout, g);
+            Ok((
+                T::to_cpu_storage_owned(gw),
+                Shape::from((g.c, 1, g.kh, g.kw)),
+            ))
+        })
+    }
+}
+
+pub(crate) fn check_len(op: &str, what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        bail!("{op}: internal error, {what} has {got} elements, expected {want}")
+    }
+    Ok(())
+}
+
+/// Padded rows / phase pitch of the forward phase-split buffer.
+fn phase_dims(g: &Geom) -> (usize, usize) {
+    let rows = (g.ho - 1) * g.stride + g.kh;
+    let pitch = g.wo + (g.kw - 1) / g.stride;
+    (rows, pitch)
+}
+
+/// Copies one input plane into the zero-padded phase-split layout described in the module
+/// docs: `buf[r][p][j] = x[r - top][s·j + p - left]` (zero outside the plane).
+fn load_phase_plane<T: Elem>(x: &[T], g: &Geom, buf: &mut Vec<T>) {
+    let (rows, pitch) = phase_dims(g);
+    let s = g.stride;
+    let rl = s * pitch;
+    let [pt, _, pl, _] = g.pad;
+    buf.clear();
+    buf.resize(rows * rl, T::zero());
+    for r in 0..rows {
+        let Some(iy) = r.checked_sub(pt).filter(|&iy| iy < g.h) else {
+            continue;
+        };
+        let src = &x[iy * g.w..(iy + 1) * g.w];
+        let dst = &mut buf[r * rl..(r + 1) * rl];
+        for p in 0..s {
+            // Columns j with 0 <= s·j + p - left < W.
+            let lo = if pl > p { (pl - p).div_ceil(s) } else { 0 };
+            let hi = if g.w + pl > p {
+                (g.w + pl - p).div_ceil(s).min(pitch)
+            } else {
+                0
+            };
+            if lo >= hi {
+                continue;
+            }
+            let d = &mut dst[p * pitch + lo..p * pitch + hi];
+            if s == 1 {
+                d.copy_from_slice(&src[lo - pl..hi - pl]);
+            } else {
+                for (k, v) in d.iter_mut().enumerate() {
+                    *v = src[s * (lo + k) + p - pl];
+                }
+            }
+        }
+    }
+}
+
+/// `out[j] = Σ w[a][b] · seg[a][b][j]`, all taps accumulated in a register per output.
+///
+/// `KH == 0` selects the runtime-sized path (`kh × kw` taps from `wr`), written as one
+/// vectorisable axpy per tap.
+#[inline(always)]
+fn taps_row<T: Elem, const KH: usize, const KW: usize, const FMA: bool>(
+    w: &[[T; KW]; KH],
+    seg: &[[&[T]; KW]; KH],
+    out: &mut [T],
+) {
+    let n = out.len();
+    for row in seg {
+        for s in row {
+            assert!(s.len() >= n);
+        }
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        let mut acc = T::zero();
+        for a in 0..KH {
+            for b in 0..KW {
+                // SAFETY: every segment was checked above to hold at least `n > j` values.
+                let v = unsafe { *seg[a][b].get_unchecked(j) };
+                acc = T::madd::<FMA>(w[a][b], v, acc);
+            }
+        }
+        *o = acc;
+    }
+}
+
+/// Runtime-sized fallback of [`taps_row`]: `out = Σ_t w[t] · seg[t]`.
+#[inline(always)]
+fn taps_row_any<T: Elem, const FMA: bool>(w: &[T], seg: &[&[T]], out: &mut [T]) {
+    out.fill(T::zero());
+    for (&wt, s) in w.iter().zip(seg) {
+        let s = &s[..out.len()];
+        for (o, &v) in out.iter_mut().zip(s) {
+            *o = T::madd::<FMA>(wt, v, *o);
+        }
+    }
+}
+
+/// Forward of one plane: `buf` is the phase-split input, `w` this channel's `kh·kw` filter.
+#[inline(always)]
+fn fwd_plane<T: Elem, const KH: usize, const KW: usize, const FMA: bool>(
+    buf: &[T],
+    w: &[T],
+    g: &Geom,
+    out: &mut [T],
+) {
+    let (_, pitch) = phase_dims(g);
+    let s = g.stride;
+    let rl = s * pitch;
+    let wo = g.wo;
+    if KH == 0 {
+        let mut seg: Vec<&[T]> = Vec::with_capacity(g.kh * g.kw);
+        for (oy, o) in out.chunks_exact_mut(wo).enumerate() {
+            seg.clear();
+            for ky in 0..g.kh {
+                let row = &buf[(oy * s + ky) * rl..(oy * s + ky + 1) * rl];
+                for kx in 0..g.kw {
+                    let st = (kx % s) * pitch + kx / s;
+                    seg.push(&row[st..st + wo]);
+                }
+            }
+            taps_row_any::<T, FMA>(w, &seg, o);
+        }
+        return;
+    }
+    let wk: [[T; KW]; KH] = std::array::from_fn(|a| std::array::from_fn(|b| w[a * KW + b]));
+    for (oy, o) in out.chunks_exact_mut(wo).enumerate() {
+        let seg: [[&[T]; KW]; KH] = std::array::from_fn(|ky| {
+            let row = &buf[(oy * s + ky) * rl..(oy * s + ky + 1) * rl];
+            std::array::from_fn(|kx| {
+                let st = (kx % s) * pitch + kx / s;
+                &row[st..st + wo]
+            })
+        });
+        taps_row::<T, KH, KW, FMA>(&wk, &seg, o);
+    }
+}
+
+/// Builds the zero-padded output-gradient plane for the input gradient:
+/// `gbuf[u][v] = gout[u - (qh-1)][v - (qw-1)]`, `rows × cols` (see [`bwd_input_dims`]).
+fn load_grad_plane<T: Elem>(gout: &[T], g: &Geom, buf: &mut Vec<T>) {
+    let d = bwd_input_dims(g);
+    buf.clear();
+    buf.resize(d.rows * d.cols, T::zero());
+    for oy in 0..g.ho {
+        let u = oy + d.qh - 1;
+        if u >= d.rows {
+            break;
+        }
+        let n = g.wo.min(d.cols - (d.qw - 1));
+        buf[u * d.cols + d.qw - 1..u * d.cols + d.qw - 1 + n]
+            .copy_from_slice(&gout[oy * g.wo..oy * g.wo + n]);
+    }
+}
+
+/// Sizes of the input-gradient computation: sub-kernel `qh × qw`, gradient buffer
+/// `rows × cols`.
+struct BwdInputDims {
+    qh: usize,
+    qw: usize,
+    rows: usize,
+    cols: usize,
+}
+
+fn bwd_input_dims(g: &Geom) -> BwdInputDims {
+    let s = g.stride;
+    let [pt, _, pl, _] = g.pad;
+    let qh = g.kh.div_ceil(s);
+    let qw = g.kw.div_ceil(s);
+    // Phase indices jy = r / s for padded rows r < top + H; likewise for columns.
+    let jrows = (pt + g.h - 1) / s + 1;
+    let jcols = (pl + g.w - 1) / s + 1;
+    BwdInputDims {
+        qh,
+        qw,
+        rows: jrows + qh - 1,
+        cols: jcols + qw - 1,
+    }
+}
+
+/// Input gradient of one plane. For padded row `r = s·jy + py` and column phase `px`,
+/// `gpad[r][s·j + px] = Σ_{a,b} w[py + s·(qh-1-a)][px + s·(qw-1-b)] · gbuf[jy + a][j + b]`.
+#[inline(always)]
+fn bwd_input_plane<T: Elem, const QH: usize, const QW: usize, const FMA: bool>(
+    gbuf: &[T],
+    w: &[T],
+    g: &Geom,
+    gx: &mut [T],
+    tmp: &mut Vec<T>,
+) {
+    let d = bwd_input_dims(g);
+    let s = g.stride;
+    let [pt, _, pl, _] = g.pad;
+    let (kh, kw) = (g.kh, g.kw);
+    // Flipped, zero-padded sub-kernel for phase (py, px).
+    let sub = |py: usize, px: usize, a: usize, b: usize| -> T {
+        let ky = py + s * (d.qh - 1 - a);
+        let kx = px + s * (d.qw - 1 - b);
+        if ky < kh && kx < kw {
+            w[ky * kw + kx]
+        } else {
+            T::zero()
+        }
+    };
+    let mut wany: Vec<T> = Vec::new();
+    let mut seg_any: Vec<&[T]> = Vec::new();
+    for iy in 0..g.h {
+        let r = iy + pt;
+        let (jy, py) = (r / s, r % s);
+        for px in 0..s {
+            // Column phases j whose padded column s·j + px lands inside the plane.
+            let lo = if pl > px { (pl - px).div_ceil(s) } else { 0 };
+            let hi = (g.w + pl - px).div_ceil(s);
+            if lo >= hi {
+                continue;
+            }
+            let n = hi - lo;
+            let row_out: &mut [T] = if s == 1 {
+                &mut gx[iy * g.w..(iy + 1) * g.w]
+            } else {
+                tmp.clear();
+                tmp.resize(n, T::zero());
+                &mut tmp[..]
+            };
+            if QH == 0 {
+                wany.clear();
+                seg_any.clear();
+                for a in 0..d.qh {
+                    let row = &gbuf[(jy + a) * d.cols..(jy + a + 1) * d.cols];
+                    for b in 0..d.qw {
+                        wany.push(sub(py, px, a, b));
+                        seg_any.push(&row[lo + b..lo + b + n]);
+                    }
+                }
+                taps_row_any::<T, FMA>(&wany, &seg_any, row_out);
+            } else {
+                let wk: [[T; QW]; QH] =
+                    std::array::from_fn(|a| std::array::from_fn(|b| sub(py, px, a, b)));
+                let seg: [[&[T]; QW]; QH] = std::array::from_fn(|a| {
+                    let row = &gbuf[(jy + a) * d.cols..(jy + a + 1) * d.cols];
+                    std::array::from_fn(|b| &row[lo + b..lo + b + n])
+                });
+                taps_row::<T, QH, QW, FMA>(&wk, &seg, row_out);
+            }
+            if s != 1 {
+                let dst = &mut gx[iy * g.w..(iy + 1) * g.w];
+                for (k, &v) in tmp.iter().enumerate() {
+                    dst[s * (lo + k) + px - pl] = v;
+                }
+            }
+        }
+    }
+}
+
+/// Weight gradient of one plane, accumulated into `gw` (`kh·kw`):
+/// `gw[ky][kx] += Σ_{oy,ox} gout[oy][ox] · buf[oy·s + ky][kx % s][ox + kx / s]`.
+#[inline(always)]
+fn bwd_weight_plane<T: Elem, const KW: usize, const FMA: bool>(
+    buf: &[T],
+    gout: &[T],
+    g: &Geom,
+    gw: &mut [T],
+) {
+    let (_, pitch) = phase_dims(g);
+    let s = g.stride;
+    let rl = s * pitch;
+    let wo = g.wo;
+    let kw = g.kw;
+    let full = wo / LANES * LANES;
+    for ky in 0..g.kh {
+        if KW == 0 {
+            for kx in 0..kw {
+                let mut acc = [T::zero(); LANES];
+                let mut tail = T::zero();
+                for (oy, gr) in gout.chunks_exact(wo).enumerate() {
+                    let row = &buf[(oy * s + ky) * rl..(oy * s + ky + 1) * rl];
+                    let st = (kx % s) * pitch + kx / s;
+                    let sg = &row[st..st + wo];
+                    dot_lanes::<T, FMA>(&gr[..full], &sg[..full], &mut acc);
+                    for j in full..wo {
+                        tail = T::madd::<FMA>(gr[j], sg[j], tail);
+                    }
+                }
+                gw[ky * kw + kx] += acc.iter().fold(tail, |a, &b| a + b);
+            }
+            continue;
+        }
+        let mut acc = [[T::zero(); LANES]; KW];
+        let mut tail = [T::zero(); KW];
+        for (oy, gr) in gout.chunks_exact(wo).enumerate() {
+            let row = &buf[(oy * s + ky) * rl..(oy * s + ky + 1) * rl];
+            let seg: [&[T]; KW] = std::array::from_fn(|kx| {
+                let st = (kx % s) * pitch + kx / s;
+                &row[st..st + wo]
+            });
+            for (i, gc) in gr[..full].chunks_exact(LANES).enumerate() {
+                let gv: &[T; LANES] = gc.try_into().expect("chunk of LANES");
+                for kx in 0..KW {
+                    let sv: &[T; LANES] = seg[kx][i * LANES..(i + 1) * LANES]
+                        .try_into()
+                        .expect("chunk of LANES");
+                    for l in 0..LANES {
+                        acc[kx][l] = T::madd::<FMA>(gv[l], sv[l], acc[kx][l]);
+                    }
+                }
+            }
+            for j in full..wo {
+                for kx in 0..KW {
+                    tail[kx] = T::madd::<FMA>(gr[j], seg[kx][j], tail[kx]);
+                }
+            }
+        }
+        for kx in 0..KW {
+            gw[ky * kw + kx] += acc[kx].iter().fold(tail[kx], |a, &b| a + b);
+        }
+    }
+}
+
+#[inline(always)]
+fn dot_lanes<T: Elem, const FMA: bool>(a: &[T], b: &[T], acc: &mut [T; LANES]) {
+    for (ac, bc) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            acc[l] = T::madd::<FMA>(ac[l], bc[l], acc[l]);
+        }
+    }
+}
+
+/// Instantiates a plane kernel twice (plain and `avx2,fma`) behind one safe entry point.
+macro_rules! multiversion {
+    ($entry:ident, $avx:ident, $kernel:ident, <$($c:ident),*>, ($($arg:ident : $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        fn $avx<T: Elem, $(const $c: usize),*>($($arg: $ty),*) {
+            $kernel::<T, $($c,)* true>($($arg),*)
+        }
+
+        fn $entry<T: Elem, $(const $c: usize),*>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2_fma() {
+                // SAFETY: the CPU was just checked to support AVX2 and FMA.
+                return unsafe { $avx::<T, $($c),*>($($arg),*) };
+            }
+            $kernel::<T, $($c,)* false>($($arg),*)
+        }
+    };
+}
+
+multiversion!(fwd_plane_mv, fwd_plane_avx2, fwd_plane, <KH, KW>,
+    (buf: &[T], w: &[T], g: &Geom, out: &mut [T]));
+multiversion!(bwd_input_plane_mv, bwd_input_plane_avx2, bwd_input_plane, <QH, QW>,
+    (gbuf: &[T], w: &[T], g: &Geom, gx: &mut [T], tmp: &mut Vec<T>));
+multiversion!(bwd_weight_plane_mv, bwd_weight_plane_avx2, bwd_weight_plane, <KW>,
+    (buf: &[T], gout: &[T], g: &Geom, gw: &mut [T]));
+
+/// Calls `$f::<T, N, N>` for the square sizes with a specialised kernel, `$f::<T, 0, 0>`
+/// (runtime sizes) otherwise.
+macro_rules! square_dispatch {
+    ($f:ident, $kh:expr, $kw:expr, ($($arg:expr),*)) => {
+        match ($kh, $kw) {
+            (1, 1) => $f::<T, 1, 1>($($arg),*),
+            (2, 2) => $f::<T, 2, 2>($($arg),*),
+            (3, 3) => $f::<T, 3, 3>($($arg),*),
+            (4, 4) => $f::<T, 4, 4>($($arg),*),
+            (5, 5) => $f::<T, 5, 5>($($arg),*),
+            (7, 7) => $f::<T, 7, 7>($($arg),*),
+            _ => $f::<T, 0, 0>($($arg),*),
+        }
+    };
+}
+
+/// Depthwise forward over all planes.
+pub(crate) fn forward<T: Elem>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
+    let (hw, howo, kk) = (g.h * g.w, g.ho * g.wo, g.kh * g.kw);
+    let mut out = vec![T::zero(); g.b * g.c * howo];
+    out.par_chunks_mut(howo)
+        .enumerate()
+        .for_each_init(Vec::new, |buf, (plane, o)| {
+            let ch = plane % g.c;
+            load_phase_plane(&x[plane * hw..(plane + 1) * hw], g, buf);
+            let wc = &w[ch * kk..(ch + 1) * kk];
+            square_dispatch!(fwd_plane_mv, g.kh, g.kw, (buf, wc, g, o));
+        });
+    out
+}
+
+/// Depthwise input gradient over all planes.
+pub(crate) fn backward_input<T: Elem>(gout: &[T], w: &[T], g: &Geom) -> Vec<T> {
+    let (hw, howo, kk) = (g.h * g.w, g.ho * g.wo, g.kh * g.kw);
+    let d = bwd_input_dims(g);
+    let mut gx = vec![T::zero(); g.b * g.c * hw];
+    gx.par_chunks_mut(hw)
+        .enumerate()
+        .for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(gbuf, tmp), (plane, gxp)| {
+                let ch = plane % g.c;
+                load_grad_plane(&gout[plane * howo..(plane + 1) * howo], g, gbuf);
+                let wc = &w[ch * kk..(ch + 1) * kk];
+                square_dispatch!(bwd_input_plane_mv, d.qh, d.qw, (gbuf, wc, g, gxp, tmp));
+            },
+        );
+    gx
+}
+
+/// Depthwise weight gradient, summed over the batch; parallel over channels.
+pub(crate) fn backward_weight<T: Elem>(x: &[T], gout: &[T], g: &Geom) -> Vec<T> {
+    let (hw, howo, kk) = (g.h * g.w, g.ho * g.wo, g.kh * g.kw);
+    let mut gw = vec![T::zero(); g.c * kk];
+    gw.par_chunks_mut(kk)
+        .enumerate()
+        .for_each_init(Vec::new, |buf, (ch, gwc)| {
+            for b in 0..g.b {
+                let plane = b * g.c + ch;
+                load_phase_plane(&x[plane * hw..(plane + 1) * hw], g, buf);
+                let gp = &gout[plane * howo..(plane + 1) * howo];
+                match g.kw {
+                    3 => bwd_weight_plane_mv::<T, 3>(buf, gp, g, gwc),
+                    5 => bwd_weight_plane_mv::<T, 5>(buf, gp, g, gwc),
+                    7 => bwd_weight_plane_mv::<T, 7>(buf, gp, g, gwc),
+                    _ => bwd_weight_plane_mv::<T, 0>(buf, gp, g, gwc),
+                }
+            }
+        });
+    gw
+}
