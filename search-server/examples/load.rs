@@ -51,7 +51,11 @@ struct Args {
 fn generated_queries() -> Vec<Vec<u8>> {
     (0..16u32)
         .map(|i| {
-            let bg = image::Rgb([(i * 37 % 255) as u8, (i * 91 % 255) as u8, (i * 53 % 255) as u8]);
+            let bg = image::Rgb([
+                (i * 37 % 255) as u8,
+                (i * 91 % 255) as u8,
+                (i * 53 % 255) as u8,
+            ]);
             let fg = image::Rgb([255 - bg.0[0], 255 - bg.0[1], 255 - bg.0[2]]);
             let img = image::RgbImage::from_fn(320, 240, |x, y| {
                 if (60 + i * 5..200 + i * 3).contains(&x) && (40..180 - i * 2).contains(&y) {
@@ -61,7 +65,8 @@ fn generated_queries() -> Vec<Vec<u8>> {
                 }
             });
             let mut out = std::io::Cursor::new(Vec::new());
-            img.write_to(&mut out, image::ImageFormat::Jpeg).expect("encode query");
+            img.write_to(&mut out, image::ImageFormat::Jpeg)
+                .expect("encode query");
             out.into_inner()
         })
         .collect()
@@ -69,7 +74,12 @@ fn generated_queries() -> Vec<Vec<u8>> {
 
 fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
+    text.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -95,12 +105,16 @@ fn main() -> Result<()> {
     } else {
         args.image
             .iter()
-            .map(|p| std::fs::read(p).with_context(|| format!("cannot read query image {}", p.display())))
+            .map(|p| {
+                std::fs::read(p).with_context(|| format!("cannot read query image {}", p.display()))
+            })
             .collect::<Result<_>>()?
     };
     let queries = Arc::new(queries);
     let mut probe = Client::new(&args.addr).with_context(|| format!("bad --addr {}", args.addr))?;
-    let health = probe.get("/healthz").with_context(|| format!("no server answering at {}", args.addr))?;
+    let health = probe
+        .get("/healthz")
+        .with_context(|| format!("no server answering at {}", args.addr))?;
     println!("server: {}", health.text());
 
     let measuring = Arc::new(AtomicBool::new(false));
@@ -108,10 +122,18 @@ fn main() -> Result<()> {
     let path = format!("/api/search?k={}", args.k);
     let handles: Vec<_> = (0..args.clients)
         .map(|c| {
-            let (queries, measuring, stop, addr, path) =
-                (queries.clone(), measuring.clone(), stop.clone(), args.addr.clone(), path.clone());
+            let (queries, measuring, stop, addr, path) = (
+                queries.clone(),
+                measuring.clone(),
+                stop.clone(),
+                args.addr.clone(),
+                path.clone(),
+            );
             std::thread::spawn(move || -> ClientStats {
-                let mut stats = ClientStats { latencies_ms: Vec::new(), errors: Vec::new() };
+                let mut stats = ClientStats {
+                    latencies_ms: Vec::new(),
+                    errors: Vec::new(),
+                };
                 let mut client = match Client::new(&addr) {
                     Ok(c) => c,
                     Err(e) => {
@@ -131,7 +153,9 @@ fn main() -> Result<()> {
                     }
                     match r {
                         Ok(r) if r.status == 200 => stats.latencies_ms.push(ms),
-                        Ok(r) => stats.errors.push(format!("HTTP {}: {}", r.status, r.text())),
+                        Ok(r) => stats
+                            .errors
+                            .push(format!("HTTP {}: {}", r.status, r.text())),
                         Err(e) => stats.errors.push(e.to_string()),
                     }
                 }
@@ -151,13 +175,19 @@ fn main() -> Result<()> {
     let mut lat = Vec::new();
     let mut errors = Vec::new();
     for h in handles {
-        let s = h.join().map_err(|_| anyhow::anyhow!("a client thread panicked"))?;
+        let s = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("a client thread panicked"))?;
         lat.extend(s.latencies_ms);
         errors.extend(s.errors);
     }
     lat.sort_by(f64::total_cmp);
     let qps = lat.len() as f64 / elapsed;
-    let (p50, p90, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.9), percentile(&lat, 0.99));
+    let (p50, p90, p99) = (
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.9),
+        percentile(&lat, 0.99),
+    );
     let max = lat.last().copied().unwrap_or(f64::NAN);
     println!(
         "clients {}  duration {:.1}s  ok {}  errors {}  QPS {:.1}",
@@ -172,11 +202,18 @@ fn main() -> Result<()> {
         println!("first error: {first}");
     }
     let (hwm, rss) = match args.pid {
-        Some(pid) => (proc_status_kib(pid, "VmHWM:"), proc_status_kib(pid, "VmRSS:")),
+        Some(pid) => (
+            proc_status_kib(pid, "VmHWM:"),
+            proc_status_kib(pid, "VmRSS:"),
+        ),
         None => (None, None),
     };
     if let (Some(hwm), Some(rss)) = (hwm, rss) {
-        println!("server memory: peak RSS (VmHWM) {:.1} MiB, current RSS {:.1} MiB", hwm as f64 / 1024.0, rss as f64 / 1024.0);
+        println!(
+            "server memory: peak RSS (VmHWM) {:.1} MiB, current RSS {:.1} MiB",
+            hwm as f64 / 1024.0,
+            rss as f64 / 1024.0
+        );
     } else if let Some(pid) = args.pid {
         println!("server memory: cannot read /proc/{pid}/status (is the server on this machine?)");
     }

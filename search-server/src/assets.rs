@@ -10,7 +10,8 @@ const STYLE_CSS: &str = include_str!("../../assets/web/style.css");
 const FAVICON_SVG: &str = include_str!("../../assets/web/favicon.svg");
 
 /// Only our own scripts, styles and images (plus `blob:` for the local preview).
-const CSP: &str = "default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; \
+const CSP: &str =
+    "default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; \
                    connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'";
 
 fn asset(content_type: &str, body: &'static str) -> HttpResponse {
@@ -23,8 +24,10 @@ fn asset(content_type: &str, body: &'static str) -> HttpResponse {
 
 pub async fn index() -> HttpResponse {
     let mut resp = asset("text/html; charset=utf-8", INDEX_HTML);
-    resp.headers_mut()
-        .insert(header::CONTENT_SECURITY_POLICY, header::HeaderValue::from_static(CSP));
+    resp.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static(CSP),
+    );
     resp
 }
 

@@ -68,6 +68,15 @@ pub trait SearchBackend: Send + Sync + 'static {
     /// visible to [`SearchBackend::search`]. Adding bytes already present is a no-op that
     /// returns the existing id.
     fn add_durable(&self, item: NewGalleryItem) -> anyhow::Result<AddOutcome>;
+    /// Adds many items (the start-up folder scan), durable when it returns. The default
+    /// adds them one by one; an index with a cheaper bulk path overrides it.
+    fn add_batch(&self, items: Vec<NewGalleryItem>) -> anyhow::Result<Vec<AddOutcome>> {
+        items.into_iter().map(|i| self.add_durable(i)).collect()
+    }
+    /// Flushes whatever the index keeps in a log into its main files (clean shutdown).
+    fn close(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0

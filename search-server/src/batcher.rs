@@ -32,7 +32,11 @@ pub struct BatchConfig {
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        Self { max_batch: 16, batch_wait: Duration::from_millis(3), queue_capacity: 256 }
+        Self {
+            max_batch: 16,
+            batch_wait: Duration::from_millis(3),
+            queue_capacity: 256,
+        }
     }
 }
 
@@ -62,7 +66,9 @@ impl BatcherThread {
         let deadline = Instant::now() + timeout;
         while !self.0.is_finished() {
             if Instant::now() >= deadline {
-                tracing::warn!("the inference thread did not stop within {timeout:?}; exiting anyway");
+                tracing::warn!(
+                    "the inference thread did not stop within {timeout:?}; exiting anyway"
+                );
                 return false;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -76,8 +82,15 @@ impl BatcherThread {
 
 impl Batcher {
     /// Starts the inference thread.
-    pub fn start(model: Arc<dyn EmbedBackend>, config: BatchConfig, metrics: Arc<Metrics>) -> (Self, BatcherThread) {
-        let config = BatchConfig { max_batch: config.max_batch.max(1), ..config };
+    pub fn start(
+        model: Arc<dyn EmbedBackend>,
+        config: BatchConfig,
+        metrics: Arc<Metrics>,
+    ) -> (Self, BatcherThread) {
+        let config = BatchConfig {
+            max_batch: config.max_batch.max(1),
+            ..config
+        };
         let (tx, rx) = bounded::<Job>(config.queue_capacity.max(1));
         let queue = rx.clone();
         let handle = std::thread::Builder::new()
@@ -98,19 +111,31 @@ impl Batcher {
         match self.tx.try_send(Job { image, reply }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                return Err(ApiError::Busy("the server is busy embedding other images; retry in a moment".into()))
+                return Err(ApiError::Busy(
+                    "the server is busy embedding other images; retry in a moment".into(),
+                ))
             }
-            Err(TrySendError::Disconnected(_)) => return Err(ApiError::Busy("the server is shutting down".into())),
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(ApiError::Busy("the server is shutting down".into()))
+            }
         }
         match rx.await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(msg)) => Err(ApiError::internal("embedding the image failed", msg)),
-            Err(_) => Err(ApiError::internal("embedding the image failed", "the inference thread dropped the request")),
+            Err(_) => Err(ApiError::internal(
+                "embedding the image failed",
+                "the inference thread dropped the request",
+            )),
         }
     }
 }
 
-fn run(rx: Receiver<Job>, model: Arc<dyn EmbedBackend>, config: BatchConfig, metrics: Arc<Metrics>) {
+fn run(
+    rx: Receiver<Job>,
+    model: Arc<dyn EmbedBackend>,
+    config: BatchConfig,
+    metrics: Arc<Metrics>,
+) {
     // `recv` fails only once every sender is gone and the queue is empty: a clean shutdown.
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
@@ -131,13 +156,18 @@ fn run(rx: Receiver<Job>, model: Arc<dyn EmbedBackend>, config: BatchConfig, met
         if jobs.is_empty() {
             continue;
         }
-        let (images, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| (j.image, j.reply)).unzip();
+        let (images, replies): (Vec<_>, Vec<_>) =
+            jobs.into_iter().map(|j| (j.image, j.reply)).unzip();
         let start = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| model.embed(&images)));
         metrics.observe_batch(images.len(), start.elapsed().as_secs_f64());
         let result = match result {
             Ok(Ok(v)) if v.len() == images.len() => Ok(v),
-            Ok(Ok(v)) => Err(format!("the model returned {} vectors for {} images", v.len(), images.len())),
+            Ok(Ok(v)) => Err(format!(
+                "the model returned {} vectors for {} images",
+                v.len(),
+                images.len()
+            )),
             Ok(Err(e)) => Err(format!("{e:#}")),
             Err(_) => Err("the model panicked".to_string()),
         };

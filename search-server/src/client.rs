@@ -20,7 +20,10 @@ pub struct Response {
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
-        self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The body parsed as JSON (`Value::Null` when it is not JSON).
@@ -45,7 +48,10 @@ pub struct Part<'a> {
 pub fn multipart(parts: &[Part<'_>]) -> (String, Vec<u8>) {
     let boundary = format!("----deep-metric-{:016x}", {
         use std::time::{SystemTime, UNIX_EPOCH};
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
     });
     let mut body = Vec::new();
     for p in parts {
@@ -78,11 +84,17 @@ pub struct Client {
 impl Client {
     /// `addr` like `127.0.0.1:8080`.
     pub fn new(addr: &str) -> std::io::Result<Self> {
-        let addr = addr
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("cannot resolve '{addr}'")))?;
-        Ok(Self { addr, timeout: Duration::from_secs(60), conn: None })
+        let addr = addr.to_socket_addrs()?.next().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("cannot resolve '{addr}'"),
+            )
+        })?;
+        Ok(Self {
+            addr,
+            timeout: Duration::from_secs(60),
+            conn: None,
+        })
     }
 
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
@@ -95,7 +107,12 @@ impl Client {
     }
 
     /// Posts a multipart form.
-    pub fn post_form(&mut self, path: &str, parts: &[Part<'_>], headers: &[(&str, &str)]) -> std::io::Result<Response> {
+    pub fn post_form(
+        &mut self,
+        path: &str,
+        parts: &[Part<'_>],
+        headers: &[(&str, &str)],
+    ) -> std::io::Result<Response> {
         let (ct, body) = multipart(parts);
         let mut h: Vec<(&str, &str)> = vec![("Content-Type", &ct)];
         h.extend_from_slice(headers);
@@ -104,7 +121,16 @@ impl Client {
 
     /// Posts `image` as the multipart field `image`.
     pub fn post_image(&mut self, path: &str, image: &[u8]) -> std::io::Result<Response> {
-        self.post_form(path, &[Part { name: "image", filename: Some("query"), content_type: None, data: image }], &[])
+        self.post_form(
+            path,
+            &[Part {
+                name: "image",
+                filename: Some("query"),
+                content_type: None,
+                data: image,
+            }],
+            &[],
+        )
     }
 
     /// Sends one request; retries once on a fresh connection if a reused one was closed.
@@ -140,7 +166,11 @@ impl Client {
             self.conn = Some(BufReader::new(s));
         }
         let conn = self.conn.as_mut().expect("connection just opened");
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n", self.addr, body.len());
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n",
+            self.addr,
+            body.len()
+        );
         for (k, v) in headers {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -157,7 +187,10 @@ impl Client {
                 Err(w)
             }
             _ => {
-                let close = result.as_ref().map(|r| r.header("connection") == Some("close")).unwrap_or(true);
+                let close = result
+                    .as_ref()
+                    .map(|r| r.header("connection") == Some("close"))
+                    .unwrap_or(true);
                 if close {
                     self.conn = None;
                 }
@@ -174,7 +207,10 @@ fn invalid(msg: impl Into<String>) -> std::io::Error {
 fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<Response> {
     let mut line = String::new();
     if r.read_line(&mut line)? == 0 {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the server closed the connection"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the server closed the connection",
+        ));
     }
     let status = line
         .split_whitespace()
@@ -193,7 +229,12 @@ fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<Response> {
             headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
         }
     }
-    let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
     let mut body = Vec::new();
     if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
         loop {
@@ -218,12 +259,18 @@ fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<Response> {
             r.read_line(&mut line)?;
         }
     } else if let Some(len) = get("content-length") {
-        let len: usize = len.parse().map_err(|_| invalid(format!("bad content-length: {len}")))?;
+        let len: usize = len
+            .parse()
+            .map_err(|_| invalid(format!("bad content-length: {len}")))?;
         body.resize(len, 0);
         r.read_exact(&mut body)?;
     } else if status != 204 && status != 304 {
         r.read_to_end(&mut body)?;
         headers.push(("connection".into(), "close".into()));
     }
-    Ok(Response { status, headers, body })
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
 }

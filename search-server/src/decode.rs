@@ -26,7 +26,10 @@ pub struct DecodeLimits {
 
 impl Default for DecodeLimits {
     fn default() -> Self {
-        Self { max_pixels: 40_000_000, max_side: 16_384 }
+        Self {
+            max_pixels: 40_000_000,
+            max_side: 16_384,
+        }
     }
 }
 
@@ -44,7 +47,11 @@ pub enum DecodeError {
     )]
     TooSmall { width: u32, height: u32 },
     #[error("the image is {width}×{height} px, over the limit of {limit}; resize it and retry")]
-    TooLarge { width: u32, height: u32, limit: String },
+    TooLarge {
+        width: u32,
+        height: u32,
+        limit: String,
+    },
 }
 
 impl From<DecodeError> for ApiError {
@@ -63,10 +70,16 @@ pub fn sniff_format(bytes: &[u8]) -> Result<ImageFormat, DecodeError> {
         return Err(DecodeError::Empty);
     }
     match image::guess_format(bytes) {
-        Ok(f @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP | ImageFormat::Gif | ImageFormat::Bmp)) => {
-            Ok(f)
-        }
-        Ok(other) => Err(DecodeError::NotAnImage(format!(" (it looks like {other:?}, which this server does not read)"))),
+        Ok(
+            f @ (ImageFormat::Jpeg
+            | ImageFormat::Png
+            | ImageFormat::WebP
+            | ImageFormat::Gif
+            | ImageFormat::Bmp),
+        ) => Ok(f),
+        Ok(other) => Err(DecodeError::NotAnImage(format!(
+            " (it looks like {other:?}, which this server does not read)"
+        ))),
         Err(_) => Err(DecodeError::NotAnImage(describe_non_image(bytes))),
     }
 }
@@ -90,14 +103,22 @@ fn describe_non_image(bytes: &[u8]) -> String {
 }
 
 /// Reads the dimensions from the header only and checks them against the limits.
-pub fn check_dimensions(bytes: &[u8], format: ImageFormat, limits: DecodeLimits) -> Result<(u32, u32), DecodeError> {
+pub fn check_dimensions(
+    bytes: &[u8],
+    format: ImageFormat,
+    limits: DecodeLimits,
+) -> Result<(u32, u32), DecodeError> {
     let reader = ImageReader::with_format(Cursor::new(bytes), format);
     let (width, height) = reader.into_dimensions().map_err(|e| corrupt(format, e))?;
     if width < MIN_SIDE || height < MIN_SIDE {
         return Err(DecodeError::TooSmall { width, height });
     }
     if width > limits.max_side || height > limits.max_side {
-        return Err(DecodeError::TooLarge { width, height, limit: format!("{} px per side", limits.max_side) });
+        return Err(DecodeError::TooLarge {
+            width,
+            height,
+            limit: format!("{} px per side", limits.max_side),
+        });
     }
     if u64::from(width) * u64::from(height) > limits.max_pixels {
         return Err(DecodeError::TooLarge {
@@ -122,13 +143,20 @@ pub fn decode_image(bytes: &[u8], limits: DecodeLimits) -> Result<DynamicImage, 
     l.max_alloc = Some(limits.max_pixels.saturating_mul(8).max(1 << 20));
     reader.limits(l);
     reader.decode().map_err(|e| match e {
-        image::ImageError::Limits(_) => DecodeError::TooLarge { width, height, limit: "the decoder's memory limit".into() },
+        image::ImageError::Limits(_) => DecodeError::TooLarge {
+            width,
+            height,
+            limit: "the decoder's memory limit".into(),
+        },
         other => corrupt(format, other),
     })
 }
 
 fn corrupt(format: ImageFormat, e: image::ImageError) -> DecodeError {
-    DecodeError::Corrupt { format: format!("{format:?}").to_uppercase(), detail: e.to_string() }
+    DecodeError::Corrupt {
+        format: format!("{format:?}").to_uppercase(),
+        detail: e.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -154,27 +182,61 @@ mod tests {
         assert_eq!(decode_image(b"", l), Err(DecodeError::Empty));
         let e = decode_image(b"hello world", l).unwrap_err().to_string();
         assert!(e.contains("plain text"), "{e}");
-        let e = decode_image(b"<!DOCTYPE html><html></html>", l).unwrap_err().to_string();
+        let e = decode_image(b"<!DOCTYPE html><html></html>", l)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("HTML"), "{e}");
-        let e = decode_image(b"%PDF-1.7\n%\xe2\xe3", l).unwrap_err().to_string();
+        let e = decode_image(b"%PDF-1.7\n%\xe2\xe3", l)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("PDF"), "{e}");
     }
 
     #[test]
     fn refuses_tiny_and_truncated() {
         let l = DecodeLimits::default();
-        assert!(matches!(decode_image(&png(1, 1), l), Err(DecodeError::TooSmall { width: 1, height: 1 })));
+        assert!(matches!(
+            decode_image(&png(1, 1), l),
+            Err(DecodeError::TooSmall {
+                width: 1,
+                height: 1
+            })
+        ));
         let full = png(64, 64);
         let cut = &full[..full.len() / 2];
-        assert!(matches!(decode_image(cut, l), Err(DecodeError::Corrupt { .. })), "{:?}", decode_image(cut, l));
+        assert!(
+            matches!(decode_image(cut, l), Err(DecodeError::Corrupt { .. })),
+            "{:?}",
+            decode_image(cut, l)
+        );
     }
 
     #[test]
     fn refuses_a_bomb_from_its_header() {
-        let e = decode_image(&crate::testing::png_bomb_header(100_000, 100_000), DecodeLimits::default()).unwrap_err();
-        assert!(matches!(e, DecodeError::TooLarge { width: 100_000, height: 100_000, .. }), "{e:?}");
+        let e = decode_image(
+            &crate::testing::png_bomb_header(100_000, 100_000),
+            DecodeLimits::default(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DecodeError::TooLarge {
+                    width: 100_000,
+                    height: 100_000,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
         // Within the per-side limit but over the area limit.
-        let l = DecodeLimits { max_pixels: 1000, max_side: 16_384 };
-        assert!(matches!(decode_image(&png(40, 40), l), Err(DecodeError::TooLarge { .. })));
+        let l = DecodeLimits {
+            max_pixels: 1000,
+            max_side: 16_384,
+        };
+        assert!(matches!(
+            decode_image(&png(40, 40), l),
+            Err(DecodeError::TooLarge { .. })
+        ));
     }
 }

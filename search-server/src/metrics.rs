@@ -9,7 +9,9 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 
 /// Upper bounds (seconds) of the request-latency buckets.
-const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 /// Upper bounds of the embedding batch-size buckets.
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 /// Upper bounds (seconds) of the embedding batch duration buckets.
@@ -26,7 +28,12 @@ struct Histogram {
 
 impl Histogram {
     fn new(bounds: &'static [f64]) -> Self {
-        Self { bounds, counts: vec![0; bounds.len()], sum: 0.0, count: 0 }
+        Self {
+            bounds,
+            counts: vec![0; bounds.len()],
+            sum: 0.0,
+            count: 0,
+        }
     }
 
     fn observe(&mut self, v: f64) {
@@ -44,8 +51,16 @@ impl Histogram {
             cumulative += c;
             let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
         }
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", self.count);
-        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            self.count
+        );
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
         let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
         let _ = writeln!(out, "{name}_count{braces} {}", self.count);
     }
@@ -92,8 +107,13 @@ impl Metrics {
     /// Records one finished HTTP request.
     pub fn observe_request(&self, route: &str, method: &str, status: u16, seconds: f64) {
         let mut g = self.lock();
-        *g.requests.entry((route.to_string(), method.to_string(), status)).or_default() += 1;
-        g.latency.entry(route.to_string()).or_insert_with(|| Histogram::new(LATENCY_BUCKETS)).observe(seconds);
+        *g.requests
+            .entry((route.to_string(), method.to_string(), status))
+            .or_default() += 1;
+        g.latency
+            .entry(route.to_string())
+            .or_insert_with(|| Histogram::new(LATENCY_BUCKETS))
+            .observe(seconds);
     }
 
     /// Records one embedding batch run by the inference thread.
@@ -105,7 +125,12 @@ impl Metrics {
 
     /// Number of requests seen for `(route, status)`; for tests and the load generator.
     pub fn request_count(&self, route: &str, status: u16) -> u64 {
-        self.lock().requests.iter().filter(|((r, _, s), _)| r == route && *s == status).map(|(_, n)| n).sum()
+        self.lock()
+            .requests
+            .iter()
+            .filter(|((r, _, s), _)| r == route && *s == status)
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// Sizes of embedding batches observed so far: `(count, sum)`.
@@ -131,18 +156,26 @@ impl Metrics {
         out.push_str("# HELP deep_metric_http_request_duration_seconds Time from request to response, by route pattern.\n");
         out.push_str("# TYPE deep_metric_http_request_duration_seconds histogram\n");
         for (route, h) in &g.latency {
-            h.write(&mut out, "deep_metric_http_request_duration_seconds", &format!("route=\"{}\"", escape(route)));
+            h.write(
+                &mut out,
+                "deep_metric_http_request_duration_seconds",
+                &format!("route=\"{}\"", escape(route)),
+            );
         }
         out.push_str("# HELP deep_metric_embed_batch_size Images per embedding batch run by the inference thread.\n");
         out.push_str("# TYPE deep_metric_embed_batch_size histogram\n");
-        g.batch_size.write(&mut out, "deep_metric_embed_batch_size", "");
+        g.batch_size
+            .write(&mut out, "deep_metric_embed_batch_size", "");
         out.push_str("# HELP deep_metric_embed_batch_duration_seconds Time to embed one batch.\n");
         out.push_str("# TYPE deep_metric_embed_batch_duration_seconds histogram\n");
-        g.embed_seconds.write(&mut out, "deep_metric_embed_batch_duration_seconds", "");
+        g.embed_seconds
+            .write(&mut out, "deep_metric_embed_batch_duration_seconds", "");
         out.push_str("# HELP deep_metric_gallery_items Items in the gallery index.\n");
         out.push_str("# TYPE deep_metric_gallery_items gauge\n");
         let _ = writeln!(out, "deep_metric_gallery_items {gallery_items}");
-        out.push_str("# HELP deep_metric_inference_queue_depth Images waiting for the inference thread.\n");
+        out.push_str(
+            "# HELP deep_metric_inference_queue_depth Images waiting for the inference thread.\n",
+        );
         out.push_str("# TYPE deep_metric_inference_queue_depth gauge\n");
         let _ = writeln!(out, "deep_metric_inference_queue_depth {queue_depth}");
         out
@@ -151,7 +184,9 @@ impl Metrics {
 
 /// Escapes a label value per the exposition format.
 fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -169,7 +204,9 @@ mod tests {
         assert!(text.contains("deep_metric_http_requests_total{route=\"/api/search\",method=\"POST\",status=\"200\"} 2"));
         assert!(text.contains("deep_metric_http_requests_total{route=\"/api/search\",method=\"POST\",status=\"422\"} 1"));
         assert!(text.contains("deep_metric_http_request_duration_seconds_bucket{route=\"/api/search\",le=\"0.005\"} 2"));
-        assert!(text.contains("deep_metric_http_request_duration_seconds_bucket{route=\"/api/search\",le=\"+Inf\"} 3"));
+        assert!(text.contains(
+            "deep_metric_http_request_duration_seconds_bucket{route=\"/api/search\",le=\"+Inf\"} 3"
+        ));
         assert!(text.contains("deep_metric_embed_batch_size_bucket{le=\"2\"} 0"));
         assert!(text.contains("deep_metric_embed_batch_size_bucket{le=\"4\"} 1"));
         assert!(text.contains("deep_metric_embed_batch_size_sum 3"));

@@ -112,14 +112,26 @@ async fn track_metrics(
     let method = req.method().to_string();
     let res = next.call(req).await?;
     if let Some(state) = state {
-        let route = res.request().match_pattern().unwrap_or_else(|| "(unmatched)".to_string());
-        state.metrics.observe_request(&route, &method, res.status().as_u16(), start.elapsed().as_secs_f64());
+        let route = res
+            .request()
+            .match_pattern()
+            .unwrap_or_else(|| "(unmatched)".to_string());
+        state.metrics.observe_request(
+            &route,
+            &method,
+            res.status().as_u16(),
+            start.elapsed().as_secs_f64(),
+        );
     }
     Ok(res)
 }
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::NotFound(format!("no such endpoint: {} {}", req.method(), req.path())))
+    Err(ApiError::NotFound(format!(
+        "no such endpoint: {} {}",
+        req.method(),
+        req.path()
+    )))
 }
 
 async fn healthz(state: web::Data<AppState>) -> HttpResponse {
@@ -134,7 +146,11 @@ async fn healthz(state: web::Data<AppState>) -> HttpResponse {
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(state.metrics.render(state.gallery.len(), state.batcher.queue_depth()))
+        .body(
+            state
+                .metrics
+                .render(state.gallery.len(), state.batcher.queue_depth()),
+        )
 }
 
 /// What the page needs to know to show the right controls.
@@ -202,22 +218,38 @@ pub fn parse_k(query: &str, settings: &Settings) -> Result<usize, ApiError> {
 }
 
 /// Decodes off the async workers, mapping decode failures to 4xx.
-async fn decode_upload(bytes: web::Bytes, limits: DecodeLimits) -> Result<image::DynamicImage, ApiError> {
+async fn decode_upload(
+    bytes: web::Bytes,
+    limits: DecodeLimits,
+) -> Result<image::DynamicImage, ApiError> {
     Ok(web::block(move || decode::decode_image(&bytes, limits)).await??)
 }
 
 /// `POST /api/search?k=10`: multipart field `image` or a raw `image/*` body.
-async fn search(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+async fn search(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let start = Instant::now();
     let k = parse_k(req.query_string(), &state.settings)?;
-    let upload = read_upload(&req, payload, state.settings.max_upload_bytes, Fields::ImageOnly).await?;
+    let upload = read_upload(
+        &req,
+        payload,
+        state.settings.max_upload_bytes,
+        Fields::ImageOnly,
+    )
+    .await?;
     let img = decode_upload(upload.image, state.settings.limits).await?;
     let query = state.batcher.embed(img).await?;
     let gallery = state.gallery.clone();
     let hits = web::block(move || gallery.search(&query, k))
         .await?
         .map_err(|e| ApiError::internal("searching the index failed", format!("{e:#}")))?;
-    let results: Vec<ResultJson> = hits.iter().map(|h| ResultJson::new(&h.item, h.score)).collect();
+    let results: Vec<ResultJson> = hits
+        .iter()
+        .map(|h| ResultJson::new(&h.item, h.score))
+        .collect();
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "results": results,
         "k": k,
@@ -231,9 +263,16 @@ fn check_api_key(req: &HttpRequest, expected: &str) -> Result<(), ApiError> {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim);
-    let x_key = req.headers().get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim);
+    let x_key = req
+        .headers()
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
     match bearer.or(x_key) {
         None => Err(ApiError::Unauthorized(
             "adding images needs an API key on this server: send 'Authorization: Bearer KEY' or 'X-Api-Key: KEY'".into(),
@@ -261,12 +300,20 @@ async fn add_image(
 ) -> Result<HttpResponse, ApiError> {
     let start = Instant::now();
     if state.settings.read_only {
-        return Err(ApiError::Forbidden("this server is read-only (--read-only): adding images is disabled".into()));
+        return Err(ApiError::Forbidden(
+            "this server is read-only (--read-only): adding images is disabled".into(),
+        ));
     }
     if let Some(key) = &state.settings.api_key {
         check_api_key(&req, key)?;
     }
-    let upload = read_upload(&req, payload, state.settings.max_upload_bytes, Fields::ImageAndLabel).await?;
+    let upload = read_upload(
+        &req,
+        payload,
+        state.settings.max_upload_bytes,
+        Fields::ImageAndLabel,
+    )
+    .await?;
     let bytes = upload.image;
     let sha = sha256_hex(&bytes);
     let respond = |id: u64, duplicate: bool, label: Option<String>| {
@@ -289,15 +336,31 @@ async fn add_image(
     let (gallery, uploads) = (state.gallery.clone(), state.uploads.clone());
     let label = upload.label.clone();
     let outcome = web::block(move || -> Result<_, ApiError> {
-        let path =
-            uploads.save(&bytes, &sha, format).map_err(|e| ApiError::internal("storing the uploaded image failed", e))?;
+        let path = uploads
+            .save(&bytes, &sha, format)
+            .map_err(|e| ApiError::internal("storing the uploaded image failed", e))?;
         gallery
-            .add_durable(NewGalleryItem { path, label, sha256: sha, embedding })
-            .map_err(|e| ApiError::internal("adding the image to the index failed", format!("{e:#}")))
+            .add_durable(NewGalleryItem {
+                path,
+                label,
+                sha256: sha,
+                embedding,
+            })
+            .map_err(|e| {
+                ApiError::internal("adding the image to the index failed", format!("{e:#}"))
+            })
     })
     .await??;
-    let label = if outcome.duplicate { state.gallery.item(outcome.id).and_then(|i| i.label) } else { upload.label };
-    tracing::info!(id = outcome.id, duplicate = outcome.duplicate, "image added");
+    let label = if outcome.duplicate {
+        state.gallery.item(outcome.id).and_then(|i| i.label)
+    } else {
+        upload.label
+    };
+    tracing::info!(
+        id = outcome.id,
+        duplicate = outcome.duplicate,
+        "image added"
+    );
     Ok(respond(outcome.id, outcome.duplicate, label))
 }
 
@@ -307,19 +370,32 @@ fn lookup(state: &AppState, raw: &str) -> Result<GalleryItem, ApiError> {
     raw.parse::<u64>()
         .ok()
         .and_then(|id| state.gallery.item(id))
-        .ok_or_else(|| ApiError::NotFound(format!("no gallery image with id '{}'", raw.chars().take(64).collect::<String>())))
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "no gallery image with id '{}'",
+                raw.chars().take(64).collect::<String>()
+            ))
+        })
 }
 
 fn missing_file(item: &GalleryItem, e: impl std::fmt::Display) -> ApiError {
     tracing::warn!("gallery image {} ({}): {e}", item.id, item.path.display());
-    ApiError::NotFound(format!("the file of gallery image {} is no longer available on the server", item.id))
+    ApiError::NotFound(format!(
+        "the file of gallery image {} is no longer available on the server",
+        item.id
+    ))
 }
 
 /// `GET /api/images/{id}`: the original file.
-async fn image(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+async fn image(
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let item = lookup(&state, &path)?;
     let p = item.path.clone();
-    let bytes = web::block(move || std::fs::read(p)).await?.map_err(|e| missing_file(&item, e))?;
+    let bytes = web::block(move || std::fs::read(p))
+        .await?
+        .map_err(|e| missing_file(&item, e))?;
     Ok(HttpResponse::Ok()
         .content_type(thumbs::content_type(&bytes))
         .insert_header((header::CACHE_CONTROL, "public, max-age=3600"))
@@ -328,14 +404,22 @@ async fn image(path: web::Path<String>, state: web::Data<AppState>) -> Result<Ht
 }
 
 /// `GET /api/images/{id}/thumb`: a small JPEG.
-async fn thumbnail(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+async fn thumbnail(
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let item = lookup(&state, &path)?;
     let thumbs = state.thumbs.clone();
     let it = item.clone();
-    let bytes = web::block(move || thumbs.get(&it)).await?.map_err(|e| match e {
-        thumbs::ThumbError::Read(e) => missing_file(&item, e),
-        other => ApiError::internal(&format!("cannot make the thumbnail of gallery image {}", item.id), other),
-    })?;
+    let bytes = web::block(move || thumbs.get(&it))
+        .await?
+        .map_err(|e| match e {
+            thumbs::ThumbError::Read(e) => missing_file(&item, e),
+            other => ApiError::internal(
+                &format!("cannot make the thumbnail of gallery image {}", item.id),
+                other,
+            ),
+        })?;
     Ok(HttpResponse::Ok()
         .content_type("image/jpeg")
         .insert_header((header::CACHE_CONTROL, "public, max-age=3600"))
@@ -349,13 +433,20 @@ mod tests {
 
     #[test]
     fn k_parsing() {
-        let s = Settings { default_k: 10, max_k: 50, ..Settings::default() };
+        let s = Settings {
+            default_k: 10,
+            max_k: 50,
+            ..Settings::default()
+        };
         assert_eq!(parse_k("", &s).unwrap(), 10);
         assert_eq!(parse_k("k=3", &s).unwrap(), 3);
         assert_eq!(parse_k("k=500", &s).unwrap(), 50);
         assert_eq!(parse_k("k=99999999999999999999999999", &s).unwrap(), 50);
         for bad in ["k=0", "k=-1", "k=abc", "k=", "k=1.5", "k=%20"] {
-            assert!(matches!(parse_k(bad, &s), Err(ApiError::BadRequest(_))), "{bad}");
+            assert!(
+                matches!(parse_k(bad, &s), Err(ApiError::BadRequest(_))),
+                "{bad}"
+            );
         }
     }
 

@@ -27,17 +27,26 @@ pub struct UploadStore {
 
 impl UploadStore {
     pub fn new(data_dir: &Path) -> Self {
-        Self { root: data_dir.join("uploads") }
+        Self {
+            root: data_dir.join("uploads"),
+        }
     }
 
     pub fn path_for(&self, sha256: &str, format: ImageFormat) -> PathBuf {
-        self.root.join(&sha256[..2]).join(format!("{sha256}.{}", extension(format)))
+        self.root
+            .join(&sha256[..2])
+            .join(format!("{sha256}.{}", extension(format)))
     }
 
     /// Writes the bytes durably (temp file, fsync, rename, fsync of the directory) and returns
     /// the final path. Called before the index records the item, so an item that survives a
     /// crash always has its file.
-    pub fn save(&self, bytes: &[u8], sha256: &str, format: ImageFormat) -> std::io::Result<PathBuf> {
+    pub fn save(
+        &self,
+        bytes: &[u8],
+        sha256: &str,
+        format: ImageFormat,
+    ) -> std::io::Result<PathBuf> {
         let path = self.path_for(sha256, format);
         if path.is_file() {
             return Ok(path);
@@ -69,7 +78,13 @@ mod tests {
         let store = UploadStore::new(dir.path());
         let sha = sha256_hex(b"abc");
         let p = store.save(b"abc", &sha, ImageFormat::Png).unwrap();
-        assert_eq!(p, dir.path().join("uploads").join(&sha[..2]).join(format!("{sha}.png")));
+        assert_eq!(
+            p,
+            dir.path()
+                .join("uploads")
+                .join(&sha[..2])
+                .join(format!("{sha}.png"))
+        );
         assert_eq!(std::fs::read(&p).unwrap(), b"abc");
         assert_eq!(store.save(b"abc", &sha, ImageFormat::Png).unwrap(), p);
     }

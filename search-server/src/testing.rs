@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use image::DynamicImage;
 
-use crate::backend::{AddOutcome, EmbedBackend, GalleryItem, NewGalleryItem, SearchBackend, SearchHit};
+use crate::backend::{
+    AddOutcome, EmbedBackend, GalleryItem, NewGalleryItem, SearchBackend, SearchHit,
+};
 
 /// Embeds an image as its L2-normalised mean RGB colour (dim 3); records batch sizes.
 #[derive(Default)]
@@ -23,7 +25,10 @@ pub struct ColorEmbedder {
 
 impl ColorEmbedder {
     pub fn with_delay(delay: Duration) -> Self {
-        Self { delay, batches: Mutex::new(Vec::new()) }
+        Self {
+            delay,
+            batches: Mutex::new(Vec::new()),
+        }
     }
 
     /// Sizes of the batches embedded so far, in order.
@@ -73,10 +78,21 @@ pub struct MemoryGallery {
 
 impl MemoryGallery {
     /// Adds an item directly (test set-up); returns its id.
-    pub fn insert(&self, path: PathBuf, label: Option<&str>, sha256: &str, embedding: Vec<f32>) -> u64 {
-        self.add_durable(NewGalleryItem { path, label: label.map(str::to_string), sha256: sha256.into(), embedding })
-            .expect("in-memory add cannot fail")
-            .id
+    pub fn insert(
+        &self,
+        path: PathBuf,
+        label: Option<&str>,
+        sha256: &str,
+        embedding: Vec<f32>,
+    ) -> u64 {
+        self.add_durable(NewGalleryItem {
+            path,
+            label: label.map(str::to_string),
+            sha256: sha256.into(),
+            embedding,
+        })
+        .expect("in-memory add cannot fail")
+        .id
     }
 }
 
@@ -86,7 +102,10 @@ impl SearchBackend for MemoryGallery {
         let mut hits: Vec<SearchHit> = g
             .items
             .iter()
-            .map(|(item, v)| SearchHit { item: item.clone(), score: v.iter().zip(query).map(|(a, b)| a * b).sum() })
+            .map(|(item, v)| SearchHit {
+                item: item.clone(),
+                score: v.iter().zip(query).map(|(a, b)| a * b).sum(),
+            })
             .collect();
         hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.item.id.cmp(&b.item.id)));
         hits.truncate(k);
@@ -95,7 +114,10 @@ impl SearchBackend for MemoryGallery {
 
     fn item(&self, id: u64) -> Option<GalleryItem> {
         let g = self.inner.read().unwrap();
-        usize::try_from(id).ok().and_then(|i| g.items.get(i)).map(|(item, _)| item.clone())
+        usize::try_from(id)
+            .ok()
+            .and_then(|i| g.items.get(i))
+            .map(|(item, _)| item.clone())
     }
 
     fn find_sha256(&self, sha256: &str) -> Option<u64> {
@@ -105,12 +127,26 @@ impl SearchBackend for MemoryGallery {
     fn add_durable(&self, new: NewGalleryItem) -> anyhow::Result<AddOutcome> {
         let mut g = self.inner.write().unwrap();
         if let Some(&id) = g.by_sha.get(&new.sha256) {
-            return Ok(AddOutcome { id, duplicate: true });
+            return Ok(AddOutcome {
+                id,
+                duplicate: true,
+            });
         }
         let id = g.items.len() as u64;
         g.by_sha.insert(new.sha256.clone(), id);
-        g.items.push((GalleryItem { id, path: new.path, label: new.label, sha256: new.sha256 }, new.embedding));
-        Ok(AddOutcome { id, duplicate: false })
+        g.items.push((
+            GalleryItem {
+                id,
+                path: new.path,
+                label: new.label,
+                sha256: new.sha256,
+            },
+            new.embedding,
+        ));
+        Ok(AddOutcome {
+            id,
+            duplicate: false,
+        })
     }
 
     fn len(&self) -> usize {
@@ -124,7 +160,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -149,7 +189,11 @@ pub fn png_bomb_header(width: u32, height: u32) -> Vec<u8> {
     ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit, RGB, deflate, no filter, no interlace
     chunk(&mut out, b"IHDR", &ihdr);
     // A zlib stream of a few zero bytes: far too little data for the claimed size.
-    chunk(&mut out, b"IDAT", &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01]);
+    chunk(
+        &mut out,
+        b"IDAT",
+        &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01],
+    );
     chunk(&mut out, b"IEND", &[]);
     out
 }
@@ -167,7 +211,8 @@ mod tests {
     #[test]
     fn bomb_header_reports_its_claimed_size() {
         let bytes = png_bomb_header(100_000, 100_000);
-        let reader = image::ImageReader::with_format(std::io::Cursor::new(&bytes), image::ImageFormat::Png);
+        let reader =
+            image::ImageReader::with_format(std::io::Cursor::new(&bytes), image::ImageFormat::Png);
         assert_eq!(reader.into_dimensions().unwrap(), (100_000, 100_000));
     }
 }

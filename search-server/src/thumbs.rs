@@ -48,7 +48,13 @@ impl Thumbnails {
     /// `disk`: directory for cached thumbnails (created on demand); `mem_budget`: bytes of
     /// JPEG data kept in memory.
     pub fn new(size: u32, disk: Option<PathBuf>, mem_budget: usize, limits: DecodeLimits) -> Self {
-        Self { size: size.max(16), disk, mem: Mutex::new(Lru::default()), mem_budget, limits }
+        Self {
+            size: size.max(16),
+            disk,
+            mem: Mutex::new(Lru::default()),
+            mem_budget,
+            limits,
+        }
     }
 
     fn key(&self, item: &GalleryItem) -> String {
@@ -59,10 +65,20 @@ impl Thumbnails {
     /// `web::block`.
     pub fn get(&self, item: &GalleryItem) -> Result<Bytes, ThumbError> {
         let key = self.key(item);
-        if let Some(b) = self.mem.lock().unwrap_or_else(|p| p.into_inner()).map.get(&key) {
+        if let Some(b) = self
+            .mem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .get(&key)
+        {
             return Ok(b.clone());
         }
-        let disk_path = self.disk.as_ref().filter(|_| !item.sha256.is_empty()).map(|d| d.join(format!("{key}.jpg")));
+        let disk_path = self
+            .disk
+            .as_ref()
+            .filter(|_| !item.sha256.is_empty())
+            .map(|d| d.join(format!("{key}.jpg")));
         if let Some(p) = &disk_path {
             if let Ok(b) = std::fs::read(p) {
                 let b = Bytes::from(b);
@@ -71,7 +87,8 @@ impl Thumbnails {
             }
         }
         let bytes = std::fs::read(&item.path).map_err(ThumbError::Read)?;
-        let img = crate::decode::decode_image(&bytes, self.limits).map_err(|e| ThumbError::Decode(e.to_string()))?;
+        let img = crate::decode::decode_image(&bytes, self.limits)
+            .map_err(|e| ThumbError::Decode(e.to_string()))?;
         let thumb = img.thumbnail(self.size, self.size).to_rgb8();
         let mut out = Cursor::new(Vec::with_capacity(32 * 1024));
         let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 82);
@@ -96,7 +113,9 @@ impl Thumbnails {
         g.order.push_back(key.clone());
         g.map.insert(key, b);
         while g.bytes > self.mem_budget {
-            let Some(old) = g.order.pop_front() else { break };
+            let Some(old) = g.order.pop_front() else {
+                break;
+            };
             if let Some(v) = g.map.remove(&old) {
                 g.bytes -= v.len();
             }
@@ -124,13 +143,29 @@ mod tests {
     fn makes_caches_and_evicts() {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("a.png");
-        image::RgbImage::from_pixel(600, 300, image::Rgb([200, 0, 0])).save(&src).unwrap();
-        let item = GalleryItem { id: 0, path: src.clone(), label: None, sha256: "ab".repeat(32) };
-        let t = Thumbnails::new(128, Some(dir.path().join("thumbs")), 1 << 20, DecodeLimits::default());
+        image::RgbImage::from_pixel(600, 300, image::Rgb([200, 0, 0]))
+            .save(&src)
+            .unwrap();
+        let item = GalleryItem {
+            id: 0,
+            path: src.clone(),
+            label: None,
+            sha256: "ab".repeat(32),
+        };
+        let t = Thumbnails::new(
+            128,
+            Some(dir.path().join("thumbs")),
+            1 << 20,
+            DecodeLimits::default(),
+        );
         let b = t.get(&item).unwrap();
         let img = image::load_from_memory(&b).unwrap();
         assert_eq!((img.width(), img.height()), (128, 64));
-        assert!(dir.path().join("thumbs").join(format!("{}-128.jpg", item.sha256)).is_file());
+        assert!(dir
+            .path()
+            .join("thumbs")
+            .join(format!("{}-128.jpg", item.sha256))
+            .is_file());
         // Served from the cache once the source is gone.
         std::fs::remove_file(&src).unwrap();
         assert_eq!(t.get(&item).unwrap(), b);

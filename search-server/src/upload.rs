@@ -70,7 +70,11 @@ pub async fn read_upload(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     // Multipart framing adds boundaries and headers: allow some slack over the image limit.
-    let slack = if content_type.starts_with("multipart/") { 64 * 1024 } else { 0 };
+    let slack = if content_type.starts_with("multipart/") {
+        64 * 1024
+    } else {
+        0
+    };
     if let Some(len) = declared_len {
         if len > (max_bytes + slack) as u64 {
             drain(&mut payload, (max_bytes * DRAIN_FACTOR) as u64).await;
@@ -111,11 +115,14 @@ async fn read_multipart(
     let mut upload = Upload::default();
     let mut saw_image = false;
     while let Some(field) = form.next().await {
-        let mut field = field.map_err(|e| ApiError::BadRequest(format!("malformed multipart form: {e}")))?;
+        let mut field =
+            field.map_err(|e| ApiError::BadRequest(format!("malformed multipart form: {e}")))?;
         let name = field.name().unwrap_or_default().to_string();
         match name.as_str() {
             "image" if saw_image => {
-                return Err(ApiError::BadRequest("the form has more than one 'image' field; send one image".into()))
+                return Err(ApiError::BadRequest(
+                    "the form has more than one 'image' field; send one image".into(),
+                ))
             }
             "image" => {
                 upload.image = read_limited(&mut field, max_bytes).await?;
@@ -124,7 +131,11 @@ async fn read_multipart(
             "label" if fields == Fields::ImageAndLabel => {
                 let raw = read_limited(&mut field, MAX_LABEL_CHARS * 4)
                     .await
-                    .map_err(|_| ApiError::BadRequest(format!("the label is longer than {MAX_LABEL_CHARS} characters")))?;
+                    .map_err(|_| {
+                        ApiError::BadRequest(format!(
+                            "the label is longer than {MAX_LABEL_CHARS} characters"
+                        ))
+                    })?;
                 upload.label = parse_label(&raw)?;
             }
             other => {
@@ -139,23 +150,32 @@ async fn read_multipart(
         }
     }
     if !saw_image {
-        return Err(ApiError::BadRequest("the form has no field named 'image'; send the image file in it".into()));
+        return Err(ApiError::BadRequest(
+            "the form has no field named 'image'; send the image file in it".into(),
+        ));
     }
     if upload.image.is_empty() {
-        return Err(ApiError::BadRequest("the 'image' field is empty; choose an image file".into()));
+        return Err(ApiError::BadRequest(
+            "the 'image' field is empty; choose an image file".into(),
+        ));
     }
     Ok(upload)
 }
 
 /// A label: UTF-8, trimmed, no control characters, at most [`MAX_LABEL_CHARS`]; empty = none.
 pub fn parse_label(raw: &[u8]) -> Result<Option<String>, ApiError> {
-    let s = std::str::from_utf8(raw).map_err(|_| ApiError::BadRequest("the label is not valid UTF-8 text".into()))?;
+    let s = std::str::from_utf8(raw)
+        .map_err(|_| ApiError::BadRequest("the label is not valid UTF-8 text".into()))?;
     let s = s.trim();
     if s.chars().count() > MAX_LABEL_CHARS {
-        return Err(ApiError::BadRequest(format!("the label is longer than {MAX_LABEL_CHARS} characters")));
+        return Err(ApiError::BadRequest(format!(
+            "the label is longer than {MAX_LABEL_CHARS} characters"
+        )));
     }
     if s.chars().any(char::is_control) {
-        return Err(ApiError::BadRequest("the label contains control characters (newlines, tabs…)".into()));
+        return Err(ApiError::BadRequest(
+            "the label contains control characters (newlines, tabs…)".into(),
+        ));
     }
     Ok((!s.is_empty()).then(|| s.to_string()))
 }
@@ -169,7 +189,8 @@ where
 {
     let mut buf = BytesMut::new();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
+        let chunk = chunk
+            .map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
         if buf.len() + chunk.len() > max {
             drain(stream, (max * DRAIN_FACTOR) as u64).await;
             return Err(too_large(max));
@@ -199,7 +220,10 @@ mod tests {
 
     #[test]
     fn labels_are_validated() {
-        assert_eq!(parse_label(b"  cardinal ").unwrap().as_deref(), Some("cardinal"));
+        assert_eq!(
+            parse_label(b"  cardinal ").unwrap().as_deref(),
+            Some("cardinal")
+        );
         assert_eq!(parse_label(b"   ").unwrap(), None);
         assert!(parse_label(b"a\nb").is_err());
         assert!(parse_label(&[0xff, 0xfe]).is_err());
