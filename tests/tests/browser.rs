@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use server_support::{make_gallery, server_binary, weights, Server};
 
 /// W3C WebDriver's key for element references.
-const ELEMENT_KEY: &str = "element-6066-11e4-a52f-4d7a-d5ad3e4d9fa6";
+const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 fn find_program(candidates: &[&str]) -> Option<PathBuf> {
     candidates
