@@ -42,8 +42,8 @@ pub fn mean_color(img: &DynamicImage) -> Vec<f32> {
     let rgb = img.to_rgb8();
     let mut sum = [0f64; 3];
     for p in rgb.pixels() {
-        for c in 0..3 {
-            sum[c] += f64::from(p.0[c]);
+        for (acc, v) in sum.iter_mut().zip(p.0) {
+            *acc += f64::from(v);
         }
     }
     let norm = sum.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);

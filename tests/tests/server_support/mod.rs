@@ -14,9 +14,14 @@ use image::{Rgb, RgbImage};
 /// `<workspace root>/../shared` (or `$DEEP_METRIC_SHARED`, for checkouts elsewhere), or
 /// `None` (with a message) when it is absent.
 pub fn shared_dir() -> Option<PathBuf> {
-    let p = std::env::var_os("DEEP_METRIC_SHARED").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("..").join("shared")
-    });
+    let p = std::env::var_os("DEEP_METRIC_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("..")
+                .join("shared")
+        });
     if p.is_dir() {
         Some(p)
     } else {
