@@ -214,3 +214,115 @@ impl SearchBackend for IndexGallery {
         self.commit()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trainer::backbone::BackboneKind;
+
+    fn identity(weights: &str) -> ModelIdentity {
+        ModelIdentity {
+            backbone: BackboneKind::EfficientnetLite0,
+            dim: 3,
+            weights_sha256: weights.repeat(64 / weights.len()),
+            preprocess_sha256: "0".repeat(64),
+        }
+    }
+
+    fn item(path: &str, sha: &str, v: [f32; 3]) -> NewGalleryItem {
+        NewGalleryItem {
+            path: PathBuf::from(path),
+            label: Some("l".into()),
+            sha256: sha.into(),
+            embedding: v.to_vec(),
+        }
+    }
+
+    #[test]
+    fn durable_adds_survive_reopen_and_a_mismatched_model_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = dir.path().join("index");
+        {
+            let g = IndexGallery::open_or_create(&idx, &identity("a"), 16).unwrap();
+            assert!(
+                g.search(&[1.0, 0.0, 0.0], 3).unwrap().is_empty(),
+                "empty index searches fine"
+            );
+            let out = g
+                .add_batch(vec![
+                    item("/x/r.png", "r", [1.0, 0.0, 0.0]),
+                    item("/x/g.png", "g", [0.0, 1.0, 0.0]),
+                ])
+                .unwrap();
+            assert_eq!(
+                out,
+                vec![
+                    AddOutcome {
+                        id: 0,
+                        duplicate: false
+                    },
+                    AddOutcome {
+                        id: 1,
+                        duplicate: false
+                    }
+                ]
+            );
+            assert_eq!(
+                g.add_durable(item("/x/b.png", "b", [0.0, 0.0, 1.0]))
+                    .unwrap(),
+                AddOutcome {
+                    id: 2,
+                    duplicate: false
+                }
+            );
+            assert_eq!(
+                g.add_durable(item("/y/b.png", "b", [0.0, 0.0, 1.0]))
+                    .unwrap(),
+                AddOutcome {
+                    id: 2,
+                    duplicate: true
+                }
+            );
+            let hits = g.search(&[0.1, 0.0, 0.9], 2).unwrap();
+            assert_eq!(hits[0].item.id, 2);
+            assert!(hits[0].score > hits[1].score);
+            // Dropped without commit: the WAL must carry the adds.
+        }
+        let g = IndexGallery::open_or_create(&idx, &identity("a"), 16).unwrap();
+        assert_eq!(g.len(), 3);
+        assert_eq!(g.find_sha256("g"), Some(1));
+        assert_eq!(g.item(2).unwrap().path, PathBuf::from("/x/b.png"));
+        g.close().unwrap();
+        drop(g);
+
+        let err = IndexGallery::open(&idx, &identity("b"), 16, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("different model") && err.contains("--model"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_images_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = dir.path().join("index");
+        let g = IndexGallery::open_or_create(&idx, &identity("a"), 16).unwrap();
+        g.add_batch(vec![item("birds/1.jpg", "s1", [1.0, 0.0, 0.0])])
+            .unwrap();
+        g.close().unwrap();
+        drop(g);
+        let g =
+            IndexGallery::open(&idx, &identity("a"), 16, Some(PathBuf::from("/data/cub"))).unwrap();
+        assert_eq!(
+            g.item(0).unwrap().path,
+            PathBuf::from("/data/cub/birds/1.jpg")
+        );
+        assert_eq!(
+            g.first_missing_file(),
+            Some(PathBuf::from("/data/cub/birds/1.jpg"))
+        );
+    }
+}
