@@ -1,1 +1,93 @@
+//! Deep Metric's gallery index: image embeddings on disk, searchable through HNSW.
+//!
+//! # On-disk layout and durability
+//!
+//! An index is a directory:
+//!
+//! | file | content |
+//! |---|---|
+//! | `manifest.json` | format name + version, model identity, dim, metric, HNSW params, generation, item count, and name/size/SHA-256 of every file below |
+//! | `vectors.g<N>.f32` | raw little-endian f32, `count × dim`, L2-normalised; row i = item id i |
+//! | `items.g<N>.jsonl` | one `ItemMeta` JSON per line (id, path, label, content sha256) |
+//! | `graph.g<N>.hnsw.graph` / `.hnsw.data` | the hnsw_rs dump of the graph |
+//! | `wal.g<N>.log` | write-ahead log of items added after generation N was committed |
+//! | `LOCK` | advisory lock held by the one process that writes |
+//!
+//! **Commit** ([`GalleryIndex::commit`]) writes generation N+1's files under new names,
+//! fsyncs them, then replaces `manifest.json` by rename (the commit point), fsyncs the
+//! directory and deletes generation N. Whatever instant a process is killed, the manifest
+//! names a complete, checksummed generation; leftovers of the interrupted commit are ignored
+//! by `open` and deleted by the next commit. A commit rewrites everything (the hnsw_rs dump
+//! cannot be appended to), so it costs O(gallery).
+//!
+//! **Single durable adds** ([`GalleryIndex::append_durable`]) append a checksummed record to
+//! the generation's WAL and fsync once; `open` replays the log into memory. A torn last
+//! record (the add was never acknowledged) is dropped with a warning.
+//!
+//! **Open** ([`GalleryIndex::open`]) checks format/version, then every file's size and
+//! SHA-256 against the manifest: a bad vectors or items file is an error naming it; a bad or
+//! missing graph is rebuilt from the vectors with a warning, because the vectors are the
+//! source of truth and the graph is derived. Loading the dump is much faster than
+//! rebuilding (see `bench/RESULTS-indexer.md`).
+//!
+//! Distances: vectors are L2-normalised on the way in; the graph uses Euclidean distance
+//! and [`Hit::score`] is the cosine similarity `1 − d²/2`.
 
+pub mod distance;
+pub mod export;
+pub mod gallery;
+pub mod graph;
+pub mod manifest;
+pub mod params;
+pub mod synthetic;
+pub mod wal;
+
+#[cfg(test)]
+mod gallery_tests;
+
+pub use gallery::GalleryIndex;
+pub use params::HnswParams;
+pub use trainer::checkpoint::ModelIdentity;
+
+use serde::{Deserialize, Serialize};
+
+/// What the index knows about one gallery image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemMeta {
+    /// Dense, assigned in insertion order from 0.
+    pub id: u64,
+    /// Path as given at indexing time (relative to the `--images` root when built from one).
+    pub path: String,
+    pub label: Option<String>,
+    /// SHA-256 of the image file's bytes; duplicates are detected by it.
+    pub sha256: String,
+}
+
+/// An item to add: its metadata and embedding (any length-`dim` non-zero vector; it is
+/// normalised on insertion).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewItem {
+    pub path: String,
+    pub label: Option<String>,
+    pub sha256: String,
+    pub vector: Vec<f32>,
+}
+
+/// Outcome of an add.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AddReport {
+    /// Ids given to the new items, in input order.
+    pub added: Vec<u64>,
+    /// `(path, id of the item already holding this content)` for each skipped duplicate.
+    pub duplicates: Vec<(String, u64)>,
+}
+
+/// One search result.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hit {
+    pub id: u64,
+    /// Euclidean distance between the unit vectors.
+    pub distance: f32,
+    /// Cosine similarity, `1 − distance² / 2`.
+    pub score: f32,
+}

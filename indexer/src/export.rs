@@ -1,0 +1,99 @@
+//! Vector export for peers and external tools: NumPy `.npy` (float32, C order) or `.fvecs`
+//! (the ANN-benchmark format: per row an i32 LE dim then dim f32 LE).
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use trainer::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VectorFormat {
+    Npy,
+    Fvecs,
+}
+
+impl VectorFormat {
+    /// From the file extension.
+    pub fn from_path(path: &Path) -> Result<Self> {
+        match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
+            Some("npy") => Ok(Self::Npy),
+            Some("fvecs") => Ok(Self::Fvecs),
+            _ => Err(Error::file(path, "unknown vector format: the file name must end in .npy or .fvecs")),
+        }
+    }
+}
+
+/// The `.npy` v1.0 header for a `rows × dim` little-endian float32 array.
+pub fn npy_header(rows: usize, dim: usize) -> Vec<u8> {
+    let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dim}), }}");
+    // magic (6) + version (2) + header length (2) + dict + padding + '\n' is a multiple of 64.
+    let unpadded = 10 + dict.len() + 1;
+    let pad = (64 - unpadded % 64) % 64;
+    let mut h = Vec::with_capacity(unpadded + pad);
+    h.extend_from_slice(b"\x93NUMPY\x01\x00");
+    h.extend_from_slice(&((dict.len() + pad + 1) as u16).to_le_bytes());
+    h.extend_from_slice(dict.as_bytes());
+    h.extend(std::iter::repeat_n(b' ', pad));
+    h.push(b'\n');
+    h
+}
+
+/// Writes `vectors` (row-major, `dim` per row) to `path` in `format`, atomically.
+pub fn write_vectors(path: &Path, format: VectorFormat, vectors: &[f32], dim: usize) -> Result<()> {
+    if dim == 0 || vectors.len() % dim != 0 {
+        return Err(Error::Invalid(format!("{} floats do not form rows of {dim}", vectors.len())));
+    }
+    let rows = vectors.len() / dim;
+    let tmp = trainer::checkpoint::tmp_sibling(path);
+    let f = File::create(&tmp).map_err(|e| Error::file(&tmp, e))?;
+    let mut w = BufWriter::with_capacity(1 << 20, f);
+    let io = |e: std::io::Error| Error::file(&tmp, e);
+    match format {
+        VectorFormat::Npy => {
+            w.write_all(&npy_header(rows, dim)).map_err(io)?;
+            for x in vectors {
+                w.write_all(&x.to_le_bytes()).map_err(io)?;
+            }
+        }
+        VectorFormat::Fvecs => {
+            for row in vectors.chunks_exact(dim) {
+                w.write_all(&(dim as i32).to_le_bytes()).map_err(io)?;
+                for x in row {
+                    w.write_all(&x.to_le_bytes()).map_err(io)?;
+                }
+            }
+        }
+    }
+    let f = w.into_inner().map_err(|e| Error::file(&tmp, e.error().to_string()))?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn npy_and_fvecs_layouts() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let p = dir.path().join("v.npy");
+        write_vectors(&p, VectorFormat::from_path(&p).unwrap(), &v, 3).unwrap();
+        let b = std::fs::read(&p).unwrap();
+        let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
+        assert_eq!((10 + hlen) % 64, 0);
+        let header = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
+        assert!(header.contains("'shape': (2, 3)"), "{header}");
+        assert_eq!(b.len(), 10 + hlen + 24);
+        assert_eq!(f32::from_le_bytes(b[10 + hlen + 20..].try_into().unwrap()), 6.0);
+
+        let p = dir.path().join("v.fvecs");
+        write_vectors(&p, VectorFormat::Fvecs, &v, 3).unwrap();
+        let b = std::fs::read(&p).unwrap();
+        assert_eq!(b.len(), 2 * (4 + 12));
+        assert_eq!(i32::from_le_bytes(b[16..20].try_into().unwrap()), 3);
+        assert_eq!(f32::from_le_bytes(b[20..24].try_into().unwrap()), 4.0);
+        assert!(VectorFormat::from_path(Path::new("x.csv")).is_err());
+    }
+}

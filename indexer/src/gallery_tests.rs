@@ -1,0 +1,340 @@
+//! Storage, durability and search tests for [`GalleryIndex`] on synthetic vectors.
+
+use std::path::Path;
+
+use trainer::backbone::BackboneKind;
+
+use crate::gallery::CrashPoint;
+use crate::synthetic::clustered;
+use crate::*;
+
+pub(crate) fn identity(dim: usize) -> ModelIdentity {
+    ModelIdentity {
+        backbone: BackboneKind::EfficientnetLite0,
+        dim,
+        weights_sha256: "ab".repeat(32),
+        preprocess_sha256: "cd".repeat(32),
+    }
+}
+
+fn items(vectors: &[f32], dim: usize, start: usize) -> Vec<NewItem> {
+    vectors
+        .chunks_exact(dim)
+        .enumerate()
+        .map(|(i, v)| NewItem {
+            path: format!("img/{:05}.jpg", start + i),
+            label: Some(format!("class{}", (start + i) % 7)),
+            sha256: format!("{:064x}", start + i),
+            vector: v.to_vec(),
+        })
+        .collect()
+}
+
+fn small_index(dir: &Path, n: usize) -> (GalleryIndex, Vec<f32>) {
+    let dim = 16;
+    let (v, _) = clustered(n, dim, 10, 0.6, 1);
+    let mut idx = GalleryIndex::create(dir, identity(dim), dim, HnswParams::default()).unwrap();
+    idx.add(items(&v, dim, 0)).unwrap();
+    idx.commit().unwrap();
+    (idx, v)
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn round_trip_preserves_items_vectors_and_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let (idx, v) = small_index(dir.path(), 300);
+    let q = &v[5 * 16..6 * 16];
+    let before = idx.search(q, 5, 64);
+    assert_eq!(before[0].id, 5);
+    assert!((before[0].score - 1.0).abs() < 1e-5);
+    drop(idx);
+    let idx = GalleryIndex::open(dir.path()).unwrap();
+    assert!(idx.warnings().is_empty(), "{:?}", idx.warnings());
+    assert_eq!(idx.len(), 300);
+    assert_eq!(idx.dim(), 16);
+    assert_eq!(idx.identity(), &identity(16));
+    assert_eq!(idx.item(7).unwrap().path, "img/00007.jpg");
+    assert_eq!(idx.item(7).unwrap().label.as_deref(), Some("class0"));
+    assert!(idx.item(300).is_none());
+    assert_eq!(idx.search(q, 5, 64), before);
+    assert_eq!(idx.search_exact(q, 5)[0].id, 5);
+    for (a, b) in idx.vectors().iter().zip(&v) {
+        assert!((a - b).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn loaded_graph_accepts_more_items() {
+    let dir = tempfile::tempdir().unwrap();
+    let (idx, _) = small_index(dir.path(), 100);
+    drop(idx);
+    let mut idx = GalleryIndex::open(dir.path()).unwrap();
+    let (v2, _) = clustered(150, 16, 10, 0.6, 99);
+    idx.add(items(&v2, 16, 1000)).unwrap();
+    assert_eq!(idx.len(), 250);
+    let q = &v2[3 * 16..4 * 16];
+    assert_eq!(idx.search(q, 1, 32)[0].id, 103);
+    idx.commit().unwrap();
+    drop(idx);
+    let idx = GalleryIndex::open(dir.path()).unwrap();
+    assert_eq!(idx.len(), 250);
+    assert_eq!(idx.search(q, 1, 32)[0].id, 103);
+    assert_eq!(idx.generation(), 2);
+    // The old generation was deleted.
+    assert!(!files(dir.path()).iter().any(|f| f.contains(".g1.")), "{:?}", files(dir.path()));
+}
+
+#[test]
+fn crash_before_manifest_keeps_previous_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut idx, _) = small_index(dir.path(), 50);
+    let (v2, _) = clustered(20, 16, 3, 0.6, 5);
+    idx.add(items(&v2, 16, 500)).unwrap();
+    idx.crash_at = Some(CrashPoint::BeforeManifest);
+    assert!(idx.commit().is_err());
+    drop(idx);
+    // A half-written temp manifest and a truncated next-generation file on top.
+    std::fs::write(dir.path().join("manifest.json.tmp-999"), b"{\"format\": \"deep-me").unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(dir.path().join("vectors.g2.f32")).unwrap();
+    f.set_len(10).unwrap();
+    let mut idx = GalleryIndex::open(dir.path()).unwrap();
+    assert_eq!(idx.len(), 50);
+    assert_eq!(idx.generation(), 1);
+    idx.add(items(&v2, 16, 500)).unwrap();
+    idx.commit().unwrap();
+    let names = files(dir.path());
+    assert!(!names.iter().any(|f| f.contains("tmp-999") || f.contains(".g1.")), "{names:?}");
+    drop(idx);
+    assert_eq!(GalleryIndex::open(dir.path()).unwrap().len(), 70);
+}
+
+#[test]
+fn crash_after_manifest_gives_new_state_and_next_commit_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut idx, _) = small_index(dir.path(), 50);
+    let (v2, _) = clustered(20, 16, 3, 0.6, 5);
+    idx.add(items(&v2, 16, 500)).unwrap();
+    idx.crash_at = Some(CrashPoint::BeforeCleanup);
+    assert!(idx.commit().is_err());
+    drop(idx);
+    assert!(files(dir.path()).iter().any(|f| f == "vectors.g1.f32"));
+    let mut idx = GalleryIndex::open(dir.path()).unwrap();
+    assert_eq!(idx.len(), 70);
+    let (v3, _) = clustered(1, 16, 1, 0.6, 6);
+    idx.add(items(&v3, 16, 900)).unwrap();
+    idx.commit().unwrap();
+    assert!(!files(dir.path()).iter().any(|f| f.contains(".g1.") || f.contains(".g2.")));
+}
+
+#[test]
+fn wal_replays_durable_adds_and_drops_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut idx, _) = small_index(dir.path(), 40);
+    let (v2, _) = clustered(3, 16, 3, 0.6, 8);
+    for it in items(&v2, 16, 700) {
+        let r = idx.append_durable(it).unwrap();
+        assert_eq!(r.added.len(), 1);
+    }
+    assert_eq!(idx.pending(), 0);
+    assert_eq!(idx.logged(), 3);
+    drop(idx); // no commit: only the WAL holds the 3 items
+    let wal = dir.path().join("wal.g1.log");
+    let good_len = std::fs::metadata(&wal).unwrap().len();
+    // A torn record: a header promising more payload than was written.
+    let mut bytes = std::fs::read(&wal).unwrap();
+    let rec = bytes[..bytes.len() / 3].to_vec();
+    bytes.extend_from_slice(&rec[..rec.len() - 5]);
+    std::fs::write(&wal, &bytes).unwrap();
+
+    let mut idx = GalleryIndex::open(dir.path()).unwrap();
+    assert_eq!(idx.len(), 43);
+    assert_eq!(idx.warnings().len(), 1, "{:?}", idx.warnings());
+    assert!(idx.warnings()[0].contains("wal.g1.log"));
+    assert_eq!(idx.item(42).unwrap().path, "img/00702.jpg");
+    assert_eq!(idx.search(&v2[2 * 16..3 * 16], 1, 32)[0].id, 42);
+    // The next durable add cuts the torn tail off before appending.
+    let (v3, _) = clustered(1, 16, 1, 0.6, 9);
+    idx.append_durable(items(&v3, 16, 800).pop().unwrap()).unwrap();
+    assert!(std::fs::metadata(&wal).unwrap().len() > good_len);
+    drop(idx);
+    let mut idx = GalleryIndex::open(dir.path()).unwrap();
+    assert!(idx.warnings().is_empty(), "{:?}", idx.warnings());
+    assert_eq!(idx.len(), 44);
+    idx.commit().unwrap();
+    assert!(!wal.exists());
+    drop(idx);
+    let idx = GalleryIndex::open(dir.path()).unwrap();
+    assert_eq!((idx.len(), idx.logged()), (44, 0));
+}
+
+#[test]
+fn corrupt_wal_record_in_the_middle_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut idx, _) = small_index(dir.path(), 10);
+    let (v2, _) = clustered(3, 16, 3, 0.6, 8);
+    for it in items(&v2, 16, 700) {
+        idx.append_durable(it).unwrap();
+    }
+    drop(idx);
+    let wal = dir.path().join("wal.g1.log");
+    let mut bytes = std::fs::read(&wal).unwrap();
+    bytes[60] ^= 0xff; // inside the first record's payload
+    std::fs::write(&wal, &bytes).unwrap();
+    let err = GalleryIndex::open(dir.path()).err().expect("corrupt WAL must not open").to_string();
+    assert!(err.contains("wal.g1.log") && err.contains("checksum"), "{err}");
+}
+
+#[test]
+fn corrupt_truncated_and_foreign_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (idx, _) = small_index(dir.path(), 30);
+    drop(idx);
+    let d = dir.path();
+    let open_err = || GalleryIndex::open(d).err().expect("must fail").to_string();
+
+    let vpath = d.join("vectors.g1.f32");
+    let good = std::fs::read(&vpath).unwrap();
+    let mut bad = good.clone();
+    bad[100] ^= 1;
+    std::fs::write(&vpath, &bad).unwrap();
+    let e = open_err();
+    assert!(e.contains("vectors.g1.f32") && e.contains("checksum"), "{e}");
+    std::fs::write(&vpath, &good[..good.len() - 4]).unwrap();
+    let e = open_err();
+    assert!(e.contains("vectors.g1.f32") && e.contains("truncated"), "{e}");
+    std::fs::write(&vpath, &good).unwrap();
+
+    let ipath = d.join("items.g1.jsonl");
+    let good_items = std::fs::read(&ipath).unwrap();
+    std::fs::write(&ipath, &good_items[..good_items.len() / 2]).unwrap();
+    assert!(open_err().contains("items.g1.jsonl"));
+    std::fs::write(&ipath, &good_items).unwrap();
+
+    let mpath = d.join("manifest.json");
+    let good_manifest = std::fs::read_to_string(&mpath).unwrap();
+    std::fs::write(&mpath, good_manifest.replace("\"format_version\": 1", "\"format_version\": 7")).unwrap();
+    let e = open_err();
+    assert!(e.contains("manifest.json") && e.contains("version 7"), "{e}");
+    std::fs::write(&mpath, &good_manifest[..good_manifest.len() / 2]).unwrap();
+    let e = open_err();
+    assert!(e.contains("manifest.json") && e.contains("JSON"), "{e}");
+    std::fs::write(&mpath, good_manifest.replacen("\n  \"dim\": 16,", "\n  \"dim\": 17,", 1)).unwrap();
+    assert!(open_err().contains("dim"));
+    std::fs::write(&mpath, &good_manifest).unwrap();
+
+    std::fs::remove_file(&mpath).unwrap();
+    assert!(open_err().contains("indexer build"));
+    assert!(GalleryIndex::open(&d.join("nope")).err().unwrap().to_string().contains("not found"));
+}
+
+#[test]
+fn a_corrupt_graph_is_rebuilt_with_a_warning_and_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let (idx, v) = small_index(dir.path(), 120);
+    drop(idx);
+    let g = dir.path().join("graph.g1.hnsw.graph");
+    let mut bytes = std::fs::read(&g).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&g, &bytes).unwrap();
+    let mut idx = GalleryIndex::open(dir.path()).unwrap();
+    assert_eq!(idx.warnings().len(), 1);
+    assert!(idx.warnings()[0].contains("graph.g1.hnsw.graph"), "{:?}", idx.warnings());
+    assert_eq!(idx.search(&v[..16], 1, 32)[0].id, 0);
+    idx.commit().unwrap(); // rewrites the graph even though no item changed
+    drop(idx);
+    assert!(GalleryIndex::open(dir.path()).unwrap().warnings().is_empty());
+}
+
+#[test]
+fn duplicates_by_content_hash_are_reported_not_added() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut idx, v) = small_index(dir.path(), 10);
+    let mut batch = items(&v[..32], 16, 3); // sha of items 3 and 4: already indexed
+    batch.extend(items(&v[..16], 16, 50)); // new
+    batch.extend(items(&v[..16], 16, 50)); // repeated within the batch
+    let r = idx.add(batch).unwrap();
+    assert_eq!(r.added, vec![10]);
+    assert_eq!(
+        r.duplicates,
+        vec![("img/00003.jpg".to_string(), 3), ("img/00004.jpg".to_string(), 4), ("img/00050.jpg".to_string(), 10)]
+    );
+    assert_eq!(idx.len(), 11);
+    assert_eq!(idx.find_sha256(&format!("{:064x}", 50)), Some(10));
+}
+
+#[test]
+fn invalid_input_is_rejected_without_changing_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad_m = HnswParams { m: 300, ..Default::default() };
+    let e = GalleryIndex::create(&dir.path().join("a"), identity(16), 16, bad_m).err().unwrap().to_string();
+    assert!(e.contains("m (max connections"), "{e}");
+    assert!(!dir.path().join("a").exists());
+    let e = GalleryIndex::create(&dir.path().join("b"), identity(16), 8, HnswParams::default()).err().unwrap();
+    assert!(e.to_string().contains("dim"));
+
+    let (mut idx, v) = small_index(&dir.path().join("c"), 10);
+    let mut batch = items(&v[..16], 16, 20);
+    batch.push(NewItem { path: "short.jpg".into(), label: None, sha256: "x".into(), vector: vec![1.0; 15] });
+    let e = idx.add(batch).unwrap_err().to_string();
+    assert!(e.contains("short.jpg") && e.contains("16-d"), "{e}");
+    assert_eq!(idx.len(), 10);
+    assert!(idx.search(&[1.0; 15], 3, 16).is_empty());
+    assert!(idx.validate_query(&[0.0; 16]).is_err());
+
+    let e = GalleryIndex::create(&dir.path().join("c"), identity(16), 16, HnswParams::default()).err().unwrap();
+    assert!(e.to_string().contains("already holds an index"));
+}
+
+#[test]
+fn an_empty_gallery_round_trips_and_searches_to_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut idx = GalleryIndex::create(dir.path(), identity(8), 8, HnswParams::default()).unwrap();
+    assert!(idx.search(&[1.0; 8], 5, 16).is_empty());
+    idx.commit().unwrap();
+    drop(idx);
+    let idx = GalleryIndex::open(dir.path()).unwrap();
+    assert!(idx.is_empty());
+    assert!(idx.search_exact(&[1.0; 8], 5).is_empty());
+}
+
+#[test]
+fn a_second_writer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut first, v) = small_index(dir.path(), 10);
+    let mut second = GalleryIndex::open(dir.path()).unwrap();
+    let e = second.append_durable(items(&v[..16], 16, 99).pop().unwrap()).unwrap_err().to_string();
+    assert!(e.contains("LOCK") && e.contains("another process"), "{e}");
+    // Once the first writer commits and goes away, the stale second one must reopen.
+    first.add(items(&v[..16], 16, 77)).unwrap();
+    first.commit().unwrap();
+    drop(first);
+    let e = second.commit().unwrap_err().to_string();
+    assert!(e.contains("changed by another process"), "{e}");
+}
+
+#[test]
+fn hnsw_recall_on_clustered_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let dim = 32;
+    let (v, _) = clustered(3000, dim, 30, 1.0, 3);
+    let mut idx = GalleryIndex::create(dir.path(), identity(dim), dim, HnswParams::default()).unwrap();
+    idx.add(items(&v, dim, 0)).unwrap();
+    let (queries, _) = clustered(100, dim, 30, 1.0, 4);
+    let mut hits = 0;
+    for q in queries.chunks_exact(dim) {
+        let exact: Vec<u64> = idx.search_exact(q, 10).iter().map(|h| h.id).collect();
+        let approx = idx.search(q, 10, 64);
+        assert!(approx.windows(2).all(|w| w[0].distance <= w[1].distance));
+        hits += approx.iter().filter(|h| exact.contains(&h.id)).count();
+    }
+    let recall = hits as f64 / 1000.0;
+    assert!(recall >= 0.95, "recall@10 {recall}");
+}

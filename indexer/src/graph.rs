@@ -1,0 +1,127 @@
+//! The HNSW graph over the gallery vectors: build, extend, search, dump and reload.
+//!
+//! The graph is a *derived* structure: the vectors file is the source of truth, and a graph
+//! that is missing or fails its checksum is rebuilt from it. hnsw_rs's loader asserts and
+//! unwraps on malformed input, so a dump is only ever loaded after its checksum matched the
+//! manifest, and the load additionally runs under `catch_unwind`.
+//!
+//! A reloaded `Hnsw` borrows the `HnswIo` that loaded it (hnsw_rs issue #19: it may point
+//! into a memory map). We never memory-map, so the borrow is only nominal; the `HnswIo`
+//! (a path, a name and a counter, under 200 bytes) is leaked to give the graph a `'static`
+//! lifetime instead of building a self-referential struct.
+
+use std::path::Path;
+
+use hnsw_rs::prelude::{AnnT, Hnsw, HnswIo};
+use trainer::error::{Error, Result};
+
+use crate::distance::UnitL2;
+use crate::params::HnswParams;
+
+/// Suffixes hnsw_rs appends to a dump's basename.
+pub const GRAPH_SUFFIX: &str = ".hnsw.graph";
+pub const DATA_SUFFIX: &str = ".hnsw.data";
+
+/// Below this many vectors per insert call, serial insertion avoids rayon's overhead.
+const PARALLEL_INSERT_MIN: usize = 64;
+
+pub struct Graph {
+    hnsw: Hnsw<'static, f32, UnitL2>,
+}
+
+impl Graph {
+    /// An empty graph sized for about `capacity` vectors (a hint only).
+    pub fn new(params: &HnswParams, capacity: usize) -> Result<Self> {
+        params.validate()?;
+        let mut hnsw = Hnsw::new(params.m, capacity.max(1), params.max_layer, params.ef_construction, UnitL2);
+        hnsw.set_searching_mode(true);
+        Ok(Self { hnsw })
+    }
+
+    /// Builds a graph over `vectors` (row-major, `dim` per row; row i gets id i).
+    pub fn build(params: &HnswParams, vectors: &[f32], dim: usize) -> Result<Self> {
+        let mut g = Self::new(params, vectors.len() / dim.max(1))?;
+        g.insert_rows(vectors, dim, 0);
+        Ok(g)
+    }
+
+    /// Inserts rows with ids `first_id, first_id + 1, …`.
+    pub fn insert_rows(&mut self, rows: &[f32], dim: usize, first_id: usize) {
+        let n = rows.len() / dim;
+        if n == 0 {
+            return;
+        }
+        if n < PARALLEL_INSERT_MIN {
+            for (i, r) in rows.chunks_exact(dim).enumerate() {
+                self.hnsw.insert_slice((r, first_id + i));
+            }
+        } else {
+            let data: Vec<(&[f32], usize)> =
+                rows.chunks_exact(dim).enumerate().map(|(i, r)| (r, first_id + i)).collect();
+            self.hnsw.set_searching_mode(false);
+            self.hnsw.parallel_insert_slice(&data);
+            self.hnsw.set_searching_mode(true);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.hnsw.get_nb_point()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `(id, euclidean distance)` of up to `k` approximate nearest neighbours, nearest first.
+    pub fn search(&self, query: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {
+        if self.is_empty() || k == 0 {
+            return Vec::new();
+        }
+        self.hnsw.search(query, k, ef.max(k)).into_iter().map(|n| (n.d_id, n.distance)).collect()
+    }
+
+    /// Writes `dir/<basename>.hnsw.graph` and `.hnsw.data`. The files are not durable until
+    /// the caller fsyncs them. An empty graph cannot be dumped (hnsw_rs has no entry point).
+    pub fn dump(&self, dir: &Path, basename: &str) -> Result<()> {
+        let name = self
+            .hnsw
+            .file_dump(dir, basename)
+            .map_err(|e| Error::file(dir.join(format!("{basename}{GRAPH_SUFFIX}")), format!("cannot write HNSW graph: {e}")))?;
+        if name != basename {
+            // hnsw_rs only renames when it must not overwrite a memory-mapped dump, which we never use.
+            return Err(Error::file(dir, format!("hnsw_rs wrote the graph as '{name}' instead of '{basename}'")));
+        }
+        Ok(())
+    }
+
+    /// Loads a dump written by [`Graph::dump`]; `expect_len`/`dim` guard against a graph
+    /// that does not belong to the vectors it is loaded with.
+    pub fn load(dir: &Path, basename: &str, expect_len: usize, dim: usize) -> Result<Self> {
+        let graph_path = dir.join(format!("{basename}{GRAPH_SUFFIX}"));
+        let mut io: Option<&'static mut HnswIo> = Some(Box::leak(Box::new(HnswIo::new(dir, basename))));
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_static(io.take().expect("loader used once"))));
+        let mut hnsw = match loaded {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => return Err(Error::file(&graph_path, format!("cannot load HNSW graph: {e}"))),
+            Err(_) => return Err(Error::file(&graph_path, "malformed HNSW graph (the loader panicked)")),
+        };
+        if hnsw.get_nb_point() != expect_len {
+            return Err(Error::file(
+                &graph_path,
+                format!("graph holds {} points, the index has {expect_len} vectors", hnsw.get_nb_point()),
+            ));
+        }
+        if expect_len > 0 && hnsw.get_point_indexation().get_data_dimension() != dim {
+            return Err(Error::file(
+                &graph_path,
+                format!("graph holds {}-d points, the index is {dim}-d", hnsw.get_point_indexation().get_data_dimension()),
+            ));
+        }
+        hnsw.set_searching_mode(true);
+        Ok(Self { hnsw })
+    }
+}
+
+fn load_static(io: &'static mut HnswIo) -> anyhow::Result<Hnsw<'static, f32, UnitL2>> {
+    io.load_hnsw::<f32, UnitL2>()
+}

@@ -1,0 +1,84 @@
+//! The two things the HTTP layer needs from the outside world, as small traits: a model that
+//! turns images into vectors and a gallery that finds the nearest stored vectors.
+//!
+//! Keeping them abstract lets the routes, batching and error handling be tested with the
+//! deterministic fakes in [`crate::testing`], in milliseconds, while the binary wires the
+//! real EfficientNet embedder and the on-disk HNSW index ([`crate::real`]).
+
+use std::path::PathBuf;
+
+use image::DynamicImage;
+use serde::Serialize;
+
+/// Turns decoded images into L2-normalised embeddings. Called only from the inference
+/// thread(s), never from the async workers, so it may take as long as it needs.
+pub trait EmbedBackend: Send + Sync + 'static {
+    /// One vector of length [`EmbedBackend::dim`] per input image, in order.
+    fn embed(&self, images: &[DynamicImage]) -> anyhow::Result<Vec<Vec<f32>>>;
+    /// Dimension of the vectors.
+    fn dim(&self) -> usize;
+    /// A short human description of the model, shown on `/healthz` and the page.
+    fn describe(&self) -> String;
+}
+
+/// One image of the gallery, as recorded in the index.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GalleryItem {
+    pub id: u64,
+    /// Where the image file lives. Only paths recorded here are ever served.
+    pub path: PathBuf,
+    pub label: Option<String>,
+    /// SHA-256 of the file's bytes, hex.
+    pub sha256: String,
+}
+
+/// A search result: the item and its similarity (higher is closer; cosine for unit vectors).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchHit {
+    pub item: GalleryItem,
+    pub score: f32,
+}
+
+/// What to store for a new gallery image.
+#[derive(Debug, Clone)]
+pub struct NewGalleryItem {
+    pub path: PathBuf,
+    pub label: Option<String>,
+    pub sha256: String,
+    pub embedding: Vec<f32>,
+}
+
+/// Result of an add: the id, and whether the same bytes were already in the gallery (in
+/// which case nothing was written and `id` is the existing item's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddOutcome {
+    pub id: u64,
+    pub duplicate: bool,
+}
+
+/// The gallery index. Implementations do their own locking: searches run concurrently
+/// from the blocking pool while adds come in.
+pub trait SearchBackend: Send + Sync + 'static {
+    /// The `k` nearest items to `query`, best first.
+    fn search(&self, query: &[f32], k: usize) -> anyhow::Result<Vec<SearchHit>>;
+    fn item(&self, id: u64) -> Option<GalleryItem>;
+    /// The id of the item whose file has this SHA-256, if any.
+    fn find_sha256(&self, sha256: &str) -> Option<u64>;
+    /// Adds an item; returns only once the item is durable (survives `kill -9`) and is
+    /// visible to [`SearchBackend::search`]. Adding bytes already present is a no-op that
+    /// returns the existing id.
+    fn add_durable(&self, item: NewGalleryItem) -> anyhow::Result<AddOutcome>;
+    /// Adds many items (the start-up folder scan), durable when it returns. The default
+    /// adds them one by one; an index with a cheaper bulk path overrides it.
+    fn add_batch(&self, items: Vec<NewGalleryItem>) -> anyhow::Result<Vec<AddOutcome>> {
+        items.into_iter().map(|i| self.add_durable(i)).collect()
+    }
+    /// Flushes whatever the index keeps in a log into its main files (clean shutdown).
+    fn close(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

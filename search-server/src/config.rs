@@ -1,0 +1,198 @@
+//! Command-line configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::batcher::BatchConfig;
+use crate::decode::DecodeLimits;
+use crate::routes::Settings;
+
+/// Query-by-image search over a gallery: a JSON API and a web page.
+///
+/// With no --index, the server keeps its own index in --data-dir (created on first start)
+/// and --gallery DIR adds a folder of images to it at start-up (files already indexed are
+/// skipped by content hash). With --index DIR it serves an index built by `indexer build`
+/// and refuses one built with a different model.
+///
+/// API: POST /api/search?k=10 (multipart field 'image' or a raw image/* body);
+/// POST /api/images (multipart 'image' + optional 'label'; needs --api-key when set);
+/// GET /api/images/{id}[/thumb]; GET /healthz; GET /metrics (Prometheus). Errors are JSON
+/// {"error": "..."} with a 4xx/5xx status. k must be 1 or more; values above --max-k are
+/// clamped to --max-k.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "search-server", version, about, long_about)]
+pub struct Args {
+    /// Address to listen on. Use 0.0.0.0:PORT to serve other machines.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+
+    /// Where the server keeps its own index, uploaded images and cached thumbnails.
+    #[arg(long, default_value = "./deep-metric-data")]
+    pub data_dir: PathBuf,
+
+    /// Serve this index (built by `indexer build`) instead of the one in --data-dir.
+    #[arg(long)]
+    pub index: Option<PathBuf>,
+
+    /// Base folder for relative image paths of an --index (the folder it was built from;
+    /// default: the index directory's parent).
+    #[arg(long)]
+    pub images_root: Option<PathBuf>,
+
+    /// Index this folder of images at start-up (recursively; a file's parent folder name
+    /// is its label). Files already in the index (same SHA-256) are skipped.
+    #[arg(long)]
+    pub gallery: Option<PathBuf>,
+
+    /// Embedding model: a run directory written by `trainer`, or pretrained:BACKBONE.
+    #[arg(long, default_value = "pretrained:efficientnet-lite0")]
+    pub model: String,
+
+    /// Pretrained weight file (else $DEEP_METRIC_WEIGHTS, else the Hugging Face cache).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+
+    /// Require this key for POST /api/images ('Authorization: Bearer KEY' or 'X-Api-Key').
+    /// Also read from $DEEP_METRIC_API_KEY, which keeps it out of `ps` output.
+    #[arg(long)]
+    pub api_key: Option<String>,
+
+    /// Disable POST /api/images (403).
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Largest accepted upload, bytes.
+    #[arg(long, default_value_t = 20_000_000)]
+    pub max_upload_bytes: usize,
+
+    /// Largest accepted image area, pixels (checked from the header, before decoding).
+    #[arg(long, default_value_t = 40_000_000)]
+    pub max_pixels: u64,
+
+    /// Results per query when the request has no k.
+    #[arg(long, default_value_t = 10)]
+    pub default_k: usize,
+
+    /// Largest k; larger requests are clamped to it.
+    #[arg(long, default_value_t = 100)]
+    pub max_k: usize,
+
+    /// Search breadth of the HNSW index (higher: better recall, slower).
+    #[arg(long, default_value_t = 64)]
+    pub ef: usize,
+
+    /// Most queries embedded in one forward pass.
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
+
+    /// Longest a query waits for others to share its batch, milliseconds.
+    #[arg(long, default_value_t = 3)]
+    pub batch_wait_ms: u64,
+
+    /// Queries that may wait for the model before new ones get 503.
+    #[arg(long, default_value_t = 256)]
+    pub queue: usize,
+
+    /// HTTP worker threads (they only do I/O; the model runs on its own thread).
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+
+    /// Longest side of thumbnails, pixels.
+    #[arg(long, default_value_t = 256)]
+    pub thumb_size: u32,
+
+    /// Memory for cached thumbnails, MiB (they are also cached on disk in --data-dir).
+    #[arg(long, default_value_t = 64)]
+    pub thumb_cache_mib: usize,
+
+    /// Seconds to finish in-flight requests after SIGTERM/SIGINT.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_timeout: u64,
+}
+
+impl Args {
+    /// Checks values clap cannot; the message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("--max-upload-bytes", self.max_upload_bytes as u64),
+            ("--max-pixels", self.max_pixels),
+            ("--default-k", self.default_k as u64),
+            ("--max-k", self.max_k as u64),
+            ("--ef", self.ef as u64),
+            ("--max-batch", self.max_batch as u64),
+            ("--queue", self.queue as u64),
+            ("--workers", self.workers as u64),
+        ];
+        for (flag, v) in positive {
+            if v == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
+        }
+        if self.max_k > 10_000 {
+            return Err("--max-k must be at most 10000".into());
+        }
+        if self.thumb_size < 16 || self.thumb_size > 2048 {
+            return Err("--thumb-size must be between 16 and 2048".into());
+        }
+        if self.read_only && self.gallery.is_some() {
+            return Err(
+                "--gallery adds images to the index, which --read-only forbids; drop one of them"
+                    .into(),
+            );
+        }
+        if let Some(k) = &self.api_key {
+            if k.trim().is_empty() {
+                return Err("--api-key is empty".into());
+            }
+        }
+        Ok(())
+    }
+
+    pub fn settings(&self) -> Settings {
+        Settings {
+            api_key: self.api_key.clone(),
+            read_only: self.read_only,
+            max_upload_bytes: self.max_upload_bytes,
+            limits: self.limits(),
+            default_k: self.default_k.min(self.max_k),
+            max_k: self.max_k,
+        }
+    }
+
+    pub fn limits(&self) -> DecodeLimits {
+        DecodeLimits {
+            max_pixels: self.max_pixels,
+            ..DecodeLimits::default()
+        }
+    }
+
+    pub fn batch(&self) -> BatchConfig {
+        BatchConfig {
+            max_batch: self.max_batch,
+            batch_wait: Duration::from_millis(self.batch_wait_ms),
+            queue_capacity: self.queue,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_validation() {
+        let a = Args::try_parse_from(["search-server"]).unwrap();
+        assert_eq!(a.bind.to_string(), "127.0.0.1:8080");
+        assert_eq!(a.max_upload_bytes, 20_000_000);
+        assert_eq!((a.max_batch, a.batch_wait_ms), (16, 3));
+        assert!(a.validate().is_ok());
+        let bad = Args::try_parse_from(["search-server", "--max-k", "0"]).unwrap();
+        assert!(bad.validate().unwrap_err().contains("--max-k"));
+        let ro = Args::try_parse_from(["search-server", "--read-only", "--gallery", "x"]).unwrap();
+        assert!(ro.validate().unwrap_err().contains("--read-only"));
+        assert!(Args::try_parse_from(["search-server", "--bind", "nonsense"]).is_err());
+    }
+}

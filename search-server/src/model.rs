@@ -1,0 +1,43 @@
+//! The real embedding model: `trainer`'s [`Embedder`] behind [`EmbedBackend`].
+
+use image::DynamicImage;
+use trainer::checkpoint::ModelIdentity;
+use trainer::embed::{Embedder, ModelSpec};
+
+use crate::backend::EmbedBackend;
+
+/// A loaded model and a description of where it came from.
+pub struct ModelBackend {
+    embedder: Embedder,
+    description: String,
+}
+
+impl ModelBackend {
+    /// Loads `spec` (`pretrained:BACKBONE` or a run directory). Errors say which file is
+    /// missing or wrong and, for pretrained weights, every way to provide them.
+    pub fn load(spec: &str, weights: Option<std::path::PathBuf>) -> trainer::error::Result<Self> {
+        let parsed = ModelSpec::parse(spec, weights)?;
+        let embedder = Embedder::load(&parsed)?;
+        let description = format!("{} ({}-d)", spec, embedder.dim());
+        Ok(Self {
+            embedder,
+            description,
+        })
+    }
+
+    pub fn identity(&self) -> &ModelIdentity {
+        self.embedder.identity()
+    }
+}
+
+impl EmbedBackend for ModelBackend {
+    fn embed(&self, images: &[DynamicImage]) -> anyhow::Result<Vec<Vec<f32>>> {
+        Ok(self.embedder.embed_images(images)?)
+    }
+    fn dim(&self) -> usize {
+        self.embedder.dim()
+    }
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+}

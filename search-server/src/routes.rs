@@ -1,0 +1,460 @@
+//! The HTTP API and the page: handlers, shared state, and the `App` they form.
+//!
+//! Every handler does its CPU work off the async workers: decoding and file I/O in
+//! `web::block`, embedding on the inference thread ([`Batcher`]), index searches in
+//! `web::block`. Every error is a JSON `{"error": ...}` ([`ApiError`]).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::http::header;
+use actix_web::middleware::{from_fn, Next};
+use actix_web::{web, App, HttpRequest, HttpResponse};
+use serde::Serialize;
+
+use crate::assets;
+use crate::backend::{GalleryItem, NewGalleryItem, SearchBackend};
+use crate::batcher::Batcher;
+use crate::decode::{self, DecodeLimits};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::store::{sha256_hex, UploadStore};
+use crate::thumbs::{self, Thumbnails};
+use crate::upload::{read_upload, Fields};
+
+/// Request-independent settings of the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Required for `POST /api/images` when set.
+    pub api_key: Option<String>,
+    /// `POST /api/images` answers 403.
+    pub read_only: bool,
+    pub max_upload_bytes: usize,
+    pub limits: DecodeLimits,
+    /// `k` when the query has none.
+    pub default_k: usize,
+    /// Larger `k` values are clamped to this (documented in `--help` and the API notes).
+    pub max_k: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            api_key: None,
+            read_only: false,
+            max_upload_bytes: 20_000_000,
+            limits: DecodeLimits::default(),
+            default_k: 10,
+            max_k: 100,
+        }
+    }
+}
+
+/// Everything the handlers share.
+pub struct AppState {
+    pub gallery: Arc<dyn SearchBackend>,
+    pub batcher: Batcher,
+    pub metrics: Arc<Metrics>,
+    pub thumbs: Arc<Thumbnails>,
+    pub uploads: UploadStore,
+    pub settings: Settings,
+    /// Shown on `/healthz` and the page.
+    pub model: String,
+}
+
+/// The application: routes, JSON 404 for everything else, and request metrics.
+pub fn app(
+    state: web::Data<AppState>,
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    App::new()
+        .app_data(state)
+        // Bodies are read as streams with our own limits (see `upload`); these only guard
+        // extractors that might be added later.
+        .app_data(web::PayloadConfig::new(64 * 1024))
+        .app_data(web::JsonConfig::default().limit(64 * 1024))
+        .wrap(from_fn(track_metrics))
+        .configure(configure)
+}
+
+/// Registers every route (also usable inside another `App`).
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/", web::get().to(assets::index))
+        .route("/app.js", web::get().to(assets::script))
+        .route("/style.css", web::get().to(assets::style))
+        .route("/favicon.svg", web::get().to(assets::favicon))
+        .route("/healthz", web::get().to(healthz))
+        .route("/metrics", web::get().to(metrics))
+        .route("/api/config", web::get().to(config))
+        .route("/api/search", web::post().to(search))
+        .route("/api/images", web::post().to(add_image))
+        .route("/api/images/{id}", web::get().to(image))
+        .route("/api/images/{id}/thumb", web::get().to(thumbnail))
+        .default_service(web::to(not_found));
+}
+
+/// Counts every request by route pattern and status and times it.
+async fn track_metrics(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let start = Instant::now();
+    let state = req.app_data::<web::Data<AppState>>().cloned();
+    let method = req.method().to_string();
+    let res = next.call(req).await?;
+    if let Some(state) = state {
+        let route = res
+            .request()
+            .match_pattern()
+            .unwrap_or_else(|| "(unmatched)".to_string());
+        state.metrics.observe_request(
+            &route,
+            &method,
+            res.status().as_u16(),
+            start.elapsed().as_secs_f64(),
+        );
+    }
+    Ok(res)
+}
+
+async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound(format!(
+        "no such endpoint: {} {}",
+        req.method(),
+        req.path()
+    )))
+}
+
+async fn healthz(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({
+        "status": "ok",
+        "gallery_items": state.gallery.len(),
+        "model": state.model,
+        "read_only": state.settings.read_only,
+    }))
+}
+
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(
+            state
+                .metrics
+                .render(state.gallery.len(), state.batcher.queue_depth()),
+        )
+}
+
+/// What the page needs to know to show the right controls.
+async fn config(state: web::Data<AppState>) -> HttpResponse {
+    let s = &state.settings;
+    HttpResponse::Ok().json(serde_json::json!({
+        "read_only": s.read_only,
+        "auth_required": s.api_key.is_some(),
+        "default_k": s.default_k,
+        "max_k": s.max_k,
+        "max_upload_bytes": s.max_upload_bytes,
+        "gallery_items": state.gallery.len(),
+        "model": state.model,
+    }))
+}
+
+/// One search result as returned to clients.
+#[derive(Debug, Serialize)]
+pub struct ResultJson {
+    pub id: u64,
+    pub score: f32,
+    pub label: Option<String>,
+    pub path: String,
+    pub url: String,
+    pub thumb_url: String,
+}
+
+impl ResultJson {
+    fn new(item: &GalleryItem, score: f32) -> Self {
+        Self {
+            id: item.id,
+            score,
+            label: item.label.clone(),
+            path: item.path.display().to_string(),
+            url: format!("/api/images/{}", item.id),
+            thumb_url: format!("/api/images/{}/thumb", item.id),
+        }
+    }
+}
+
+/// `k` from the query string: absent → default; 0, negative or not a number → 400; above
+/// `max_k` → clamped to `max_k`.
+pub fn parse_k(query: &str, settings: &Settings) -> Result<usize, ApiError> {
+    let pairs = web::Query::<Vec<(String, String)>>::from_query(query)
+        .map_err(|e| ApiError::BadRequest(format!("malformed query string: {e}")))?;
+    let Some((_, raw)) = pairs.iter().rev().find(|(key, _)| key == "k") else {
+        return Ok(settings.default_k.clamp(1, settings.max_k));
+    };
+    let bad = || {
+        ApiError::BadRequest(format!(
+            "k must be a whole number from 1 to {} (larger values are clamped), got '{raw}'",
+            settings.max_k
+        ))
+    };
+    // Huge numbers that overflow usize are still "a number too large": clamp them too.
+    let digits = raw.trim();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    match digits.parse::<usize>() {
+        Ok(0) => Err(bad()),
+        Ok(k) => Ok(k.min(settings.max_k)),
+        Err(_) => Ok(settings.max_k),
+    }
+}
+
+/// Decodes off the async workers, mapping decode failures to 4xx.
+async fn decode_upload(
+    bytes: web::Bytes,
+    limits: DecodeLimits,
+) -> Result<image::DynamicImage, ApiError> {
+    Ok(web::block(move || decode::decode_image(&bytes, limits)).await??)
+}
+
+/// `POST /api/search?k=10`: multipart field `image` or a raw `image/*` body.
+async fn search(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let start = Instant::now();
+    let k = parse_k(req.query_string(), &state.settings)?;
+    let upload = read_upload(
+        &req,
+        payload,
+        state.settings.max_upload_bytes,
+        Fields::ImageOnly,
+    )
+    .await?;
+    let img = decode_upload(upload.image, state.settings.limits).await?;
+    let query = state.batcher.embed(img).await?;
+    let gallery = state.gallery.clone();
+    let hits = web::block(move || gallery.search(&query, k))
+        .await?
+        .map_err(|e| ApiError::internal("searching the index failed", format!("{e:#}")))?;
+    let results: Vec<ResultJson> = hits
+        .iter()
+        .map(|h| ResultJson::new(&h.item, h.score))
+        .collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "results": results,
+        "k": k,
+        "took_ms": start.elapsed().as_secs_f64() * 1e3,
+    })))
+}
+
+/// Checks `Authorization: Bearer KEY` or `X-Api-Key: KEY` against the configured key.
+fn check_api_key(req: &HttpRequest, expected: &str) -> Result<(), ApiError> {
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let x_key = req
+        .headers()
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    match bearer.or(x_key) {
+        None => Err(ApiError::Unauthorized(
+            "adding images needs an API key on this server: send 'Authorization: Bearer KEY' or 'X-Api-Key: KEY'".into(),
+        )),
+        Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError::Unauthorized("the API key is wrong".into())),
+    }
+}
+
+/// Compares without an early exit, so response time does not reveal a key prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for (x, y) in a.iter().zip(b) {
+        diff |= x ^ y;
+    }
+    diff == 0
+}
+
+/// `POST /api/images`: adds an image (multipart `image`, optional `label`) to the live index.
+/// Answers 200 only once the item is durable and searchable.
+async fn add_image(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let start = Instant::now();
+    if state.settings.read_only {
+        return Err(ApiError::Forbidden(
+            "this server is read-only (--read-only): adding images is disabled".into(),
+        ));
+    }
+    if let Some(key) = &state.settings.api_key {
+        check_api_key(&req, key)?;
+    }
+    let upload = read_upload(
+        &req,
+        payload,
+        state.settings.max_upload_bytes,
+        Fields::ImageAndLabel,
+    )
+    .await?;
+    let bytes = upload.image;
+    let sha = sha256_hex(&bytes);
+    let respond = |id: u64, duplicate: bool, label: Option<String>| {
+        HttpResponse::Ok().json(serde_json::json!({
+            "id": id,
+            "duplicate": duplicate,
+            "label": label,
+            "url": format!("/api/images/{id}"),
+            "thumb_url": format!("/api/images/{id}/thumb"),
+            "took_ms": start.elapsed().as_secs_f64() * 1e3,
+        }))
+    };
+    if let Some(id) = state.gallery.find_sha256(&sha) {
+        let label = state.gallery.item(id).and_then(|i| i.label);
+        return Ok(respond(id, true, label));
+    }
+    let format = decode::sniff_format(&bytes)?;
+    let img = decode_upload(bytes.clone(), state.settings.limits).await?;
+    let embedding = state.batcher.embed(img).await?;
+    let (gallery, uploads) = (state.gallery.clone(), state.uploads.clone());
+    let label = upload.label.clone();
+    let outcome = web::block(move || -> Result<_, ApiError> {
+        let path = uploads
+            .save(&bytes, &sha, format)
+            .map_err(|e| ApiError::internal("storing the uploaded image failed", e))?;
+        gallery
+            .add_durable(NewGalleryItem {
+                path,
+                label,
+                sha256: sha,
+                embedding,
+            })
+            .map_err(|e| {
+                ApiError::internal("adding the image to the index failed", format!("{e:#}"))
+            })
+    })
+    .await??;
+    let label = if outcome.duplicate {
+        state.gallery.item(outcome.id).and_then(|i| i.label)
+    } else {
+        upload.label
+    };
+    tracing::info!(
+        id = outcome.id,
+        duplicate = outcome.duplicate,
+        "image added"
+    );
+    Ok(respond(outcome.id, outcome.duplicate, label))
+}
+
+/// The gallery item named by the `{id}` path segment. Anything but a known numeric id is
+/// 404: ids are the only way to reach a file, so no user-supplied path is ever opened.
+fn lookup(state: &AppState, raw: &str) -> Result<GalleryItem, ApiError> {
+    raw.parse::<u64>()
+        .ok()
+        .and_then(|id| state.gallery.item(id))
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "no gallery image with id '{}'",
+                raw.chars().take(64).collect::<String>()
+            ))
+        })
+}
+
+fn missing_file(item: &GalleryItem, e: impl std::fmt::Display) -> ApiError {
+    tracing::warn!("gallery image {} ({}): {e}", item.id, item.path.display());
+    ApiError::NotFound(format!(
+        "the file of gallery image {} is no longer available on the server",
+        item.id
+    ))
+}
+
+/// `GET /api/images/{id}`: the original file.
+async fn image(
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let item = lookup(&state, &path)?;
+    let p = item.path.clone();
+    let bytes = web::block(move || std::fs::read(p))
+        .await?
+        .map_err(|e| missing_file(&item, e))?;
+    Ok(HttpResponse::Ok()
+        .content_type(thumbs::content_type(&bytes))
+        .insert_header((header::CACHE_CONTROL, "public, max-age=3600"))
+        .insert_header(("X-Content-Type-Options", "nosniff"))
+        .body(bytes))
+}
+
+/// `GET /api/images/{id}/thumb`: a small JPEG.
+async fn thumbnail(
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let item = lookup(&state, &path)?;
+    let thumbs = state.thumbs.clone();
+    let it = item.clone();
+    let bytes = web::block(move || thumbs.get(&it))
+        .await?
+        .map_err(|e| match e {
+            thumbs::ThumbError::Read(e) => missing_file(&item, e),
+            other => ApiError::internal(
+                &format!("cannot make the thumbnail of gallery image {}", item.id),
+                other,
+            ),
+        })?;
+    Ok(HttpResponse::Ok()
+        .content_type("image/jpeg")
+        .insert_header((header::CACHE_CONTROL, "public, max-age=3600"))
+        .insert_header(("X-Content-Type-Options", "nosniff"))
+        .body(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn k_parsing() {
+        let s = Settings {
+            default_k: 10,
+            max_k: 50,
+            ..Settings::default()
+        };
+        assert_eq!(parse_k("", &s).unwrap(), 10);
+        assert_eq!(parse_k("k=3", &s).unwrap(), 3);
+        assert_eq!(parse_k("k=500", &s).unwrap(), 50);
+        assert_eq!(parse_k("k=99999999999999999999999999", &s).unwrap(), 50);
+        for bad in ["k=0", "k=-1", "k=abc", "k=", "k=1.5", "k=%20"] {
+            assert!(
+                matches!(parse_k(bad, &s), Err(ApiError::BadRequest(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn constant_time_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}

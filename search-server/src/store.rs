@@ -1,0 +1,91 @@
+//! Files the server writes under its data directory: uploaded images (content-addressed by
+//! SHA-256, so the same bytes are stored once and a path never depends on user input) and
+//! the on-disk thumbnail cache.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use image::ImageFormat;
+use sha2::{Digest, Sha256};
+
+/// Hex SHA-256 of some bytes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// File extension for a stored image of this format.
+pub fn extension(format: ImageFormat) -> &'static str {
+    format.extensions_str().first().copied().unwrap_or("img")
+}
+
+/// Where uploaded images live: `<data-dir>/uploads/<first two hex>/<sha256>.<ext>`.
+#[derive(Debug, Clone)]
+pub struct UploadStore {
+    root: PathBuf,
+}
+
+impl UploadStore {
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            root: data_dir.join("uploads"),
+        }
+    }
+
+    pub fn path_for(&self, sha256: &str, format: ImageFormat) -> PathBuf {
+        self.root
+            .join(&sha256[..2])
+            .join(format!("{sha256}.{}", extension(format)))
+    }
+
+    /// Writes the bytes durably (temp file, fsync, rename, fsync of the directory) and returns
+    /// the final path. Called before the index records the item, so an item that survives a
+    /// crash always has its file.
+    pub fn save(
+        &self,
+        bytes: &[u8],
+        sha256: &str,
+        format: ImageFormat,
+    ) -> std::io::Result<PathBuf> {
+        let path = self.path_for(sha256, format);
+        if path.is_file() {
+            return Ok(path);
+        }
+        write_durable(&path, bytes)?;
+        Ok(path)
+    }
+}
+
+/// Writes `bytes` to `path` so a crash leaves the old file or the complete new one.
+pub fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saves_content_addressed_and_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = UploadStore::new(dir.path());
+        let sha = sha256_hex(b"abc");
+        let p = store.save(b"abc", &sha, ImageFormat::Png).unwrap();
+        assert_eq!(
+            p,
+            dir.path()
+                .join("uploads")
+                .join(&sha[..2])
+                .join(format!("{sha}.png"))
+        );
+        assert_eq!(std::fs::read(&p).unwrap(), b"abc");
+        assert_eq!(store.save(b"abc", &sha, ImageFormat::Png).unwrap(), p);
+    }
+}

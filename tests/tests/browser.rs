@@ -1,0 +1,306 @@
+//! The web page in a real browser: headless Chromium driven through chromedriver's
+//! WebDriver protocol (plain HTTP + JSON with the server crate's small client). Loads the
+//! page, uploads an image through the file input, waits for the result thumbnails, checks
+//! that a server error is shown to the user, and saves a screenshot.
+//!
+//! Needs `chromium` and `chromedriver` (Debian: `apt-get install chromium chromium-driver`);
+//! skipped with a message when they are absent.
+
+mod server_support;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use search_server::client::Client;
+use serde_json::{json, Value};
+use server_support::{make_gallery, server_binary, weights, Server};
+
+/// W3C WebDriver's key for element references.
+const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+fn find_program(candidates: &[&str]) -> Option<PathBuf> {
+    candidates
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .or_else(|| {
+            let path = std::env::var_os("PATH")?;
+            std::env::split_paths(&path)
+                .flat_map(|d| {
+                    candidates
+                        .iter()
+                        .map(move |c| d.join(Path::new(c).file_name().unwrap()))
+                })
+                .find(|p| p.is_file())
+        })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A chromedriver process and one browser session.
+struct Browser {
+    driver: Child,
+    http: Client,
+    session: String,
+}
+
+impl Browser {
+    fn start(chromedriver: &Path, chromium: &Path, profile: &Path) -> Browser {
+        let port = free_port();
+        let driver = Command::new(chromedriver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start chromedriver");
+        let mut http = Client::new(&format!("127.0.0.1:{port}"))
+            .unwrap()
+            .with_timeout(Duration::from_secs(60));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !http
+            .get("/status")
+            .map(|r| r.json()["value"]["ready"] == true)
+            .unwrap_or(false)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "chromedriver did not become ready"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium.to_str().unwrap(),
+                "args": [
+                    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    "--disable-dev-shm-usage", "--window-size=1280,900",
+                    format!("--user-data-dir={}", profile.display()),
+                ]
+            }
+        }}});
+        let mut b = Browser {
+            driver,
+            http,
+            session: String::new(),
+        };
+        let v = b.call("POST", "/session", caps);
+        b.session = v["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {v}"))
+            .to_string();
+        b
+    }
+
+    /// One WebDriver command; panics with the driver's message on error.
+    fn call(&mut self, method: &str, path: &str, body: Value) -> Value {
+        let bytes = if method == "GET" || method == "DELETE" {
+            Vec::new()
+        } else {
+            serde_json::to_vec(&body).unwrap()
+        };
+        let r = self
+            .http
+            .request(
+                method,
+                path,
+                &[("Content-Type", "application/json")],
+                &bytes,
+            )
+            .unwrap_or_else(|e| panic!("WebDriver {method} {path}: {e}"));
+        let v = r.json();
+        assert_eq!(r.status, 200, "WebDriver {method} {path}: {}", r.text());
+        v["value"].clone()
+    }
+
+    fn cmd(&mut self, method: &str, what: &str, body: Value) -> Value {
+        let path = format!("/session/{}{what}", self.session);
+        self.call(method, &path, body)
+    }
+
+    fn script(&mut self, js: &str) -> Value {
+        self.cmd("POST", "/execute/sync", json!({"script": js, "args": []}))
+    }
+
+    fn element(&mut self, css: &str) -> String {
+        let v = self.cmd(
+            "POST",
+            "/element",
+            json!({"using": "css selector", "value": css}),
+        );
+        v[ELEMENT_KEY]
+            .as_str()
+            .unwrap_or_else(|| panic!("no element {css}: {v}"))
+            .to_string()
+    }
+
+    /// Polls `js` until it returns true.
+    fn wait_for(&mut self, js: &str, what: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.script(js) != Value::Bool(true) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn upload(&mut self, file: &Path) {
+        let input = self.element("#file");
+        self.cmd(
+            "POST",
+            &format!("/element/{input}/value"),
+            json!({"text": file.to_str().unwrap()}),
+        );
+    }
+
+    fn screenshot(&mut self, to: &Path) {
+        let b64 = self.cmd("GET", "/screenshot", Value::Null);
+        std::fs::write(to, base64_decode(b64.as_str().unwrap())).unwrap();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            let path = format!("/session/{}", self.session);
+            let _ = self.http.request("DELETE", &path, &[], &[]);
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("bad base64 byte {c}"),
+    };
+    let bytes: Vec<u8> = s
+        .bytes()
+        .filter(|&c| c != b'=' && !c.is_ascii_whitespace())
+        .collect();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= u32::from(val(c)) << (18 - 6 * i);
+        }
+        out.extend_from_slice(&n.to_be_bytes()[1..chunk.len()]);
+    }
+    out
+}
+
+#[test]
+fn page_uploads_an_image_and_shows_result_thumbnails() {
+    let (Some(bin), Some(weights)) = (server_binary(), weights()) else {
+        return;
+    };
+    let Some(chromedriver) = find_program(&["/usr/bin/chromedriver", "chromedriver"]) else {
+        eprintln!("skipping: chromedriver not found (apt-get install chromium chromium-driver)");
+        return;
+    };
+    let Some(chromium) =
+        find_program(&["/usr/bin/chromium", "chromium", "/usr/bin/chromium-browser"])
+    else {
+        eprintln!("skipping: chromium not found (apt-get install chromium chromium-driver)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let gallery = tmp.path().join("gallery");
+    let classes = [
+        ("red", [230, 30, 30]),
+        ("blue", [30, 40, 230]),
+        ("yellow", [240, 220, 30]),
+    ];
+    let files = make_gallery(&gallery, &classes, 3);
+    let data = tmp.path().join("data");
+    let server = Server::start(
+        &bin,
+        &[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--weights",
+            weights.to_str().unwrap(),
+            "--gallery",
+            gallery.to_str().unwrap(),
+            "--api-key",
+            "secret",
+        ],
+    );
+
+    let mut b = Browser::start(
+        &chromedriver,
+        &chromium,
+        &tmp.path().join("chromium-profile"),
+    );
+    b.cmd(
+        "POST",
+        "/url",
+        json!({"url": format!("http://{}/", server.addr)}),
+    );
+    b.wait_for(
+        "return document.getElementById('status').textContent.includes('images')",
+        "the page to load its config",
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        b.script("return document.title"),
+        "Deep Metric — image search"
+    );
+    assert_eq!(
+        b.script("return document.getElementById('key-row').hidden"),
+        false,
+        "API key field shown"
+    );
+
+    // Upload a gallery image: results appear, best first is the image itself.
+    b.upload(&files[4]);
+    b.wait_for(
+        "const imgs = [...document.querySelectorAll('#grid li img')]; \
+         return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0)",
+        "result thumbnails",
+        Duration::from_secs(60),
+    );
+    let n = b
+        .script("return document.querySelectorAll('#grid li').length")
+        .as_u64()
+        .unwrap();
+    assert_eq!(n, 9, "all 9 gallery images are shown with k=10");
+    assert_eq!(
+        b.script("return document.querySelector('#grid li .label').textContent"),
+        "blue"
+    );
+    assert_eq!(
+        b.script("return document.getElementById('preview').hidden"),
+        false,
+        "preview shown"
+    );
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("search-page-results.png");
+    b.screenshot(&shot);
+    eprintln!("screenshot: {}", shot.display());
+    assert!(image::open(&shot).unwrap().width() >= 800);
+
+    // A server-side error reaches the user: a text file named .png.
+    let fake = tmp.path().join("fake.png");
+    std::fs::write(&fake, "this is not an image").unwrap();
+    b.upload(&fake);
+    b.wait_for(
+        "return !document.getElementById('error').hidden",
+        "the error message",
+        Duration::from_secs(20),
+    );
+    let msg = b.script("return document.getElementById('error').textContent");
+    assert!(msg.as_str().unwrap().contains("not an image"), "{msg}");
+}
