@@ -117,7 +117,10 @@ impl Adam {
             let lr = g.lr * factor;
             for ((_, var), mo) in g.vars.iter().zip(ms.iter_mut()) {
                 let Some(grad) = grads.get(var.as_tensor()) else { continue };
-                let w = var.as_tensor();
+                // Detached: optimiser arithmetic must not extend the autograd graph (the
+                // moments would otherwise chain every step's graph and leak memory).
+                let grad = grad.detach();
+                let w = &var.as_tensor().detach();
                 let grad = match self.kind {
                     OptimizerKind::Adam if self.weight_decay > 0.0 => (grad + (w * self.weight_decay)?)?,
                     _ => grad.clone(),
@@ -205,6 +208,19 @@ mod tests {
         let bv = b.as_tensor().to_vec1::<f32>()?;
         assert!((av[0] - 0.9).abs() < 1e-5 && (av[1] + 1.9).abs() < 1e-5, "{av:?}");
         assert!((bv[0] - 2.0).abs() < 1e-5, "{bv:?}");
+        Ok(())
+    }
+
+    /// The moments must stay plain tensors: a tracked op chain would grow every step.
+    #[test]
+    fn moments_do_not_track_the_graph() -> Result<()> {
+        let a = Var::from_vec(vec![1f32, -2.0], 2, &Device::Cpu)?;
+        let mut opt = Adam::new(OptimizerKind::Adam, vec![ParamGroup { name: "g", vars: vec![("a".into(), a.clone())], lr: 0.1 }], 1e-2)?;
+        for _ in 0..3 {
+            let loss = a.as_tensor().sqr()?.sum_all()?;
+            opt.step(&loss.backward()?, 1.0)?;
+        }
+        assert!(!opt.moments[0][0].m.track_op() && !opt.moments[0][0].v.track_op());
         Ok(())
     }
 
