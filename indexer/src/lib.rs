@@ -34,6 +34,7 @@
 //! and [`Hit::score`] is the cosine similarity `1 − d²/2`.
 
 pub mod bench;
+pub mod commands;
 pub mod distance;
 pub mod export;
 pub mod gallery;
