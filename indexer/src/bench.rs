@@ -63,10 +63,19 @@ pub struct BenchReport {
 
 /// Runs everything on `vectors` (row-major, unit rows) with `labels`; the index is built in
 /// `index_dir` (must not hold an index) and kept there.
-pub fn run(vectors: &[f32], dim: usize, labels: &[u32], identity: ModelIdentity, index_dir: &Path, cfg: &BenchConfig) -> Result<BenchReport> {
+pub fn run(
+    vectors: &[f32],
+    dim: usize,
+    labels: &[u32],
+    identity: ModelIdentity,
+    index_dir: &Path,
+    cfg: &BenchConfig,
+) -> Result<BenchReport> {
     let n = labels.len();
     if n < 2 || vectors.len() != n * dim {
-        return Err(Error::Invalid(format!("benchmark needs at least 2 labelled vectors of dim {dim}, got {n}")));
+        return Err(Error::Invalid(format!(
+            "benchmark needs at least 2 labelled vectors of dim {dim}, got {n}"
+        )));
     }
     let exact = evaluate(vectors, dim, labels, &cfg.ks, cfg.seed)?;
 
@@ -75,7 +84,12 @@ pub fn run(vectors: &[f32], dim: usize, labels: &[u32], identity: ModelIdentity,
     let items = vectors
         .chunks_exact(dim)
         .enumerate()
-        .map(|(i, v)| NewItem { path: format!("#{i}"), label: Some(labels[i].to_string()), sha256: format!("row-{i}"), vector: v.to_vec() })
+        .map(|(i, v)| NewItem {
+            path: format!("#{i}"),
+            label: Some(labels[i].to_string()),
+            sha256: format!("row-{i}"),
+            vector: v.to_vec(),
+        })
         .collect();
     index.add(items)?;
     let build_seconds = t.elapsed().as_secs_f64();
@@ -90,10 +104,25 @@ pub fn run(vectors: &[f32], dim: usize, labels: &[u32], identity: ModelIdentity,
         *counts.entry(l).or_insert(0usize) += 1;
     }
     let max_r = counts.values().max().copied().unwrap_or(1) - 1;
-    let k = cfg.ks.iter().copied().max().unwrap_or(1).max(max_r).min(n - 1);
+    let k = cfg
+        .ks
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(1)
+        .max(max_r)
+        .min(n - 1);
     let lists: Vec<Vec<u32>> = (0..n)
         .into_par_iter()
-        .map(|i| neighbours_without_self(&index, &vectors[i * dim..(i + 1) * dim], i, k, cfg.ef.max(k + 1)))
+        .map(|i| {
+            neighbours_without_self(
+                &index,
+                &vectors[i * dim..(i + 1) * dim],
+                i,
+                k,
+                cfg.ef.max(k + 1),
+            )
+        })
         .collect();
     let hnsw = RetrievalMetrics::from_neighbors(&lists, labels, &cfg.ks)?;
 
@@ -108,7 +137,11 @@ pub fn run(vectors: &[f32], dim: usize, labels: &[u32], identity: ModelIdentity,
     let mut sweep = Vec::new();
     for &ef in &cfg.ef_sweep {
         let (lat, recall) = timed_queries(&index, vectors, dim, &exact10, ef);
-        sweep.push(SweepPoint { ef, recall_at_10: recall, qps: lat.len() as f64 / lat.iter().sum::<f64>() * 1e3 });
+        sweep.push(SweepPoint {
+            ef,
+            recall_at_10: recall,
+            qps: lat.len() as f64 / lat.iter().sum::<f64>() * 1e3,
+        });
     }
     Ok(BenchReport {
         n,
@@ -132,13 +165,31 @@ pub fn run(vectors: &[f32], dim: usize, labels: &[u32], identity: ModelIdentity,
 }
 
 /// HNSW top `k` of item `i`, the item itself removed (the protocol excludes the query).
-fn neighbours_without_self(index: &GalleryIndex, q: &[f32], i: usize, k: usize, ef: usize) -> Vec<u32> {
-    index.search(q, k + 1, ef).into_iter().map(|h| h.id as u32).filter(|&j| j as usize != i).take(k).collect()
+fn neighbours_without_self(
+    index: &GalleryIndex,
+    q: &[f32],
+    i: usize,
+    k: usize,
+    ef: usize,
+) -> Vec<u32> {
+    index
+        .search(q, k + 1, ef)
+        .into_iter()
+        .map(|h| h.id as u32)
+        .filter(|&j| j as usize != i)
+        .take(k)
+        .collect()
 }
 
 /// Per-query latency (ms, one thread, top-11 so 10 remain after dropping the query) and the
 /// mean fraction of the exact top-10 found.
-fn timed_queries(index: &GalleryIndex, vectors: &[f32], dim: usize, exact10: &[Vec<u32>], ef: usize) -> (Vec<f64>, f64) {
+fn timed_queries(
+    index: &GalleryIndex,
+    vectors: &[f32],
+    dim: usize,
+    exact10: &[Vec<u32>],
+    ef: usize,
+) -> (Vec<f64>, f64) {
     let n = exact10.len();
     let mut lat = Vec::with_capacity(n);
     let mut found = 0usize;
@@ -148,11 +199,23 @@ fn timed_queries(index: &GalleryIndex, vectors: &[f32], dim: usize, exact10: &[V
         let t = Instant::now();
         let hits = index.search(q, 11, ef.max(11));
         lat.push(t.elapsed().as_secs_f64() * 1e3);
-        let got: Vec<u32> = hits.iter().map(|h| h.id as u32).filter(|&j| j as usize != i).take(10).collect();
+        let got: Vec<u32> = hits
+            .iter()
+            .map(|h| h.id as u32)
+            .filter(|&j| j as usize != i)
+            .take(10)
+            .collect();
         found += truth.iter().filter(|t| got.contains(t)).count();
         wanted += truth.len();
     }
-    (lat, if wanted == 0 { 1.0 } else { found as f64 / wanted as f64 })
+    (
+        lat,
+        if wanted == 0 {
+            1.0
+        } else {
+            found as f64 / wanted as f64
+        },
+    )
 }
 
 fn percentile(values: &[f64], p: f64) -> f64 {
@@ -186,7 +249,11 @@ impl BenchReport {
         put("m", self.params.m.into());
         put("ef_construction", self.params.ef_construction.into());
         put("ef_search", self.ef.into());
-        put("embed_images_per_second", self.embed_images_per_second.map_or(Value::Null, Value::from));
+        put(
+            "embed_images_per_second",
+            self.embed_images_per_second
+                .map_or(Value::Null, Value::from),
+        );
         put("build_seconds", self.build_seconds.into());
         put("commit_seconds", self.commit_seconds.into());
         put("index_bytes", self.index_bytes.into());
@@ -194,9 +261,15 @@ impl BenchReport {
         put("latency_ms_p99", self.latency_ms_p99.into());
         put("qps", self.qps.into());
         put("qps_parallel", self.qps_parallel.into());
-        put("hnsw.recall_of_exact_top10", self.recall_of_exact_top10.into());
+        put(
+            "hnsw.recall_of_exact_top10",
+            self.recall_of_exact_top10.into(),
+        );
         for p in &self.sweep {
-            put(&format!("sweep.ef{}.recall@10", p.ef), p.recall_at_10.into());
+            put(
+                &format!("sweep.ef{}.recall@10", p.ef),
+                p.recall_at_10.into(),
+            );
             put(&format!("sweep.ef{}.qps", p.ef), p.qps.into());
         }
         Value::Object(m)
@@ -245,10 +318,19 @@ pub fn sweep_svg(points: &[SweepPoint], title: &str) -> String {
     let (w, h, ml, mr, mt, mb) = (640.0, 420.0, 70.0, 20.0, 40.0, 50.0);
     let pw = w - ml - mr;
     let ph = h - mt - mb;
-    let rmin = points.iter().map(|p| p.recall_at_10).fold(1.0f64, f64::min).min(0.9).max(0.0);
+    let rmin = points.iter().map(|p| p.recall_at_10).fold(1.0f64, f64::min).clamp(0.0, 0.9);
     let rmin = (rmin * 20.0).floor() / 20.0;
-    let (qlo, qhi) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.qps), hi.max(p.qps)));
-    let (llo, lhi) = if points.is_empty() { (0.0, 1.0) } else { (qlo.max(1e-9).log10().floor(), qhi.max(1e-9).log10().ceil().max(qlo.log10().floor() + 1.0)) };
+    let (qlo, qhi) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| {
+        (lo.min(p.qps), hi.max(p.qps))
+    });
+    let (llo, lhi) = if points.is_empty() {
+        (0.0, 1.0)
+    } else {
+        (
+            qlo.max(1e-9).log10().floor(),
+            qhi.max(1e-9).log10().ceil().max(qlo.log10().floor() + 1.0),
+        )
+    };
     let x = |r: f64| ml + (r - rmin) / (1.0 - rmin).max(1e-9) * pw;
     let y = |q: f64| mt + ph - (q.max(1e-9).log10() - llo) / (lhi - llo) * ph;
     let mut s = format!(
@@ -274,10 +356,20 @@ pub fn sweep_svg(points: &[SweepPoint], title: &str) -> String {
         );
         e += 1.0;
     }
-    s += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">recall of the exact top-10</text>\n", ml + pw / 2.0, h - 10.0);
+    s += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">recall of the exact top-10</text>\n",
+        ml + pw / 2.0,
+        h - 10.0
+    );
     s += &format!("<text transform=\"translate(16,{}) rotate(-90)\" text-anchor=\"middle\">queries per second (1 thread, log)</text>\n", mt + ph / 2.0);
-    let path: Vec<String> = points.iter().map(|p| format!("{:.1},{:.1}", x(p.recall_at_10), y(p.qps))).collect();
-    s += &format!("<polyline points=\"{}\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\"/>\n", path.join(" "));
+    let path: Vec<String> = points
+        .iter()
+        .map(|p| format!("{:.1},{:.1}", x(p.recall_at_10), y(p.qps)))
+        .collect();
+    s += &format!(
+        "<polyline points=\"{}\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\"/>\n",
+        path.join(" ")
+    );
     for p in points {
         s += &format!(
             "<circle cx=\"{0:.1}\" cy=\"{1:.1}\" r=\"4\" fill=\"#1f77b4\"/><text x=\"{0:.1}\" y=\"{2:.1}\" text-anchor=\"middle\">ef {3}</text>\n",
@@ -289,7 +381,9 @@ pub fn sweep_svg(points: &[SweepPoint], title: &str) -> String {
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 #[cfg(test)]
@@ -302,15 +396,43 @@ mod tests {
         let dim = 16;
         let (v, labels) = clustered(600, dim, 12, 0.8, 2);
         let dir = tempfile::tempdir().unwrap();
-        let cfg = BenchConfig { ks: vec![1, 2, 4, 8], params: HnswParams::default(), ef: 64, ef_sweep: vec![16, 64], seed: 1 };
-        let r = run(&v, dim, &labels, crate::gallery_tests::identity(dim), &dir.path().join("idx"), &cfg).unwrap();
+        let cfg = BenchConfig {
+            ks: vec![1, 2, 4, 8],
+            params: HnswParams::default(),
+            ef: 64,
+            ef_sweep: vec![16, 64],
+            seed: 1,
+        };
+        let r = run(
+            &v,
+            dim,
+            &labels,
+            crate::gallery_tests::identity(dim),
+            &dir.path().join("idx"),
+            &cfg,
+        )
+        .unwrap();
         let j = r.to_json();
         for key in [
-            "exact.recall@1", "exact.recall@8", "hnsw.recall@1", "nmi", "map@r", "r_precision", "qps",
-            "latency_ms_p50", "latency_ms_p99", "build_seconds", "index_bytes", "hnsw.recall_of_exact_top10",
-            "sweep.ef16.recall@10", "sweep.ef64.qps",
+            "exact.recall@1",
+            "exact.recall@8",
+            "hnsw.recall@1",
+            "nmi",
+            "map@r",
+            "r_precision",
+            "qps",
+            "latency_ms_p50",
+            "latency_ms_p99",
+            "build_seconds",
+            "index_bytes",
+            "hnsw.recall_of_exact_top10",
+            "sweep.ef16.recall@10",
+            "sweep.ef64.qps",
         ] {
-            assert!(j.get(key).is_some_and(|v| v.is_number()), "missing or non-numeric {key}: {j}");
+            assert!(
+                j.get(key).is_some_and(|v| v.is_number()),
+                "missing or non-numeric {key}: {j}"
+            );
         }
         // Exact and a good HNSW agree closely on well separated clusters.
         let e1 = j["exact.recall@1"].as_f64().unwrap();

@@ -30,15 +30,26 @@ pub struct ModelSource {
 impl ModelSource {
     pub fn new(model: &str, weights: Option<&Path>) -> Self {
         let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-        let model = if model.starts_with("pretrained:") { model.to_string() } else { abs(Path::new(model)).display().to_string() };
-        Self { model, weights: weights.map(abs) }
+        let model = if model.starts_with("pretrained:") {
+            model.to_string()
+        } else {
+            abs(Path::new(model)).display().to_string()
+        };
+        Self {
+            model,
+            weights: weights.map(abs),
+        }
     }
     pub fn read(index_dir: &Path) -> Result<Self> {
         let path = index_dir.join(MODEL_FILE);
         let text = std::fs::read_to_string(&path).with_context(|| {
-            format!("{}: the index does not record its model; pass --model", path.display())
+            format!(
+                "{}: the index does not record its model; pass --model",
+                path.display()
+            )
         })?;
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid model record", path.display()))
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid model record", path.display()))
     }
     pub fn write(&self, index_dir: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self)?;
@@ -54,7 +65,11 @@ impl ModelSource {
 /// Where `build` takes its images from.
 pub enum ImageSet {
     Dir(PathBuf),
-    Dataset { kind: DatasetKind, root: PathBuf, split: SplitSpec },
+    Dataset {
+        kind: DatasetKind,
+        root: PathBuf,
+        split: SplitSpec,
+    },
 }
 
 pub struct BuildArgs {
@@ -74,7 +89,11 @@ fn sources_from(set: &ImageSet) -> Result<(Vec<Source>, Vec<u32>)> {
                 .into_iter()
                 .map(|f| {
                     let display = f.strip_prefix(dir).unwrap_or(&f).display().to_string();
-                    Source { file: f, display, label: None }
+                    Source {
+                        file: f,
+                        display,
+                        label: None,
+                    }
                 })
                 .collect();
             Ok((sources, Vec::new()))
@@ -87,7 +106,12 @@ fn sources_from(set: &ImageSet) -> Result<(Vec<Source>, Vec<u32>)> {
                 .iter()
                 .map(|s| Source {
                     file: s.path.clone(),
-                    display: s.path.strip_prefix(root).unwrap_or(&s.path).display().to_string(),
+                    display: s
+                        .path
+                        .strip_prefix(root)
+                        .unwrap_or(&s.path)
+                        .display()
+                        .to_string(),
                     label: Some(ds.class_names[s.label as usize].clone()),
                 })
                 .collect();
@@ -99,20 +123,42 @@ fn sources_from(set: &ImageSet) -> Result<(Vec<Source>, Vec<u32>)> {
 pub fn build(args: BuildArgs) -> Result<()> {
     args.params.validate()?;
     if args.out.join(MANIFEST_FILE).exists() {
-        bail!("{}: already holds an index; use `indexer add` to extend it, or choose a new --out", args.out.display());
+        bail!(
+            "{}: already holds an index; use `indexer add` to extend it, or choose a new --out",
+            args.out.display()
+        );
     }
     let (sources, _) = sources_from(&args.images)?;
     if sources.is_empty() {
-        bail!("no images found to index (supported: {})", trainer::data::IMAGE_EXTENSIONS.join(", "));
+        bail!(
+            "no images found to index (supported: {})",
+            trainer::data::IMAGE_EXTENSIONS.join(", ")
+        );
     }
     let embedder = args.model.load()?;
-    eprintln!("embedding {} images with {} ({}-d)", sources.len(), args.model.model, embedder.dim());
-    let outcome = images::embed_sources(&embedder, sources, args.batch_size, args.skip_bad_images, true)?;
+    eprintln!(
+        "embedding {} images with {} ({}-d)",
+        sources.len(),
+        args.model.model,
+        embedder.dim()
+    );
+    let outcome = images::embed_sources(
+        &embedder,
+        sources,
+        args.batch_size,
+        args.skip_bad_images,
+        true,
+    )?;
     if outcome.embedded.is_empty() {
         bail!("no image could be read; nothing to index");
     }
     let t = Instant::now();
-    let mut index = GalleryIndex::create(&args.out, embedder.identity().clone(), embedder.dim(), args.params)?;
+    let mut index = GalleryIndex::create(
+        &args.out,
+        embedder.identity().clone(),
+        embedder.dim(),
+        args.params,
+    )?;
     args.model.write(&args.out)?;
     let report = index.add(to_items(outcome.embedded))?;
     index.commit()?;
@@ -131,7 +177,12 @@ pub fn build(args: BuildArgs) -> Result<()> {
 fn to_items(embedded: Vec<images::Embedded>) -> Vec<NewItem> {
     embedded
         .into_iter()
-        .map(|e| NewItem { path: e.source.display, label: e.source.label, sha256: e.sha256, vector: e.vector })
+        .map(|e| NewItem {
+            path: e.source.display,
+            label: e.source.label,
+            sha256: e.sha256,
+            vector: e.vector,
+        })
         .collect()
 }
 
@@ -162,7 +213,13 @@ fn model_for(index: &GalleryIndex, model: Option<ModelSource>) -> Result<Embedde
 }
 
 /// `paths` may mix files and directories (searched recursively for images).
-pub fn add(index_dir: &Path, paths: &[PathBuf], model: Option<ModelSource>, batch_size: usize, skip_bad: bool) -> Result<()> {
+pub fn add(
+    index_dir: &Path,
+    paths: &[PathBuf],
+    model: Option<ModelSource>,
+    batch_size: usize,
+    skip_bad: bool,
+) -> Result<()> {
     let mut index = GalleryIndex::open(index_dir)?;
     let mut files = Vec::new();
     for p in paths {
@@ -186,7 +243,11 @@ pub fn add(index_dir: &Path, paths: &[PathBuf], model: Option<ModelSource>, batc
         };
         match index.find_sha256(&sha) {
             Some(id) => known.push((f.display().to_string(), id)),
-            None => sources.push(Source { display: f.display().to_string(), file: f, label: None }),
+            None => sources.push(Source {
+                display: f.display().to_string(),
+                file: f,
+                label: None,
+            }),
         }
     }
     let mut report = crate::AddReport::default();
@@ -199,7 +260,12 @@ pub fn add(index_dir: &Path, paths: &[PathBuf], model: Option<ModelSource>, batc
         index.commit()?;
     }
     report.duplicates.splice(0..0, known);
-    println!("added {} images to {} (now {} items)", report.added.len(), index_dir.display(), index.len());
+    println!(
+        "added {} images to {} (now {} items)",
+        report.added.len(),
+        index_dir.display(),
+        index.len()
+    );
     print_skips(&report.duplicates, &skipped);
     Ok(())
 }
@@ -208,35 +274,89 @@ pub fn info(index_dir: &Path) -> Result<()> {
     let index = GalleryIndex::open(index_dir)?;
     let id = index.identity();
     let p = index.params();
-    let labels: std::collections::BTreeSet<&str> = index.items().iter().filter_map(|i| i.label.as_deref()).collect();
+    let labels: std::collections::BTreeSet<&str> = index
+        .items()
+        .iter()
+        .filter_map(|i| i.label.as_deref())
+        .collect();
     println!("index        {}", index_dir.display());
-    println!("format       {} v{} (generation {})", crate::manifest::FORMAT, crate::manifest::FORMAT_VERSION, index.generation());
-    println!("items        {} ({} only in the write-ahead log), {} labels", index.len(), index.logged(), labels.len());
-    println!("model        {} → {}-d, weights sha256 {}", id.backbone, id.dim, &id.weights_sha256);
+    println!(
+        "format       {} v{} (generation {})",
+        crate::manifest::FORMAT,
+        crate::manifest::FORMAT_VERSION,
+        index.generation()
+    );
+    println!(
+        "items        {} ({} only in the write-ahead log), {} labels",
+        index.len(),
+        index.logged(),
+        labels.len()
+    );
+    println!(
+        "model        {} → {}-d, weights sha256 {}",
+        id.backbone, id.dim, &id.weights_sha256
+    );
     if let Ok(src) = ModelSource::read(index_dir) {
-        println!("model source {}{}", src.model, src.weights.map(|w| format!(" (weights {})", w.display())).unwrap_or_default());
+        println!(
+            "model source {}{}",
+            src.model,
+            src.weights
+                .map(|w| format!(" (weights {})", w.display()))
+                .unwrap_or_default()
+        );
     }
-    println!("hnsw         M = {}, ef_construction = {}, max_layer = {}", p.m, p.ef_construction, p.max_layer);
-    println!("disk         {:.2} MiB", index.disk_bytes() as f64 / (1 << 20) as f64);
+    println!(
+        "hnsw         M = {}, ef_construction = {}, max_layer = {}",
+        p.m, p.ef_construction, p.max_layer
+    );
+    println!(
+        "disk         {:.2} MiB",
+        index.disk_bytes() as f64 / (1 << 20) as f64
+    );
     for w in index.warnings() {
         println!("warning      {w}");
     }
     Ok(())
 }
 
-pub fn query(index_dir: &Path, image: &Path, k: usize, ef: usize, exact: bool, model: Option<ModelSource>) -> Result<()> {
+pub fn query(
+    index_dir: &Path,
+    image: &Path,
+    k: usize,
+    ef: usize,
+    exact: bool,
+    model: Option<ModelSource>,
+) -> Result<()> {
     let index = GalleryIndex::open(index_dir)?;
     if index.is_empty() {
-        bail!("{}: the index is empty; add images with `indexer add`", index_dir.display());
+        bail!(
+            "{}: the index is empty; add images with `indexer add`",
+            index_dir.display()
+        );
     }
     let embedder = model_for(&index, model)?;
     let (_, img) = images::read_image(image)?;
-    let q = embedder.embed_images(&[img])?.pop().context("the model returned no embedding")?;
+    let q = embedder
+        .embed_images(&[img])?
+        .pop()
+        .context("the model returned no embedding")?;
     let t = Instant::now();
-    let hits = if exact { index.search_exact(&q, k) } else { index.search(&q, k, ef.max(k)) };
+    let hits = if exact {
+        index.search_exact(&q, k)
+    } else {
+        index.search(&q, k, ef.max(k))
+    };
     let ms = t.elapsed().as_secs_f64() * 1e3;
-    println!("{} nearest of {} items ({} search, {ms:.2} ms):", hits.len(), index.len(), if exact { "exact" } else { "HNSW" });
-    println!("{:>4}  {:>8}  {:>8}  {:>7}  {:<20}  path", "rank", "id", "distance", "cosine", "label");
+    println!(
+        "{} nearest of {} items ({} search, {ms:.2} ms):",
+        hits.len(),
+        index.len(),
+        if exact { "exact" } else { "HNSW" }
+    );
+    println!(
+        "{:>4}  {:>8}  {:>8}  {:>7}  {:<20}  path",
+        "rank", "id", "distance", "cosine", "label"
+    );
     for (rank, h) in hits.iter().enumerate() {
         let it = index.item(h.id).context("search returned an unknown id")?;
         println!(
@@ -256,7 +376,12 @@ pub fn export_vectors(index_dir: &Path, out: &Path) -> Result<()> {
     let format = VectorFormat::from_path(out)?;
     let index = GalleryIndex::open(index_dir)?;
     export::write_vectors(out, format, index.vectors(), index.dim())?;
-    println!("wrote {} × {} vectors to {}", index.len(), index.dim(), out.display());
+    println!(
+        "wrote {} × {} vectors to {}",
+        index.len(),
+        index.dim(),
+        out.display()
+    );
     Ok(())
 }
 
@@ -275,7 +400,11 @@ pub struct BenchArgs {
 }
 
 pub fn bench(mut args: BenchArgs) -> Result<()> {
-    let (mut sources, mut labels) = sources_from(&ImageSet::Dataset { kind: args.kind, root: args.data.clone(), split: args.split.clone() })?;
+    let (mut sources, mut labels) = sources_from(&ImageSet::Dataset {
+        kind: args.kind,
+        root: args.data.clone(),
+        split: args.split.clone(),
+    })?;
     if let Some(n) = args.limit {
         sources.truncate(n);
         labels.truncate(n);
@@ -284,12 +413,36 @@ pub fn bench(mut args: BenchArgs) -> Result<()> {
         args.cfg.ks = trainer::metrics::default_ks(args.kind == DatasetKind::Sop).to_vec();
     }
     let embedder = args.model.load()?;
-    eprintln!("embedding {} images of {} {} with {}", sources.len(), args.kind, args.split, args.model.model);
-    let outcome = images::embed_sources(&embedder, sources.clone(), args.batch_size, args.skip_bad_images, true)?;
+    eprintln!(
+        "embedding {} images of {} {} with {}",
+        sources.len(),
+        args.kind,
+        args.split,
+        args.model.model
+    );
+    let outcome = images::embed_sources(
+        &embedder,
+        sources.clone(),
+        args.batch_size,
+        args.skip_bad_images,
+        true,
+    )?;
     // Keep the labels of the images that were embedded.
-    let by_file: std::collections::HashMap<&Path, u32> = sources.iter().map(|s| s.file.as_path()).zip(labels.iter().copied()).collect();
-    let labels: Vec<u32> = outcome.embedded.iter().map(|e| by_file[e.source.file.as_path()]).collect();
-    let vectors: Vec<f32> = outcome.embedded.iter().flat_map(|e| e.vector.iter().copied()).collect();
+    let by_file: std::collections::HashMap<&Path, u32> = sources
+        .iter()
+        .map(|s| s.file.as_path())
+        .zip(labels.iter().copied())
+        .collect();
+    let labels: Vec<u32> = outcome
+        .embedded
+        .iter()
+        .map(|e| by_file[e.source.file.as_path()])
+        .collect();
+    let vectors: Vec<f32> = outcome
+        .embedded
+        .iter()
+        .flat_map(|e| e.vector.iter().copied())
+        .collect();
     let tmp;
     let index_dir = match &args.index_out {
         Some(d) => d.clone(),
@@ -298,7 +451,14 @@ pub fn bench(mut args: BenchArgs) -> Result<()> {
             tmp.path().join("index")
         }
     };
-    let mut report = bench::run(&vectors, embedder.dim(), &labels, embedder.identity().clone(), &index_dir, &args.cfg)?;
+    let mut report = bench::run(
+        &vectors,
+        embedder.dim(),
+        &labels,
+        embedder.identity().clone(),
+        &index_dir,
+        &args.cfg,
+    )?;
     if args.index_out.is_some() {
         args.model.write(&index_dir)?;
     }
@@ -312,8 +472,12 @@ pub fn bench(mut args: BenchArgs) -> Result<()> {
         eprintln!("wrote {}", p.display());
     }
     if let Some(p) = &args.plot {
-        let title = format!("HNSW on {} {} ({} items, M={})", args.kind, args.split, report.n, report.params.m);
-        std::fs::write(p, bench::sweep_svg(&report.sweep, &title)).with_context(|| format!("cannot write {}", p.display()))?;
+        let title = format!(
+            "HNSW on {} {} ({} items, M={})",
+            args.kind, args.split, report.n, report.params.m
+        );
+        std::fs::write(p, bench::sweep_svg(&report.sweep, &title))
+            .with_context(|| format!("cannot write {}", p.display()))?;
         eprintln!("wrote {}", p.display());
     }
     Ok(())
@@ -372,7 +536,12 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
     let items: Vec<NewItem> = base
         .chunks_exact(a.dim)
         .enumerate()
-        .map(|(i, v)| NewItem { path: format!("#{i}"), label: None, sha256: format!("{i:016x}"), vector: v.to_vec() })
+        .map(|(i, v)| NewItem {
+            path: format!("#{i}"),
+            label: None,
+            sha256: format!("{i:016x}"),
+            vector: v.to_vec(),
+        })
         .collect();
     index.add(items)?;
     let build_s = t.elapsed().as_secs_f64();
@@ -390,7 +559,13 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
     let t = Instant::now();
     let truth: Vec<Vec<u64>> = queries
         .par_chunks_exact(a.dim)
-        .map(|q| index.search_exact(q, 10).into_iter().map(|h| h.id).collect())
+        .map(|q| {
+            index
+                .search_exact(q, 10)
+                .into_iter()
+                .map(|h| h.id)
+                .collect()
+        })
         .collect();
     let exact_s = t.elapsed().as_secs_f64();
     let mut rows = Vec::new();
@@ -402,7 +577,11 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
             found += hits.iter().filter(|h| tr.contains(&h.id)).count();
         }
         let secs = t.elapsed().as_secs_f64();
-        rows.push((ef, found as f64 / (10 * truth.len()) as f64, truth.len() as f64 / secs));
+        rows.push((
+            ef,
+            found as f64 / (10 * truth.len()) as f64,
+            truth.len() as f64 / secs,
+        ));
     }
     let at_target = rows.iter().find(|r| r.1 >= a.target_recall).copied();
     let rss_peak = peak_rss_bytes();
@@ -411,18 +590,34 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
     println!("## Synthetic scale benchmark: {} × {}-d, {} clusters (noise {}), M = {}, ef_construction = {}\n", a.n, a.dim, a.classes, a.noise, a.params.m, a.params.ef_construction);
     println!("| figure | value |\n|---|---:|");
     println!("| generate vectors (s) | {gen_s:.2} |");
-    println!("| HNSW build, {} threads (s) | {build_s:.2} |", rayon::current_num_threads());
+    println!(
+        "| HNSW build, {} threads (s) | {build_s:.2} |",
+        rayon::current_num_threads()
+    );
     println!("| build rate (vectors/s) | {:.0} |", a.n as f64 / build_s);
     println!("| commit to disk (s) | {commit_s:.2} |");
     println!("| reopen: verify + load graph dump (s) | {open_s:.2} |");
     println!("| index on disk (MiB) | {:.1} |", mib(bytes));
     if let (Some(b), Some(p)) = (rss_built, rss_peak) {
-        println!("| peak RSS after build / overall (MiB) | {:.0} / {:.0} |", mib(b), mib(p));
+        println!(
+            "| peak RSS after build / overall (MiB) | {:.0} / {:.0} |",
+            mib(b),
+            mib(p)
+        );
     }
-    println!("| exact top-10 of {} queries, all threads (s) | {exact_s:.2} |", truth.len());
+    println!(
+        "| exact top-10 of {} queries, all threads (s) | {exact_s:.2} |",
+        truth.len()
+    );
     match at_target {
-        Some((ef, r, q)) => println!("| QPS at recall@10 ≥ {} (1 thread) | {q:.0} (ef {ef}, recall {r:.4}) |", a.target_recall),
-        None => println!("| QPS at recall@10 ≥ {} | not reached by the swept ef |", a.target_recall),
+        Some((ef, r, q)) => println!(
+            "| QPS at recall@10 ≥ {} (1 thread) | {q:.0} (ef {ef}, recall {r:.4}) |",
+            a.target_recall
+        ),
+        None => println!(
+            "| QPS at recall@10 ≥ {} | not reached by the swept ef |",
+            a.target_recall
+        ),
     }
     println!("\n| ef | recall@10 | QPS (1 thread) |\n|---:|---:|---:|");
     for (ef, r, q) in &rows {

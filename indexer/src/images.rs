@@ -51,7 +51,8 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let rd = std::fs::read_dir(&d).map_err(|e| Error::file(&d, format!("cannot list directory: {e}")))?;
+        let rd = std::fs::read_dir(&d)
+            .map_err(|e| Error::file(&d, format!("cannot list directory: {e}")))?;
         for entry in rd {
             let entry = entry.map_err(|e| Error::file(&d, e))?;
             let p = entry.path();
@@ -76,7 +77,8 @@ pub fn is_image_name(p: &Path) -> bool {
 
 /// Reads a file once: its SHA-256 (the duplicate key) and the decoded image.
 pub fn read_image(path: &Path) -> Result<(String, DynamicImage)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read image: {e}")))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read image: {e}")))?;
     let sha = hex::encode(Sha256::digest(&bytes));
     let img = decode_image_bytes(&bytes).map_err(|e| Error::file(path, e))?;
     Ok((sha, img))
@@ -100,11 +102,17 @@ pub fn embed_sources(
     progress: bool,
 ) -> Result<EmbedOutcome> {
     let batch_size = batch_size.max(1);
-    let bar = if progress { ProgressBar::new(sources.len() as u64) } else { ProgressBar::hidden() };
+    let bar = if progress {
+        ProgressBar::new(sources.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} embedding [{bar:30}] {pos}/{len} images  {per_sec}  ETA {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} embedding [{bar:30}] {pos}/{len} images  {per_sec}  ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     let start = Instant::now();
     let (tx, rx) = mpsc::sync_channel::<Decoded>(2);
@@ -113,10 +121,13 @@ pub fn embed_sources(
     std::thread::scope(|scope| -> Result<()> {
         scope.spawn(move || {
             for batch in batches {
-                let decoded: Decoded = batch.into_par_iter().map(|s| {
-                    let r = read_image(&s.file);
-                    (s, r)
-                }).collect();
+                let decoded: Decoded = batch
+                    .into_par_iter()
+                    .map(|s| {
+                        let r = read_image(&s.file);
+                        (s, r)
+                    })
+                    .collect();
                 if tx.send(decoded).is_err() {
                     return; // the consumer stopped on an error
                 }
@@ -142,7 +153,11 @@ pub fn embed_sources(
             if !images.is_empty() {
                 let vectors = embedder.embed_images(&images)?;
                 for ((source, sha256), vector) in good.into_iter().zip(vectors) {
-                    out.embedded.push(Embedded { source, sha256, vector });
+                    out.embedded.push(Embedded {
+                        source,
+                        sha256,
+                        vector,
+                    });
                 }
             }
             bar.inc(batch_len);
@@ -151,13 +166,20 @@ pub fn embed_sources(
     })?;
     bar.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
-    out.images_per_second = if secs > 0.0 { out.embedded.len() as f64 / secs } else { 0.0 };
+    out.images_per_second = if secs > 0.0 {
+        out.embedded.len() as f64 / secs
+    } else {
+        0.0
+    };
     Ok(out)
 }
 
 fn with_hint(e: Error) -> Error {
     match e {
-        Error::File { path, msg } => Error::File { path, msg: format!("{msg} (use --skip-bad-images to index the rest)") },
+        Error::File { path, msg } => Error::File {
+            path,
+            msg: format!("{msg} (use --skip-bad-images to index the rest)"),
+        },
         other => other,
     }
 }

@@ -11,7 +11,11 @@ use indexer::HnswParams;
 use trainer::data::{DatasetKind, SplitSpec};
 
 #[derive(Parser)]
-#[command(name = "indexer", version, about = "Embed an image gallery into an on-disk HNSW index, query it, and benchmark retrieval")]
+#[command(
+    name = "indexer",
+    version,
+    about = "Embed an image gallery into an on-disk HNSW index, query it, and benchmark retrieval"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,7 +36,11 @@ struct HnswArgs {
 
 impl HnswArgs {
     fn params(&self) -> HnswParams {
-        HnswParams { m: self.m, ef_construction: self.ef_construction, max_layer: self.max_layer }
+        HnswParams {
+            m: self.m,
+            ef_construction: self.ef_construction,
+            max_layer: self.max_layer,
+        }
     }
 }
 
@@ -59,7 +67,9 @@ struct OptModelArgs {
 
 impl OptModelArgs {
     fn source(&self) -> Option<ModelSource> {
-        self.model.as_deref().map(|m| ModelSource::new(m, self.weights.as_deref()))
+        self.model
+            .as_deref()
+            .map(|m| ModelSource::new(m, self.weights.as_deref()))
     }
 }
 
@@ -209,7 +219,8 @@ enum Command {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -221,7 +232,17 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Build { model, images, dataset, data, split, out, hnsw, batch_size, skip_bad_images } => {
+        Command::Build {
+            model,
+            images,
+            dataset,
+            data,
+            split,
+            out,
+            hnsw,
+            batch_size,
+            skip_bad_images,
+        } => {
             let images = match (images, dataset, data) {
                 (Some(dir), None, None) => ImageSet::Dir(dir),
                 (None, Some(kind), Some(root)) => ImageSet::Dataset { kind, root, split },
@@ -236,20 +257,51 @@ fn run(cli: Cli) -> Result<()> {
                 skip_bad_images,
             })
         }
-        Command::Add { index, images, model, batch_size, skip_bad_images } => {
-            commands::add(&index, &images, model.source(), batch_size, skip_bad_images)
-        }
+        Command::Add {
+            index,
+            images,
+            model,
+            batch_size,
+            skip_bad_images,
+        } => commands::add(&index, &images, model.source(), batch_size, skip_bad_images),
         Command::Info { index } => commands::info(&index),
-        Command::Query { index, image, k, ef, exact, model } => commands::query(&index, &image, k, ef, exact, model.source()),
+        Command::Query {
+            index,
+            image,
+            k,
+            ef,
+            exact,
+            model,
+        } => commands::query(&index, &image, k, ef, exact, model.source()),
         Command::Bench {
-            model, dataset, data, split, limit, ks, hnsw, ef, ef_search, json, plot, index_out, batch_size, skip_bad_images, seed,
+            model,
+            dataset,
+            data,
+            split,
+            limit,
+            ks,
+            hnsw,
+            ef,
+            ef_search,
+            json,
+            plot,
+            index_out,
+            batch_size,
+            skip_bad_images,
+            seed,
         } => commands::bench(BenchArgs {
             model: ModelSource::new(&model.model, model.weights.as_deref()),
             kind: dataset,
             data,
             split,
             limit,
-            cfg: BenchConfig { ks, params: hnsw.params(), ef, ef_sweep: ef_search, seed },
+            cfg: BenchConfig {
+                ks,
+                params: hnsw.params(),
+                ef,
+                ef_sweep: ef_search,
+                seed,
+            },
             batch_size,
             skip_bad_images,
             json,
@@ -257,20 +309,30 @@ fn run(cli: Cli) -> Result<()> {
             index_out,
         }),
         Command::ExportVectors { index, out } => commands::export_vectors(&index, &out),
-        Command::BenchSynthetic { n, dim, classes, noise, queries, hnsw, ef_search, target_recall, seed, dir, json } => {
-            commands::bench_synthetic(SyntheticArgs {
-                n,
-                dim,
-                classes,
-                noise,
-                queries,
-                params: hnsw.params(),
-                ef_sweep: ef_search,
-                target_recall,
-                seed,
-                dir,
-                json,
-            })
-        }
+        Command::BenchSynthetic {
+            n,
+            dim,
+            classes,
+            noise,
+            queries,
+            hnsw,
+            ef_search,
+            target_recall,
+            seed,
+            dir,
+            json,
+        } => commands::bench_synthetic(SyntheticArgs {
+            n,
+            dim,
+            classes,
+            noise,
+            queries,
+            params: hnsw.params(),
+            ef_sweep: ef_search,
+            target_recall,
+            seed,
+            dir,
+            json,
+        }),
     }
 }
