@@ -645,3 +645,9 @@ fn write_items(dir: &Path, name: &str, items: &[ItemMeta]) -> Result<FileEntry> 
     }
     manifest::write_file(dir, name, &bytes)
 }
+
+/// The search server shares one index between worker threads (behind a lock).
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<GalleryIndex>();
+};
