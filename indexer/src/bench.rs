@@ -318,7 +318,11 @@ pub fn sweep_svg(points: &[SweepPoint], title: &str) -> String {
     let (w, h, ml, mr, mt, mb) = (640.0, 420.0, 70.0, 20.0, 40.0, 50.0);
     let pw = w - ml - mr;
     let ph = h - mt - mb;
-    let rmin = points.iter().map(|p| p.recall_at_10).fold(1.0f64, f64::min).clamp(0.0, 0.9);
+    let rmin = points
+        .iter()
+        .map(|p| p.recall_at_10)
+        .fold(1.0f64, f64::min)
+        .clamp(0.0, 0.9);
     let rmin = (rmin * 20.0).floor() / 20.0;
     let (qlo, qhi) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| {
         (lo.min(p.qps), hi.max(p.qps))
