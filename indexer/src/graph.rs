@@ -96,12 +96,26 @@ impl Graph {
     /// Writes `dir/<basename>.hnsw.graph` and `.hnsw.data`. The files are not durable until
     /// the caller fsyncs them. An empty graph cannot be dumped (hnsw_rs has no entry point).
     pub fn dump(&self, dir: &Path, basename: &str) -> Result<()> {
-        let name = self.hnsw.file_dump(dir, basename).map_err(|e| {
-            Error::file(
-                dir.join(format!("{basename}{GRAPH_SUFFIX}")),
-                format!("cannot write HNSW graph: {e}"),
-            )
-        })?;
+        let graph_path = dir.join(format!("{basename}{GRAPH_SUFFIX}"));
+        // hnsw_rs panics (instead of erroring) when it cannot create its files.
+        let dumped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.hnsw.file_dump(dir, basename)
+        }));
+        let name = match dumped {
+            Ok(Ok(name)) => name,
+            Ok(Err(e)) => {
+                return Err(Error::file(
+                    &graph_path,
+                    format!("cannot write HNSW graph: {e}"),
+                ))
+            }
+            Err(_) => {
+                return Err(Error::file(
+                    &graph_path,
+                    "cannot create the HNSW graph files (is the directory writable?)",
+                ))
+            }
+        };
         if name != basename {
             // hnsw_rs only renames when it must not overwrite a memory-mapped dump, which we never use.
             return Err(Error::file(
