@@ -75,14 +75,22 @@ pub fn distance_from_cosine(s: f32) -> f32 {
 /// `what` names the vector in the error ("query", "item 'a.jpg'").
 pub fn normalized(v: &[f32], dim: usize, what: &str) -> Result<Vec<f32>> {
     if v.len() != dim {
-        return Err(Error::Invalid(format!("{what}: vector has {} values, the index holds {dim}-d vectors", v.len())));
+        return Err(Error::Invalid(format!(
+            "{what}: vector has {} values, the index holds {dim}-d vectors",
+            v.len()
+        )));
     }
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        return Err(Error::Invalid(format!("{what}: value {i} is not finite ({})", v[i])));
+        return Err(Error::Invalid(format!(
+            "{what}: value {i} is not finite ({})",
+            v[i]
+        )));
     }
     let norm = dot(v, v).sqrt();
     if norm < 1e-12 {
-        return Err(Error::Invalid(format!("{what}: zero vector has no direction")));
+        return Err(Error::Invalid(format!(
+            "{what}: zero vector has no direction"
+        )));
     }
     Ok(v.iter().map(|x| x / norm).collect())
 }
@@ -103,9 +111,18 @@ mod tests {
 
     #[test]
     fn normalisation_rejects_bad_vectors() {
-        assert!(normalized(&[1.0, 2.0], 3, "q").unwrap_err().to_string().contains("3-d"));
-        assert!(normalized(&[0.0, 0.0], 2, "q").unwrap_err().to_string().contains("zero"));
-        assert!(normalized(&[f32::NAN, 1.0], 2, "q").unwrap_err().to_string().contains("finite"));
+        assert!(normalized(&[1.0, 2.0], 3, "q")
+            .unwrap_err()
+            .to_string()
+            .contains("3-d"));
+        assert!(normalized(&[0.0, 0.0], 2, "q")
+            .unwrap_err()
+            .to_string()
+            .contains("zero"));
+        assert!(normalized(&[f32::NAN, 1.0], 2, "q")
+            .unwrap_err()
+            .to_string()
+            .contains("finite"));
         let v = normalized(&[3.0, 4.0], 2, "q").unwrap();
         assert!((v[0] - 0.6).abs() < 1e-6 && (v[1] - 0.8).abs() < 1e-6);
         let d = UnitL2.eval(&[1.0, 0.0], &[0.0, 1.0]);

@@ -16,10 +16,18 @@ pub enum VectorFormat {
 impl VectorFormat {
     /// From the file extension.
     pub fn from_path(path: &Path) -> Result<Self> {
-        match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
+        match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase())
+            .as_deref()
+        {
             Some("npy") => Ok(Self::Npy),
             Some("fvecs") => Ok(Self::Fvecs),
-            _ => Err(Error::file(path, "unknown vector format: the file name must end in .npy or .fvecs")),
+            _ => Err(Error::file(
+                path,
+                "unknown vector format: the file name must end in .npy or .fvecs",
+            )),
         }
     }
 }
@@ -41,8 +49,11 @@ pub fn npy_header(rows: usize, dim: usize) -> Vec<u8> {
 
 /// Writes `vectors` (row-major, `dim` per row) to `path` in `format`, atomically.
 pub fn write_vectors(path: &Path, format: VectorFormat, vectors: &[f32], dim: usize) -> Result<()> {
-    if dim == 0 || vectors.len() % dim != 0 {
-        return Err(Error::Invalid(format!("{} floats do not form rows of {dim}", vectors.len())));
+    if dim == 0 || !vectors.len().is_multiple_of(dim) {
+        return Err(Error::Invalid(format!(
+            "{} floats do not form rows of {dim}",
+            vectors.len()
+        )));
     }
     let rows = vectors.len() / dim;
     let tmp = trainer::checkpoint::tmp_sibling(path);
@@ -65,7 +76,9 @@ pub fn write_vectors(path: &Path, format: VectorFormat, vectors: &[f32], dim: us
             }
         }
     }
-    let f = w.into_inner().map_err(|e| Error::file(&tmp, e.error().to_string()))?;
+    let f = w
+        .into_inner()
+        .map_err(|e| Error::file(&tmp, e.error().to_string()))?;
     f.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e))
 }
@@ -86,7 +99,10 @@ mod tests {
         let header = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
         assert!(header.contains("'shape': (2, 3)"), "{header}");
         assert_eq!(b.len(), 10 + hlen + 24);
-        assert_eq!(f32::from_le_bytes(b[10 + hlen + 20..].try_into().unwrap()), 6.0);
+        assert_eq!(
+            f32::from_le_bytes(b[10 + hlen + 20..].try_into().unwrap()),
+            6.0
+        );
 
         let p = dir.path().join("v.fvecs");
         write_vectors(&p, VectorFormat::Fvecs, &v, 3).unwrap();

@@ -13,7 +13,9 @@ use trainer::error::{Error, Result};
 
 use crate::distance::{self, cosine_from_distance, distance_from_cosine};
 use crate::graph::{Graph, DATA_SUFFIX, GRAPH_SUFFIX};
-use crate::manifest::{self, FileEntry, GraphFiles, Manifest, FORMAT, FORMAT_VERSION, MANIFEST_FILE, METRIC};
+use crate::manifest::{
+    self, FileEntry, GraphFiles, Manifest, FORMAT, FORMAT_VERSION, MANIFEST_FILE, METRIC,
+};
 use crate::params::HnswParams;
 use crate::wal::{self, WalWriter};
 use crate::{AddReport, Hit, ItemMeta, NewItem};
@@ -58,11 +60,19 @@ pub struct GalleryIndex {
 }
 
 fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn gen_names(gen: u64) -> (String, String, String, String) {
-    (format!("vectors.g{gen}.f32"), format!("items.g{gen}.jsonl"), format!("graph.g{gen}"), format!("wal.g{gen}.log"))
+    (
+        format!("vectors.g{gen}.f32"),
+        format!("items.g{gen}.jsonl"),
+        format!("graph.g{gen}"),
+        format!("wal.g{gen}.log"),
+    )
 }
 
 /// True for file names this module writes (so cleanup never touches anything else).
@@ -83,15 +93,24 @@ fn is_index_file(name: &str) -> bool {
 impl GalleryIndex {
     /// Creates an empty index in `dir` (created if needed) and commits it, so the directory
     /// is a valid, loadable index from the start. Refuses a directory that already holds one.
-    pub fn create(dir: &Path, identity: ModelIdentity, dim: usize, params: HnswParams) -> Result<Self> {
+    pub fn create(
+        dir: &Path,
+        identity: ModelIdentity,
+        dim: usize,
+        params: HnswParams,
+    ) -> Result<Self> {
         params.validate()?;
         if dim == 0 {
             return Err(Error::Invalid("embedding dim must be positive".into()));
         }
         if identity.dim != dim {
-            return Err(Error::Invalid(format!("index dim {dim} differs from the model's embedding dim {}", identity.dim)));
+            return Err(Error::Invalid(format!(
+                "index dim {dim} differs from the model's embedding dim {}",
+                identity.dim
+            )));
         }
-        std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot create index directory: {e}")))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::file(dir, format!("cannot create index directory: {e}")))?;
         let mpath = dir.join(MANIFEST_FILE);
         if mpath.exists() {
             return Err(Error::file(
@@ -151,14 +170,23 @@ impl GalleryIndex {
         if m.vectors.bytes != expect_bytes {
             return Err(Error::file(
                 dir.join(MANIFEST_FILE),
-                format!("manifest lists {} bytes of vectors for {} × {dim} floats", m.vectors.bytes, m.count),
+                format!(
+                    "manifest lists {} bytes of vectors for {} × {dim} floats",
+                    m.vectors.bytes, m.count
+                ),
             ));
         }
         let vbytes = manifest::read_verified(dir, &m.vectors)?;
-        let mut vectors: Vec<f32> = vbytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let mut vectors: Vec<f32> = vbytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         drop(vbytes);
         if let Some(i) = vectors.iter().position(|x| !x.is_finite()) {
-            return Err(Error::file(&vpath, format!("vector {} holds a non-finite value", i / dim)));
+            return Err(Error::file(
+                &vpath,
+                format!("vector {} holds a non-finite value", i / dim),
+            ));
         }
         let ibytes = manifest::read_verified(dir, &m.items)?;
         let mut items = parse_items(&dir.join(&m.items.name), &ibytes, m.count)?;
@@ -196,8 +224,12 @@ impl GalleryIndex {
         }
         let first = m.count;
         for r in &replay.records {
-            let v = distance::normalized(&r.vector, dim, &format!("{}: record for '{}'", m.wal, r.meta.path))
-                .map_err(|e| Error::file(dir.join(&m.wal), e))?;
+            let v = distance::normalized(
+                &r.vector,
+                dim,
+                &format!("{}: record for '{}'", m.wal, r.meta.path),
+            )
+            .map_err(|e| Error::file(dir.join(&m.wal), e))?;
             vectors.extend_from_slice(&v);
             items.push(r.meta.clone());
         }
@@ -310,7 +342,11 @@ impl GalleryIndex {
         let dim = self.dim();
         let mut normalized = Vec::with_capacity(items.len());
         for it in &items {
-            normalized.push(distance::normalized(&it.vector, dim, &format!("item '{}'", it.path))?);
+            normalized.push(distance::normalized(
+                &it.vector,
+                dim,
+                &format!("item '{}'", it.path),
+            )?);
         }
         let mut report = AddReport::default();
         let first = self.items.len();
@@ -321,11 +357,17 @@ impl GalleryIndex {
             }
             let id = self.items.len() as u64;
             self.by_sha.insert(it.sha256.clone(), id);
-            self.items.push(ItemMeta { id, path: it.path, label: it.label, sha256: it.sha256 });
+            self.items.push(ItemMeta {
+                id,
+                path: it.path,
+                label: it.label,
+                sha256: it.sha256,
+            });
             self.vectors.extend_from_slice(&v);
             report.added.push(id);
         }
-        self.graph.insert_rows(&self.vectors[first * dim..], dim, first);
+        self.graph
+            .insert_rows(&self.vectors[first * dim..], dim, first);
         Ok(report)
     }
 
@@ -352,7 +394,10 @@ impl GalleryIndex {
             buf.extend_from_slice(&wal::encode(it, v));
         }
         if self.wal.is_none() {
-            self.wal = Some(WalWriter::open(&self.dir.join(&self.manifest.wal), self.wal_len)?);
+            self.wal = Some(WalWriter::open(
+                &self.dir.join(&self.manifest.wal),
+                self.wal_len,
+            )?);
         }
         self.wal.as_mut().expect("wal opened").append(&buf)?;
         self.wal_len += buf.len() as u64;
@@ -420,17 +465,25 @@ impl GalleryIndex {
     /// width; larger = better recall, slower). A query that fails
     /// [`validate_query`](GalleryIndex::validate_query) returns no hits.
     pub fn search(&self, query: &[f32], k: usize, ef: usize) -> Vec<Hit> {
-        let Ok(q) = distance::normalized(query, self.dim(), "query") else { return Vec::new() };
+        let Ok(q) = distance::normalized(query, self.dim(), "query") else {
+            return Vec::new();
+        };
         self.graph
             .search(&q, k, ef)
             .into_iter()
-            .map(|(id, d)| Hit { id: id as u64, distance: d, score: cosine_from_distance(d) })
+            .map(|(id, d)| Hit {
+                id: id as u64,
+                distance: d,
+                score: cosine_from_distance(d),
+            })
             .collect()
     }
 
     /// Exact k nearest neighbours by brute force (the reference for recall measurements).
     pub fn search_exact(&self, query: &[f32], k: usize) -> Vec<Hit> {
-        let Ok(q) = distance::normalized(query, self.dim(), "query") else { return Vec::new() };
+        let Ok(q) = distance::normalized(query, self.dim(), "query") else {
+            return Vec::new();
+        };
         exact_top_k(&self.vectors, self.dim(), &q, k)
     }
 
@@ -459,7 +512,9 @@ impl GalleryIndex {
         }
         let lock = Self::lock_dir(&self.dir)?;
         let on_disk = Manifest::read(&self.dir)?;
-        let wal_on_disk = std::fs::metadata(self.dir.join(&on_disk.wal)).map(|m| m.len()).unwrap_or(0);
+        let wal_on_disk = std::fs::metadata(self.dir.join(&on_disk.wal))
+            .map(|m| m.len())
+            .unwrap_or(0);
         if on_disk.generation != self.manifest.generation || wal_on_disk < self.wal_len {
             return Err(Error::file(
                 self.dir.join(MANIFEST_FILE),
@@ -479,7 +534,8 @@ impl GalleryIndex {
             let name = entry.file_name().to_string_lossy().into_owned();
             if is_index_file(&name) && !keep.contains(&name) {
                 let p = entry.path();
-                std::fs::remove_file(&p).map_err(|e| Error::file(&p, format!("cannot delete stale index file: {e}")))?;
+                std::fs::remove_file(&p)
+                    .map_err(|e| Error::file(&p, format!("cannot delete stale index file: {e}")))?;
             }
         }
         manifest::sync_dir(&self.dir)
@@ -494,12 +550,22 @@ pub fn exact_top_k(vectors: &[f32], dim: usize, q: &[f32], k: usize) -> Vec<Hit>
         return Vec::new();
     }
     let scores: Vec<f32> = if n >= PARALLEL_EXACT_MIN {
-        vectors.par_chunks_exact(dim).map(|r| distance::dot(r, q)).collect()
+        vectors
+            .par_chunks_exact(dim)
+            .map(|r| distance::dot(r, q))
+            .collect()
     } else {
-        vectors.chunks_exact(dim).map(|r| distance::dot(r, q)).collect()
+        vectors
+            .chunks_exact(dim)
+            .map(|r| distance::dot(r, q))
+            .collect()
     };
     let mut idx: Vec<u32> = (0..n as u32).collect();
-    let by_score = |a: &u32, b: &u32| scores[*b as usize].total_cmp(&scores[*a as usize]).then(a.cmp(b));
+    let by_score = |a: &u32, b: &u32| {
+        scores[*b as usize]
+            .total_cmp(&scores[*a as usize])
+            .then(a.cmp(b))
+    };
     if k < n {
         idx.select_nth_unstable_by(k - 1, by_score);
         idx.truncate(k);
@@ -508,24 +574,39 @@ pub fn exact_top_k(vectors: &[f32], dim: usize, q: &[f32], k: usize) -> Vec<Hit>
     idx.into_iter()
         .map(|i| {
             let s = scores[i as usize].clamp(-1.0, 1.0);
-            Hit { id: i as u64, distance: distance_from_cosine(s), score: s }
+            Hit {
+                id: i as u64,
+                distance: distance_from_cosine(s),
+                score: s,
+            }
         })
         .collect()
 }
 
 fn parse_items(path: &Path, bytes: &[u8], count: usize) -> Result<Vec<ItemMeta>> {
-    let text = std::str::from_utf8(bytes).map_err(|_| Error::file(path, "item metadata is not UTF-8"))?;
+    let text =
+        std::str::from_utf8(bytes).map_err(|_| Error::file(path, "item metadata is not UTF-8"))?;
     let mut items = Vec::with_capacity(count);
     for (line_no, line) in text.lines().enumerate() {
-        let it: ItemMeta = serde_json::from_str(line)
-            .map_err(|e| Error::file(path, format!("line {}: invalid item metadata: {e}", line_no + 1)))?;
+        let it: ItemMeta = serde_json::from_str(line).map_err(|e| {
+            Error::file(
+                path,
+                format!("line {}: invalid item metadata: {e}", line_no + 1),
+            )
+        })?;
         if it.id != items.len() as u64 {
-            return Err(Error::file(path, format!("line {}: item id {} out of order", line_no + 1, it.id)));
+            return Err(Error::file(
+                path,
+                format!("line {}: item id {} out of order", line_no + 1, it.id),
+            ));
         }
         items.push(it);
     }
     if items.len() != count {
-        return Err(Error::file(path, format!("holds {} items, the manifest says {count}", items.len())));
+        return Err(Error::file(
+            path,
+            format!("holds {} items, the manifest says {count}", items.len()),
+        ));
     }
     Ok(items)
 }
@@ -545,9 +626,15 @@ fn write_vectors(dir: &Path, name: &str, vectors: &[f32]) -> Result<FileEntry> {
         h.update(&buf);
         w.write_all(&buf).map_err(|e| Error::file(&path, e))?;
     }
-    let f = w.into_inner().map_err(|e| Error::file(&path, e.error().to_string()))?;
+    let f = w
+        .into_inner()
+        .map_err(|e| Error::file(&path, e.error().to_string()))?;
     f.sync_all().map_err(|e| Error::file(&path, e))?;
-    Ok(FileEntry { name: name.into(), bytes: vectors.len() as u64 * 4, sha256: hex::encode(h.finalize()) })
+    Ok(FileEntry {
+        name: name.into(),
+        bytes: vectors.len() as u64 * 4,
+        sha256: hex::encode(h.finalize()),
+    })
 }
 
 fn write_items(dir: &Path, name: &str, items: &[ItemMeta]) -> Result<FileEntry> {
@@ -558,3 +645,9 @@ fn write_items(dir: &Path, name: &str, items: &[ItemMeta]) -> Result<FileEntry> 
     }
     manifest::write_file(dir, name, &bytes)
 }
+
+/// The search server shares one index between worker threads (behind a lock).
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<GalleryIndex>();
+};

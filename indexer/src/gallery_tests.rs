@@ -40,8 +40,10 @@ fn small_index(dir: &Path, n: usize) -> (GalleryIndex, Vec<f32>) {
 }
 
 fn files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> =
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     v.sort();
     v
 }
@@ -88,7 +90,11 @@ fn loaded_graph_accepts_more_items() {
     assert_eq!(idx.search(q, 1, 32)[0].id, 103);
     assert_eq!(idx.generation(), 2);
     // The old generation was deleted.
-    assert!(!files(dir.path()).iter().any(|f| f.contains(".g1.")), "{:?}", files(dir.path()));
+    assert!(
+        !files(dir.path()).iter().any(|f| f.contains(".g1.")),
+        "{:?}",
+        files(dir.path())
+    );
 }
 
 #[test]
@@ -101,8 +107,15 @@ fn crash_before_manifest_keeps_previous_state() {
     assert!(idx.commit().is_err());
     drop(idx);
     // A half-written temp manifest and a truncated next-generation file on top.
-    std::fs::write(dir.path().join("manifest.json.tmp-999"), b"{\"format\": \"deep-me").unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(dir.path().join("vectors.g2.f32")).unwrap();
+    std::fs::write(
+        dir.path().join("manifest.json.tmp-999"),
+        b"{\"format\": \"deep-me",
+    )
+    .unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("vectors.g2.f32"))
+        .unwrap();
     f.set_len(10).unwrap();
     let mut idx = GalleryIndex::open(dir.path()).unwrap();
     assert_eq!(idx.len(), 50);
@@ -110,7 +123,12 @@ fn crash_before_manifest_keeps_previous_state() {
     idx.add(items(&v2, 16, 500)).unwrap();
     idx.commit().unwrap();
     let names = files(dir.path());
-    assert!(!names.iter().any(|f| f.contains("tmp-999") || f.contains(".g1.")), "{names:?}");
+    assert!(
+        !names
+            .iter()
+            .any(|f| f.contains("tmp-999") || f.contains(".g1.")),
+        "{names:?}"
+    );
     drop(idx);
     assert_eq!(GalleryIndex::open(dir.path()).unwrap().len(), 70);
 }
@@ -130,7 +148,9 @@ fn crash_after_manifest_gives_new_state_and_next_commit_cleans_up() {
     let (v3, _) = clustered(1, 16, 1, 0.6, 6);
     idx.add(items(&v3, 16, 900)).unwrap();
     idx.commit().unwrap();
-    assert!(!files(dir.path()).iter().any(|f| f.contains(".g1.") || f.contains(".g2.")));
+    assert!(!files(dir.path())
+        .iter()
+        .any(|f| f.contains(".g1.") || f.contains(".g2.")));
 }
 
 #[test]
@@ -161,7 +181,8 @@ fn wal_replays_durable_adds_and_drops_a_torn_tail() {
     assert_eq!(idx.search(&v2[2 * 16..3 * 16], 1, 32)[0].id, 42);
     // The next durable add cuts the torn tail off before appending.
     let (v3, _) = clustered(1, 16, 1, 0.6, 9);
-    idx.append_durable(items(&v3, 16, 800).pop().unwrap()).unwrap();
+    idx.append_durable(items(&v3, 16, 800).pop().unwrap())
+        .unwrap();
     assert!(std::fs::metadata(&wal).unwrap().len() > good_len);
     drop(idx);
     let mut idx = GalleryIndex::open(dir.path()).unwrap();
@@ -187,8 +208,14 @@ fn corrupt_wal_record_in_the_middle_is_an_error() {
     let mut bytes = std::fs::read(&wal).unwrap();
     bytes[60] ^= 0xff; // inside the first record's payload
     std::fs::write(&wal, &bytes).unwrap();
-    let err = GalleryIndex::open(dir.path()).err().expect("corrupt WAL must not open").to_string();
-    assert!(err.contains("wal.g1.log") && err.contains("checksum"), "{err}");
+    let err = GalleryIndex::open(dir.path())
+        .err()
+        .expect("corrupt WAL must not open")
+        .to_string();
+    assert!(
+        err.contains("wal.g1.log") && err.contains("checksum"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -205,10 +232,16 @@ fn corrupt_truncated_and_foreign_files_are_clear_errors() {
     bad[100] ^= 1;
     std::fs::write(&vpath, &bad).unwrap();
     let e = open_err();
-    assert!(e.contains("vectors.g1.f32") && e.contains("checksum"), "{e}");
+    assert!(
+        e.contains("vectors.g1.f32") && e.contains("checksum"),
+        "{e}"
+    );
     std::fs::write(&vpath, &good[..good.len() - 4]).unwrap();
     let e = open_err();
-    assert!(e.contains("vectors.g1.f32") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("vectors.g1.f32") && e.contains("truncated"),
+        "{e}"
+    );
     std::fs::write(&vpath, &good).unwrap();
 
     let ipath = d.join("items.g1.jsonl");
@@ -219,19 +252,34 @@ fn corrupt_truncated_and_foreign_files_are_clear_errors() {
 
     let mpath = d.join("manifest.json");
     let good_manifest = std::fs::read_to_string(&mpath).unwrap();
-    std::fs::write(&mpath, good_manifest.replace("\"format_version\": 1", "\"format_version\": 7")).unwrap();
+    std::fs::write(
+        &mpath,
+        good_manifest.replace("\"format_version\": 1", "\"format_version\": 7"),
+    )
+    .unwrap();
     let e = open_err();
-    assert!(e.contains("manifest.json") && e.contains("version 7"), "{e}");
+    assert!(
+        e.contains("manifest.json") && e.contains("version 7"),
+        "{e}"
+    );
     std::fs::write(&mpath, &good_manifest[..good_manifest.len() / 2]).unwrap();
     let e = open_err();
     assert!(e.contains("manifest.json") && e.contains("JSON"), "{e}");
-    std::fs::write(&mpath, good_manifest.replacen("\n  \"dim\": 16,", "\n  \"dim\": 17,", 1)).unwrap();
+    std::fs::write(
+        &mpath,
+        good_manifest.replacen("\n  \"dim\": 16,", "\n  \"dim\": 17,", 1),
+    )
+    .unwrap();
     assert!(open_err().contains("dim"));
     std::fs::write(&mpath, &good_manifest).unwrap();
 
     std::fs::remove_file(&mpath).unwrap();
     assert!(open_err().contains("indexer build"));
-    assert!(GalleryIndex::open(&d.join("nope")).err().unwrap().to_string().contains("not found"));
+    assert!(GalleryIndex::open(&d.join("nope"))
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("not found"));
 }
 
 #[test]
@@ -246,11 +294,18 @@ fn a_corrupt_graph_is_rebuilt_with_a_warning_and_rewritten() {
     std::fs::write(&g, &bytes).unwrap();
     let mut idx = GalleryIndex::open(dir.path()).unwrap();
     assert_eq!(idx.warnings().len(), 1);
-    assert!(idx.warnings()[0].contains("graph.g1.hnsw.graph"), "{:?}", idx.warnings());
+    assert!(
+        idx.warnings()[0].contains("graph.g1.hnsw.graph"),
+        "{:?}",
+        idx.warnings()
+    );
     assert_eq!(idx.search(&v[..16], 1, 32)[0].id, 0);
     idx.commit().unwrap(); // rewrites the graph even though no item changed
     drop(idx);
-    assert!(GalleryIndex::open(dir.path()).unwrap().warnings().is_empty());
+    assert!(GalleryIndex::open(dir.path())
+        .unwrap()
+        .warnings()
+        .is_empty());
 }
 
 #[test]
@@ -264,7 +319,11 @@ fn duplicates_by_content_hash_are_reported_not_added() {
     assert_eq!(r.added, vec![10]);
     assert_eq!(
         r.duplicates,
-        vec![("img/00003.jpg".to_string(), 3), ("img/00004.jpg".to_string(), 4), ("img/00050.jpg".to_string(), 10)]
+        vec![
+            ("img/00003.jpg".to_string(), 3),
+            ("img/00004.jpg".to_string(), 4),
+            ("img/00050.jpg".to_string(), 10)
+        ]
     );
     assert_eq!(idx.len(), 11);
     assert_eq!(idx.find_sha256(&format!("{:064x}", 50)), Some(10));
@@ -273,23 +332,48 @@ fn duplicates_by_content_hash_are_reported_not_added() {
 #[test]
 fn invalid_input_is_rejected_without_changing_the_index() {
     let dir = tempfile::tempdir().unwrap();
-    let bad_m = HnswParams { m: 300, ..Default::default() };
-    let e = GalleryIndex::create(&dir.path().join("a"), identity(16), 16, bad_m).err().unwrap().to_string();
+    let bad_m = HnswParams {
+        m: 300,
+        ..Default::default()
+    };
+    let e = GalleryIndex::create(&dir.path().join("a"), identity(16), 16, bad_m)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("m (max connections"), "{e}");
     assert!(!dir.path().join("a").exists());
-    let e = GalleryIndex::create(&dir.path().join("b"), identity(16), 8, HnswParams::default()).err().unwrap();
+    let e = GalleryIndex::create(
+        &dir.path().join("b"),
+        identity(16),
+        8,
+        HnswParams::default(),
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("dim"));
 
     let (mut idx, v) = small_index(&dir.path().join("c"), 10);
     let mut batch = items(&v[..16], 16, 20);
-    batch.push(NewItem { path: "short.jpg".into(), label: None, sha256: "x".into(), vector: vec![1.0; 15] });
+    batch.push(NewItem {
+        path: "short.jpg".into(),
+        label: None,
+        sha256: "x".into(),
+        vector: vec![1.0; 15],
+    });
     let e = idx.add(batch).unwrap_err().to_string();
     assert!(e.contains("short.jpg") && e.contains("16-d"), "{e}");
     assert_eq!(idx.len(), 10);
     assert!(idx.search(&[1.0; 15], 3, 16).is_empty());
     assert!(idx.validate_query(&[0.0; 16]).is_err());
 
-    let e = GalleryIndex::create(&dir.path().join("c"), identity(16), 16, HnswParams::default()).err().unwrap();
+    let e = GalleryIndex::create(
+        &dir.path().join("c"),
+        identity(16),
+        16,
+        HnswParams::default(),
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("already holds an index"));
 }
 
@@ -310,7 +394,10 @@ fn a_second_writer_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (mut first, v) = small_index(dir.path(), 10);
     let mut second = GalleryIndex::open(dir.path()).unwrap();
-    let e = second.append_durable(items(&v[..16], 16, 99).pop().unwrap()).unwrap_err().to_string();
+    let e = second
+        .append_durable(items(&v[..16], 16, 99).pop().unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("LOCK") && e.contains("another process"), "{e}");
     // Once the first writer commits and goes away, the stale second one must reopen.
     first.add(items(&v[..16], 16, 77)).unwrap();
@@ -325,7 +412,8 @@ fn hnsw_recall_on_clustered_data() {
     let dir = tempfile::tempdir().unwrap();
     let dim = 32;
     let (v, _) = clustered(3000, dim, 30, 1.0, 3);
-    let mut idx = GalleryIndex::create(dir.path(), identity(dim), dim, HnswParams::default()).unwrap();
+    let mut idx =
+        GalleryIndex::create(dir.path(), identity(dim), dim, HnswParams::default()).unwrap();
     idx.add(items(&v, dim, 0)).unwrap();
     let (queries, _) = clustered(100, dim, 30, 1.0, 4);
     let mut hits = 0;

@@ -33,7 +33,13 @@ impl Graph {
     /// An empty graph sized for about `capacity` vectors (a hint only).
     pub fn new(params: &HnswParams, capacity: usize) -> Result<Self> {
         params.validate()?;
-        let mut hnsw = Hnsw::new(params.m, capacity.max(1), params.max_layer, params.ef_construction, UnitL2);
+        let mut hnsw = Hnsw::new(
+            params.m,
+            capacity.max(1),
+            params.max_layer,
+            params.ef_construction,
+            UnitL2,
+        );
         hnsw.set_searching_mode(true);
         Ok(Self { hnsw })
     }
@@ -56,8 +62,11 @@ impl Graph {
                 self.hnsw.insert_slice((r, first_id + i));
             }
         } else {
-            let data: Vec<(&[f32], usize)> =
-                rows.chunks_exact(dim).enumerate().map(|(i, r)| (r, first_id + i)).collect();
+            let data: Vec<(&[f32], usize)> = rows
+                .chunks_exact(dim)
+                .enumerate()
+                .map(|(i, r)| (r, first_id + i))
+                .collect();
             self.hnsw.set_searching_mode(false);
             self.hnsw.parallel_insert_slice(&data);
             self.hnsw.set_searching_mode(true);
@@ -77,19 +86,42 @@ impl Graph {
         if self.is_empty() || k == 0 {
             return Vec::new();
         }
-        self.hnsw.search(query, k, ef.max(k)).into_iter().map(|n| (n.d_id, n.distance)).collect()
+        self.hnsw
+            .search(query, k, ef.max(k))
+            .into_iter()
+            .map(|n| (n.d_id, n.distance))
+            .collect()
     }
 
     /// Writes `dir/<basename>.hnsw.graph` and `.hnsw.data`. The files are not durable until
     /// the caller fsyncs them. An empty graph cannot be dumped (hnsw_rs has no entry point).
     pub fn dump(&self, dir: &Path, basename: &str) -> Result<()> {
-        let name = self
-            .hnsw
-            .file_dump(dir, basename)
-            .map_err(|e| Error::file(dir.join(format!("{basename}{GRAPH_SUFFIX}")), format!("cannot write HNSW graph: {e}")))?;
+        let graph_path = dir.join(format!("{basename}{GRAPH_SUFFIX}"));
+        // hnsw_rs panics (instead of erroring) when it cannot create its files.
+        let dumped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.hnsw.file_dump(dir, basename)
+        }));
+        let name = match dumped {
+            Ok(Ok(name)) => name,
+            Ok(Err(e)) => {
+                return Err(Error::file(
+                    &graph_path,
+                    format!("cannot write HNSW graph: {e}"),
+                ))
+            }
+            Err(_) => {
+                return Err(Error::file(
+                    &graph_path,
+                    "cannot create the HNSW graph files (is the directory writable?)",
+                ))
+            }
+        };
         if name != basename {
             // hnsw_rs only renames when it must not overwrite a memory-mapped dump, which we never use.
-            return Err(Error::file(dir, format!("hnsw_rs wrote the graph as '{name}' instead of '{basename}'")));
+            return Err(Error::file(
+                dir,
+                format!("hnsw_rs wrote the graph as '{name}' instead of '{basename}'"),
+            ));
         }
         Ok(())
     }
@@ -98,23 +130,42 @@ impl Graph {
     /// that does not belong to the vectors it is loaded with.
     pub fn load(dir: &Path, basename: &str, expect_len: usize, dim: usize) -> Result<Self> {
         let graph_path = dir.join(format!("{basename}{GRAPH_SUFFIX}"));
-        let mut io: Option<&'static mut HnswIo> = Some(Box::leak(Box::new(HnswIo::new(dir, basename))));
-        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_static(io.take().expect("loader used once"))));
+        let mut io: Option<&'static mut HnswIo> =
+            Some(Box::leak(Box::new(HnswIo::new(dir, basename))));
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            load_static(io.take().expect("loader used once"))
+        }));
         let mut hnsw = match loaded {
             Ok(Ok(h)) => h,
-            Ok(Err(e)) => return Err(Error::file(&graph_path, format!("cannot load HNSW graph: {e}"))),
-            Err(_) => return Err(Error::file(&graph_path, "malformed HNSW graph (the loader panicked)")),
+            Ok(Err(e)) => {
+                return Err(Error::file(
+                    &graph_path,
+                    format!("cannot load HNSW graph: {e}"),
+                ))
+            }
+            Err(_) => {
+                return Err(Error::file(
+                    &graph_path,
+                    "malformed HNSW graph (the loader panicked)",
+                ))
+            }
         };
         if hnsw.get_nb_point() != expect_len {
             return Err(Error::file(
                 &graph_path,
-                format!("graph holds {} points, the index has {expect_len} vectors", hnsw.get_nb_point()),
+                format!(
+                    "graph holds {} points, the index has {expect_len} vectors",
+                    hnsw.get_nb_point()
+                ),
             ));
         }
         if expect_len > 0 && hnsw.get_point_indexation().get_data_dimension() != dim {
             return Err(Error::file(
                 &graph_path,
-                format!("graph holds {}-d points, the index is {dim}-d", hnsw.get_point_indexation().get_data_dimension()),
+                format!(
+                    "graph holds {}-d points, the index is {dim}-d",
+                    hnsw.get_point_indexation().get_data_dimension()
+                ),
             ));
         }
         hnsw.set_searching_mode(true);

@@ -33,10 +33,13 @@
 //! Distances: vectors are L2-normalised on the way in; the graph uses Euclidean distance
 //! and [`Hit::score`] is the cosine similarity `1 − d²/2`.
 
+pub mod bench;
+pub mod commands;
 pub mod distance;
 pub mod export;
 pub mod gallery;
 pub mod graph;
+pub mod images;
 pub mod manifest;
 pub mod params;
 pub mod synthetic;

@@ -1,1 +1,338 @@
-fn main() {}
+//! `indexer`: embed an image gallery into an on-disk HNSW index, query it, benchmark it.
+//! Argument parsing only; the commands live in `indexer::commands`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+use indexer::bench::BenchConfig;
+use indexer::commands::{self, BenchArgs, BuildArgs, ImageSet, ModelSource, SyntheticArgs};
+use indexer::HnswParams;
+use trainer::data::{DatasetKind, SplitSpec};
+
+#[derive(Parser)]
+#[command(
+    name = "indexer",
+    version,
+    about = "Embed an image gallery into an on-disk HNSW index, query it, and benchmark retrieval"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct HnswArgs {
+    /// HNSW max connections per node (2..=256); more = better recall, more memory.
+    #[arg(long, default_value_t = 16)]
+    m: usize,
+    /// HNSW candidate list size while building; more = better graph, slower build.
+    #[arg(long, default_value_t = 200)]
+    ef_construction: usize,
+    /// HNSW layers (1..=16).
+    #[arg(long, default_value_t = 16)]
+    max_layer: usize,
+}
+
+impl HnswArgs {
+    fn params(&self) -> HnswParams {
+        HnswParams {
+            m: self.m,
+            ef_construction: self.ef_construction,
+            max_layer: self.max_layer,
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// A training run directory, or `pretrained:efficientnet-lite0` (also resnet18, resnet50, bn-inception).
+    #[arg(long)]
+    model: String,
+    /// Weight file of a pretrained backbone (default: looked up by the trainer's weight resolution).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct OptModelArgs {
+    /// Model to embed with; default: the one the index records. A model that does not
+    /// match the index is refused.
+    #[arg(long)]
+    model: Option<String>,
+    /// Weight file of a pretrained backbone given with --model.
+    #[arg(long, requires = "model")]
+    weights: Option<PathBuf>,
+}
+
+impl OptModelArgs {
+    fn source(&self) -> Option<ModelSource> {
+        self.model
+            .as_deref()
+            .map(|m| ModelSource::new(m, self.weights.as_deref()))
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Embed images (a folder, or a dataset split) and write a new index.
+    Build {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Folder of images (searched recursively); paths are recorded relative to it.
+        #[arg(long, conflicts_with_all = ["dataset", "data"], required_unless_present = "dataset")]
+        images: Option<PathBuf>,
+        /// Dataset layout, with --data and --split; class names become item labels.
+        #[arg(long, value_enum, requires = "data")]
+        dataset: Option<DatasetKind>,
+        /// Dataset root (for `list`, the list file).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Split to index: train, test, all.
+        #[arg(long, default_value = "test")]
+        split: SplitSpec,
+        /// Index directory to create.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        hnsw: HnswArgs,
+        /// Images per embedding batch.
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        /// Skip (and list) unreadable images instead of stopping at the first.
+        #[arg(long)]
+        skip_bad_images: bool,
+    },
+    /// Add images (files or folders) to an index; content already indexed is reported, not re-added.
+    Add {
+        #[arg(long)]
+        index: PathBuf,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        #[command(flatten)]
+        model: OptModelArgs,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        #[arg(long)]
+        skip_bad_images: bool,
+    },
+    /// Describe an index: size, model, parameters, disk use.
+    Info {
+        #[arg(long)]
+        index: PathBuf,
+    },
+    /// Print the nearest gallery images of a query image.
+    Query {
+        #[arg(long)]
+        index: PathBuf,
+        image: PathBuf,
+        /// Neighbours to print.
+        #[arg(short, long, default_value_t = 10)]
+        k: usize,
+        /// HNSW search width (≥ k).
+        #[arg(long, default_value_t = 128)]
+        ef: usize,
+        /// Brute-force search instead of HNSW.
+        #[arg(long)]
+        exact: bool,
+        #[command(flatten)]
+        model: OptModelArgs,
+    },
+    /// The paper table on a dataset split, exact and through HNSW, with the index's costs.
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, value_enum)]
+        dataset: DatasetKind,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value = "test")]
+        split: SplitSpec,
+        /// Only the first N images of the split (quick runs).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Recall@K cut-offs (default: the dataset's: 1,2,4,8 or 1,10,100,1000 for SOP).
+        #[arg(long, value_delimiter = ',')]
+        ks: Vec<usize>,
+        #[command(flatten)]
+        hnsw: HnswArgs,
+        /// HNSW search width of the main table and latency figures.
+        #[arg(long, default_value_t = 128)]
+        ef: usize,
+        /// Search widths of the recall/QPS sweep.
+        #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,256")]
+        ef_search: Vec<usize>,
+        /// Write the figures as flat JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write the recall/QPS curve as SVG here.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Keep the benchmark's index here (default: a temporary directory).
+        #[arg(long)]
+        index_out: Option<PathBuf>,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        #[arg(long)]
+        skip_bad_images: bool,
+        /// k-means seed of NMI.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Write an index's vectors to FILE.npy or FILE.fvecs (row i = item id i).
+    ExportVectors {
+        #[arg(long)]
+        index: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Scale benchmark on synthetic clustered vectors: build time, peak RSS, QPS at a target recall.
+    BenchSynthetic {
+        #[arg(long, default_value_t = 100_000)]
+        n: usize,
+        #[arg(long, default_value_t = 512)]
+        dim: usize,
+        #[arg(long, default_value_t = 1000)]
+        classes: usize,
+        /// Spread of points around their cluster centre (1 ≈ as far as two centres).
+        #[arg(long, default_value_t = 1.0)]
+        noise: f32,
+        /// Held-out queries (exact ground truth is brute force).
+        #[arg(long, default_value_t = 1000)]
+        queries: usize,
+        #[command(flatten)]
+        hnsw: HnswArgs,
+        #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,256,512")]
+        ef_search: Vec<usize>,
+        #[arg(long, default_value_t = 0.95)]
+        target_recall: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Keep the index here (default: a temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Build {
+            model,
+            images,
+            dataset,
+            data,
+            split,
+            out,
+            hnsw,
+            batch_size,
+            skip_bad_images,
+        } => {
+            let images = match (images, dataset, data) {
+                (Some(dir), None, None) => ImageSet::Dir(dir),
+                (None, Some(kind), Some(root)) => ImageSet::Dataset { kind, root, split },
+                _ => bail!("give either --images DIR or --dataset KIND --data PATH"),
+            };
+            commands::build(BuildArgs {
+                model: ModelSource::new(&model.model, model.weights.as_deref()),
+                images,
+                out,
+                params: hnsw.params(),
+                batch_size,
+                skip_bad_images,
+            })
+        }
+        Command::Add {
+            index,
+            images,
+            model,
+            batch_size,
+            skip_bad_images,
+        } => commands::add(&index, &images, model.source(), batch_size, skip_bad_images),
+        Command::Info { index } => commands::info(&index),
+        Command::Query {
+            index,
+            image,
+            k,
+            ef,
+            exact,
+            model,
+        } => commands::query(&index, &image, k, ef, exact, model.source()),
+        Command::Bench {
+            model,
+            dataset,
+            data,
+            split,
+            limit,
+            ks,
+            hnsw,
+            ef,
+            ef_search,
+            json,
+            plot,
+            index_out,
+            batch_size,
+            skip_bad_images,
+            seed,
+        } => commands::bench(BenchArgs {
+            model: ModelSource::new(&model.model, model.weights.as_deref()),
+            kind: dataset,
+            data,
+            split,
+            limit,
+            cfg: BenchConfig {
+                ks,
+                params: hnsw.params(),
+                ef,
+                ef_sweep: ef_search,
+                seed,
+            },
+            batch_size,
+            skip_bad_images,
+            json,
+            plot,
+            index_out,
+        }),
+        Command::ExportVectors { index, out } => commands::export_vectors(&index, &out),
+        Command::BenchSynthetic {
+            n,
+            dim,
+            classes,
+            noise,
+            queries,
+            hnsw,
+            ef_search,
+            target_recall,
+            seed,
+            dir,
+            json,
+        } => commands::bench_synthetic(SyntheticArgs {
+            n,
+            dim,
+            classes,
+            noise,
+            queries,
+            params: hnsw.params(),
+            ef_sweep: ef_search,
+            target_recall,
+            seed,
+            dir,
+            json,
+        }),
+    }
+}

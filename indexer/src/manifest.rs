@@ -73,16 +73,31 @@ impl Manifest {
                     "no index manifest here; is this a directory written by `indexer build`?",
                 ))
             }
-            Err(e) => return Err(Error::file(&path, format!("cannot read index manifest: {e}"))),
+            Err(e) => {
+                return Err(Error::file(
+                    &path,
+                    format!("cannot read index manifest: {e}"),
+                ))
+            }
         };
-        let probe: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::file(&path, format!("index manifest is not valid JSON (truncated or corrupt?): {e}")))?;
+        let probe: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            Error::file(
+                &path,
+                format!("index manifest is not valid JSON (truncated or corrupt?): {e}"),
+            )
+        })?;
         let format = probe.get("format").and_then(|v| v.as_str()).unwrap_or("");
         if format != FORMAT {
-            return Err(Error::file(&path, format!("format is '{format}', expected '{FORMAT}'")));
+            return Err(Error::file(
+                &path,
+                format!("format is '{format}', expected '{FORMAT}'"),
+            ));
         }
         // Check the version before the full parse, so a newer layout gets a version error, not a field error.
-        let version = probe.get("format_version").and_then(|v| v.as_u64()).unwrap_or(0);
+        let version = probe
+            .get("format_version")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
         if version != FORMAT_VERSION as u64 {
             return Err(Error::file(
                 &path,
@@ -91,15 +106,24 @@ impl Manifest {
                 ),
             ));
         }
-        let m: Manifest =
-            serde_json::from_value(probe).map_err(|e| Error::file(&path, format!("invalid index manifest: {e}")))?;
+        let m: Manifest = serde_json::from_value(probe)
+            .map_err(|e| Error::file(&path, format!("invalid index manifest: {e}")))?;
         if m.metric != METRIC {
-            return Err(Error::file(&path, format!("metric '{}' is not supported (expected '{METRIC}')", m.metric)));
+            return Err(Error::file(
+                &path,
+                format!(
+                    "metric '{}' is not supported (expected '{METRIC}')",
+                    m.metric
+                ),
+            ));
         }
         if m.dim == 0 || m.dim != m.identity.dim {
             return Err(Error::file(
                 &path,
-                format!("index dim {} does not match its model's embedding dim {}", m.dim, m.identity.dim),
+                format!(
+                    "index dim {} does not match its model's embedding dim {}",
+                    m.dim, m.identity.dim
+                ),
             ));
         }
         m.params.validate().map_err(|e| Error::file(&path, e))?;
@@ -114,7 +138,11 @@ impl Manifest {
 
     /// Every file name this manifest references (the WAL included).
     pub fn referenced_files(&self) -> Vec<String> {
-        let mut v = vec![self.vectors.name.clone(), self.items.name.clone(), self.wal.clone()];
+        let mut v = vec![
+            self.vectors.name.clone(),
+            self.items.name.clone(),
+            self.wal.clone(),
+        ];
         if let Some(g) = &self.graph {
             v.push(g.graph.name.clone());
             v.push(g.data.name.clone());
@@ -127,16 +155,21 @@ impl Manifest {
 /// usual symptom of truncation).
 pub fn read_verified(dir: &Path, entry: &FileEntry) -> Result<Vec<u8>> {
     let path = dir.join(&entry.name);
-    let mut f = std::fs::File::open(&path).map_err(|e| Error::file(&path, format!("cannot open index file: {e}")))?;
+    let mut f = std::fs::File::open(&path)
+        .map_err(|e| Error::file(&path, format!("cannot open index file: {e}")))?;
     let len = f.metadata().map_err(|e| Error::file(&path, e))?.len();
     if len != entry.bytes {
         return Err(Error::file(
             &path,
-            format!("file is {len} bytes, the manifest says {} (truncated or overwritten)", entry.bytes),
+            format!(
+                "file is {len} bytes, the manifest says {} (truncated or overwritten)",
+                entry.bytes
+            ),
         ));
     }
     let mut bytes = Vec::with_capacity(len as usize);
-    f.read_to_end(&mut bytes).map_err(|e| Error::file(&path, e))?;
+    f.read_to_end(&mut bytes)
+        .map_err(|e| Error::file(&path, e))?;
     let sha = hex::encode(Sha256::digest(&bytes));
     if sha != entry.sha256 {
         return Err(Error::file(&path, "checksum mismatch: the file is corrupt"));
@@ -147,11 +180,16 @@ pub fn read_verified(dir: &Path, entry: &FileEntry) -> Result<Vec<u8>> {
 /// Checks a file's size and checksum without keeping its bytes.
 pub fn verify_file(dir: &Path, entry: &FileEntry) -> Result<()> {
     let path = dir.join(&entry.name);
-    let len = std::fs::metadata(&path).map_err(|e| Error::file(&path, format!("cannot open index file: {e}")))?.len();
+    let len = std::fs::metadata(&path)
+        .map_err(|e| Error::file(&path, format!("cannot open index file: {e}")))?
+        .len();
     if len != entry.bytes {
         return Err(Error::file(
             &path,
-            format!("file is {len} bytes, the manifest says {} (truncated or overwritten)", entry.bytes),
+            format!(
+                "file is {len} bytes, the manifest says {} (truncated or overwritten)",
+                entry.bytes
+            ),
         ));
     }
     if trainer::checkpoint::sha256_file(&path)? != entry.sha256 {
@@ -166,7 +204,11 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileEntry> {
     let mut f = std::fs::File::create(&path).map_err(|e| Error::file(&path, e))?;
     f.write_all(bytes).map_err(|e| Error::file(&path, e))?;
     f.sync_all().map_err(|e| Error::file(&path, e))?;
-    Ok(FileEntry { name: name.to_string(), bytes: bytes.len() as u64, sha256: hex::encode(Sha256::digest(bytes)) })
+    Ok(FileEntry {
+        name: name.to_string(),
+        bytes: bytes.len() as u64,
+        sha256: hex::encode(Sha256::digest(bytes)),
+    })
 }
 
 /// Fsyncs a file written by someone else (hnsw_rs) and returns its manifest entry.
@@ -175,7 +217,11 @@ pub fn seal_file(dir: &Path, name: &str) -> Result<FileEntry> {
     let f = std::fs::File::open(&path).map_err(|e| Error::file(&path, e))?;
     f.sync_all().map_err(|e| Error::file(&path, e))?;
     let bytes = f.metadata().map_err(|e| Error::file(&path, e))?.len();
-    Ok(FileEntry { name: name.to_string(), bytes, sha256: trainer::checkpoint::sha256_file(&path)? })
+    Ok(FileEntry {
+        name: name.to_string(),
+        bytes,
+        sha256: trainer::checkpoint::sha256_file(&path)?,
+    })
 }
 
 /// Fsyncs a directory so renames and new names in it are durable.

@@ -26,7 +26,11 @@ pub struct HnswParams {
 impl Default for HnswParams {
     /// M = 16, ef_construction = 200, 16 layers: hnswlib's customary defaults.
     fn default() -> Self {
-        Self { m: 16, ef_construction: 200, max_layer: MAX_LAYERS }
+        Self {
+            m: 16,
+            ef_construction: 200,
+            max_layer: MAX_LAYERS,
+        }
     }
 }
 
@@ -67,16 +71,51 @@ mod tests {
     #[test]
     fn out_of_range_values_are_rejected_with_the_parameter_named() {
         let bad = [
-            (HnswParams { m: 257, ..Default::default() }, "m"),
-            (HnswParams { m: 1, ..Default::default() }, "m"),
-            (HnswParams { ef_construction: 0, ..Default::default() }, "ef_construction"),
-            (HnswParams { max_layer: 17, ..Default::default() }, "max_layer"),
-            (HnswParams { max_layer: 0, ..Default::default() }, "max_layer"),
+            (
+                HnswParams {
+                    m: 257,
+                    ..Default::default()
+                },
+                "m",
+            ),
+            (
+                HnswParams {
+                    m: 1,
+                    ..Default::default()
+                },
+                "m",
+            ),
+            (
+                HnswParams {
+                    ef_construction: 0,
+                    ..Default::default()
+                },
+                "ef_construction",
+            ),
+            (
+                HnswParams {
+                    max_layer: 17,
+                    ..Default::default()
+                },
+                "max_layer",
+            ),
+            (
+                HnswParams {
+                    max_layer: 0,
+                    ..Default::default()
+                },
+                "max_layer",
+            ),
         ];
         for (p, name) in bad {
             let msg = p.validate().unwrap_err().to_string();
             assert!(msg.contains(name), "{msg}");
         }
-        HnswParams { m: 256, ..Default::default() }.validate().unwrap();
+        HnswParams {
+            m: 256,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
     }
 }

@@ -22,7 +22,13 @@ fn normalize(v: &mut [f32]) {
 /// `noise` is the per-coordinate std relative to a unit centre's per-coordinate scale
 /// (1/sqrt(dim)): 0 = all points on their centre, ~1 = a point is as far from its centre
 /// as two centres are from each other. Deterministic in `seed`; generated in parallel.
-pub fn clustered(n: usize, dim: usize, classes: usize, noise: f32, seed: u64) -> (Vec<f32>, Vec<u32>) {
+pub fn clustered(
+    n: usize,
+    dim: usize,
+    classes: usize,
+    noise: f32,
+    seed: u64,
+) -> (Vec<f32>, Vec<u32>) {
     let classes = classes.max(1);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut centres = vec![0f32; classes * dim];
@@ -33,17 +39,22 @@ pub fn clustered(n: usize, dim: usize, classes: usize, noise: f32, seed: u64) ->
     let sigma = noise / (dim as f32).sqrt();
     let labels: Vec<u32> = (0..n).map(|i| (i % classes) as u32).collect();
     let mut vectors = vec![0f32; n * dim];
-    vectors.par_chunks_mut(dim * 1024).enumerate().for_each(|(block, chunk)| {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(block as u64 + 1)));
-        for (j, row) in chunk.chunks_exact_mut(dim).enumerate() {
-            let label = labels[block * 1024 + j] as usize;
-            let c = &centres[label * dim..(label + 1) * dim];
-            for (x, m) in row.iter_mut().zip(c) {
-                *x = m + sigma * gaussian(&mut rng);
+    vectors
+        .par_chunks_mut(dim * 1024)
+        .enumerate()
+        .for_each(|(block, chunk)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(
+                seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(block as u64 + 1)),
+            );
+            for (j, row) in chunk.chunks_exact_mut(dim).enumerate() {
+                let label = labels[block * 1024 + j] as usize;
+                let c = &centres[label * dim..(label + 1) * dim];
+                for (x, m) in row.iter_mut().zip(c) {
+                    *x = m + sigma * gaussian(&mut rng);
+                }
+                normalize(row);
             }
-            normalize(row);
-        }
-    });
+        });
     (vectors, labels)
 }
 

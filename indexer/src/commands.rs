@@ -1,0 +1,653 @@
+//! The `indexer` subcommands. `main.rs` only parses arguments; everything a command does
+//! lives here so it can be read (and tested) without the CLI layer.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use trainer::data::{load_dataset, DatasetKind, SplitSpec};
+use trainer::embed::{Embedder, ModelSpec};
+
+use crate::bench::{self, BenchConfig};
+use crate::export::{self, VectorFormat};
+use crate::images::{self, Source};
+use crate::manifest::MANIFEST_FILE;
+use crate::{GalleryIndex, HnswParams, NewItem};
+
+/// Written next to the manifest by `build`: which model made the index, so `query` and `add`
+/// (and the search server) can load it without being told.
+pub const MODEL_FILE: &str = "model.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSource {
+    /// `RUN_DIR` (absolute) or `pretrained:BACKBONE`.
+    pub model: String,
+    /// Explicit weight file of a pretrained backbone (absolute), if one was given.
+    pub weights: Option<PathBuf>,
+}
+
+impl ModelSource {
+    pub fn new(model: &str, weights: Option<&Path>) -> Self {
+        let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let model = if model.starts_with("pretrained:") {
+            model.to_string()
+        } else {
+            abs(Path::new(model)).display().to_string()
+        };
+        Self {
+            model,
+            weights: weights.map(abs),
+        }
+    }
+    pub fn read(index_dir: &Path) -> Result<Self> {
+        let path = index_dir.join(MODEL_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{}: the index does not record its model; pass --model",
+                path.display()
+            )
+        })?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid model record", path.display()))
+    }
+    pub fn write(&self, index_dir: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        trainer::checkpoint::write_atomic(&index_dir.join(MODEL_FILE), text.as_bytes())?;
+        Ok(())
+    }
+    pub fn load(&self) -> Result<Embedder> {
+        let spec = ModelSpec::parse(&self.model, self.weights.clone())?;
+        Embedder::load(&spec).with_context(|| format!("cannot load model {}", self.model))
+    }
+}
+
+/// Where `build` takes its images from.
+pub enum ImageSet {
+    Dir(PathBuf),
+    Dataset {
+        kind: DatasetKind,
+        root: PathBuf,
+        split: SplitSpec,
+    },
+}
+
+pub struct BuildArgs {
+    pub model: ModelSource,
+    pub images: ImageSet,
+    pub out: PathBuf,
+    pub params: HnswParams,
+    pub batch_size: usize,
+    pub skip_bad_images: bool,
+}
+
+fn sources_from(set: &ImageSet) -> Result<(Vec<Source>, Vec<u32>)> {
+    match set {
+        ImageSet::Dir(dir) => {
+            let files = images::list_images(dir)?;
+            let sources = files
+                .into_iter()
+                .map(|f| {
+                    let display = f.strip_prefix(dir).unwrap_or(&f).display().to_string();
+                    Source {
+                        file: f,
+                        display,
+                        label: None,
+                    }
+                })
+                .collect();
+            Ok((sources, Vec::new()))
+        }
+        ImageSet::Dataset { kind, root, split } => {
+            let ds = load_dataset(*kind, root, split)?;
+            let labels = ds.labels();
+            let sources = ds
+                .samples
+                .iter()
+                .map(|s| Source {
+                    file: s.path.clone(),
+                    display: s
+                        .path
+                        .strip_prefix(root)
+                        .unwrap_or(&s.path)
+                        .display()
+                        .to_string(),
+                    label: Some(ds.class_names[s.label as usize].clone()),
+                })
+                .collect();
+            Ok((sources, labels))
+        }
+    }
+}
+
+pub fn build(args: BuildArgs) -> Result<()> {
+    args.params.validate()?;
+    if args.out.join(MANIFEST_FILE).exists() {
+        bail!(
+            "{}: already holds an index; use `indexer add` to extend it, or choose a new --out",
+            args.out.display()
+        );
+    }
+    let (sources, _) = sources_from(&args.images)?;
+    if sources.is_empty() {
+        bail!(
+            "no images found to index (supported: {})",
+            trainer::data::IMAGE_EXTENSIONS.join(", ")
+        );
+    }
+    let embedder = args.model.load()?;
+    eprintln!(
+        "embedding {} images with {} ({}-d)",
+        sources.len(),
+        args.model.model,
+        embedder.dim()
+    );
+    let outcome = images::embed_sources(
+        &embedder,
+        sources,
+        args.batch_size,
+        args.skip_bad_images,
+        true,
+    )?;
+    if outcome.embedded.is_empty() {
+        bail!("no image could be read; nothing to index");
+    }
+    let t = Instant::now();
+    let mut index = GalleryIndex::create(
+        &args.out,
+        embedder.identity().clone(),
+        embedder.dim(),
+        args.params,
+    )?;
+    args.model.write(&args.out)?;
+    let report = index.add(to_items(outcome.embedded))?;
+    index.commit()?;
+    println!(
+        "indexed {} images into {} ({:.1} img/s embedding, {:.2} s HNSW build + commit, {:.1} MiB on disk)",
+        report.added.len(),
+        args.out.display(),
+        outcome.images_per_second,
+        t.elapsed().as_secs_f64(),
+        index.disk_bytes() as f64 / (1 << 20) as f64
+    );
+    print_skips(&report.duplicates, &outcome.skipped);
+    Ok(())
+}
+
+fn to_items(embedded: Vec<images::Embedded>) -> Vec<NewItem> {
+    embedded
+        .into_iter()
+        .map(|e| NewItem {
+            path: e.source.display,
+            label: e.source.label,
+            sha256: e.sha256,
+            vector: e.vector,
+        })
+        .collect()
+}
+
+fn print_skips(duplicates: &[(String, u64)], skipped: &[(PathBuf, String)]) {
+    for (path, id) in duplicates {
+        println!("duplicate: {path} has the same content as item {id}; not added");
+    }
+    if !skipped.is_empty() {
+        println!("skipped {} unreadable images (listed above)", skipped.len());
+    }
+}
+
+/// Loads the model to use with an index: `--model` if given (refused when it does not match
+/// the index), else the one the index recorded.
+fn model_for(index: &GalleryIndex, model: Option<ModelSource>) -> Result<Embedder> {
+    let source = match model {
+        Some(m) => m,
+        None => ModelSource::read(index.dir())?,
+    };
+    let embedder = source.load()?;
+    embedder.identity().ensure_matches(index.identity()).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}: the index {} was built with another model, and its vectors are not comparable with this one's; use the index's model (omit --model) or build a new index",
+            index.dir().display()
+        )
+    })?;
+    Ok(embedder)
+}
+
+/// `paths` may mix files and directories (searched recursively for images).
+pub fn add(
+    index_dir: &Path,
+    paths: &[PathBuf],
+    model: Option<ModelSource>,
+    batch_size: usize,
+    skip_bad: bool,
+) -> Result<()> {
+    let mut index = GalleryIndex::open(index_dir)?;
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            files.extend(images::list_images(p)?);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    // Hash first, so known content is reported without being decoded and embedded.
+    let mut sources = Vec::new();
+    let mut known = Vec::new();
+    for f in files {
+        let sha = match images::sha256_of(&f) {
+            Ok(s) => s,
+            Err(e) if skip_bad => {
+                eprintln!("skipping {}: {e}", f.display());
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match index.find_sha256(&sha) {
+            Some(id) => known.push((f.display().to_string(), id)),
+            None => sources.push(Source {
+                display: f.display().to_string(),
+                file: f,
+                label: None,
+            }),
+        }
+    }
+    let mut report = crate::AddReport::default();
+    let mut skipped = Vec::new();
+    if !sources.is_empty() {
+        let embedder = model_for(&index, model)?;
+        let outcome = images::embed_sources(&embedder, sources, batch_size, skip_bad, true)?;
+        skipped = outcome.skipped;
+        report = index.add(to_items(outcome.embedded))?;
+        index.commit()?;
+    }
+    report.duplicates.splice(0..0, known);
+    println!(
+        "added {} images to {} (now {} items)",
+        report.added.len(),
+        index_dir.display(),
+        index.len()
+    );
+    print_skips(&report.duplicates, &skipped);
+    Ok(())
+}
+
+pub fn info(index_dir: &Path) -> Result<()> {
+    let index = GalleryIndex::open(index_dir)?;
+    let id = index.identity();
+    let p = index.params();
+    let labels: std::collections::BTreeSet<&str> = index
+        .items()
+        .iter()
+        .filter_map(|i| i.label.as_deref())
+        .collect();
+    println!("index        {}", index_dir.display());
+    println!(
+        "format       {} v{} (generation {})",
+        crate::manifest::FORMAT,
+        crate::manifest::FORMAT_VERSION,
+        index.generation()
+    );
+    println!(
+        "items        {} ({} only in the write-ahead log), {} labels",
+        index.len(),
+        index.logged(),
+        labels.len()
+    );
+    println!(
+        "model        {} → {}-d, weights sha256 {}",
+        id.backbone, id.dim, &id.weights_sha256
+    );
+    if let Ok(src) = ModelSource::read(index_dir) {
+        println!(
+            "model source {}{}",
+            src.model,
+            src.weights
+                .map(|w| format!(" (weights {})", w.display()))
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "hnsw         M = {}, ef_construction = {}, max_layer = {}",
+        p.m, p.ef_construction, p.max_layer
+    );
+    println!(
+        "disk         {:.2} MiB",
+        index.disk_bytes() as f64 / (1 << 20) as f64
+    );
+    for w in index.warnings() {
+        println!("warning      {w}");
+    }
+    Ok(())
+}
+
+pub fn query(
+    index_dir: &Path,
+    image: &Path,
+    k: usize,
+    ef: usize,
+    exact: bool,
+    model: Option<ModelSource>,
+) -> Result<()> {
+    let index = GalleryIndex::open(index_dir)?;
+    if index.is_empty() {
+        bail!(
+            "{}: the index is empty; add images with `indexer add`",
+            index_dir.display()
+        );
+    }
+    let embedder = model_for(&index, model)?;
+    let (_, img) = images::read_image(image)?;
+    let q = embedder
+        .embed_images(&[img])?
+        .pop()
+        .context("the model returned no embedding")?;
+    let t = Instant::now();
+    let hits = if exact {
+        index.search_exact(&q, k)
+    } else {
+        index.search(&q, k, ef.max(k))
+    };
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    println!(
+        "{} nearest of {} items ({} search, {ms:.2} ms):",
+        hits.len(),
+        index.len(),
+        if exact { "exact" } else { "HNSW" }
+    );
+    println!(
+        "{:>4}  {:>8}  {:>8}  {:>7}  {:<20}  path",
+        "rank", "id", "distance", "cosine", "label"
+    );
+    for (rank, h) in hits.iter().enumerate() {
+        let it = index.item(h.id).context("search returned an unknown id")?;
+        println!(
+            "{:>4}  {:>8}  {:>8.4}  {:>7.4}  {:<20}  {}",
+            rank + 1,
+            h.id,
+            h.distance,
+            h.score,
+            it.label.as_deref().unwrap_or("-"),
+            it.path
+        );
+    }
+    Ok(())
+}
+
+pub fn export_vectors(index_dir: &Path, out: &Path) -> Result<()> {
+    let format = VectorFormat::from_path(out)?;
+    let index = GalleryIndex::open(index_dir)?;
+    export::write_vectors(out, format, index.vectors(), index.dim())?;
+    println!(
+        "wrote {} × {} vectors to {}",
+        index.len(),
+        index.dim(),
+        out.display()
+    );
+    Ok(())
+}
+
+pub struct BenchArgs {
+    pub model: ModelSource,
+    pub kind: DatasetKind,
+    pub data: PathBuf,
+    pub split: SplitSpec,
+    pub limit: Option<usize>,
+    pub cfg: BenchConfig,
+    pub batch_size: usize,
+    pub skip_bad_images: bool,
+    pub json: Option<PathBuf>,
+    pub plot: Option<PathBuf>,
+    pub index_out: Option<PathBuf>,
+}
+
+pub fn bench(mut args: BenchArgs) -> Result<()> {
+    let (mut sources, mut labels) = sources_from(&ImageSet::Dataset {
+        kind: args.kind,
+        root: args.data.clone(),
+        split: args.split.clone(),
+    })?;
+    if let Some(n) = args.limit {
+        sources.truncate(n);
+        labels.truncate(n);
+    }
+    if args.cfg.ks.is_empty() {
+        args.cfg.ks = trainer::metrics::default_ks(args.kind == DatasetKind::Sop).to_vec();
+    }
+    let embedder = args.model.load()?;
+    eprintln!(
+        "embedding {} images of {} {} with {}",
+        sources.len(),
+        args.kind,
+        args.split,
+        args.model.model
+    );
+    let outcome = images::embed_sources(
+        &embedder,
+        sources.clone(),
+        args.batch_size,
+        args.skip_bad_images,
+        true,
+    )?;
+    // Keep the labels of the images that were embedded.
+    let by_file: std::collections::HashMap<&Path, u32> = sources
+        .iter()
+        .map(|s| s.file.as_path())
+        .zip(labels.iter().copied())
+        .collect();
+    let labels: Vec<u32> = outcome
+        .embedded
+        .iter()
+        .map(|e| by_file[e.source.file.as_path()])
+        .collect();
+    let vectors: Vec<f32> = outcome
+        .embedded
+        .iter()
+        .flat_map(|e| e.vector.iter().copied())
+        .collect();
+    let tmp;
+    let index_dir = match &args.index_out {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().join("index")
+        }
+    };
+    let mut report = bench::run(
+        &vectors,
+        embedder.dim(),
+        &labels,
+        embedder.identity().clone(),
+        &index_dir,
+        &args.cfg,
+    )?;
+    if args.index_out.is_some() {
+        args.model.write(&index_dir)?;
+    }
+    report.embed_images_per_second = Some(outcome.images_per_second);
+    println!("{}", report.markdown());
+    if let Some(p) = &args.json {
+        let mut j = report.to_json();
+        j["dataset"] = format!("{} {}", args.kind, args.split).into();
+        j["model"] = args.model.model.clone().into();
+        trainer::checkpoint::write_atomic(p, serde_json::to_string_pretty(&j)?.as_bytes())?;
+        eprintln!("wrote {}", p.display());
+    }
+    if let Some(p) = &args.plot {
+        let title = format!(
+            "HNSW on {} {} ({} items, M={})",
+            args.kind, args.split, report.n, report.params.m
+        );
+        std::fs::write(p, bench::sweep_svg(&report.sweep, &title))
+            .with_context(|| format!("cannot write {}", p.display()))?;
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+pub struct SyntheticArgs {
+    pub n: usize,
+    pub dim: usize,
+    pub classes: usize,
+    pub noise: f32,
+    pub queries: usize,
+    pub params: HnswParams,
+    pub ef_sweep: Vec<usize>,
+    pub target_recall: f64,
+    pub seed: u64,
+    pub dir: Option<PathBuf>,
+    pub json: Option<PathBuf>,
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The scale benchmark on synthetic clustered vectors: build time, commit and reload time,
+/// peak RSS, and single-thread QPS at the smallest swept ef reaching `target_recall`
+/// (recall of the exact top-10 over held-out queries).
+pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
+    a.params.validate()?;
+    if a.n == 0 || a.dim == 0 || a.queries == 0 {
+        bail!("--n, --dim and --queries must be positive");
+    }
+    let t = Instant::now();
+    let (all, _) = crate::synthetic::clustered(a.n + a.queries, a.dim, a.classes, a.noise, a.seed);
+    let (base, queries) = all.split_at(a.n * a.dim);
+    let gen_s = t.elapsed().as_secs_f64();
+    let tmp;
+    let dir = match &a.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().join("index")
+        }
+    };
+    let identity = trainer::checkpoint::ModelIdentity {
+        backbone: trainer::backbone::BackboneKind::EfficientnetLite0,
+        dim: a.dim,
+        weights_sha256: "synthetic".repeat(8).chars().take(64).collect(),
+        preprocess_sha256: "synthetic".repeat(8).chars().take(64).collect(),
+    };
+    let t = Instant::now();
+    let mut index = GalleryIndex::create(&dir, identity, a.dim, a.params)?;
+    let items: Vec<NewItem> = base
+        .chunks_exact(a.dim)
+        .enumerate()
+        .map(|(i, v)| NewItem {
+            path: format!("#{i}"),
+            label: None,
+            sha256: format!("{i:016x}"),
+            vector: v.to_vec(),
+        })
+        .collect();
+    index.add(items)?;
+    let build_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    index.commit()?;
+    let commit_s = t.elapsed().as_secs_f64();
+    let bytes = index.disk_bytes();
+    let rss_built = peak_rss_bytes();
+    drop(index);
+    let t = Instant::now();
+    let index = GalleryIndex::open(&dir)?;
+    let open_s = t.elapsed().as_secs_f64();
+
+    use rayon::prelude::*;
+    let t = Instant::now();
+    let truth: Vec<Vec<u64>> = queries
+        .par_chunks_exact(a.dim)
+        .map(|q| {
+            index
+                .search_exact(q, 10)
+                .into_iter()
+                .map(|h| h.id)
+                .collect()
+        })
+        .collect();
+    let exact_s = t.elapsed().as_secs_f64();
+    let mut rows = Vec::new();
+    for &ef in &a.ef_sweep {
+        let t = Instant::now();
+        let mut found = 0usize;
+        for (q, tr) in queries.chunks_exact(a.dim).zip(&truth) {
+            let hits = index.search(q, 10, ef.max(10));
+            found += hits.iter().filter(|h| tr.contains(&h.id)).count();
+        }
+        let secs = t.elapsed().as_secs_f64();
+        rows.push((
+            ef,
+            found as f64 / (10 * truth.len()) as f64,
+            truth.len() as f64 / secs,
+        ));
+    }
+    let at_target = rows.iter().find(|r| r.1 >= a.target_recall).copied();
+    let rss_peak = peak_rss_bytes();
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+
+    println!("## Synthetic scale benchmark: {} × {}-d, {} clusters (noise {}), M = {}, ef_construction = {}\n", a.n, a.dim, a.classes, a.noise, a.params.m, a.params.ef_construction);
+    println!("| figure | value |\n|---|---:|");
+    println!("| generate vectors (s) | {gen_s:.2} |");
+    println!(
+        "| HNSW build, {} threads (s) | {build_s:.2} |",
+        rayon::current_num_threads()
+    );
+    println!("| build rate (vectors/s) | {:.0} |", a.n as f64 / build_s);
+    println!("| commit to disk (s) | {commit_s:.2} |");
+    println!("| reopen: verify + load graph dump (s) | {open_s:.2} |");
+    println!("| index on disk (MiB) | {:.1} |", mib(bytes));
+    if let (Some(b), Some(p)) = (rss_built, rss_peak) {
+        println!(
+            "| peak RSS after build / overall (MiB) | {:.0} / {:.0} |",
+            mib(b),
+            mib(p)
+        );
+    }
+    println!(
+        "| exact top-10 of {} queries, all threads (s) | {exact_s:.2} |",
+        truth.len()
+    );
+    match at_target {
+        Some((ef, r, q)) => println!(
+            "| QPS at recall@10 ≥ {} (1 thread) | {q:.0} (ef {ef}, recall {r:.4}) |",
+            a.target_recall
+        ),
+        None => println!(
+            "| QPS at recall@10 ≥ {} | not reached by the swept ef |",
+            a.target_recall
+        ),
+    }
+    println!("\n| ef | recall@10 | QPS (1 thread) |\n|---:|---:|---:|");
+    for (ef, r, q) in &rows {
+        println!("| {ef} | {r:.4} | {q:.0} |");
+    }
+    if let Some(p) = &a.json {
+        let mut m = serde_json::Map::new();
+        let mut put = |k: &str, v: serde_json::Value| {
+            m.insert(k.into(), v);
+        };
+        put("n", a.n.into());
+        put("dim", a.dim.into());
+        put("m", a.params.m.into());
+        put("ef_construction", a.params.ef_construction.into());
+        put("threads", rayon::current_num_threads().into());
+        put("build_seconds", build_s.into());
+        put("commit_seconds", commit_s.into());
+        put("open_seconds", open_s.into());
+        put("index_bytes", bytes.into());
+        put("peak_rss_bytes", rss_peak.into());
+        if let Some((ef, r, q)) = at_target {
+            put("target.ef", ef.into());
+            put("target.recall@10", r.into());
+            put("target.qps", q.into());
+        }
+        for (ef, r, q) in &rows {
+            put(&format!("sweep.ef{ef}.recall@10"), (*r).into());
+            put(&format!("sweep.ef{ef}.qps"), (*q).into());
+        }
+        trainer::checkpoint::write_atomic(p, serde_json::to_string_pretty(&m)?.as_bytes())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! From image files to embeddings: listing, hashing, parallel decoding and batched embedding
+//! with a progress bar.
+//!
+//! Decoding the next batch (rayon, all cores) overlaps embedding the current one: a
+//! producer thread feeds decoded batches through a bounded channel.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use image::DynamicImage;
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+use trainer::data::{decode_image_bytes, IMAGE_EXTENSIONS};
+use trainer::embed::Embedder;
+use trainer::error::{Error, Result};
+
+/// One image to embed.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub file: PathBuf,
+    /// The path recorded in the index (relative to the images root when there is one).
+    pub display: String,
+    pub label: Option<String>,
+}
+
+/// An embedded image.
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    pub source: Source,
+    pub sha256: String,
+    pub vector: Vec<f32>,
+}
+
+/// The result of embedding a list of sources.
+#[derive(Debug, Default)]
+pub struct EmbedOutcome {
+    pub embedded: Vec<Embedded>,
+    /// `(file, why)` for images that could not be read (only with `skip_bad`).
+    pub skipped: Vec<(PathBuf, String)>,
+    /// Images per second over the whole run (decode + embed).
+    pub images_per_second: f64,
+}
+
+/// Image files under `dir` (recursive, by extension, sorted so ids are reproducible).
+pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        return Err(Error::file(dir, "image directory not found"));
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let rd = std::fs::read_dir(&d)
+            .map_err(|e| Error::file(&d, format!("cannot list directory: {e}")))?;
+        for entry in rd {
+            let entry = entry.map_err(|e| Error::file(&d, e))?;
+            let p = entry.path();
+            let ft = entry.file_type().map_err(|e| Error::file(&p, e))?;
+            if ft.is_dir() {
+                stack.push(p);
+            } else if is_image_name(&p) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// True for names with one of the decodable extensions (case-insensitive).
+pub fn is_image_name(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+}
+
+/// Reads a file once: its SHA-256 (the duplicate key) and the decoded image.
+pub fn read_image(path: &Path) -> Result<(String, DynamicImage)> {
+    let bytes =
+        std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read image: {e}")))?;
+    let sha = hex::encode(Sha256::digest(&bytes));
+    let img = decode_image_bytes(&bytes).map_err(|e| Error::file(path, e))?;
+    Ok((sha, img))
+}
+
+/// SHA-256 of a file's bytes.
+pub fn sha256_of(path: &Path) -> Result<String> {
+    trainer::checkpoint::sha256_file(path)
+}
+
+type Decoded = Vec<(Source, Result<(String, DynamicImage)>)>;
+
+/// Decodes and embeds `sources` in batches of `batch_size`. With `skip_bad`, unreadable
+/// images are listed in the outcome; without it the first one is an error naming the file.
+/// `progress` shows an indicatif bar (img/s, ETA) on stderr.
+pub fn embed_sources(
+    embedder: &Embedder,
+    sources: Vec<Source>,
+    batch_size: usize,
+    skip_bad: bool,
+    progress: bool,
+) -> Result<EmbedOutcome> {
+    let batch_size = batch_size.max(1);
+    let bar = if progress {
+        ProgressBar::new(sources.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} embedding [{bar:30}] {pos}/{len} images  {per_sec}  ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let start = Instant::now();
+    let (tx, rx) = mpsc::sync_channel::<Decoded>(2);
+    let batches: Vec<Vec<Source>> = sources.chunks(batch_size).map(|c| c.to_vec()).collect();
+    let mut out = EmbedOutcome::default();
+    std::thread::scope(|scope| -> Result<()> {
+        scope.spawn(move || {
+            for batch in batches {
+                let decoded: Decoded = batch
+                    .into_par_iter()
+                    .map(|s| {
+                        let r = read_image(&s.file);
+                        (s, r)
+                    })
+                    .collect();
+                if tx.send(decoded).is_err() {
+                    return; // the consumer stopped on an error
+                }
+            }
+        });
+        for decoded in rx {
+            let batch_len = decoded.len() as u64;
+            let mut good = Vec::with_capacity(decoded.len());
+            let mut images = Vec::with_capacity(decoded.len());
+            for (s, r) in decoded {
+                match r {
+                    Ok((sha, img)) => {
+                        images.push(img);
+                        good.push((s, sha));
+                    }
+                    Err(e) if skip_bad => {
+                        bar.println(format!("skipping {}: {e}", s.file.display()));
+                        out.skipped.push((s.file, e.to_string()));
+                    }
+                    Err(e) => return Err(with_hint(e)),
+                }
+            }
+            if !images.is_empty() {
+                let vectors = embedder.embed_images(&images)?;
+                for ((source, sha256), vector) in good.into_iter().zip(vectors) {
+                    out.embedded.push(Embedded {
+                        source,
+                        sha256,
+                        vector,
+                    });
+                }
+            }
+            bar.inc(batch_len);
+        }
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    out.images_per_second = if secs > 0.0 {
+        out.embedded.len() as f64 / secs
+    } else {
+        0.0
+    };
+    Ok(out)
+}
+
+fn with_hint(e: Error) -> Error {
+    match e {
+        Error::File { path, msg } => Error::File {
+            path,
+            msg: format!("{msg} (use --skip-bad-images to index the rest)"),
+        },
+        other => other,
+    }
+}

@@ -1,0 +1,205 @@
+//! End-to-end: the `indexer` binary builds a gallery from real images with the real
+//! EfficientNet-Lite0 weights, finds an indexed image first when queried with it, reports
+//! duplicates, and survives `kill -9` during an `add` with the previous index intact.
+//!
+//! Needs `target/debug/indexer` (`cargo build -p indexer`) and `../shared` (the weights);
+//! skips with a message when the latter is absent.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use image::{Rgb, RgbImage};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `<workspace>/../shared`, or `$DEEP_METRIC_SHARED` (for worktrees that live elsewhere).
+fn weights() -> Option<PathBuf> {
+    let shared = std::env::var_os("DEEP_METRIC_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("../shared"));
+    let p = shared.join("models/efficientnet-lite0/efficientnet-lite0-57934424.pth");
+    p.exists().then_some(p)
+}
+
+/// `…/target/debug/deps/indexer_e2e-xxxx` → `…/target/debug/indexer`.
+fn indexer_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/debug")
+        .join("indexer");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first with `cargo build -p indexer`",
+        bin.display()
+    );
+    bin
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = Command::new(indexer_bin())
+        .args(args)
+        .output()
+        .expect("run indexer");
+    if !out.status.success() {
+        panic!(
+            "indexer {args:?} failed:\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+/// A 96×96 picture: a coloured disc, square or stripes on a tinted background, distinct per `i`.
+fn shape_image(i: u32) -> RgbImage {
+    let palette = [
+        [220, 30, 30],
+        [30, 180, 40],
+        [40, 60, 220],
+        [230, 200, 20],
+        [160, 40, 200],
+        [20, 200, 200],
+        [250, 130, 0],
+    ];
+    let fg = palette[(i as usize) % palette.len()];
+    let bg = [
+        (i * 37 % 200) as u8 + 30,
+        (i * 91 % 200) as u8 + 30,
+        (i * 53 % 200) as u8 + 30,
+    ];
+    let (cx, cy, r) = (
+        30 + (i * 13 % 40) as i32,
+        30 + (i * 29 % 40) as i32,
+        14 + (i % 5) as i32 * 4,
+    );
+    RgbImage::from_fn(96, 96, |x, y| {
+        let (dx, dy) = (x as i32 - cx, y as i32 - cy);
+        let inside = match i % 3 {
+            0 => dx * dx + dy * dy <= r * r,
+            1 => dx.abs() <= r && dy.abs() <= r,
+            _ => ((x + y * (i % 4)) / 8).is_multiple_of(2),
+        };
+        Rgb(if inside { fg } else { bg })
+    })
+}
+
+fn write_images(dir: &Path, range: std::ops::Range<u32>) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in range {
+        shape_image(i)
+            .save(dir.join(format!("shape{i:03}.png")))
+            .unwrap();
+    }
+}
+
+fn item_count(index: &Path) -> usize {
+    let out = run(&["info", "--index", index.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("items"))
+        .unwrap_or_else(|| panic!("no items line in:\n{text}"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn build_query_duplicate_and_kill_during_add() {
+    let Some(weights) = weights() else {
+        eprintln!("skipping: ../shared not found (EfficientNet-Lite0 weights)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("gallery");
+    write_images(&images, 0..20);
+    let index = tmp.path().join("index");
+    let (w, idx, img) = (
+        weights.to_str().unwrap(),
+        index.to_str().unwrap(),
+        images.to_str().unwrap(),
+    );
+    run(&[
+        "build",
+        "--model",
+        "pretrained:efficientnet-lite0",
+        "--weights",
+        w,
+        "--images",
+        img,
+        "--out",
+        idx,
+        "--batch-size",
+        "8",
+    ]);
+    assert_eq!(item_count(&index), 20);
+
+    // The model is taken from what the index recorded.
+    let probe = images.join("shape007.png");
+    let out = run(&["query", "--index", idx, probe.to_str().unwrap(), "-k", "3"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let first = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("1 "))
+        .unwrap_or_else(|| panic!("no result rows:\n{text}"));
+    assert!(
+        first.contains("shape007.png"),
+        "an indexed image must find itself first:\n{text}"
+    );
+    let cosine: f32 = first.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert!(cosine > 0.999, "{first}");
+
+    // Same content under another name: reported, not added.
+    let copy = tmp.path().join("copy.png");
+    std::fs::copy(&probe, &copy).unwrap();
+    let out = run(&["add", "--index", idx, copy.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("duplicate") && text.contains("item 7"),
+        "{text}"
+    );
+    assert_eq!(item_count(&index), 20);
+
+    // kill -9 an add at several moments (embedding, committing): the index must always load,
+    // with either the old or the complete new content.
+    let more = tmp.path().join("more");
+    write_images(&more, 100..140);
+    for delay_ms in [300u64, 1500, 4000] {
+        let before = item_count(&index);
+        let mut child = Command::new(indexer_bin())
+            .args([
+                "add",
+                "--index",
+                idx,
+                more.to_str().unwrap(),
+                "--batch-size",
+                "4",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(delay_ms) {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        let after = item_count(&index);
+        assert!(
+            after == before || after == 60,
+            "after kill at {delay_ms} ms: {before} → {after} items"
+        );
+        let out = run(&["query", "--index", idx, probe.to_str().unwrap(), "-k", "1"]);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("shape007.png"));
+        if after == 60 {
+            break;
+        }
+    }
+}
