@@ -17,7 +17,8 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{relu6, ConvBn, ConvSpec, Padding};
+use super::bias_act::Activation::Relu6;
+use super::layers::{ConvBn, ConvSpec, Padding};
 use super::{Backbone, BackboneKind};
 
 /// Batch-norm ε of the TF reference (PyTorch's default 1e-5 is measurably off).
@@ -81,10 +82,10 @@ impl MbConv {
 impl Module for MbConv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = match &self.expand {
-            Some(e) => relu6(&e.forward(x)?)?,
+            Some(e) => e.forward_act(x, Relu6)?,
             None => x.clone(),
         };
-        h = relu6(&self.depthwise.forward(&h)?)?;
+        h = self.depthwise.forward_act(&h, Relu6)?;
         h = self.project.forward(&h)?;
         if self.residual {
             h + x
@@ -128,8 +129,8 @@ impl EfficientNetLite {
     fn run_stage(&self, index: usize, x: &Tensor) -> Result<Tensor> {
         let last = self.stages.len() + 1;
         match index {
-            0 => relu6(&self.stem.forward(x)?),
-            i if i == last => relu6(&self.head.forward(x)?),
+            0 => self.stem.forward_act(x, Relu6),
+            i if i == last => self.head.forward_act(x, Relu6),
             i => self.stages[i - 1].iter().try_fold(x.clone(), |h, block| block.forward(&h)),
         }
     }
@@ -222,5 +223,38 @@ mod tests {
         let diff = (full - resumed).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(diff, 0.0);
         assert!(net.forward_stages(&x, 0..10).is_err());
+    }
+
+    #[test]
+    fn trains_through_autograd_with_frozen_statistics() {
+        // f64 so a central difference can check the analytic gradient tightly.
+        let varmap = VarMap::new();
+        let net = EfficientNetLite::lite0(VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu)).unwrap();
+        let x = Tensor::randn(0f64, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+        let target = Tensor::randn(0f64, 1.0, (2, FEATURE_DIM), &Device::Cpu).unwrap();
+        let loss = |net: &EfficientNetLite| (net.features(&x).unwrap() * &target).unwrap().sum_all().unwrap();
+        let grads = loss(&net).backward().unwrap();
+        let vars = varmap.data().lock().unwrap().clone();
+        for name in ["stem.conv.weight", "blocks.2.1.dw.conv.weight", "blocks.5.0.expand.bn.weight", "head.bn.bias"] {
+            let g = grads.get(vars[name].as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+            assert!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap() > 0.0, "zero gradient for {name}");
+        }
+        for name in ["stem.bn.running_mean", "blocks.3.0.dw.bn.running_var"] {
+            assert!(grads.get(vars[name].as_tensor()).is_none(), "{name} is a buffer and must not get a gradient");
+        }
+        // Central difference on one depthwise weight.
+        let var = &vars["blocks.1.0.dw.conv.weight"];
+        let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().get(4).unwrap().to_scalar::<f64>().unwrap();
+        let original = var.as_tensor().copy().unwrap();
+        let eps = 1e-5;
+        let bump = |delta: f64| {
+            let mut w = original.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            w[4] += delta;
+            var.set(&Tensor::from_vec(w, original.shape(), &Device::Cpu).unwrap()).unwrap();
+            loss(&net).to_scalar::<f64>().unwrap()
+        };
+        let numeric = (bump(eps) - bump(-eps)) / (2.0 * eps);
+        var.set(&original).unwrap();
+        assert!((numeric - analytic).abs() <= 1e-6 * (1.0 + analytic.abs()), "numeric {numeric} vs analytic {analytic}");
     }
 }

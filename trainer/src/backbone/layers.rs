@@ -13,6 +13,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use super::bias_act::{bias_act, Activation};
 use crate::ops::{self, Pad4};
 
 /// Variable-name suffixes of batch-norm running statistics. They are created as variables so
@@ -143,8 +144,9 @@ impl ConvBn {
     }
 }
 
-impl Module for ConvBn {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl ConvBn {
+    /// `act(bn(conv(x)))`, the bias and activation fused into one pass.
+    pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (scale, shift) = self.bn.scale_shift()?;
         let weight = self.weight.broadcast_mul(&scale.reshape((self.spec.out_channels, 1, 1, 1))?)?;
@@ -158,11 +160,12 @@ impl Module for ConvBn {
         } else {
             ops::conv2d(x, &weight, self.spec.stride, pad)?
         };
-        y.broadcast_add(&shift.reshape((1, self.spec.out_channels, 1, 1))?)
+        bias_act(&y, &shift, act)
     }
 }
 
-/// `min(max(x, 0), 6)`, the activation of the EfficientNet-Lite family (quantisation friendly).
-pub fn relu6(x: &Tensor) -> Result<Tensor> {
-    x.clamp(0f32, 6f32)
+impl Module for ConvBn {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, Activation::Identity)
+    }
 }

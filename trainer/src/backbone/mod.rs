@@ -5,6 +5,7 @@
 //! canonical names; [`crate::weights::load_backbone_weights`] returns pretrained tensors under
 //! the same names, whatever layout the file uses.
 
+pub mod bias_act;
 pub mod bn_inception;
 pub mod efficientnet;
 pub mod layers;

@@ -9,6 +9,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::bias_act::Activation;
 use super::layers::{ConvBn, ConvSpec, Padding};
 use super::{Backbone, BackboneKind};
 use crate::ops;
@@ -62,10 +63,8 @@ impl Module for Block {
         let last = self.convs.len() - 1;
         let mut h = x.clone();
         for (i, c) in self.convs.iter().enumerate() {
-            h = c.forward(&h)?;
-            if i != last {
-                h = h.relu()?;
-            }
+            let act = if i == last { Activation::Identity } else { Activation::Relu };
+            h = c.forward_act(&h, act)?;
         }
         let identity = match &self.downsample {
             Some(d) => d.forward(x)?,
@@ -139,7 +138,7 @@ impl Backbone for ResNet {
         let mut h = x.clone();
         for i in range {
             h = if i == 0 {
-                let s = self.stem.forward(&h)?.relu()?;
+                let s = self.stem.forward_act(&h, Activation::Relu)?;
                 ops::max_pool2d(&s, 3, 2, [1, 1, 1, 1])?
             } else {
                 self.layers[i - 1].iter().try_fold(h, |h, b| b.forward(&h))?
