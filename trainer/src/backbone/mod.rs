@@ -90,7 +90,7 @@ pub fn build(kind: BackboneKind, vb: VarBuilder) -> Result<Box<dyn Backbone>> {
         BackboneKind::EfficientnetLite0 => Box::new(efficientnet::EfficientNetLite::lite0(vb)?),
         BackboneKind::Resnet18 => Box::new(resnet::ResNet::resnet18(vb)?),
         BackboneKind::Resnet50 => Box::new(resnet::ResNet::resnet50(vb)?),
-        BackboneKind::BnInception => bn_inception::BnInception::new(vb)?,
+        BackboneKind::BnInception => Box::new(bn_inception::BnInception::new(vb)?),
     })
 }
 
