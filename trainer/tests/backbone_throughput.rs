@@ -9,23 +9,34 @@ use trainer::backbone::{self, BackboneKind};
 
 fn throughput(kind: BackboneKind, batch: usize, reps: usize) {
     let varmap = VarMap::new();
-    let net = backbone::build(kind, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+    let net = backbone::build(
+        kind,
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
     let side = backbone::default_preprocess(kind).crop as usize;
     let x = Tensor::randn(0f32, 1.0, (batch, 3, side, side), &Device::Cpu).unwrap();
     net.features(&x).unwrap(); // warm-up
-    // Per-stage split, to see where the time goes.
+                               // Per-stage split, to see where the time goes.
     let mut h = x.clone();
     for (i, name) in net.stage_names().iter().enumerate() {
         let t = Instant::now();
         h = net.forward_stages(&h, i..i + 1).unwrap();
-        eprintln!("  {kind} stage {i} ({name}): {:.3} s -> {:?}", t.elapsed().as_secs_f64(), h.dims());
+        eprintln!(
+            "  {kind} stage {i} ({name}): {:.3} s -> {:?}",
+            t.elapsed().as_secs_f64(),
+            h.dims()
+        );
     }
     let t = Instant::now();
     for _ in 0..reps {
         net.features(&x).unwrap();
     }
     let s = t.elapsed().as_secs_f64();
-    eprintln!("{kind}: {:.1} img/s at batch {batch} ({reps} batches in {s:.2} s)", (batch * reps) as f64 / s);
+    eprintln!(
+        "{kind}: {:.1} img/s at batch {batch} ({reps} batches in {s:.2} s)",
+        (batch * reps) as f64 / s
+    );
 }
 
 #[test]

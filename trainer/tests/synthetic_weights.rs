@@ -32,7 +32,10 @@ fn write_random_checkpoint(kind: BackboneKind, classifier: &str, path: &Path) {
         tensors.insert(format!("module.{name}"), t);
     }
     let dim = backbone::feature_dim(kind);
-    tensors.insert(format!("module.{classifier}.weight"), Tensor::zeros((10, dim), DType::F32, &dev).unwrap());
+    tensors.insert(
+        format!("module.{classifier}.weight"),
+        Tensor::zeros((10, dim), DType::F32, &dev).unwrap(),
+    );
     candle_core::safetensors::save(&tensors, path).unwrap();
 }
 
@@ -42,7 +45,10 @@ fn check(kind: BackboneKind, classifier: &str, side: usize) {
     write_random_checkpoint(kind, classifier, &path);
 
     let loaded = weights::load_backbone_weights(kind, &path, &Device::Cpu).unwrap();
-    assert!(loaded.contains_key(&format!("{classifier}.weight")), "classifier kept under its own name");
+    assert!(
+        loaded.contains_key(&format!("{classifier}.weight")),
+        "classifier kept under its own name"
+    );
     assert!(!loaded.keys().any(|k| k.ends_with("num_batches_tracked")));
 
     let x = Tensor::randn(0f32, 1.0, (2, 3, side, side), &Device::Cpu).unwrap();
@@ -52,13 +58,28 @@ fn check(kind: BackboneKind, classifier: &str, side: usize) {
     let b = model.backbone.features(&x).unwrap();
     let again = EmbeddingModel::pretrained(kind, &path, None, &Device::Cpu).unwrap();
     let c = again.backbone.features(&x).unwrap();
-    let max_diff = |p: &Tensor, q: &Tensor| (p - q).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let max_diff = |p: &Tensor, q: &Tensor| {
+        (p - q)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
     assert_eq!(max_diff(&a, &b), 0.0, "{kind}: two runs differ");
     assert_eq!(max_diff(&a, &c), 0.0, "{kind}: a second load differs");
     // The weights were really used: features are finite, not all equal, and differ per image.
     let v = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert!(v.iter().all(|x| x.is_finite()), "{kind}: non-finite features");
-    assert!(max_diff(&a.get(0).unwrap(), &a.get(1).unwrap()) > 0.0, "{kind}: images not told apart");
+    assert!(
+        v.iter().all(|x| x.is_finite()),
+        "{kind}: non-finite features"
+    );
+    assert!(
+        max_diff(&a.get(0).unwrap(), &a.get(1).unwrap()) > 0.0,
+        "{kind}: images not told apart"
+    );
 
     // Checkpoint identity: the unified L2-normalised embedding has the feature dimension.
     let e = model.forward(&x).unwrap();
@@ -86,6 +107,11 @@ fn wrong_shape_is_reported_with_file_and_key() {
     let path = dir.path().join("r18.safetensors");
     write_random_checkpoint(BackboneKind::Resnet18, "fc", &path);
     // A ResNet-18 file offered as ResNet-50: layer1.0.conv1 is 3×3 there, 1×1 here.
-    let err = weights::load_backbone_weights(BackboneKind::Resnet50, &path, &Device::Cpu).unwrap_err().to_string();
-    assert!(err.contains("r18.safetensors") && err.contains("layer1.0."), "{err}");
+    let err = weights::load_backbone_weights(BackboneKind::Resnet50, &path, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("r18.safetensors") && err.contains("layer1.0."),
+        "{err}"
+    );
 }

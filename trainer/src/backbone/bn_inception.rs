@@ -46,21 +46,109 @@ struct ModuleConfig {
 }
 
 const MODULES: [ModuleConfig; 10] = [
-    ModuleConfig { name: "3a", in_ch: 192, c1x1: Some(64), c3x3: (64, 64), double: (64, 96, 96), pool: PoolKind::Avg, pool_proj: Some(32) },
-    ModuleConfig { name: "3b", in_ch: 256, c1x1: Some(64), c3x3: (64, 96), double: (64, 96, 96), pool: PoolKind::Avg, pool_proj: Some(64) },
-    ModuleConfig { name: "3c", in_ch: 320, c1x1: None, c3x3: (128, 160), double: (64, 96, 96), pool: PoolKind::MaxStride2, pool_proj: None },
-    ModuleConfig { name: "4a", in_ch: 576, c1x1: Some(224), c3x3: (64, 96), double: (96, 128, 128), pool: PoolKind::Avg, pool_proj: Some(128) },
-    ModuleConfig { name: "4b", in_ch: 576, c1x1: Some(192), c3x3: (96, 128), double: (96, 128, 128), pool: PoolKind::Avg, pool_proj: Some(128) },
-    ModuleConfig { name: "4c", in_ch: 576, c1x1: Some(160), c3x3: (128, 160), double: (128, 160, 160), pool: PoolKind::Avg, pool_proj: Some(128) },
-    ModuleConfig { name: "4d", in_ch: 608, c1x1: Some(96), c3x3: (128, 192), double: (160, 192, 192), pool: PoolKind::Avg, pool_proj: Some(128) },
-    ModuleConfig { name: "4e", in_ch: 608, c1x1: None, c3x3: (128, 192), double: (192, 256, 256), pool: PoolKind::MaxStride2, pool_proj: None },
-    ModuleConfig { name: "5a", in_ch: 1056, c1x1: Some(352), c3x3: (192, 320), double: (160, 224, 224), pool: PoolKind::Avg, pool_proj: Some(128) },
-    ModuleConfig { name: "5b", in_ch: 1024, c1x1: Some(352), c3x3: (192, 320), double: (192, 224, 224), pool: PoolKind::MaxStride1, pool_proj: Some(128) },
+    ModuleConfig {
+        name: "3a",
+        in_ch: 192,
+        c1x1: Some(64),
+        c3x3: (64, 64),
+        double: (64, 96, 96),
+        pool: PoolKind::Avg,
+        pool_proj: Some(32),
+    },
+    ModuleConfig {
+        name: "3b",
+        in_ch: 256,
+        c1x1: Some(64),
+        c3x3: (64, 96),
+        double: (64, 96, 96),
+        pool: PoolKind::Avg,
+        pool_proj: Some(64),
+    },
+    ModuleConfig {
+        name: "3c",
+        in_ch: 320,
+        c1x1: None,
+        c3x3: (128, 160),
+        double: (64, 96, 96),
+        pool: PoolKind::MaxStride2,
+        pool_proj: None,
+    },
+    ModuleConfig {
+        name: "4a",
+        in_ch: 576,
+        c1x1: Some(224),
+        c3x3: (64, 96),
+        double: (96, 128, 128),
+        pool: PoolKind::Avg,
+        pool_proj: Some(128),
+    },
+    ModuleConfig {
+        name: "4b",
+        in_ch: 576,
+        c1x1: Some(192),
+        c3x3: (96, 128),
+        double: (96, 128, 128),
+        pool: PoolKind::Avg,
+        pool_proj: Some(128),
+    },
+    ModuleConfig {
+        name: "4c",
+        in_ch: 576,
+        c1x1: Some(160),
+        c3x3: (128, 160),
+        double: (128, 160, 160),
+        pool: PoolKind::Avg,
+        pool_proj: Some(128),
+    },
+    ModuleConfig {
+        name: "4d",
+        in_ch: 608,
+        c1x1: Some(96),
+        c3x3: (128, 192),
+        double: (160, 192, 192),
+        pool: PoolKind::Avg,
+        pool_proj: Some(128),
+    },
+    ModuleConfig {
+        name: "4e",
+        in_ch: 608,
+        c1x1: None,
+        c3x3: (128, 192),
+        double: (192, 256, 256),
+        pool: PoolKind::MaxStride2,
+        pool_proj: None,
+    },
+    ModuleConfig {
+        name: "5a",
+        in_ch: 1056,
+        c1x1: Some(352),
+        c3x3: (192, 320),
+        double: (160, 224, 224),
+        pool: PoolKind::Avg,
+        pool_proj: Some(128),
+    },
+    ModuleConfig {
+        name: "5b",
+        in_ch: 1024,
+        c1x1: Some(352),
+        c3x3: (192, 320),
+        double: (192, 224, 224),
+        pool: PoolKind::MaxStride1,
+        pool_proj: Some(128),
+    },
 ];
 
 /// Conv (with bias) + BN named `{name}` / `{name}_bn`, as in the published checkpoint.
-fn unit(vb: &VarBuilder, name: &str, in_ch: usize, out: usize, kernel: usize, stride: usize) -> Result<ConvBn> {
-    let spec = ConvSpec::dense(in_ch, out, kernel, stride, Padding::Symmetric(kernel / 2)).with_bias();
+fn unit(
+    vb: &VarBuilder,
+    name: &str,
+    in_ch: usize,
+    out: usize,
+    kernel: usize,
+    stride: usize,
+) -> Result<ConvBn> {
+    let spec =
+        ConvSpec::dense(in_ch, out, kernel, stride, Padding::Symmetric(kernel / 2)).with_bias();
     ConvBn::new(spec, BN_EPS, vb.pp(name), vb.pp(format!("{name}_bn")))
 }
 
@@ -77,7 +165,9 @@ fn max_pool_3x3_s2_ceil(x: &Tensor) -> Result<Tensor> {
 
 /// Conv units applied in sequence, each followed by ReLU.
 fn chain(units: &[ConvBn], x: &Tensor) -> Result<Tensor> {
-    units.iter().try_fold(x.clone(), |h, u| u.forward_act(&h, Relu))
+    units
+        .iter()
+        .try_fold(x.clone(), |h, u| u.forward_act(&h, Relu))
 }
 
 struct InceptionModule {
@@ -90,7 +180,11 @@ impl InceptionModule {
     fn new(cfg: &ModuleConfig, vb: &VarBuilder) -> Result<Self> {
         let p = format!("inception_{}", cfg.name);
         // The grid-reduction modules (no pool projection) stride their 3×3 branches.
-        let stride = if cfg.pool == PoolKind::MaxStride2 { 2 } else { 1 };
+        let stride = if cfg.pool == PoolKind::MaxStride2 {
+            2
+        } else {
+            1
+        };
         let mut branches = Vec::new();
         if let Some(c) = cfg.c1x1 {
             branches.push(vec![unit(vb, &format!("{p}_1x1"), cfg.in_ch, c, 1, 1)?]);
@@ -110,7 +204,11 @@ impl InceptionModule {
             Some(c) => Some(unit(vb, &format!("{p}_pool_proj"), cfg.in_ch, c, 1, 1)?),
             None => None,
         };
-        Ok(Self { branches, pool: cfg.pool, pool_proj })
+        Ok(Self {
+            branches,
+            pool: cfg.pool,
+            pool_proj,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -144,7 +242,10 @@ impl BnInception {
             unit(&vb, "conv2_3x3_reduce", 64, 64, 1, 1)?,
             unit(&vb, "conv2_3x3", 64, 192, 3, 1)?,
         ];
-        let modules = MODULES.iter().map(|cfg| InceptionModule::new(cfg, &vb)).collect::<Result<_>>()?;
+        let modules = MODULES
+            .iter()
+            .map(|cfg| InceptionModule::new(cfg, &vb))
+            .collect::<Result<_>>()?;
         Ok(Self { stem, modules })
     }
 
@@ -173,7 +274,10 @@ impl Backbone for BnInception {
 
     fn forward_stages(&self, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
         if range.end > self.num_stages() {
-            candle_core::bail!("stage range {range:?} is past the {} stages of bn-inception", self.num_stages())
+            candle_core::bail!(
+                "stage range {range:?} is past the {} stages of bn-inception",
+                self.num_stages()
+            )
         }
         range.into_iter().try_fold(x.clone(), |h, i| match i {
             0 => self.run_stem(&h),
@@ -204,12 +308,16 @@ mod tests {
     #[test]
     fn published_layout_and_stages() {
         let varmap = VarMap::new();
-        let net = BnInception::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+        let net =
+            BnInception::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
         let data = varmap.data().lock().unwrap();
         // 3 stem convs + 8 × 7 + 2 × 5 (3c, 4e) = 69 conv units, 6 variables each.
         assert_eq!(data.len(), 69 * 6);
         assert_eq!(data["conv1_7x7_s2.weight"].dims(), &[64, 3, 7, 7]);
-        assert_eq!(data["inception_4e_double_3x3_2_bn.running_var"].dims(), &[256]);
+        assert_eq!(
+            data["inception_4e_double_3x3_2_bn.running_var"].dims(),
+            &[256]
+        );
         assert_eq!(data["inception_5b_pool_proj.bias"].dims(), &[128]);
         for name in data.keys() {
             assert!(net.param_stage(name).is_some(), "{name}");
@@ -225,7 +333,11 @@ mod tests {
         // PyTorch: ceil((n − 3) / 2) + 1 → 114 → 57, 57 → 28, 28 → 14, 7 → 3.
         for (n, want) in [(114, 57), (57, 28), (28, 14), (14, 7), (7, 3)] {
             let x = Tensor::zeros((1, 1, n, n), DType::F32, &Device::Cpu).unwrap();
-            assert_eq!(max_pool_3x3_s2_ceil(&x).unwrap().dims(), &[1, 1, want, want], "n = {n}");
+            assert_eq!(
+                max_pool_3x3_s2_ceil(&x).unwrap().dims(),
+                &[1, 1, want, want],
+                "n = {n}"
+            );
         }
     }
 }

@@ -117,5 +117,7 @@ pub fn feature_dim(kind: BackboneKind) -> usize {
 /// but are buffers, never trained (every backbone detaches them, so they get no gradient;
 /// the trainer may also leave them out of the optimiser by this test).
 pub fn is_running_stat(name: &str) -> bool {
-    layers::RUNNING_STAT_SUFFIXES.iter().any(|s| name.ends_with(s))
+    layers::RUNNING_STAT_SUFFIXES
+        .iter()
+        .any(|s| name.ends_with(s))
 }
