@@ -94,3 +94,70 @@ fn efficientnet_lite0_matches_reference_features_and_top5() {
     }
     eprintln!("worst max |Δfeature| over the five images: {worst:.2e}");
 }
+
+/// timm's name for a canonical EfficientNet-Lite0 variable (the inverse of the loader's map).
+fn timm_name(canonical: &str) -> String {
+    let parts: Vec<&str> = canonical.split('.').collect();
+    match parts.as_slice() {
+        ["stem", "conv", p] => format!("conv_stem.{p}"),
+        ["stem", "bn", p] => format!("bn1.{p}"),
+        ["head", "conv", p] => format!("conv_head.{p}"),
+        ["head", "bn", p] => format!("bn2.{p}"),
+        ["classifier", p] => format!("classifier.{p}"),
+        ["blocks", s, b, unit, kind, p] => {
+            let depthwise_separable = *s == "0";
+            let layer = match (depthwise_separable, *unit, *kind) {
+                (true, "dw", "conv") => "conv_dw",
+                (true, "dw", "bn") => "bn1",
+                (true, "project", "conv") => "conv_pw",
+                (true, "project", "bn") => "bn2",
+                (false, "expand", "conv") => "conv_pw",
+                (false, "expand", "bn") => "bn1",
+                (false, "dw", "conv") => "conv_dw",
+                (false, "dw", "bn") => "bn2",
+                (false, "project", "conv") => "conv_pwl",
+                (false, "project", "bn") => "bn3",
+                other => panic!("unexpected {other:?}"),
+            };
+            format!("blocks.{s}.{b}.{layer}.{p}")
+        }
+        _ => panic!("unexpected canonical name {canonical}"),
+    }
+}
+
+#[test]
+fn timm_safetensors_layout_loads_to_the_same_weights() {
+    let Some(dir) = shared_dir() else { return };
+    let kind = BackboneKind::EfficientnetLite0;
+    let device = Device::Cpu;
+    let from_pth = trainer::weights::load_backbone_weights(
+        kind,
+        &dir.join("efficientnet-lite0-57934424.pth"),
+        &device,
+    )
+    .unwrap();
+    let timm: std::collections::HashMap<String, Tensor> = from_pth
+        .iter()
+        .map(|(k, v)| (timm_name(k), v.clone()))
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    // An extension that says nothing: the format is recognised by content.
+    let path = tmp.path().join("model.bin");
+    candle_core::safetensors::save(&timm, &path).unwrap();
+    let from_st = trainer::weights::load_backbone_weights(kind, &path, &device).unwrap();
+    assert_eq!(from_st.len(), from_pth.len());
+    for (k, v) in &from_pth {
+        let w = from_st
+            .get(k)
+            .unwrap_or_else(|| panic!("{k} missing after the timm round trip"));
+        let d = (v - w)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{k} differs");
+    }
+}
