@@ -38,7 +38,7 @@ pub fn hub_source(kind: BackboneKind) -> Option<HubSource> {
 fn direct_url(kind: BackboneKind) -> Option<&'static str> {
     match kind {
         BackboneKind::BnInception => {
-            Some("http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth")
+            Some("http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-239d2248.pth")
         }
         _ => None,
     }
@@ -240,6 +240,6 @@ mod tests {
             assert!(msg.contains(needle), "missing {needle}: {msg}");
         }
         assert!(not_found_message(BackboneKind::BnInception, None)
-            .contains("bn_inception-52deb4733.pth"));
+            .contains("bn_inception-239d2248.pth"));
     }
 }
