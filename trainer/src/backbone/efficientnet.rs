@@ -17,7 +17,8 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{relu6, ConvBn, ConvSpec, Padding};
+use super::bias_act::Activation::Relu6;
+use super::layers::{ConvBn, ConvSpec, Padding};
 use super::{Backbone, BackboneKind};
 
 /// Batch-norm ε of the TF reference (PyTorch's default 1e-5 is measurably off).
@@ -40,13 +41,55 @@ pub struct StageConfig {
 
 /// EfficientNet-Lite0 = B0's block table (width and depth multipliers 1.0).
 pub const LITE0_STAGES: [StageConfig; 7] = [
-    StageConfig { repeats: 1, kernel: 3, stride: 1, expand_ratio: 1, out_channels: 16 },
-    StageConfig { repeats: 2, kernel: 3, stride: 2, expand_ratio: 6, out_channels: 24 },
-    StageConfig { repeats: 2, kernel: 5, stride: 2, expand_ratio: 6, out_channels: 40 },
-    StageConfig { repeats: 3, kernel: 3, stride: 2, expand_ratio: 6, out_channels: 80 },
-    StageConfig { repeats: 3, kernel: 5, stride: 1, expand_ratio: 6, out_channels: 112 },
-    StageConfig { repeats: 4, kernel: 5, stride: 2, expand_ratio: 6, out_channels: 192 },
-    StageConfig { repeats: 1, kernel: 3, stride: 1, expand_ratio: 6, out_channels: 320 },
+    StageConfig {
+        repeats: 1,
+        kernel: 3,
+        stride: 1,
+        expand_ratio: 1,
+        out_channels: 16,
+    },
+    StageConfig {
+        repeats: 2,
+        kernel: 3,
+        stride: 2,
+        expand_ratio: 6,
+        out_channels: 24,
+    },
+    StageConfig {
+        repeats: 2,
+        kernel: 5,
+        stride: 2,
+        expand_ratio: 6,
+        out_channels: 40,
+    },
+    StageConfig {
+        repeats: 3,
+        kernel: 3,
+        stride: 2,
+        expand_ratio: 6,
+        out_channels: 80,
+    },
+    StageConfig {
+        repeats: 3,
+        kernel: 5,
+        stride: 1,
+        expand_ratio: 6,
+        out_channels: 112,
+    },
+    StageConfig {
+        repeats: 4,
+        kernel: 5,
+        stride: 2,
+        expand_ratio: 6,
+        out_channels: 192,
+    },
+    StageConfig {
+        repeats: 1,
+        kernel: 3,
+        stride: 1,
+        expand_ratio: 6,
+        out_channels: 320,
+    },
 ];
 
 fn conv_bn(spec: ConvSpec, vb: &VarBuilder) -> Result<ConvBn> {
@@ -65,26 +108,47 @@ pub struct MbConv {
 }
 
 impl MbConv {
-    pub fn new(in_ch: usize, out_ch: usize, kernel: usize, stride: usize, expand_ratio: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        in_ch: usize,
+        out_ch: usize,
+        kernel: usize,
+        stride: usize,
+        expand_ratio: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let mid = in_ch * expand_ratio;
         let expand = if expand_ratio != 1 {
-            Some(conv_bn(ConvSpec::dense(in_ch, mid, 1, 1, Padding::Same), &vb.pp("expand"))?)
+            Some(conv_bn(
+                ConvSpec::dense(in_ch, mid, 1, 1, Padding::Same),
+                &vb.pp("expand"),
+            )?)
         } else {
             None
         };
-        let depthwise = conv_bn(ConvSpec::depthwise(mid, kernel, stride, Padding::Same), &vb.pp("dw"))?;
-        let project = conv_bn(ConvSpec::dense(mid, out_ch, 1, 1, Padding::Same), &vb.pp("project"))?;
-        Ok(Self { expand, depthwise, project, residual: stride == 1 && in_ch == out_ch })
+        let depthwise = conv_bn(
+            ConvSpec::depthwise(mid, kernel, stride, Padding::Same),
+            &vb.pp("dw"),
+        )?;
+        let project = conv_bn(
+            ConvSpec::dense(mid, out_ch, 1, 1, Padding::Same),
+            &vb.pp("project"),
+        )?;
+        Ok(Self {
+            expand,
+            depthwise,
+            project,
+            residual: stride == 1 && in_ch == out_ch,
+        })
     }
 }
 
 impl Module for MbConv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = match &self.expand {
-            Some(e) => relu6(&e.forward(x)?)?,
+            Some(e) => e.forward_act(x, Relu6)?,
             None => x.clone(),
         };
-        h = relu6(&self.depthwise.forward(&h)?)?;
+        h = self.depthwise.forward_act(&h, Relu6)?;
         h = self.project.forward(&h)?;
         if self.residual {
             h + x
@@ -108,7 +172,10 @@ impl EfficientNetLite {
     }
 
     pub fn new(config: &[StageConfig], vb: VarBuilder) -> Result<Self> {
-        let stem = conv_bn(ConvSpec::dense(3, STEM_CHANNELS, 3, 2, Padding::Same), &vb.pp("stem"))?;
+        let stem = conv_bn(
+            ConvSpec::dense(3, STEM_CHANNELS, 3, 2, Padding::Same),
+            &vb.pp("stem"),
+        )?;
         let mut in_ch = STEM_CHANNELS;
         let mut stages = Vec::with_capacity(config.len());
         for (s, cfg) in config.iter().enumerate() {
@@ -116,21 +183,33 @@ impl EfficientNetLite {
             for b in 0..cfg.repeats {
                 let stride = if b == 0 { cfg.stride } else { 1 };
                 let vb_b = vb.pp(format!("blocks.{s}.{b}"));
-                blocks.push(MbConv::new(in_ch, cfg.out_channels, cfg.kernel, stride, cfg.expand_ratio, vb_b)?);
+                blocks.push(MbConv::new(
+                    in_ch,
+                    cfg.out_channels,
+                    cfg.kernel,
+                    stride,
+                    cfg.expand_ratio,
+                    vb_b,
+                )?);
                 in_ch = cfg.out_channels;
             }
             stages.push(blocks);
         }
-        let head = conv_bn(ConvSpec::dense(in_ch, FEATURE_DIM, 1, 1, Padding::Same), &vb.pp("head"))?;
+        let head = conv_bn(
+            ConvSpec::dense(in_ch, FEATURE_DIM, 1, 1, Padding::Same),
+            &vb.pp("head"),
+        )?;
         Ok(Self { stem, stages, head })
     }
 
     fn run_stage(&self, index: usize, x: &Tensor) -> Result<Tensor> {
         let last = self.stages.len() + 1;
         match index {
-            0 => relu6(&self.stem.forward(x)?),
-            i if i == last => relu6(&self.head.forward(x)?),
-            i => self.stages[i - 1].iter().try_fold(x.clone(), |h, block| block.forward(&h)),
+            0 => self.stem.forward_act(x, Relu6),
+            i if i == last => self.head.forward_act(x, Relu6),
+            i => self.stages[i - 1]
+                .iter()
+                .try_fold(x.clone(), |h, block| block.forward(&h)),
         }
     }
 }
@@ -153,9 +232,14 @@ impl Backbone for EfficientNetLite {
 
     fn forward_stages(&self, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
         if range.end > self.num_stages() {
-            candle_core::bail!("stage range {range:?} is past the {} stages of efficientnet-lite0", self.num_stages())
+            candle_core::bail!(
+                "stage range {range:?} is past the {} stages of efficientnet-lite0",
+                self.num_stages()
+            )
         }
-        range.into_iter().try_fold(x.clone(), |h, i| self.run_stage(i, &h))
+        range
+            .into_iter()
+            .try_fold(x.clone(), |h, i| self.run_stage(i, &h))
     }
 
     fn feature_dim(&self) -> usize {
@@ -197,7 +281,9 @@ mod tests {
         // 5 variables per conv-bn.
         assert_eq!(data.len(), 5 * (2 + 15 * 3 + 2));
         for name in data.keys() {
-            let stage = net.param_stage(name).unwrap_or_else(|| panic!("no stage for {name}"));
+            let stage = net
+                .param_stage(name)
+                .unwrap_or_else(|| panic!("no stage for {name}"));
             assert!(stage < net.num_stages());
         }
         assert_eq!(data["blocks.5.3.dw.conv.weight"].dims(), &[1152, 1, 5, 5]);
@@ -219,8 +305,86 @@ mod tests {
         let full = net.forward_stages(&x, 0..net.num_stages()).unwrap();
         let resumed = net.forward_stages(&split, 3..net.num_stages()).unwrap();
         assert_eq!(full.dims(), &[2, 1280, 3, 3]);
-        let diff = (full - resumed).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (full - resumed)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(diff, 0.0);
         assert!(net.forward_stages(&x, 0..10).is_err());
+    }
+
+    #[test]
+    fn trains_through_autograd_with_frozen_statistics() {
+        // f64 so a central difference can check the analytic gradient tightly.
+        let varmap = VarMap::new();
+        let net =
+            EfficientNetLite::lite0(VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu))
+                .unwrap();
+        let x = Tensor::randn(0f64, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+        let target = Tensor::randn(0f64, 1.0, (2, FEATURE_DIM), &Device::Cpu).unwrap();
+        let loss = |net: &EfficientNetLite| {
+            (net.features(&x).unwrap() * &target)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let grads = loss(&net).backward().unwrap();
+        let vars = varmap.data().lock().unwrap().clone();
+        for name in [
+            "stem.conv.weight",
+            "blocks.2.1.dw.conv.weight",
+            "blocks.5.0.expand.bn.weight",
+            "head.bn.bias",
+        ] {
+            let g = grads
+                .get(vars[name].as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            assert!(
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+                    > 0.0,
+                "zero gradient for {name}"
+            );
+        }
+        for name in ["stem.bn.running_mean", "blocks.3.0.dw.bn.running_var"] {
+            assert!(
+                grads.get(vars[name].as_tensor()).is_none(),
+                "{name} is a buffer and must not get a gradient"
+            );
+        }
+        // Central difference on one depthwise weight.
+        let var = &vars["blocks.1.0.dw.conv.weight"];
+        let analytic = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .get(4)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let original = var.as_tensor().copy().unwrap();
+        let eps = 1e-5;
+        let bump = |delta: f64| {
+            let mut w = original.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            w[4] += delta;
+            var.set(&Tensor::from_vec(w, original.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            loss(&net).to_scalar::<f64>().unwrap()
+        };
+        let numeric = (bump(eps) - bump(-eps)) / (2.0 * eps);
+        var.set(&original).unwrap();
+        assert!(
+            (numeric - analytic).abs() <= 1e-6 * (1.0 + analytic.abs()),
+            "numeric {numeric} vs analytic {analytic}"
+        );
     }
 }

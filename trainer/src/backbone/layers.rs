@@ -13,6 +13,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use super::bias_act::{bias_act, Activation};
 use crate::ops::{self, Pad4};
 
 /// Variable-name suffixes of batch-norm running statistics. They are created as variables so
@@ -88,11 +89,33 @@ pub struct ConvSpec {
 }
 
 impl ConvSpec {
-    pub fn dense(in_channels: usize, out_channels: usize, kernel: usize, stride: usize, padding: Padding) -> Self {
-        Self { in_channels, out_channels, kernel, stride, padding, depthwise: false, bias: false }
+    pub fn dense(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: Padding,
+    ) -> Self {
+        Self {
+            in_channels,
+            out_channels,
+            kernel,
+            stride,
+            padding,
+            depthwise: false,
+            bias: false,
+        }
     }
     pub fn depthwise(channels: usize, kernel: usize, stride: usize, padding: Padding) -> Self {
-        Self { in_channels: channels, out_channels: channels, kernel, stride, padding, depthwise: true, bias: false }
+        Self {
+            in_channels: channels,
+            out_channels: channels,
+            kernel,
+            stride,
+            padding,
+            depthwise: true,
+            bias: false,
+        }
     }
     pub fn with_bias(mut self) -> Self {
         self.bias = true;
@@ -114,7 +137,12 @@ pub struct ConvBn {
 impl ConvBn {
     /// `conv_vb` and `bn_vb` are the builders of the conv's and the BN's variables, so each
     /// backbone keeps the key layout of its published checkpoints.
-    pub fn new(spec: ConvSpec, bn_eps: f64, conv_vb: VarBuilder, bn_vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        spec: ConvSpec,
+        bn_eps: f64,
+        conv_vb: VarBuilder,
+        bn_vb: VarBuilder,
+    ) -> Result<Self> {
         let in_per_group = if spec.depthwise {
             if spec.in_channels != spec.out_channels {
                 candle_core::bail!(
@@ -128,14 +156,20 @@ impl ConvBn {
             spec.in_channels
         };
         let shape = (spec.out_channels, in_per_group, spec.kernel, spec.kernel);
-        let weight = conv_vb.get_with_hints(shape, "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+        let weight =
+            conv_vb.get_with_hints(shape, "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
         let bias = if spec.bias {
             Some(conv_vb.get_with_hints(spec.out_channels, "bias", Init::Const(0.0))?)
         } else {
             None
         };
         let bn = FrozenBatchNorm::new(spec.out_channels, bn_eps, bn_vb)?;
-        Ok(Self { spec, weight, bias, bn })
+        Ok(Self {
+            spec,
+            weight,
+            bias,
+            bn,
+        })
     }
 
     pub fn spec(&self) -> &ConvSpec {
@@ -143,26 +177,33 @@ impl ConvBn {
     }
 }
 
-impl Module for ConvBn {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl ConvBn {
+    /// `act(bn(conv(x)))`, the bias and activation fused into one pass.
+    pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (scale, shift) = self.bn.scale_shift()?;
-        let weight = self.weight.broadcast_mul(&scale.reshape((self.spec.out_channels, 1, 1, 1))?)?;
+        let weight =
+            self.weight
+                .broadcast_mul(&scale.reshape((self.spec.out_channels, 1, 1, 1))?)?;
         let shift = match &self.bias {
             Some(b) => (b.mul(&scale)? + shift)?,
             None => shift,
         };
-        let pad = self.spec.padding.resolve(h, w, self.spec.kernel, self.spec.stride);
+        let pad = self
+            .spec
+            .padding
+            .resolve(h, w, self.spec.kernel, self.spec.stride);
         let y = if self.spec.depthwise {
             ops::depthwise_conv2d(x, &weight, self.spec.stride, pad)?
         } else {
             ops::conv2d(x, &weight, self.spec.stride, pad)?
         };
-        y.broadcast_add(&shift.reshape((1, self.spec.out_channels, 1, 1))?)
+        bias_act(&y, &shift, act)
     }
 }
 
-/// `min(max(x, 0), 6)`, the activation of the EfficientNet-Lite family (quantisation friendly).
-pub fn relu6(x: &Tensor) -> Result<Tensor> {
-    x.clamp(0f32, 6f32)
+impl Module for ConvBn {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, Activation::Identity)
+    }
 }

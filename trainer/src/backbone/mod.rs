@@ -5,6 +5,7 @@
 //! canonical names; [`crate::weights::load_backbone_weights`] returns pretrained tensors under
 //! the same names, whatever layout the file uses.
 
+pub mod bias_act;
 pub mod bn_inception;
 pub mod efficientnet;
 pub mod layers;
@@ -89,7 +90,7 @@ pub fn build(kind: BackboneKind, vb: VarBuilder) -> Result<Box<dyn Backbone>> {
         BackboneKind::EfficientnetLite0 => Box::new(efficientnet::EfficientNetLite::lite0(vb)?),
         BackboneKind::Resnet18 => Box::new(resnet::ResNet::resnet18(vb)?),
         BackboneKind::Resnet50 => Box::new(resnet::ResNet::resnet50(vb)?),
-        BackboneKind::BnInception => bn_inception::BnInception::new(vb)?,
+        BackboneKind::BnInception => Box::new(bn_inception::BnInception::new(vb)?),
     })
 }
 
@@ -116,5 +117,7 @@ pub fn feature_dim(kind: BackboneKind) -> usize {
 /// but are buffers, never trained (every backbone detaches them, so they get no gradient;
 /// the trainer may also leave them out of the optimiser by this test).
 pub fn is_running_stat(name: &str) -> bool {
-    layers::RUNNING_STAT_SUFFIXES.iter().any(|s| name.ends_with(s))
+    layers::RUNNING_STAT_SUFFIXES
+        .iter()
+        .any(|s| name.ends_with(s))
 }

@@ -9,6 +9,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::bias_act::Activation;
 use super::layers::{ConvBn, ConvSpec, Padding};
 use super::{Backbone, BackboneKind};
 use crate::ops;
@@ -32,23 +33,59 @@ pub struct Block {
 impl Block {
     fn basic(in_ch: usize, width: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
         let convs = vec![
-            conv_bn(&vb, "conv1", "bn1", ConvSpec::dense(in_ch, width, 3, stride, Padding::Symmetric(1)))?,
-            conv_bn(&vb, "conv2", "bn2", ConvSpec::dense(width, width, 3, 1, Padding::Symmetric(1)))?,
+            conv_bn(
+                &vb,
+                "conv1",
+                "bn1",
+                ConvSpec::dense(in_ch, width, 3, stride, Padding::Symmetric(1)),
+            )?,
+            conv_bn(
+                &vb,
+                "conv2",
+                "bn2",
+                ConvSpec::dense(width, width, 3, 1, Padding::Symmetric(1)),
+            )?,
         ];
-        Ok(Self { convs, downsample: Self::shortcut(in_ch, width, stride, &vb)? })
+        Ok(Self {
+            convs,
+            downsample: Self::shortcut(in_ch, width, stride, &vb)?,
+        })
     }
 
     fn bottleneck(in_ch: usize, width: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
         let out = width * 4;
         let convs = vec![
-            conv_bn(&vb, "conv1", "bn1", ConvSpec::dense(in_ch, width, 1, 1, Padding::Symmetric(0)))?,
-            conv_bn(&vb, "conv2", "bn2", ConvSpec::dense(width, width, 3, stride, Padding::Symmetric(1)))?,
-            conv_bn(&vb, "conv3", "bn3", ConvSpec::dense(width, out, 1, 1, Padding::Symmetric(0)))?,
+            conv_bn(
+                &vb,
+                "conv1",
+                "bn1",
+                ConvSpec::dense(in_ch, width, 1, 1, Padding::Symmetric(0)),
+            )?,
+            conv_bn(
+                &vb,
+                "conv2",
+                "bn2",
+                ConvSpec::dense(width, width, 3, stride, Padding::Symmetric(1)),
+            )?,
+            conv_bn(
+                &vb,
+                "conv3",
+                "bn3",
+                ConvSpec::dense(width, out, 1, 1, Padding::Symmetric(0)),
+            )?,
         ];
-        Ok(Self { convs, downsample: Self::shortcut(in_ch, out, stride, &vb)? })
+        Ok(Self {
+            convs,
+            downsample: Self::shortcut(in_ch, out, stride, &vb)?,
+        })
     }
 
-    fn shortcut(in_ch: usize, out: usize, stride: usize, vb: &VarBuilder) -> Result<Option<ConvBn>> {
+    fn shortcut(
+        in_ch: usize,
+        out: usize,
+        stride: usize,
+        vb: &VarBuilder,
+    ) -> Result<Option<ConvBn>> {
         if stride == 1 && in_ch == out {
             return Ok(None);
         }
@@ -62,10 +99,12 @@ impl Module for Block {
         let last = self.convs.len() - 1;
         let mut h = x.clone();
         for (i, c) in self.convs.iter().enumerate() {
-            h = c.forward(&h)?;
-            if i != last {
-                h = h.relu()?;
-            }
+            let act = if i == last {
+                Activation::Identity
+            } else {
+                Activation::Relu
+            };
+            h = c.forward_act(&h, act)?;
         }
         let identity = match &self.downsample {
             Some(d) => d.forward(x)?,
@@ -93,8 +132,18 @@ impl ResNet {
         Self::new(BackboneKind::Resnet50, [3, 4, 6, 3], true, vb)
     }
 
-    fn new(kind: BackboneKind, depths: [usize; 4], bottleneck: bool, vb: VarBuilder) -> Result<Self> {
-        let stem = conv_bn(&vb, "conv1", "bn1", ConvSpec::dense(3, 64, 7, 2, Padding::Symmetric(3)))?;
+    fn new(
+        kind: BackboneKind,
+        depths: [usize; 4],
+        bottleneck: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let stem = conv_bn(
+            &vb,
+            "conv1",
+            "bn1",
+            ConvSpec::dense(3, 64, 7, 2, Padding::Symmetric(3)),
+        )?;
         let mut in_ch = 64;
         let mut layers = Vec::with_capacity(4);
         for (i, &depth) in depths.iter().enumerate() {
@@ -113,7 +162,12 @@ impl ResNet {
             }
             layers.push(blocks);
         }
-        Ok(Self { kind, stem, layers, feature_dim: in_ch })
+        Ok(Self {
+            kind,
+            stem,
+            layers,
+            feature_dim: in_ch,
+        })
     }
 }
 
@@ -134,15 +188,21 @@ impl Backbone for ResNet {
 
     fn forward_stages(&self, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
         if range.end > self.num_stages() {
-            candle_core::bail!("stage range {range:?} is past the {} stages of {}", self.num_stages(), self.kind)
+            candle_core::bail!(
+                "stage range {range:?} is past the {} stages of {}",
+                self.num_stages(),
+                self.kind
+            )
         }
         let mut h = x.clone();
         for i in range {
             h = if i == 0 {
-                let s = self.stem.forward(&h)?.relu()?;
+                let s = self.stem.forward_act(&h, Activation::Relu)?;
                 ops::max_pool2d(&s, 3, 2, [1, 1, 1, 1])?
             } else {
-                self.layers[i - 1].iter().try_fold(h, |h, b| b.forward(&h))?
+                self.layers[i - 1]
+                    .iter()
+                    .try_fold(h, |h, b| b.forward(&h))?
             };
         }
         Ok(h)
@@ -171,11 +231,15 @@ mod tests {
     #[test]
     fn layouts_match_torchvision() {
         let varmap = VarMap::new();
-        let net = ResNet::resnet50(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+        let net =
+            ResNet::resnet50(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
         let data = varmap.data().lock().unwrap();
         // torchvision's resnet50 state dict: 161 weights/biases + 106 running stats − fc (2).
         assert_eq!(data.len(), 320 - 53 - 2);
-        assert_eq!(data["layer2.0.downsample.0.weight"].dims(), &[512, 256, 1, 1]);
+        assert_eq!(
+            data["layer2.0.downsample.0.weight"].dims(),
+            &[512, 256, 1, 1]
+        );
         assert_eq!(data["layer4.2.conv3.weight"].dims(), &[2048, 512, 1, 1]);
         assert_eq!(net.feature_dim(), RESNET50_FEATURE_DIM);
         assert_eq!(net.param_stage("bn1.running_var"), Some(0));
@@ -186,7 +250,8 @@ mod tests {
         }
         drop(data);
         let varmap = VarMap::new();
-        let net = ResNet::resnet18(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+        let net =
+            ResNet::resnet18(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
         // torchvision's resnet18 state dict has 122 entries: 102 without fc and num_batches_tracked.
         assert_eq!(varmap.data().lock().unwrap().len(), 122 - 20 - 2);
         assert_eq!(net.feature_dim(), RESNET18_FEATURE_DIM);

@@ -26,8 +26,9 @@ use crate::error::{Error, Result};
 
 /// The first pickle of every legacy file: PROTO 2, LONG1 of 10 bytes (the magic number,
 /// little-endian), STOP. Matched byte for byte (candle's LONG1 decoder only handles ≤ 8 bytes).
-pub const LEGACY_MAGIC_PICKLE: [u8; 15] =
-    [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, b'.'];
+pub const LEGACY_MAGIC_PICKLE: [u8; 15] = [
+    0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, b'.',
+];
 
 const PROTOCOL_VERSION: i64 = 1001;
 
@@ -102,11 +103,15 @@ impl StorageType {
 /// optimiser scalars) are skipped, and so are tensors of storage types candle has no dtype for.
 pub fn read(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
     let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
-    read_bytes(&bytes, device).map_err(|msg| Error::file(path, format!("legacy PyTorch checkpoint: {msg}")))
+    read_bytes(&bytes, device)
+        .map_err(|msg| Error::file(path, format!("legacy PyTorch checkpoint: {msg}")))
 }
 
 /// [`read`] on an in-memory file; errors are messages the caller prefixes with the path.
-pub fn read_bytes(bytes: &[u8], device: &Device) -> std::result::Result<Vec<(String, Tensor)>, String> {
+pub fn read_bytes(
+    bytes: &[u8],
+    device: &Device,
+) -> std::result::Result<Vec<(String, Tensor)>, String> {
     if !is_legacy_pth(bytes) {
         return Err("missing the legacy magic number".into());
     }
@@ -116,7 +121,11 @@ pub fn read_bytes(bytes: &[u8], device: &Device) -> std::result::Result<Vec<(Str
     let protocol = unpickle(&mut cur, "protocol version")?;
     match protocol.clone().int_or_long() {
         Ok(PROTOCOL_VERSION) => {}
-        _ => return Err(format!("unsupported protocol version {protocol:?} (expected {PROTOCOL_VERSION})")),
+        _ => {
+            return Err(format!(
+                "unsupported protocol version {protocol:?} (expected {PROTOCOL_VERSION})"
+            ))
+        }
     }
     let sys_info = unpickle(&mut cur, "system info")?;
     if dict_get(&sys_info, "little_endian") == Some(&Object::Bool(false)) {
@@ -127,15 +136,20 @@ pub fn read_bytes(bytes: &[u8], device: &Device) -> std::result::Result<Vec<(Str
     let keys = match keys {
         Object::List(k) | Object::Tuple(k) => k
             .into_iter()
-            .map(|k| k.unicode().map_err(|o| format!("storage key is not a string: {o:?}")))
+            .map(|k| {
+                k.unicode()
+                    .map_err(|o| format!("storage key is not a string: {o:?}"))
+            })
             .collect::<std::result::Result<Vec<String>, String>>()?,
         other => return Err(format!("expected the storage key list, found {other:?}")),
     };
 
     let mut tensors = Vec::new();
     collect_tensors(state_dict_of(root), &mut tensors)?;
-    let elem_sizes: HashMap<&str, usize> =
-        tensors.iter().map(|(_, t)| (t.storage_key.as_str(), t.elem_size)).collect();
+    let elem_sizes: HashMap<&str, usize> = tensors
+        .iter()
+        .map(|(_, t)| (t.storage_key.as_str(), t.elem_size))
+        .collect();
 
     // Storages follow in key order, each as `u64 numel` + raw data.
     let mut storages: HashMap<&str, &[u8]> = HashMap::with_capacity(keys.len());
@@ -144,17 +158,20 @@ pub fn read_bytes(bytes: &[u8], device: &Device) -> std::result::Result<Vec<(Str
         let numel = bytes
             .get(pos..pos + 8)
             .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-            .ok_or_else(|| format!("file ends before storage '{key}'"))? as usize;
+            .ok_or_else(|| format!("file ends before storage '{key}'"))?
+            as usize;
         pos += 8;
         // A storage no tensor refers to still has to be skipped over; its element size is
         // unknown then, but such storages do not occur in state dicts (every key comes from one).
         let elem = elem_sizes.get(key.as_str()).copied().ok_or_else(|| {
             format!("storage '{key}' is listed but no tensor uses it, so its size is unknown")
         })?;
-        let len = numel.checked_mul(elem).ok_or_else(|| format!("storage '{key}' size overflows"))?;
-        let data = bytes
-            .get(pos..pos + len)
-            .ok_or_else(|| format!("file is truncated inside storage '{key}' ({numel} elements)"))?;
+        let len = numel
+            .checked_mul(elem)
+            .ok_or_else(|| format!("storage '{key}' size overflows"))?;
+        let data = bytes.get(pos..pos + len).ok_or_else(|| {
+            format!("file is truncated inside storage '{key}' ({numel} elements)")
+        })?;
         storages.insert(key.as_str(), data);
         pos += len;
     }
@@ -165,10 +182,14 @@ pub fn read_bytes(bytes: &[u8], device: &Device) -> std::result::Result<Vec<(Str
             tracing::debug!("skipping tensor '{name}': its storage type has no candle dtype");
             continue;
         };
-        let data = storages
-            .get(t.storage_key.as_str())
-            .ok_or_else(|| format!("tensor '{name}' uses storage '{}', which the file does not contain", t.storage_key))?;
-        let tensor = materialize(t, dtype, data, device).map_err(|e| format!("tensor '{name}': {e}"))?;
+        let data = storages.get(t.storage_key.as_str()).ok_or_else(|| {
+            format!(
+                "tensor '{name}' uses storage '{}', which the file does not contain",
+                t.storage_key
+            )
+        })?;
+        let tensor =
+            materialize(t, dtype, data, device).map_err(|e| format!("tensor '{name}': {e}"))?;
         out.push((name.clone(), tensor));
     }
     Ok(out)
@@ -176,13 +197,20 @@ pub fn read_bytes(bytes: &[u8], device: &Device) -> std::result::Result<Vec<(Str
 
 fn unpickle(cur: &mut Cursor<&[u8]>, what: &str) -> std::result::Result<Object, String> {
     let mut stack = Stack::empty();
-    stack.read_loop(cur).map_err(|e| format!("cannot decode the {what} pickle: {e}"))?;
-    stack.finalize().map_err(|e| format!("empty {what} pickle: {e}"))
+    stack
+        .read_loop(cur)
+        .map_err(|e| format!("cannot decode the {what} pickle: {e}"))?;
+    stack
+        .finalize()
+        .map_err(|e| format!("empty {what} pickle: {e}"))
 }
 
 fn dict_get<'a>(obj: &'a Object, key: &str) -> Option<&'a Object> {
     match obj {
-        Object::Dict(items) => items.iter().find(|(k, _)| matches!(k, Object::Unicode(s) if s == key)).map(|(_, v)| v),
+        Object::Dict(items) => items
+            .iter()
+            .find(|(k, _)| matches!(k, Object::Unicode(s) if s == key))
+            .map(|(_, v)| v),
         _ => None,
     }
 }
@@ -197,7 +225,10 @@ fn state_dict_of(root: Object) -> Object {
     root
 }
 
-fn collect_tensors(obj: Object, out: &mut Vec<(String, TensorRef)>) -> std::result::Result<(), String> {
+fn collect_tensors(
+    obj: Object,
+    out: &mut Vec<(String, TensorRef)>,
+) -> std::result::Result<(), String> {
     let Object::Dict(items) = obj else {
         return Err(format!("expected a dict of tensors, found {}", short(&obj)));
     };
@@ -214,7 +245,10 @@ fn collect_tensors(obj: Object, out: &mut Vec<(String, TensorRef)>) -> std::resu
 fn short(obj: &Object) -> String {
     let s = format!("{obj:?}");
     if s.len() > 120 {
-        format!("{}…", &s[..s.char_indices().nth(120).map_or(s.len(), |(i, _)| i)])
+        format!(
+            "{}…",
+            &s[..s.char_indices().nth(120).map_or(s.len(), |(i, _)| i)]
+        )
     } else {
         s
     }
@@ -223,11 +257,21 @@ fn short(obj: &Object) -> String {
 /// Decodes `_rebuild_tensor_v2(storage, offset, size, stride, …)` (possibly wrapped in
 /// `_rebuild_parameter`). `Ok(None)` for anything that is not a tensor.
 fn tensor_ref(obj: Object) -> std::result::Result<Option<TensorRef>, String> {
-    let Ok((callable, args)) = obj.reduce() else { return Ok(None) };
-    let Object::Class { module_name, class_name } = callable else { return Ok(None) };
+    let Ok((callable, args)) = obj.reduce() else {
+        return Ok(None);
+    };
+    let Object::Class {
+        module_name,
+        class_name,
+    } = callable
+    else {
+        return Ok(None);
+    };
     let args = match (module_name.as_str(), class_name.as_str()) {
         ("torch._utils", "_rebuild_parameter") => {
-            let mut a = args.tuple().map_err(|o| format!("bad parameter args {}", short(&o)))?;
+            let mut a = args
+                .tuple()
+                .map_err(|o| format!("bad parameter args {}", short(&o)))?;
             if a.is_empty() {
                 return Err("empty parameter args".into());
             }
@@ -236,22 +280,41 @@ fn tensor_ref(obj: Object) -> std::result::Result<Option<TensorRef>, String> {
         ("torch._utils", "_rebuild_tensor_v2") | ("torch._utils", "_rebuild_tensor") => args,
         _ => return Ok(None),
     };
-    let a = args.tuple().map_err(|o| format!("bad tensor args {}", short(&o)))?;
+    let a = args
+        .tuple()
+        .map_err(|o| format!("bad tensor args {}", short(&o)))?;
     if a.len() < 4 {
         return Err(format!("tensor args have {} fields, expected ≥ 4", a.len()));
     }
     let mut a = a.into_iter();
-    let (storage, offset, size, stride) = (a.next().unwrap(), a.next().unwrap(), a.next().unwrap(), a.next().unwrap());
-    let pid = storage.persistent_load().map_err(|o| format!("storage is not a persistent id: {}", short(&o)))?;
-    let pid = pid.tuple().map_err(|o| format!("bad storage id {}", short(&o)))?;
+    let (storage, offset, size, stride) = (
+        a.next().unwrap(),
+        a.next().unwrap(),
+        a.next().unwrap(),
+        a.next().unwrap(),
+    );
+    let pid = storage
+        .persistent_load()
+        .map_err(|o| format!("storage is not a persistent id: {}", short(&o)))?;
+    let pid = pid
+        .tuple()
+        .map_err(|o| format!("bad storage id {}", short(&o)))?;
     // ('storage', StorageClass, key, location, numel[, view_metadata])
     if pid.len() < 5 {
         return Err(format!("storage id has {} fields, expected ≥ 5", pid.len()));
     }
     let mut pid = pid.into_iter();
     let _tag = pid.next();
-    let (_, class) = pid.next().unwrap().class().map_err(|o| format!("bad storage class {}", short(&o)))?;
-    let key = pid.next().unwrap().unicode().map_err(|o| format!("bad storage key {}", short(&o)))?;
+    let (_, class) = pid
+        .next()
+        .unwrap()
+        .class()
+        .map_err(|o| format!("bad storage class {}", short(&o)))?;
+    let key = pid
+        .next()
+        .unwrap()
+        .unicode()
+        .map_err(|o| format!("bad storage key {}", short(&o)))?;
     let _location = pid.next();
     let _numel = pid.next();
     let mut offset = to_usize(offset, "offset")?;
@@ -260,19 +323,32 @@ fn tensor_ref(obj: Object) -> std::result::Result<Option<TensorRef>, String> {
     if let Some(Object::Tuple(view)) = pid.next() {
         if view.len() >= 2 {
             let mut view = view.into_iter();
-            storage_key = view.next().unwrap().unicode().map_err(|o| format!("bad view key {}", short(&o)))?;
+            storage_key = view
+                .next()
+                .unwrap()
+                .unicode()
+                .map_err(|o| format!("bad view key {}", short(&o)))?;
             offset += to_usize(view.next().unwrap(), "view offset")?;
         }
     }
     let storage_dtype = StorageType::from_class(&class);
-    let elem_size =
-        StorageType::class_elem_size(&class).ok_or_else(|| format!("unknown storage type '{class}'"))?;
+    let elem_size = StorageType::class_elem_size(&class)
+        .ok_or_else(|| format!("unknown storage type '{class}'"))?;
     let shape = to_usizes(size, "size")?;
     let stride = to_usizes(stride, "stride")?;
     if shape.len() != stride.len() {
-        return Err(format!("size {shape:?} and stride {stride:?} differ in rank"));
+        return Err(format!(
+            "size {shape:?} and stride {stride:?} differ in rank"
+        ));
     }
-    Ok(Some(TensorRef { storage_key, storage_dtype, elem_size, offset, shape, stride }))
+    Ok(Some(TensorRef {
+        storage_key,
+        storage_dtype,
+        elem_size,
+        offset,
+        shape,
+        stride,
+    }))
 }
 
 fn to_usize(o: Object, what: &str) -> std::result::Result<usize, String> {
@@ -301,7 +377,12 @@ fn materialize(
     let count: usize = t.shape.iter().product();
     // Largest element index the view touches, checked before any read.
     if count > 0 {
-        let last = t.offset + t.shape.iter().zip(&t.stride).map(|(&n, &s)| (n - 1) * s).sum::<usize>();
+        let last = t.offset
+            + t.shape
+                .iter()
+                .zip(&t.stride)
+                .map(|(&n, &s)| (n - 1) * s)
+                .sum::<usize>();
         if last >= numel_storage {
             return Err(format!(
                 "view (offset {}, size {:?}, stride {:?}) reaches element {last} of a {numel_storage}-element storage",
@@ -310,22 +391,38 @@ fn materialize(
         }
     }
     let mut raw = Vec::with_capacity(count * elem);
-    for_each_index(&t.shape, &t.stride, t.offset, |i| raw.extend_from_slice(&storage[i * elem..(i + 1) * elem]));
+    for_each_index(&t.shape, &t.stride, t.offset, |i| {
+        raw.extend_from_slice(&storage[i * elem..(i + 1) * elem])
+    });
     let shape = t.shape.as_slice();
     let tensor = match dtype {
         StorageType::F32 => Tensor::from_vec(decode(&raw, f32::from_le_bytes), shape, device),
         StorageType::F64 => Tensor::from_vec(decode(&raw, f64::from_le_bytes), shape, device),
-        StorageType::F16 => Tensor::from_vec(decode(&raw, |b| half::f16::from_bits(u16::from_le_bytes(b))), shape, device),
-        StorageType::BF16 => Tensor::from_vec(decode(&raw, |b| half::bf16::from_bits(u16::from_le_bytes(b))), shape, device),
+        StorageType::F16 => Tensor::from_vec(
+            decode(&raw, |b| half::f16::from_bits(u16::from_le_bytes(b))),
+            shape,
+            device,
+        ),
+        StorageType::BF16 => Tensor::from_vec(
+            decode(&raw, |b| half::bf16::from_bits(u16::from_le_bytes(b))),
+            shape,
+            device,
+        ),
         StorageType::I64 => Tensor::from_vec(decode(&raw, i64::from_le_bytes), shape, device),
-        StorageType::I32 => Tensor::from_vec(decode(&raw, |b| i32::from_le_bytes(b) as i64), shape, device),
+        StorageType::I32 => Tensor::from_vec(
+            decode(&raw, |b| i32::from_le_bytes(b) as i64),
+            shape,
+            device,
+        ),
         StorageType::U8 => Tensor::from_vec(raw, shape, device),
     };
     tensor.map_err(|e| e.to_string())
 }
 
 fn decode<const N: usize, T>(raw: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
-    raw.chunks_exact(N).map(|c| f(c.try_into().expect("chunk of N bytes"))).collect()
+    raw.chunks_exact(N)
+        .map(|c| f(c.try_into().expect("chunk of N bytes")))
+        .collect()
 }
 
 /// Calls `f` with the storage index of every element of the view, in row-major order.
@@ -359,9 +456,12 @@ fn for_each_index(shape: &[usize], stride: &[usize], offset: usize, mut f: impl 
 /// Writes a legacy container (used by the tests to check the reader on known data).
 #[cfg(test)]
 pub(crate) mod writer {
+    /// A tensor to write: name, f32 data in storage order, shape, stride.
+    pub type Entry<'a> = (&'a str, Vec<f32>, Vec<usize>, Vec<usize>);
+
     /// Serialises `tensors` (name, f32 data in storage order, shape, stride) the way
     /// `torch.save(..., _use_new_zipfile_serialization=False)` does, pickle protocol 2.
-    pub fn legacy_pth(tensors: &[(&str, Vec<f32>, Vec<usize>, Vec<usize>)], wrap_in_state_dict: bool) -> Vec<u8> {
+    pub fn legacy_pth(tensors: &[Entry], wrap_in_state_dict: bool) -> Vec<u8> {
         let mut out = super::LEGACY_MAGIC_PICKLE.to_vec();
         // protocol version 1001
         out.extend([0x80, 0x02, b'M', 0xe9, 0x03, b'.']);
@@ -443,13 +543,22 @@ mod tests {
         // A 2×3 tensor stored transposed (as converted TF checkpoints are) and a plain vector.
         let data: Vec<f32> = (0..6).map(|v| v as f32).collect();
         let file = writer::legacy_pth(
-            &[("w", data.clone(), vec![2, 3], vec![1, 2]), ("b", vec![7.0, 8.0], vec![2], vec![1])],
+            &[
+                ("w", data.clone(), vec![2, 3], vec![1, 2]),
+                ("b", vec![7.0, 8.0], vec![2], vec![1]),
+            ],
             true,
         );
-        let tensors: HashMap<String, Tensor> = read_bytes(&file, &Device::Cpu).unwrap().into_iter().collect();
+        let tensors: HashMap<String, Tensor> = read_bytes(&file, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect();
         assert_eq!(tensors.len(), 2, "the non-tensor 'epoch' entry is skipped");
         // Element (i, j) lives at storage index i + 2j.
-        assert_eq!(tensors["w"].to_vec2::<f32>().unwrap(), vec![vec![0.0, 2.0, 4.0], vec![1.0, 3.0, 5.0]]);
+        assert_eq!(
+            tensors["w"].to_vec2::<f32>().unwrap(),
+            vec![vec![0.0, 2.0, 4.0], vec![1.0, 3.0, 5.0]]
+        );
         assert_eq!(tensors["b"].to_vec1::<f32>().unwrap(), vec![7.0, 8.0]);
     }
 
@@ -460,7 +569,10 @@ mod tests {
         assert!(err.contains("truncated"), "{err}");
         let bad = writer::legacy_pth(&[("w", vec![1.0; 4], vec![4], vec![2])], false);
         let err = read_bytes(&bad, &Device::Cpu).unwrap_err();
-        assert!(err.contains("'w'") && err.contains("reaches element 6"), "{err}");
+        assert!(
+            err.contains("'w'") && err.contains("reaches element 6"),
+            "{err}"
+        );
         assert!(read_bytes(b"not a checkpoint", &Device::Cpu).is_err());
     }
 }

@@ -43,7 +43,7 @@ pub fn detect_format(head: &[u8]) -> Option<WeightFormat> {
     // safetensors: u64 little-endian header length, then a JSON object.
     if head.len() >= 9 {
         let n = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
-        if n >= 2 && n < 100_000_000 && head[8] == b'{' {
+        if (2..100_000_000).contains(&n) && head[8] == b'{' {
             return Some(WeightFormat::Safetensors);
         }
     }
@@ -83,11 +83,17 @@ pub fn read_tensor_file(path: &Path, device: &Device) -> Result<Vec<(String, Ten
                 // candle errors when the key is absent; only an actual find counts.
                 tensors = read(Some(key)).unwrap_or_default();
             }
-            tensors.into_iter().map(|(k, t)| Ok((k, t.to_device(device)?))).collect::<Result<Vec<_>>>()?
+            tensors
+                .into_iter()
+                .map(|(k, t)| Ok((k, t.to_device(device)?)))
+                .collect::<Result<Vec<_>>>()?
         }
     };
     if tensors.is_empty() {
-        return Err(Error::file(path, format!("{format:?} file holds no tensors")));
+        return Err(Error::file(
+            path,
+            format!("{format:?} file holds no tensors"),
+        ));
     }
     Ok(tensors)
 }
@@ -107,7 +113,11 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 /// creates (plus `classifier.*`/`fc.*`/`last_linear.*` when the file has the ImageNet
 /// classifier). Tensors are f32. Fails, naming the file and the key, when a variable the
 /// backbone needs is missing or has the wrong shape.
-pub fn load_backbone_weights(kind: BackboneKind, path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+pub fn load_backbone_weights(
+    kind: BackboneKind,
+    path: &Path,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
     let raw = read_tensor_file(path, device)?;
     let keys: Vec<&str> = raw.iter().map(|(k, _)| k.as_str()).collect();
     let mut out = HashMap::with_capacity(raw.len());
@@ -115,9 +125,16 @@ pub fn load_backbone_weights(kind: BackboneKind, path: &Path, device: &Device) -
     for (key, tensor) in &raw {
         match names::canonical_name(kind, key, &keys) {
             Some(name) => {
-                let t = if tensor.dtype() == DType::F32 { tensor.clone() } else { tensor.to_dtype(DType::F32)? };
+                let t = if tensor.dtype() == DType::F32 {
+                    tensor.clone()
+                } else {
+                    tensor.to_dtype(DType::F32)?
+                };
                 if out.insert(name.clone(), t).is_some() {
-                    return Err(Error::file(path, format!("two keys map to '{name}' (the second is '{key}')")));
+                    return Err(Error::file(
+                        path,
+                        format!("two keys map to '{name}' (the second is '{key}')"),
+                    ));
                 }
             }
             None => unused.push(key.as_str()),
@@ -128,14 +145,24 @@ pub fn load_backbone_weights(kind: BackboneKind, path: &Path, device: &Device) -
             let hint = if unused.is_empty() {
                 String::new()
             } else {
-                format!("; keys it has that {kind} does not use: {}", sample(&unused))
+                format!(
+                    "; keys it has that {kind} does not use: {}",
+                    sample(&unused)
+                )
             };
-            Error::file(path, format!("weight '{name}' needed by {kind} is missing from this file{hint}"))
+            Error::file(
+                path,
+                format!("weight '{name}' needed by {kind} is missing from this file{hint}"),
+            )
         })?;
         if found.shape() != &shape {
             return Err(Error::file(
                 path,
-                format!("weight '{name}' has shape {:?}, {kind} needs {:?}", found.dims(), shape.dims()),
+                format!(
+                    "weight '{name}' has shape {:?}, {kind} needs {:?}",
+                    found.dims(),
+                    shape.dims()
+                ),
             ));
         }
     }
@@ -143,7 +170,12 @@ pub fn load_backbone_weights(kind: BackboneKind, path: &Path, device: &Device) -
 }
 
 fn sample(keys: &[&str]) -> String {
-    let mut s = keys.iter().take(5).map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ");
+    let mut s = keys
+        .iter()
+        .take(5)
+        .map(|k| format!("'{k}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
     if keys.len() > 5 {
         s.push_str(&format!(" and {} more", keys.len() - 5));
     }
@@ -167,8 +199,18 @@ struct ShapeRecorder {
 }
 
 impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
-    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.seen.lock().expect("recorder lock").push((name.to_string(), s.clone()));
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.seen
+            .lock()
+            .expect("recorder lock")
+            .push((name.to_string(), s.clone()));
         Tensor::zeros((), dtype, dev)?.broadcast_as(s)
     }
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
@@ -185,8 +227,14 @@ mod tests {
 
     #[test]
     fn formats_are_detected_by_content() {
-        assert_eq!(detect_format(b"PK\x03\x04rest"), Some(WeightFormat::TorchZip));
-        assert_eq!(detect_format(&legacy_pth::LEGACY_MAGIC_PICKLE), Some(WeightFormat::TorchLegacy));
+        assert_eq!(
+            detect_format(b"PK\x03\x04rest"),
+            Some(WeightFormat::TorchZip)
+        );
+        assert_eq!(
+            detect_format(&legacy_pth::LEGACY_MAGIC_PICKLE),
+            Some(WeightFormat::TorchLegacy)
+        );
         let mut st = 40u64.to_le_bytes().to_vec();
         st.extend(b"{\"a\":");
         assert_eq!(detect_format(&st), Some(WeightFormat::Safetensors));
@@ -199,24 +247,39 @@ mod tests {
         let p = dir.path().join("weights.pth");
         std::fs::write(&p, b"hello, not weights").unwrap();
         let err = read_tensor_file(&p, &Device::Cpu).unwrap_err().to_string();
-        assert!(err.contains("weights.pth") && err.contains("not a weight file"), "{err}");
+        assert!(
+            err.contains("weights.pth") && err.contains("not a weight file"),
+            "{err}"
+        );
     }
 
     #[test]
     fn legacy_file_with_wrong_keys_names_the_missing_weight() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("other.pth");
-        let bytes = legacy_pth::writer::legacy_pth(&[("layer9.weight", vec![0.0; 3], vec![3], vec![1])], true);
+        let bytes = legacy_pth::writer::legacy_pth(
+            &[("layer9.weight", vec![0.0; 3], vec![3], vec![1])],
+            true,
+        );
         std::fs::write(&p, bytes).unwrap();
-        let err = load_backbone_weights(BackboneKind::EfficientnetLite0, &p, &Device::Cpu).unwrap_err().to_string();
-        assert!(err.contains("other.pth") && err.contains("'stem.conv.weight'") && err.contains("'layer9.weight'"), "{err}");
+        let err = load_backbone_weights(BackboneKind::EfficientnetLite0, &p, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("other.pth")
+                && err.contains("'stem.conv.weight'")
+                && err.contains("'layer9.weight'"),
+            "{err}"
+        );
     }
 
     #[test]
     fn expected_variables_of_efficientnet() {
         let vars = expected_variables(BackboneKind::EfficientnetLite0).unwrap();
         assert_eq!(vars.len(), 5 * 49);
-        assert!(vars.iter().any(|(n, s)| n == "stem.conv.weight" && s.dims() == [32, 3, 3, 3]));
+        assert!(vars
+            .iter()
+            .any(|(n, s)| n == "stem.conv.weight" && s.dims() == [32, 3, 3, 3]));
         assert!(!vars.iter().any(|(n, _)| n.starts_with("classifier")));
     }
 }

@@ -24,7 +24,9 @@ pub fn canonical_name(kind: BackboneKind, key: &str, all_keys: &[&str]) -> Optio
     }
     match kind {
         BackboneKind::EfficientnetLite0 => efficientnet_name(key, all_keys),
-        BackboneKind::Resnet18 | BackboneKind::Resnet50 | BackboneKind::BnInception => Some(key.to_string()),
+        BackboneKind::Resnet18 | BackboneKind::Resnet50 | BackboneKind::BnInception => {
+            Some(key.to_string())
+        }
     }
 }
 
@@ -87,7 +89,9 @@ fn timm_name(key: &str, all_keys: &[&str]) -> Option<String> {
         "bn1" => return bn_param(param).map(|p| format!("stem.bn.{p}")),
         "conv_head" if param == "weight" => return Some("head.conv.weight".into()),
         "bn2" => return bn_param(param).map(|p| format!("head.bn.{p}")),
-        "classifier" => return matches!(param, "weight" | "bias").then(|| format!("classifier.{param}")),
+        "classifier" => {
+            return matches!(param, "weight" | "bias").then(|| format!("classifier.{param}"))
+        }
         _ => {}
     }
     let rest = module.strip_prefix("blocks.")?;
@@ -97,9 +101,12 @@ fn timm_name(key: &str, all_keys: &[&str]) -> Option<String> {
     // timm's DepthwiseSeparableConv (conv_dw, bn1, conv_pw, bn2) vs InvertedResidual
     // (conv_pw, bn1, conv_dw, bn2, conv_pwl, bn3): only the latter has a `conv_pwl`.
     let block = format!("blocks.{s}.{b}.");
-    let inverted = all_keys
-        .iter()
-        .any(|k| k.strip_prefix("module.").unwrap_or(k).strip_prefix(&block).is_some_and(|r| r.starts_with("conv_pwl.")));
+    let inverted = all_keys.iter().any(|k| {
+        k.strip_prefix("module.")
+            .unwrap_or(k)
+            .strip_prefix(&block)
+            .is_some_and(|r| r.starts_with("conv_pwl."))
+    });
     let unit = match (inverted, layer) {
         (true, "conv_pw" | "bn1") => "expand",
         (true, "conv_dw" | "bn2") => "dw",
@@ -126,12 +133,30 @@ mod tests {
     fn lukemelas_layout() {
         let n = |k: &str| canonical_name(E, k, &[]);
         assert_eq!(n("_conv_stem.weight").as_deref(), Some("stem.conv.weight"));
-        assert_eq!(n("_bn0.running_var").as_deref(), Some("stem.bn.running_var"));
-        assert_eq!(n("_blocks.0._depthwise_conv.weight").as_deref(), Some("blocks.0.0.dw.conv.weight"));
-        assert_eq!(n("_blocks.0._bn2.bias").as_deref(), Some("blocks.0.0.project.bn.bias"));
-        assert_eq!(n("_blocks.2._bn0.weight").as_deref(), Some("blocks.1.1.expand.bn.weight"));
-        assert_eq!(n("_blocks.14._project_conv.weight").as_deref(), Some("blocks.5.3.project.conv.weight"));
-        assert_eq!(n("_blocks.15._bn1.running_mean").as_deref(), Some("blocks.6.0.dw.bn.running_mean"));
+        assert_eq!(
+            n("_bn0.running_var").as_deref(),
+            Some("stem.bn.running_var")
+        );
+        assert_eq!(
+            n("_blocks.0._depthwise_conv.weight").as_deref(),
+            Some("blocks.0.0.dw.conv.weight")
+        );
+        assert_eq!(
+            n("_blocks.0._bn2.bias").as_deref(),
+            Some("blocks.0.0.project.bn.bias")
+        );
+        assert_eq!(
+            n("_blocks.2._bn0.weight").as_deref(),
+            Some("blocks.1.1.expand.bn.weight")
+        );
+        assert_eq!(
+            n("_blocks.14._project_conv.weight").as_deref(),
+            Some("blocks.5.3.project.conv.weight")
+        );
+        assert_eq!(
+            n("_blocks.15._bn1.running_mean").as_deref(),
+            Some("blocks.6.0.dw.bn.running_mean")
+        );
         assert_eq!(n("_conv_head.weight").as_deref(), Some("head.conv.weight"));
         assert_eq!(n("module._bn1.weight").as_deref(), Some("head.bn.weight"));
         assert_eq!(n("_fc.bias").as_deref(), Some("classifier.bias"));
@@ -158,24 +183,58 @@ mod tests {
         let n = |k: &str| canonical_name(E, k, &keys);
         assert_eq!(n("conv_stem.weight").as_deref(), Some("stem.conv.weight"));
         assert_eq!(n("bn1.bias").as_deref(), Some("stem.bn.bias"));
-        assert_eq!(n("blocks.0.0.conv_dw.weight").as_deref(), Some("blocks.0.0.dw.conv.weight"));
-        assert_eq!(n("blocks.0.0.bn1.weight").as_deref(), Some("blocks.0.0.dw.bn.weight"));
-        assert_eq!(n("blocks.0.0.conv_pw.weight").as_deref(), Some("blocks.0.0.project.conv.weight"));
-        assert_eq!(n("blocks.0.0.bn2.weight").as_deref(), Some("blocks.0.0.project.bn.weight"));
-        assert_eq!(n("blocks.1.0.conv_pw.weight").as_deref(), Some("blocks.1.0.expand.conv.weight"));
-        assert_eq!(n("blocks.1.0.bn1.weight").as_deref(), Some("blocks.1.0.expand.bn.weight"));
-        assert_eq!(n("blocks.1.0.bn2.running_mean").as_deref(), Some("blocks.1.0.dw.bn.running_mean"));
-        assert_eq!(n("blocks.1.0.conv_pwl.weight").as_deref(), Some("blocks.1.0.project.conv.weight"));
-        assert_eq!(n("blocks.1.0.bn3.bias").as_deref(), Some("blocks.1.0.project.bn.bias"));
+        assert_eq!(
+            n("blocks.0.0.conv_dw.weight").as_deref(),
+            Some("blocks.0.0.dw.conv.weight")
+        );
+        assert_eq!(
+            n("blocks.0.0.bn1.weight").as_deref(),
+            Some("blocks.0.0.dw.bn.weight")
+        );
+        assert_eq!(
+            n("blocks.0.0.conv_pw.weight").as_deref(),
+            Some("blocks.0.0.project.conv.weight")
+        );
+        assert_eq!(
+            n("blocks.0.0.bn2.weight").as_deref(),
+            Some("blocks.0.0.project.bn.weight")
+        );
+        assert_eq!(
+            n("blocks.1.0.conv_pw.weight").as_deref(),
+            Some("blocks.1.0.expand.conv.weight")
+        );
+        assert_eq!(
+            n("blocks.1.0.bn1.weight").as_deref(),
+            Some("blocks.1.0.expand.bn.weight")
+        );
+        assert_eq!(
+            n("blocks.1.0.bn2.running_mean").as_deref(),
+            Some("blocks.1.0.dw.bn.running_mean")
+        );
+        assert_eq!(
+            n("blocks.1.0.conv_pwl.weight").as_deref(),
+            Some("blocks.1.0.project.conv.weight")
+        );
+        assert_eq!(
+            n("blocks.1.0.bn3.bias").as_deref(),
+            Some("blocks.1.0.project.bn.bias")
+        );
         assert_eq!(n("bn2.weight").as_deref(), Some("head.bn.weight"));
         assert_eq!(n("classifier.weight").as_deref(), Some("classifier.weight"));
     }
 
     #[test]
     fn resnet_and_inception_keep_their_layouts() {
-        let r = canonical_name(BackboneKind::Resnet50, "module.layer1.0.downsample.1.running_var", &[]);
+        let r = canonical_name(
+            BackboneKind::Resnet50,
+            "module.layer1.0.downsample.1.running_var",
+            &[],
+        );
         assert_eq!(r.as_deref(), Some("layer1.0.downsample.1.running_var"));
-        assert_eq!(canonical_name(BackboneKind::Resnet18, "bn1.num_batches_tracked", &[]), None);
+        assert_eq!(
+            canonical_name(BackboneKind::Resnet18, "bn1.num_batches_tracked", &[]),
+            None
+        );
         let b = canonical_name(BackboneKind::BnInception, "inception_3a_1x1_bn.weight", &[]);
         assert_eq!(b.as_deref(), Some("inception_3a_1x1_bn.weight"));
     }

@@ -28,13 +28,18 @@ pub fn hub_source(kind: BackboneKind) -> Option<HubSource> {
         BackboneKind::Resnet50 => "timm/resnet50.a1_in1k",
         BackboneKind::BnInception => return None,
     };
-    Some(HubSource { repo, file: "model.safetensors" })
+    Some(HubSource {
+        repo,
+        file: "model.safetensors",
+    })
 }
 
 /// Where to download weights that have no hub repository.
 fn direct_url(kind: BackboneKind) -> Option<&'static str> {
     match kind {
-        BackboneKind::BnInception => Some("http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth"),
+        BackboneKind::BnInception => {
+            Some("http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-239d2248.pth")
+        }
         _ => None,
     }
 }
@@ -82,7 +87,10 @@ enum Candidate {
 /// `$DEEP_METRIC_WEIGHTS` (must exist when set), else the hub cache. The error for "not
 /// found" lists every way to provide the file.
 pub fn resolve_pretrained(kind: BackboneKind, explicit: Option<&Path>) -> Result<PathBuf> {
-    let candidates = match (explicit, std::env::var_os(WEIGHTS_ENV).filter(|v| !v.is_empty())) {
+    let candidates = match (
+        explicit,
+        std::env::var_os(WEIGHTS_ENV).filter(|v| !v.is_empty()),
+    ) {
         (Some(p), _) => vec![Candidate::Explicit(p.to_path_buf())],
         (None, Some(env)) => vec![Candidate::Env(PathBuf::from(env))],
         (None, None) => vec![Candidate::HubCache],
@@ -94,14 +102,20 @@ pub fn resolve_pretrained(kind: BackboneKind, explicit: Option<&Path>) -> Result
                 return if p.is_file() {
                     Ok(p)
                 } else {
-                    Err(Error::file(&p, format!("weight file for {kind} not found (given with --weights)")))
+                    Err(Error::file(
+                        &p,
+                        format!("weight file for {kind} not found (given with --weights)"),
+                    ))
                 };
             }
             Candidate::Env(p) => {
                 return if p.is_file() {
                     Ok(p)
                 } else {
-                    Err(Error::file(&p, format!("weight file for {kind} not found (named by ${WEIGHTS_ENV})")))
+                    Err(Error::file(
+                        &p,
+                        format!("weight file for {kind} not found (named by ${WEIGHTS_ENV})"),
+                    ))
                 };
             }
             Candidate::HubCache => {
@@ -122,7 +136,10 @@ fn not_found_message(kind: BackboneKind, cache: Option<&Path>) -> String {
          {WEIGHTS_ENV}=PATH (safetensors, or a PyTorch .pth/.pt)"
     );
     if let Some(src) = hub_source(kind) {
-        let cache = cache.map_or_else(|| "~/.cache/huggingface/hub".to_string(), |c| c.display().to_string());
+        let cache = cache.map_or_else(
+            || "~/.cache/huggingface/hub".to_string(),
+            |c| c.display().to_string(),
+        );
         msg.push_str(&format!(
             ", or put the Hugging Face repo '{}' in the hub cache (looked for {cache}/models--{}/snapshots/*/{}; \
              e.g. `huggingface-cli download {} {}`)",
@@ -151,14 +168,29 @@ mod tests {
     #[test]
     fn hub_cache_dir_precedence() {
         let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| std::ffi::OsString::from(v))
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
         };
         assert_eq!(
-            hub_cache_dir_from(env(&[("HF_HUB_CACHE", "/a"), ("HF_HOME", "/b"), ("HOME", "/h")])),
+            hub_cache_dir_from(env(&[
+                ("HF_HUB_CACHE", "/a"),
+                ("HF_HOME", "/b"),
+                ("HOME", "/h")
+            ])),
             Some(PathBuf::from("/a"))
         );
-        assert_eq!(hub_cache_dir_from(env(&[("HF_HOME", "/b"), ("HOME", "/h")])), Some(PathBuf::from("/b/hub")));
-        assert_eq!(hub_cache_dir_from(env(&[("HOME", "/h")])), Some(PathBuf::from("/h/.cache/huggingface/hub")));
+        assert_eq!(
+            hub_cache_dir_from(env(&[("HF_HOME", "/b"), ("HOME", "/h")])),
+            Some(PathBuf::from("/b/hub"))
+        );
+        assert_eq!(
+            hub_cache_dir_from(env(&[("HOME", "/h")])),
+            Some(PathBuf::from("/h/.cache/huggingface/hub"))
+        );
     }
 
     #[test]
@@ -168,26 +200,46 @@ mod tests {
         let repo = dir.path().join("models--timm--resnet18.a1_in1k");
         for rev in ["old", "main1"] {
             std::fs::create_dir_all(repo.join("snapshots").join(rev)).unwrap();
-            std::fs::write(repo.join("snapshots").join(rev).join("model.safetensors"), b"x").unwrap();
+            std::fs::write(
+                repo.join("snapshots").join(rev).join("model.safetensors"),
+                b"x",
+            )
+            .unwrap();
         }
         std::fs::create_dir_all(repo.join("refs")).unwrap();
         std::fs::write(repo.join("refs/main"), "main1\n").unwrap();
-        assert_eq!(find_in_hub_cache(dir.path(), src), Some(repo.join("snapshots/main1/model.safetensors")));
-        assert_eq!(find_in_hub_cache(dir.path(), hub_source(BackboneKind::Resnet50).unwrap()), None);
+        assert_eq!(
+            find_in_hub_cache(dir.path(), src),
+            Some(repo.join("snapshots/main1/model.safetensors"))
+        );
+        assert_eq!(
+            find_in_hub_cache(dir.path(), hub_source(BackboneKind::Resnet50).unwrap()),
+            None
+        );
     }
 
     #[test]
     fn explicit_missing_path_is_named() {
-        let err = resolve_pretrained(BackboneKind::Resnet18, Some(Path::new("/nonexistent/w.pth"))).unwrap_err();
+        let err = resolve_pretrained(
+            BackboneKind::Resnet18,
+            Some(Path::new("/nonexistent/w.pth")),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/w.pth"), "{err}");
     }
 
     #[test]
     fn not_found_message_says_how_to_get_weights() {
         let msg = not_found_message(BackboneKind::EfficientnetLite0, Some(Path::new("/cache")));
-        for needle in ["--weights", WEIGHTS_ENV, "timm/tf_efficientnet_lite0.in1k", "/cache/models--timm--tf_efficientnet_lite0.in1k"] {
+        for needle in [
+            "--weights",
+            WEIGHTS_ENV,
+            "timm/tf_efficientnet_lite0.in1k",
+            "/cache/models--timm--tf_efficientnet_lite0.in1k",
+        ] {
             assert!(msg.contains(needle), "missing {needle}: {msg}");
         }
-        assert!(not_found_message(BackboneKind::BnInception, None).contains("bn_inception-52deb4733.pth"));
+        assert!(not_found_message(BackboneKind::BnInception, None)
+            .contains("bn_inception-239d2248.pth"));
     }
 }
