@@ -52,22 +52,19 @@ def cache(model, paths, upto, bs=32):
 
 
 def fuzzy_loss(x, labels, margin):
+    """The seed's positive-mining loss, vectorised (same definition as the Rust `fuzzy`)."""
     n = x.shape[0]
     sq = (x * x).sum(1)
     d = (sq[:, None] + sq[None, :] - 2 * x @ x.t()).clamp_min(1e-12).sqrt()
     same = labels[:, None] == labels[None, :]
-    eye = torch.eye(n, dtype=torch.bool)
-    pos = same & ~eye
+    pos = same & ~torch.eye(n, dtype=torch.bool)
     neg = ~same
-    total = x.new_zeros(())
-    for i in range(n):
-        if not pos[i].any():
-            continue
-        p = d[i][pos[i]].min()
-        sel = neg[i] & (d[i] < p.detach() + margin)
-        if sel.any():
-            total = total + p - d[i][sel].mean() + margin
-    return total / n
+    p = d.masked_fill(~pos, float("inf")).min(1).values
+    sel = neg & (d < (p.detach() + margin)[:, None])
+    cnt = sel.sum(1)
+    mean_neg = (d * sel).sum(1) / cnt.clamp_min(1)
+    active = (cnt > 0) & torch.isfinite(p)
+    return torch.where(active, p - mean_neg + margin, torch.zeros_like(p)).sum() / n
 
 
 def recall_at(emb, labels, ks):
@@ -82,8 +79,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
     ap.add_argument("--weights", default=os.path.join(os.path.dirname(__file__), "../../../shared/models/efficientnet-lite0/efficientnet-lite0-57934424.pth"))
+    # Stages here are single blocks (stem=0, blocks 1..16, head conv=17); the Rust backbone groups
+    # blocks, so Rust `--freeze-until head` (8) equals 17 here.
     ap.add_argument("--freeze-until", type=int, default=17)
     ap.add_argument("--embedding-dim", type=int, default=512)
+    ap.add_argument("--head-init", choices=["random", "identity"], default="random")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--classes-per-batch", type=int, default=16)
     ap.add_argument("--images-per-class", type=int, default=5)
@@ -120,6 +120,10 @@ def main():
     print(f"cached {len(trp)}+{len(tep)} images in {cache_s:.1f}s", file=sys.stderr)
 
     head = torch.nn.Linear(1280, a.embedding_dim)
+    if a.head_init == "identity":
+        with torch.no_grad():
+            head.weight.copy_(torch.eye(a.embedding_dim, 1280))
+            head.bias.zero_()
     train_stages = torch.nn.ModuleList(stages[a.freeze_until:])
     for p in model.parameters():
         p.requires_grad_(False)
@@ -156,8 +160,9 @@ def main():
                 g["lr"] = base * 0.5 * (1 + math.cos(math.pi * step / total))
             loss = fuzzy_loss(embed(xtr[idx]), ytr[idx], a.margin)
             opt.zero_grad()
-            loss.backward()
-            opt.step()
+            if loss.requires_grad:
+                loss.backward()
+                opt.step()
             losses.append(loss.item())
             step += 1
         dt = time.time() - t1

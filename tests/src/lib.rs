@@ -10,7 +10,11 @@ pub fn bin(name: &str) -> PathBuf {
     // target/debug/deps/e2e-… → target/debug/NAME
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let p = dir.join(name);
-    assert!(p.exists(), "{} not built: run `cargo test --workspace` (it builds every binary)", p.display());
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo test --workspace` (it builds every binary)",
+        p.display()
+    );
     p
 }
 
@@ -33,7 +37,12 @@ pub fn lite0_weights() -> Option<PathBuf> {
 
 /// Writes a folder-per-class dataset of distinct synthetic photos: each class is a colour and
 /// a shape, each image a different position/size/background noise. Returns the class names.
-pub fn make_shapes_dataset(root: &Path, classes: usize, per_class: usize, size: u32) -> Vec<String> {
+pub fn make_shapes_dataset(
+    root: &Path,
+    classes: usize,
+    per_class: usize,
+    size: u32,
+) -> Vec<String> {
     let palette = [
         [220u8, 40, 40],
         [40, 180, 60],
@@ -57,10 +66,18 @@ pub fn make_shapes_dataset(root: &Path, classes: usize, per_class: usize, size: 
             let r = (size / 8 + (seed % (size / 8).max(1))) as i64;
             let img = image::RgbImage::from_fn(size, size, |x, y| {
                 let (dx, dy) = (x as i64 - cx, y as i64 - cy);
-                let inside = if (c / palette.len()) % 2 == 0 { dx * dx + dy * dy <= r * r } else { dx.abs() <= r && dy.abs() <= r };
+                let inside = if (c / palette.len()) % 2 == 0 {
+                    dx * dx + dy * dy <= r * r
+                } else {
+                    dx.abs() <= r && dy.abs() <= r
+                };
                 let noise = ((x * 31 + y * 17 + seed) % 23) as u8;
                 if inside {
-                    image::Rgb([col[0].saturating_sub(noise), col[1].saturating_sub(noise), col[2].saturating_sub(noise)])
+                    image::Rgb([
+                        col[0].saturating_sub(noise),
+                        col[1].saturating_sub(noise),
+                        col[2].saturating_sub(noise),
+                    ])
                 } else {
                     image::Rgb([200 + noise, 200 + noise, 190 + noise])
                 }
@@ -74,7 +91,8 @@ pub fn make_shapes_dataset(root: &Path, classes: usize, per_class: usize, size: 
 
 /// Runs a command, returning its output; panics with both streams when it cannot start.
 pub fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 /// Panics with stdout/stderr unless the command succeeded.

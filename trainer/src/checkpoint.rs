@@ -44,7 +44,12 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    pub fn new(backbone: BackboneKind, feature_dim: usize, embedding_dim: Option<usize>, preprocess: Preprocess) -> Self {
+    pub fn new(
+        backbone: BackboneKind,
+        feature_dim: usize,
+        embedding_dim: Option<usize>,
+        preprocess: Preprocess,
+    ) -> Self {
         Self {
             format: FORMAT.to_string(),
             format_version: FORMAT_VERSION,
@@ -72,7 +77,10 @@ impl ModelConfig {
         let cfg: ModelConfig = serde_json::from_str(&text)
             .map_err(|e| Error::file(&path, format!("not a valid checkpoint config: {e}")))?;
         if cfg.format != FORMAT {
-            return Err(Error::file(&path, format!("format is '{}', expected '{FORMAT}'", cfg.format)));
+            return Err(Error::file(
+                &path,
+                format!("format is '{}', expected '{FORMAT}'", cfg.format),
+            ));
         }
         if cfg.format_version != FORMAT_VERSION {
             return Err(Error::file(
@@ -127,7 +135,11 @@ impl ModelIdentity {
         } else if self.preprocess_sha256 != other.preprocess_sha256 {
             "preprocessing differs".to_string()
         } else {
-            format!("weights differ (sha256 {}… vs {}…)", &self.weights_sha256[..12], &other.weights_sha256[..12])
+            format!(
+                "weights differ (sha256 {}… vs {}…)",
+                &self.weights_sha256[..12],
+                &other.weights_sha256[..12]
+            )
         };
         Err(Error::ModelMismatch(what))
     }
@@ -159,7 +171,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// `path.tmp-<pid>` next to `path`, so the rename stays on one filesystem.
 pub fn tmp_sibling(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(format!(".tmp-{}", std::process::id()));
     path.with_file_name(name)
 }

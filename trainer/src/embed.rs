@@ -32,30 +32,57 @@ impl EmbeddingModel {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let backbone = backbone::build(config.backbone, vb.pp(BACKBONE_PREFIX))?;
         let head = match config.embedding_dim {
-            Some(dim) => Some(candle_nn::linear(config.feature_dim, dim, vb.pp(HEAD_PREFIX))?),
+            Some(dim) => Some(candle_nn::linear(
+                config.feature_dim,
+                dim,
+                vb.pp(HEAD_PREFIX),
+            )?),
             None => None,
         };
-        Ok(Self { backbone, head, config, varmap, device: device.clone() })
+        Ok(Self {
+            backbone,
+            head,
+            config,
+            varmap,
+            device: device.clone(),
+        })
     }
 
     /// A pretrained backbone from a weight file (legacy/zip `.pth` or safetensors) plus,
     /// when `embedding_dim` is set, a freshly initialised linear head.
-    pub fn pretrained(kind: BackboneKind, weights: &Path, embedding_dim: Option<usize>, device: &Device) -> Result<Self> {
+    pub fn pretrained(
+        kind: BackboneKind,
+        weights: &Path,
+        embedding_dim: Option<usize>,
+        device: &Device,
+    ) -> Result<Self> {
         let preprocess = backbone::default_preprocess(kind);
         let feature_dim = backbone::feature_dim(kind);
-        let model = Self::build(ModelConfig::new(kind, feature_dim, embedding_dim, preprocess), device)?;
+        let model = Self::build(
+            ModelConfig::new(kind, feature_dim, embedding_dim, preprocess),
+            device,
+        )?;
         let loaded = crate::weights::load_backbone_weights(kind, weights, device)?;
         let data = model.varmap.data().lock().expect("varmap lock");
         let prefix = format!("{BACKBONE_PREFIX}.");
         for (name, var) in data.iter() {
-            let Some(inner) = name.strip_prefix(&prefix) else { continue };
+            let Some(inner) = name.strip_prefix(&prefix) else {
+                continue;
+            };
             let t = loaded.get(inner).ok_or_else(|| {
-                Error::file(weights, format!("weight '{inner}' needed by {kind} is missing from this file"))
+                Error::file(
+                    weights,
+                    format!("weight '{inner}' needed by {kind} is missing from this file"),
+                )
             })?;
             if t.dims() != var.dims() {
                 return Err(Error::file(
                     weights,
-                    format!("weight '{inner}' has shape {:?}, {kind} needs {:?}", t.dims(), var.dims()),
+                    format!(
+                        "weight '{inner}' has shape {:?}, {kind} needs {:?}",
+                        t.dims(),
+                        var.dims()
+                    ),
                 ));
             }
             var.set(&t.to_dtype(DType::F32)?.to_device(device)?)?;
@@ -91,13 +118,33 @@ impl EmbeddingModel {
     /// pretrained metric itself: with `embedding_dim == feature_dim` the initial embedding
     /// equals the L2-normalised pooled features.
     pub fn init_head_identity(&self) -> Result<()> {
-        let Some(head) = &self.head else { return Ok(()) };
+        let Some(head) = &self.head else {
+            return Ok(());
+        };
         let (dim, feat) = (self.config.output_dim(), self.config.feature_dim);
         let eye = Tensor::eye(feat, DType::F32, &self.device)?.narrow(0, 0, dim.min(feat))?;
-        let w = if dim > feat { Tensor::cat(&[eye, Tensor::zeros((dim - feat, feat), DType::F32, &self.device)?], 0)? } else { eye };
+        let w = if dim > feat {
+            Tensor::cat(
+                &[
+                    eye,
+                    Tensor::zeros((dim - feat, feat), DType::F32, &self.device)?,
+                ],
+                0,
+            )?
+        } else {
+            eye
+        };
         let data = self.varmap.data().lock().expect("varmap lock");
-        for (name, value) in [(format!("{HEAD_PREFIX}.weight"), w), (format!("{HEAD_PREFIX}.bias"), Tensor::zeros(dim, DType::F32, &self.device)?)] {
-            let var = data.get(&name).ok_or_else(|| Error::Invalid(format!("head variable {name} missing")))?;
+        for (name, value) in [
+            (format!("{HEAD_PREFIX}.weight"), w),
+            (
+                format!("{HEAD_PREFIX}.bias"),
+                Tensor::zeros(dim, DType::F32, &self.device)?,
+            ),
+        ] {
+            let var = data
+                .get(&name)
+                .ok_or_else(|| Error::Invalid(format!("head variable {name} missing")))?;
             var.set(&value)?;
         }
         let _ = head;
@@ -116,7 +163,9 @@ impl EmbeddingModel {
     /// Embeds from an activation after stage `start - 1` (an image batch when `start == 0`).
     pub fn embed_from_stage(&self, x: &Tensor, start: usize) -> candle_core::Result<Tensor> {
         let n = self.backbone.num_stages();
-        let feats = self.backbone.pool(&self.backbone.forward_stages(x, start..n)?)?;
+        let feats = self
+            .backbone
+            .pool(&self.backbone.forward_stages(x, start..n)?)?;
         self.embed_pooled(&feats)
     }
 
@@ -138,14 +187,20 @@ pub enum ModelSpec {
     /// A run directory (checkpoint) written by `trainer`.
     Run(PathBuf),
     /// A bare pretrained backbone; its pooled features are the embedding.
-    Pretrained { backbone: BackboneKind, weights: Option<PathBuf> },
+    Pretrained {
+        backbone: BackboneKind,
+        weights: Option<PathBuf>,
+    },
 }
 
 impl ModelSpec {
     /// Parses `RUN_DIR` or `pretrained:BACKBONE`; `weights` applies to the latter.
     pub fn parse(s: &str, weights: Option<PathBuf>) -> Result<Self> {
         match s.strip_prefix("pretrained:") {
-            Some(kind) => Ok(ModelSpec::Pretrained { backbone: kind.parse().map_err(Error::Invalid)?, weights }),
+            Some(kind) => Ok(ModelSpec::Pretrained {
+                backbone: kind.parse().map_err(Error::Invalid)?,
+                weights,
+            }),
             None => Ok(ModelSpec::Run(PathBuf::from(s))),
         }
     }
@@ -162,20 +217,32 @@ impl Embedder {
     pub fn load(spec: &ModelSpec) -> Result<Self> {
         let device = Device::Cpu;
         let (model, weights_file) = match spec {
-            ModelSpec::Run(dir) => {
-                (EmbeddingModel::load(dir, &device)?, dir.join(checkpoint::WEIGHTS_FILE))
-            }
+            ModelSpec::Run(dir) => (
+                EmbeddingModel::load(dir, &device)?,
+                dir.join(checkpoint::WEIGHTS_FILE),
+            ),
             ModelSpec::Pretrained { backbone, weights } => {
                 let path = crate::weights::resolve_pretrained(*backbone, weights.as_deref())?;
-                (EmbeddingModel::pretrained(*backbone, &path, None, &device)?, path)
+                (
+                    EmbeddingModel::pretrained(*backbone, &path, None, &device)?,
+                    path,
+                )
             }
         };
         let identity = ModelIdentity::new(&model.config, checkpoint::sha256_file(&weights_file)?);
-        Ok(Self { model, identity, batch_size: 32 })
+        Ok(Self {
+            model,
+            identity,
+            batch_size: 32,
+        })
     }
 
     pub fn from_model(model: EmbeddingModel, identity: ModelIdentity) -> Self {
-        Self { model, identity, batch_size: 32 }
+        Self {
+            model,
+            identity,
+            batch_size: 32,
+        }
     }
 
     pub fn dim(&self) -> usize {
@@ -239,14 +306,21 @@ pub struct DatasetEmbeddings {
 impl Embedder {
     /// Embeds every sample of `set` with its eval view: parallel decoding, batched forward
     /// passes, and a progress bar (img/s, ETA) on stderr when `progress` is set.
-    pub fn embed_dataset(&self, set: &crate::data::Dataset, skip_bad: bool, progress: bool) -> Result<DatasetEmbeddings> {
+    pub fn embed_dataset(
+        &self,
+        set: &crate::data::Dataset,
+        skip_bad: bool,
+        progress: bool,
+    ) -> Result<DatasetEmbeddings> {
         let t0 = std::time::Instant::now();
         let pb = if progress {
             let pb = indicatif::ProgressBar::new(set.samples.len() as u64);
             pb.set_style(
-                indicatif::ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                indicatif::ProgressStyle::with_template(
+                    "{prefix:>10} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
             );
             pb.set_prefix("embed");
             pb
@@ -266,14 +340,25 @@ impl Embedder {
         for chunk in idx.chunks(self.batch_size) {
             let views: Vec<(usize, Result<image::RgbImage>)> = chunk
                 .par_iter()
-                .map(|&i| (i, crate::data::decode_image(&set.samples[i].path).map(|im| pre.eval_view(&im))))
+                .map(|&i| {
+                    (
+                        i,
+                        crate::data::decode_image(&set.samples[i].path)
+                            .map(|im| pre.eval_view(&im)),
+                    )
+                })
                 .collect();
             let mut ok = Vec::with_capacity(views.len());
             for (i, v) in views {
                 match v {
                     Ok(img) => ok.push((i, img)),
                     Err(e) if skip_bad => out.skipped.push(e.to_string()),
-                    Err(e) => return Err(Error::Invalid(format!("{e} (listed at {})", set.samples[i].origin))),
+                    Err(e) => {
+                        return Err(Error::Invalid(format!(
+                            "{e} (listed at {})",
+                            set.samples[i].origin
+                        )))
+                    }
                 }
             }
             let imgs: Vec<image::RgbImage> = ok.iter().map(|(_, im)| im.clone()).collect();

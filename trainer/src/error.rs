@@ -19,7 +19,10 @@ pub enum Error {
 
 impl Error {
     pub fn file(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
-        Error::File { path: path.into(), msg: msg.to_string() }
+        Error::File {
+            path: path.into(),
+            msg: msg.to_string(),
+        }
     }
 }
 

@@ -49,7 +49,11 @@ enum Cmd {
 #[derive(clap::Args)]
 struct EvalArgs {
     /// Run directory written by `trainer` (model.safetensors + config.json).
-    #[arg(long, required_unless_present = "pretrained_only", conflicts_with = "pretrained_only")]
+    #[arg(
+        long,
+        required_unless_present = "pretrained_only",
+        conflicts_with = "pretrained_only"
+    )]
     model: Option<PathBuf>,
     /// Evaluate the bare pretrained backbone's pooled features instead of a checkpoint.
     #[arg(long)]
@@ -81,7 +85,9 @@ struct EvalArgs {
 
 fn set_threads(n: Option<usize>) {
     if let Some(n) = n {
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
     }
 }
 
@@ -89,39 +95,65 @@ fn eval(a: EvalArgs) -> Result<()> {
     set_threads(a.threads);
     let spec = match &a.model {
         Some(dir) => ModelSpec::Run(dir.clone()),
-        None => ModelSpec::Pretrained { backbone: a.backbone, weights: a.weights.clone() },
+        None => ModelSpec::Pretrained {
+            backbone: a.backbone,
+            weights: a.weights.clone(),
+        },
     };
     let embedder = Embedder::load(&spec).context("loading the model")?;
     let split: data::SplitSpec = a.split.parse().map_err(anyhow::Error::msg)?;
     let set = data::load_dataset(a.dataset, &a.data, &split)?;
-    eprintln!("evaluating {} images of {} classes", set.samples.len(), set.class_names.len());
+    eprintln!(
+        "evaluating {} images of {} classes",
+        set.samples.len(),
+        set.class_names.len()
+    );
     let emb = embedder.embed_dataset(&set, a.skip_bad_images, true)?;
     let ks = trainer::metrics::default_ks(a.dataset == DatasetKind::Sop);
     let m = trainer::metrics::evaluate(&emb.data, emb.dim, &emb.labels, ks, a.seed)?;
     println!("{}", m.table());
     let mut line = serde_json::Map::new();
     line.insert("epoch".into(), embedder.config().epoch.into());
-    line.insert("model".into(), serde_json::json!(a.model.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| format!("pretrained:{}", a.backbone))));
+    line.insert(
+        "model".into(),
+        serde_json::json!(a
+            .model
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| format!("pretrained:{}", a.backbone))),
+    );
     line.extend(m.to_json());
     line.insert("images".into(), emb.labels.len().into());
-    line.insert("embed_images_per_sec".into(), (emb.labels.len() as f64 / emb.seconds).into());
+    line.insert(
+        "embed_images_per_sec".into(),
+        (emb.labels.len() as f64 / emb.seconds).into(),
+    );
     let value = serde_json::Value::Object(line);
     println!("{value}");
     if let Some(dir) = &a.model {
         train::append_jsonl(&dir.join(train::METRICS_FILE), &value)?;
     }
     if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(&value)?).with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(p, serde_json::to_string_pretty(&value)?)
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     if !emb.skipped.is_empty() {
-        eprintln!("skipped {} unreadable image(s); first: {}", emb.skipped.len(), emb.skipped[0]);
+        eprintln!(
+            "skipped {} unreadable image(s); first: {}",
+            emb.skipped.len(),
+            emb.skipped[0]
+        );
     }
     Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Train { args, resume, threads } => {
+        Cmd::Train {
+            args,
+            resume,
+            threads,
+        } => {
             set_threads(threads);
             let s = train::train(args, resume)?;
             eprintln!("done: {} epochs", s.epochs_done);
@@ -130,11 +162,19 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(a) => eval(a),
         Cmd::Stages { backbone, weights } => {
             let w = trainer::weights::resolve_pretrained(backbone, weights.as_deref())?;
-            let m = trainer::embed::EmbeddingModel::pretrained(backbone, &w, None, &candle_core::Device::Cpu)?;
+            let m = trainer::embed::EmbeddingModel::pretrained(
+                backbone,
+                &w,
+                None,
+                &candle_core::Device::Cpu,
+            )?;
             for (i, name) in m.backbone.stage_names().iter().enumerate() {
                 println!("{i:>3}  {name}");
             }
-            println!("{:>3}  (everything frozen but the embedding head)", m.backbone.num_stages());
+            println!(
+                "{:>3}  (everything frozen but the embedding head)",
+                m.backbone.num_stages()
+            );
             Ok(())
         }
     }
@@ -142,14 +182,20 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     // Keep freed activation buffers in the heap instead of faulting fresh pages per op.
     trainer::ops::tune_glibc_malloc();
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // `trainer --loss fuzzy …` means `trainer train --loss fuzzy …`.
-    if argv.get(1).and_then(|a| a.to_str()).is_some_and(|a| a.starts_with("--") && !matches!(a, "--help" | "--version")) {
+    if argv
+        .get(1)
+        .and_then(|a| a.to_str())
+        .is_some_and(|a| a.starts_with("--") && !matches!(a, "--help" | "--version"))
+    {
         argv.insert(1, "train".into());
     }
     let cli = Cli::parse_from(argv);

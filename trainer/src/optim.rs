@@ -87,16 +87,32 @@ impl Adam {
         for g in &groups {
             let mut ms = Vec::with_capacity(g.vars.len());
             for (_, v) in &g.vars {
-                ms.push(Moments { m: v.zeros_like()?, v: v.zeros_like()? });
+                ms.push(Moments {
+                    m: v.zeros_like()?,
+                    v: v.zeros_like()?,
+                });
             }
             moments.push(ms);
         }
-        Ok(Self { kind, groups, moments, weight_decay, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 0 })
+        Ok(Self {
+            kind,
+            groups,
+            moments,
+            weight_decay,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            step: 0,
+        })
     }
 
     /// Number of trainable scalars.
     pub fn num_params(&self) -> usize {
-        self.groups.iter().flat_map(|g| g.vars.iter()).map(|(_, v)| v.elem_count()).sum()
+        self.groups
+            .iter()
+            .flat_map(|g| g.vars.iter())
+            .map(|(_, v)| v.elem_count())
+            .sum()
     }
 
     pub fn groups(&self) -> &[ParamGroup] {
@@ -116,13 +132,17 @@ impl Adam {
         for (g, ms) in self.groups.iter().zip(self.moments.iter_mut()) {
             let lr = g.lr * factor;
             for ((_, var), mo) in g.vars.iter().zip(ms.iter_mut()) {
-                let Some(grad) = grads.get(var.as_tensor()) else { continue };
+                let Some(grad) = grads.get(var.as_tensor()) else {
+                    continue;
+                };
                 // Detached: optimiser arithmetic must not extend the autograd graph (the
                 // moments would otherwise chain every step's graph and leak memory).
                 let grad = grad.detach();
                 let w = &var.as_tensor().detach();
                 let grad = match self.kind {
-                    OptimizerKind::Adam if self.weight_decay > 0.0 => (grad + (w * self.weight_decay)?)?,
+                    OptimizerKind::Adam if self.weight_decay > 0.0 => {
+                        (grad + (w * self.weight_decay)?)?
+                    }
                     _ => grad.clone(),
                 };
                 mo.m = ((&mo.m * self.beta1)? + (&grad * (1.0 - self.beta1))?)?;
@@ -153,9 +173,15 @@ impl Adam {
 
     /// Restores moments written by [`Adam::save`] for the same trainable variables.
     pub fn load(&mut self, path: &Path, step: usize) -> Result<()> {
-        let device = self.groups.iter().flat_map(|g| g.vars.first()).map(|(_, v)| v.device().clone()).next();
+        let device = self
+            .groups
+            .iter()
+            .flat_map(|g| g.vars.first())
+            .map(|(_, v)| v.device().clone())
+            .next();
         let Some(device) = device else { return Ok(()) };
-        let map = candle_core::safetensors::load(path, &device).map_err(|e| Error::file(path, e))?;
+        let map =
+            candle_core::safetensors::load(path, &device).map_err(|e| Error::file(path, e))?;
         for (g, ms) in self.groups.iter().zip(self.moments.iter_mut()) {
             for ((name, var), mo) in g.vars.iter().zip(ms.iter_mut()) {
                 let get = |k: String| -> Result<Tensor> {
@@ -163,7 +189,14 @@ impl Adam {
                         Error::file(path, format!("optimizer state has no '{k}': the trainable layers differ from the run being resumed (same --freeze-until and --backbone?)"))
                     })?;
                     if t.dims() != var.dims() {
-                        return Err(Error::file(path, format!("optimizer state '{k}' has shape {:?}, expected {:?}", t.dims(), var.dims())));
+                        return Err(Error::file(
+                            path,
+                            format!(
+                                "optimizer state '{k}' has shape {:?}, expected {:?}",
+                                t.dims(),
+                                var.dims()
+                            ),
+                        ));
                     }
                     Ok(t.to_dtype(DType::F32)?)
                 };
@@ -198,15 +231,26 @@ mod tests {
         let a = Var::from_vec(vec![1f32, -2.0], 2, &dev)?;
         let b = Var::from_vec(vec![3f32], 1, &dev)?;
         let groups = vec![
-            ParamGroup { name: "backbone", vars: vec![("a".into(), a.clone())], lr: 0.1 },
-            ParamGroup { name: "head", vars: vec![("b".into(), b.clone())], lr: 1.0 },
+            ParamGroup {
+                name: "backbone",
+                vars: vec![("a".into(), a.clone())],
+                lr: 0.1,
+            },
+            ParamGroup {
+                name: "head",
+                vars: vec![("b".into(), b.clone())],
+                lr: 1.0,
+            },
         ];
         let mut opt = Adam::new(OptimizerKind::Adam, groups, 0.0)?;
         let loss = ((a.as_tensor().sqr()?.sum_all()? + b.as_tensor().sqr()?.sum_all()?)? * 0.5)?;
         opt.step(&loss.backward()?, 1.0)?;
         let av = a.as_tensor().to_vec1::<f32>()?;
         let bv = b.as_tensor().to_vec1::<f32>()?;
-        assert!((av[0] - 0.9).abs() < 1e-5 && (av[1] + 1.9).abs() < 1e-5, "{av:?}");
+        assert!(
+            (av[0] - 0.9).abs() < 1e-5 && (av[1] + 1.9).abs() < 1e-5,
+            "{av:?}"
+        );
         assert!((bv[0] - 2.0).abs() < 1e-5, "{bv:?}");
         Ok(())
     }
@@ -215,7 +259,15 @@ mod tests {
     #[test]
     fn moments_do_not_track_the_graph() -> Result<()> {
         let a = Var::from_vec(vec![1f32, -2.0], 2, &Device::Cpu)?;
-        let mut opt = Adam::new(OptimizerKind::Adam, vec![ParamGroup { name: "g", vars: vec![("a".into(), a.clone())], lr: 0.1 }], 1e-2)?;
+        let mut opt = Adam::new(
+            OptimizerKind::Adam,
+            vec![ParamGroup {
+                name: "g",
+                vars: vec![("a".into(), a.clone())],
+                lr: 0.1,
+            }],
+            1e-2,
+        )?;
         for _ in 0..3 {
             let loss = a.as_tensor().sqr()?.sum_all()?;
             opt.step(&loss.backward()?, 1.0)?;
@@ -229,7 +281,15 @@ mod tests {
         let dev = Device::Cpu;
         let a = Var::from_vec(vec![1f32, -2.0], 2, &dev)?;
         let mk = |a: &Var| -> Result<Adam> {
-            Adam::new(OptimizerKind::Adamw, vec![ParamGroup { name: "g", vars: vec![("a".into(), a.clone())], lr: 0.1 }], 1e-2)
+            Adam::new(
+                OptimizerKind::Adamw,
+                vec![ParamGroup {
+                    name: "g",
+                    vars: vec![("a".into(), a.clone())],
+                    lr: 0.1,
+                }],
+                1e-2,
+            )
         };
         let mut opt = mk(&a)?;
         let loss = a.as_tensor().sqr()?.sum_all()?;
@@ -240,7 +300,10 @@ mod tests {
         let mut other = mk(&a)?;
         other.load(&p, opt.steps_taken())?;
         assert_eq!(other.steps_taken(), 1);
-        assert_eq!(other.moments[0][0].m.to_vec1::<f32>()?, opt.moments[0][0].m.to_vec1::<f32>()?);
+        assert_eq!(
+            other.moments[0][0].m.to_vec1::<f32>()?,
+            opt.moments[0][0].m.to_vec1::<f32>()?
+        );
         Ok(())
     }
 }

@@ -156,15 +156,18 @@ pub fn resolve_stage(model: &EmbeddingModel, spec: &str) -> Result<usize> {
         if i <= n {
             return Ok(i);
         }
-        return Err(Error::Invalid(format!("--freeze-until {i}: {} has stages 0..={n}", model.config.backbone)));
+        return Err(Error::Invalid(format!(
+            "--freeze-until {i}: {} has stages 0..={n}",
+            model.config.backbone
+        )));
     }
     names.iter().position(|s| s == spec).ok_or_else(|| {
-        Error::Invalid(format!("--freeze-until '{spec}' is not a stage of {}; stages: {}", model.config.backbone, names.join(", ")))
+        Error::Invalid(format!(
+            "--freeze-until '{spec}' is not a stage of {}; stages: {}",
+            model.config.backbone,
+            names.join(", ")
+        ))
     })
-}
-
-fn is_buffer(name: &str) -> bool {
-    name.contains("running_mean") || name.contains("running_var") || name.contains("num_batches_tracked")
 }
 
 /// Backbone variables of stages `>= frozen` and the head, as two parameter groups.
@@ -175,12 +178,16 @@ fn param_groups(model: &EmbeddingModel, frozen: usize, args: &TrainArgs) -> Vec<
     let (mut bb, mut head) = (Vec::new(), Vec::new());
     let bprefix = format!("{}.", crate::embed::BACKBONE_PREFIX);
     for name in names {
-        if is_buffer(name) {
+        if crate::backbone::is_running_stat(name) {
             continue;
         }
         let var = data[name].clone();
         if let Some(inner) = name.strip_prefix(&bprefix) {
-            if model.backbone.param_stage(inner).is_some_and(|s| s >= frozen) {
+            if model
+                .backbone
+                .param_stage(inner)
+                .is_some_and(|s| s >= frozen)
+            {
                 bb.push((name.clone(), var));
             }
         } else {
@@ -188,17 +195,27 @@ fn param_groups(model: &EmbeddingModel, frozen: usize, args: &TrainArgs) -> Vec<
         }
     }
     vec![
-        ParamGroup { name: "backbone", vars: bb, lr: args.lr },
-        ParamGroup { name: "head", vars: head, lr: args.head_lr.unwrap_or(10.0 * args.lr) },
+        ParamGroup {
+            name: "backbone",
+            vars: bb,
+            lr: args.lr,
+        },
+        ParamGroup {
+            name: "head",
+            vars: head,
+            lr: args.head_lr.unwrap_or(10.0 * args.lr),
+        },
     ]
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     pb.set_style(
-        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{prefix:>10} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     pb.set_prefix(what.to_string());
     pb
@@ -222,7 +239,8 @@ fn encode_views(
     let mut ok = vec![true; count];
     for start in (0..count).step_by(batch.max(1)) {
         let end = (start + batch).min(count);
-        let views: Vec<Result<Option<image::RgbImage>>> = (start..end).into_par_iter().map(view).collect();
+        let views: Vec<Result<Option<image::RgbImage>>> =
+            (start..end).into_par_iter().map(view).collect();
         let mut buf = Vec::with_capacity((end - start) * 3 * side * side);
         for (i, v) in views.into_iter().enumerate() {
             match v? {
@@ -235,7 +253,11 @@ fn encode_views(
         }
         let x = Tensor::from_vec(buf, (end - start, 3, side, side), &model.device)?;
         // Detached: a cached activation must not keep the forward graph (all intermediates) alive.
-        let y = if upto == 0 { x } else { model.backbone.forward_stages(&x, 0..upto)?.detach() };
+        let y = if upto == 0 {
+            x
+        } else {
+            model.backbone.forward_stages(&x, 0..upto)?.detach()
+        };
         outs.push(y);
         pb.inc((end - start) as u64);
     }
@@ -249,13 +271,22 @@ fn frozen_weights_digest(model: &EmbeddingModel, frozen: usize) -> Result<String
     let prefix = format!("{}.", crate::embed::BACKBONE_PREFIX);
     let mut names: Vec<&String> = data
         .keys()
-        .filter(|n| n.strip_prefix(&prefix).and_then(|i| model.backbone.param_stage(i)).is_some_and(|s| s < frozen))
+        .filter(|n| {
+            n.strip_prefix(&prefix)
+                .and_then(|i| model.backbone.param_stage(i))
+                .is_some_and(|s| s < frozen)
+        })
         .collect();
     names.sort();
     let mut h = Sha256::new();
     for n in names {
         h.update(n.as_bytes());
-        for v in data[n].as_tensor().flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()? {
+        for v in data[n]
+            .as_tensor()
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?
+        {
             h.update(v.to_le_bytes());
         }
     }
@@ -287,10 +318,20 @@ fn cached(
     let x = Tensor::cat(&chunks, 0)?;
     if let (Some(d), Some(p)) = (dir, path) {
         std::fs::create_dir_all(d).map_err(|e| Error::file(d, e))?;
-        let okt = Tensor::from_vec(ok.iter().map(|&b| b as u8).collect::<Vec<u8>>(), ok.len(), &Device::Cpu)?;
+        let okt = Tensor::from_vec(
+            ok.iter().map(|&b| b as u8).collect::<Vec<u8>>(),
+            ok.len(),
+            &Device::Cpu,
+        )?;
         let tmp = crate::checkpoint::tmp_sibling(&p);
-        candle_core::safetensors::save(&std::collections::HashMap::from([("x".to_string(), x.clone()), ("ok".to_string(), okt)]), &tmp)
-            .map_err(|e| Error::file(&tmp, e))?;
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([
+                ("x".to_string(), x.clone()),
+                ("ok".to_string(), okt),
+            ]),
+            &tmp,
+        )
+        .map_err(|e| Error::file(&tmp, e))?;
         std::fs::rename(&tmp, &p).map_err(|e| Error::file(&p, e))?;
     }
     Ok((x, ok))
@@ -315,16 +356,30 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
     let mut opt_steps = 0;
     if resume {
         let text = std::fs::read_to_string(&state_path).map_err(|e| {
-            Error::file(&state_path, format!("cannot resume: {e} (no checkpoint written yet in this run directory?)"))
+            Error::file(
+                &state_path,
+                format!("cannot resume: {e} (no checkpoint written yet in this run directory?)"),
+            )
         })?;
-        let st: TrainState = serde_json::from_str(&text).map_err(|e| Error::file(&state_path, e))?;
+        let st: TrainState =
+            serde_json::from_str(&text).map_err(|e| Error::file(&state_path, e))?;
         let epochs = args.epochs;
-        args = TrainArgs { epochs: epochs.max(st.args.epochs), ..st.args };
+        args = TrainArgs {
+            epochs: epochs.max(st.args.epochs),
+            ..st.args
+        };
         start_epoch = st.epochs_done;
         opt_steps = st.optimizer_steps;
-        tracing::info!("resuming {} at epoch {start_epoch}/{}", out.display(), args.epochs);
+        tracing::info!(
+            "resuming {} at epoch {start_epoch}/{}",
+            out.display(),
+            args.epochs
+        );
     } else if out.join(crate::checkpoint::CONFIG_FILE).exists() {
-        return Err(Error::file(&out, "already holds a checkpoint; pass --resume to continue it or choose another --out"));
+        return Err(Error::file(
+            &out,
+            "already holds a checkpoint; pass --resume to continue it or choose another --out",
+        ));
     }
     std::fs::create_dir_all(&out).map_err(|e| Error::file(&out, e))?;
     if args.classes_per_batch < 2 || args.images_per_class < 2 {
@@ -332,8 +387,14 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
     }
 
     let device = Device::Cpu;
-    let train_split: SplitSpec = args.split.parse().map_err(|e| Error::Invalid(format!("--split: {e}")))?;
-    let eval_split: SplitSpec = args.eval_split.parse().map_err(|e| Error::Invalid(format!("--eval-split: {e}")))?;
+    let train_split: SplitSpec = args
+        .split
+        .parse()
+        .map_err(|e| Error::Invalid(format!("--split: {e}")))?;
+    let eval_split: SplitSpec = args
+        .eval_split
+        .parse()
+        .map_err(|e| Error::Invalid(format!("--eval-split: {e}")))?;
     let train_set = data::load_dataset(args.dataset, &args.data, &train_split)?;
     let eval_set = data::load_dataset(args.dataset, &args.data, &eval_split)?;
     if train_set.class_names.len() < args.classes_per_batch {
@@ -356,7 +417,8 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
     } else {
         let weights = crate::weights::resolve_pretrained(args.backbone, args.weights.as_deref())?;
         seed_candle(args.seed);
-        let m = EmbeddingModel::pretrained(args.backbone, &weights, Some(args.embedding_dim), &device)?;
+        let m =
+            EmbeddingModel::pretrained(args.backbone, &weights, Some(args.embedding_dim), &device)?;
         if args.head_init == HeadInit::Identity {
             m.init_head_identity()?;
         }
@@ -369,11 +431,18 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
         "images_per_class": args.images_per_class, "head_init": args.head_init, "freeze_until": args.freeze_until, "seed": args.seed,
     });
     let frozen = resolve_stage(&model, &args.freeze_until)?;
-    let mut opt = Adam::new(args.optimizer, param_groups(&model, frozen, &args), args.weight_decay)?;
+    let mut opt = Adam::new(
+        args.optimizer,
+        param_groups(&model, frozen, &args),
+        args.weight_decay,
+    )?;
     if resume && opt_steps > 0 {
         opt.load(&out.join(OPTIMIZER_FILE), opt_steps)?;
     }
-    tracing::info!("{} trainable parameters; stages 0..{frozen} frozen", opt.num_params());
+    tracing::info!(
+        "{} trainable parameters; stages 0..{frozen} frozen",
+        opt.num_params()
+    );
 
     args.loss_args.validate(args.loss)?;
     let loss_fn = loss::build(args.loss, &args.loss_args);
@@ -387,16 +456,26 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
                 bad.lock().expect("lock").push(e.to_string());
                 Ok(None)
             }
-            Err(e) => Err(Error::Invalid(format!("{e} (listed at {})", set.samples[i].origin))),
+            Err(e) => Err(Error::Invalid(format!(
+                "{e} (listed at {})",
+                set.samples[i].origin
+            ))),
         }
     };
 
     // Frozen stages never change, so their outputs are computed once per image (and per cached
     // view) and, with --cache-dir, kept across runs keyed by everything that determines them.
-    let frozen_digest = if frozen > 0 { Some(frozen_weights_digest(&model, frozen)?) } else { None };
+    let frozen_digest = if frozen > 0 {
+        Some(frozen_weights_digest(&model, frozen)?)
+    } else {
+        None
+    };
     let cache_key = |set: &Dataset, views: usize, what: &str| -> String {
         let mut h = Sha256::new();
-        h.update(format!("{what}|{}|{frozen}|{views}|{}|", model.config.backbone, args.seed));
+        h.update(format!(
+            "{what}|{}|{frozen}|{views}|{}|",
+            model.config.backbone, args.seed
+        ));
         h.update(frozen_digest.as_deref().unwrap_or(""));
         h.update(serde_json::to_vec(&pre).expect("preprocess serialises"));
         for smp in &set.samples {
@@ -409,9 +488,14 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
     // Eval views of the held-out classes never change: cache their frozen activations.
     let eval_cache = if frozen > 0 {
         Some(cached(cache_dir, &cache_key(&eval_set, 1, "eval"), || {
-            encode_views(&model, eval_set.samples.len(), frozen, args.eval_batch_size, "cache eval", &|i| {
-                Ok(load(&eval_set, i)?.map(|im| pre.eval_view(&im)))
-            })
+            encode_views(
+                &model,
+                eval_set.samples.len(),
+                frozen,
+                args.eval_batch_size,
+                "cache eval",
+                &|i| Ok(load(&eval_set, i)?.map(|im| pre.eval_view(&im))),
+            )
         })?)
     } else {
         None
@@ -420,19 +504,45 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
     let views = args.cached_views.max(1);
     let train_cache = if frozen > 0 {
         let n = train_set.samples.len();
-        Some(cached(cache_dir, &cache_key(&train_set, views, "train"), || {
-            encode_views(&model, n * views, frozen, args.eval_batch_size, "cache train", &|j| {
-                let (v, i) = (j / n, j % n);
-                Ok(load(&train_set, i)?.map(|im| if v == 0 { pre.eval_view(&im) } else { augment.train_view(&im, 0, i, v as u32) }))
-            })
-        })?)
+        Some(cached(
+            cache_dir,
+            &cache_key(&train_set, views, "train"),
+            || {
+                encode_views(
+                    &model,
+                    n * views,
+                    frozen,
+                    args.eval_batch_size,
+                    "cache train",
+                    &|j| {
+                        let (v, i) = (j / n, j % n);
+                        Ok(load(&train_set, i)?.map(|im| {
+                            if v == 0 {
+                                pre.eval_view(&im)
+                            } else {
+                                augment.train_view(&im, 0, i, v as u32)
+                            }
+                        }))
+                    },
+                )
+            },
+        )?)
     } else {
         None
     };
 
     let labels: Vec<u32> = train_set.samples.iter().map(|s| s.label).collect();
-    let sampler = data::PkSampler::new(&labels, args.classes_per_batch, args.images_per_class, args.seed)?;
-    let mut batches = BatchQueue { sampler: &sampler, queue: std::collections::VecDeque::new(), epoch: (start_epoch * per_epoch_hint(&args, labels.len())) as u64 };
+    let sampler = data::PkSampler::new(
+        &labels,
+        args.classes_per_batch,
+        args.images_per_class,
+        args.seed,
+    )?;
+    let mut batches = BatchQueue {
+        sampler: &sampler,
+        queue: std::collections::VecDeque::new(),
+        epoch: (start_epoch * per_epoch_hint(&args, labels.len())) as u64,
+    };
     let per_epoch = per_epoch_hint(&args, labels.len());
     let total_steps = per_epoch * args.epochs;
     let warmup = (args.warmup_epochs * per_epoch as f64).round() as usize;
@@ -440,7 +550,8 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
     let ks = metrics::default_ks(args.dataset == DatasetKind::Sop);
     let mut last_metrics = None;
     let side = pre.crop as usize;
-    let mut view_rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed_u64.wrapping_mul(start_epoch as u64 + 1));
+    let mut view_rng =
+        ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed_u64.wrapping_mul(start_epoch as u64 + 1));
 
     for epoch in start_epoch..args.epochs {
         let pb = bar(per_epoch as u64, &format!("epoch {}", epoch + 1));
@@ -455,9 +566,17 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
                     let idx: Vec<u32> = batch
                         .iter()
                         .map(|&i| {
-                            let v = if views > 1 { view_rng.gen_range(0..views) } else { 0 };
+                            let v = if views > 1 {
+                                view_rng.gen_range(0..views)
+                            } else {
+                                0
+                            };
                             let j = v * n + i;
-                            if ok[j] { j as u32 } else { i as u32 }
+                            if ok[j] {
+                                j as u32
+                            } else {
+                                i as u32
+                            }
                         })
                         .collect();
                     let idx = Tensor::from_vec(idx, batch.len(), &device)?;
@@ -467,7 +586,10 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
                     use rayon::prelude::*;
                     let imgs: Vec<Result<Option<image::RgbImage>>> = batch
                         .par_iter()
-                        .map(|&i| Ok(load(&train_set, i)?.map(|im| augment.train_view(&im, epoch as u64 + 1, i, 0))))
+                        .map(|&i| {
+                            Ok(load(&train_set, i)?
+                                .map(|im| augment.train_view(&im, epoch as u64 + 1, i, 0)))
+                        })
                         .collect();
                     let mut buf = Vec::with_capacity(batch.len() * 3 * side * side);
                     for img in imgs {
@@ -486,7 +608,10 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
                 }
             };
             let out_loss = loss_fn.forward(&emb, &blabels)?;
-            let value = out_loss.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            let value = out_loss
+                .loss
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
             if !value.is_finite() {
                 pb.abandon();
                 return Err(Error::Invalid(format!(
@@ -499,14 +624,21 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
             opt.step(&grads, factor)?;
             loss_sum += value;
             seen += batch.len();
-            pb.set_message(format!("loss {:.4}  {:.1} img/s", loss_sum / (step + 1) as f64, seen as f64 / t0.elapsed().as_secs_f64()));
+            pb.set_message(format!(
+                "loss {:.4}  {:.1} img/s",
+                loss_sum / (step + 1) as f64,
+                seen as f64 / t0.elapsed().as_secs_f64()
+            ));
             pb.inc(1);
         }
         pb.finish_and_clear();
         let ips = seen as f64 / t0.elapsed().as_secs_f64();
         let mean_loss = loss_sum / per_epoch as f64;
         let done = epoch + 1;
-        eprintln!("epoch {done}/{}: loss {mean_loss:.4}, {ips:.1} img/s", args.epochs);
+        eprintln!(
+            "epoch {done}/{}: loss {mean_loss:.4}, {ips:.1} img/s",
+            args.epochs
+        );
 
         let last = done == args.epochs;
         if (args.eval_every > 0 && done % args.eval_every == 0) || last {
@@ -520,9 +652,14 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
                     (embed_eval(&model, &chunks, frozen)?, ok.clone())
                 }
                 None => {
-                    let (chunks, ok) = encode_views(&model, eval_set.samples.len(), 0, args.eval_batch_size, "evaluate", &|i| {
-                        Ok(load(&eval_set, i)?.map(|im| pre.eval_view(&im)))
-                    })?;
+                    let (chunks, ok) = encode_views(
+                        &model,
+                        eval_set.samples.len(),
+                        0,
+                        args.eval_batch_size,
+                        "evaluate",
+                        &|i| Ok(load(&eval_set, i)?.map(|im| pre.eval_view(&im))),
+                    )?;
                     (embed_eval(&model, &chunks, 0)?, ok)
                 }
             };
@@ -531,7 +668,11 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
             let (emb, elabels): (Vec<f32>, Vec<u32>) = if ok.iter().all(|&o| o) {
                 (emb, eval_set.samples.iter().map(|s| s.label).collect())
             } else {
-                let rows = emb.chunks(dim).zip(&ok).zip(&eval_set.samples).filter(|((_, o), _)| **o);
+                let rows = emb
+                    .chunks(dim)
+                    .zip(&ok)
+                    .zip(&eval_set.samples)
+                    .filter(|((_, o), _)| **o);
                 let (mut e, mut l) = (Vec::new(), Vec::new());
                 for ((row, _), smp) in rows {
                     e.extend_from_slice(row);
@@ -554,10 +695,22 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
             model.config.epoch = done;
             model.save(&out)?;
             opt.save(&crate::checkpoint::tmp_sibling(&out.join(OPTIMIZER_FILE)))?;
-            std::fs::rename(crate::checkpoint::tmp_sibling(&out.join(OPTIMIZER_FILE)), out.join(OPTIMIZER_FILE))
-                .map_err(|e| Error::file(out.join(OPTIMIZER_FILE), e))?;
-            let st = TrainState { epochs_done: done, optimizer_steps: opt.steps_taken(), args: args.clone() };
-            crate::checkpoint::write_atomic(&state_path, serde_json::to_string_pretty(&st).expect("state serialises").as_bytes())?;
+            std::fs::rename(
+                crate::checkpoint::tmp_sibling(&out.join(OPTIMIZER_FILE)),
+                out.join(OPTIMIZER_FILE),
+            )
+            .map_err(|e| Error::file(out.join(OPTIMIZER_FILE), e))?;
+            let st = TrainState {
+                epochs_done: done,
+                optimizer_steps: opt.steps_taken(),
+                args: args.clone(),
+            };
+            crate::checkpoint::write_atomic(
+                &state_path,
+                serde_json::to_string_pretty(&st)
+                    .expect("state serialises")
+                    .as_bytes(),
+            )?;
         }
     }
     let bad = bad.into_inner().expect("lock");
@@ -567,12 +720,16 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
             eprintln!("  {b}");
         }
     }
-    Ok(TrainSummary { epochs_done: args.epochs, last_metrics })
+    Ok(TrainSummary {
+        epochs_done: args.epochs,
+        last_metrics,
+    })
 }
 
 /// Batches per epoch: `--batches-per-epoch`, else one pass over the training images.
 fn per_epoch_hint(args: &TrainArgs, images: usize) -> usize {
-    args.batches_per_epoch.unwrap_or_else(|| (images / (args.classes_per_batch * args.images_per_class)).max(1))
+    args.batches_per_epoch
+        .unwrap_or_else(|| (images / (args.classes_per_batch * args.images_per_class)).max(1))
 }
 
 /// An endless stream of P×K batches drawn from the sampler's (class-pass) epochs.
@@ -594,7 +751,11 @@ impl BatchQueue<'_> {
 
 /// Appends one JSON line and flushes it to disk.
 pub fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::file(path, e))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::file(path, e))?;
     writeln!(f, "{value}").map_err(|e| Error::file(path, e))?;
     f.sync_data().map_err(|e| Error::file(path, e))
 }
