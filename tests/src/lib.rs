@@ -66,7 +66,7 @@ pub fn make_shapes_dataset(
             let r = (size / 8 + (seed % (size / 8).max(1))) as i64;
             let img = image::RgbImage::from_fn(size, size, |x, y| {
                 let (dx, dy) = (x as i64 - cx, y as i64 - cy);
-                let inside = if (c / palette.len()) % 2 == 0 {
+                let inside = if (c / palette.len()).is_multiple_of(2) {
                     dx * dx + dy * dy <= r * r
                 } else {
                     dx.abs() <= r && dy.abs() <= r
