@@ -395,7 +395,7 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
         .eval_split
         .parse()
         .map_err(|e| Error::Invalid(format!("--eval-split: {e}")))?;
-    let train_set = data::load_dataset(args.dataset, &args.data, &train_split)?;
+    let train_set = std::sync::Arc::new(data::load_dataset(args.dataset, &args.data, &train_split)?);
     let eval_set = data::load_dataset(args.dataset, &args.data, &eval_split)?;
     if train_set.class_names.len() < args.classes_per_batch {
         return Err(Error::Invalid(format!(
@@ -557,9 +557,21 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
         let pb = bar(per_epoch as u64, &format!("epoch {}", epoch + 1));
         let t0 = Instant::now();
         let (mut loss_sum, mut seen) = (0.0f64, 0usize);
-        for step in 0..per_epoch {
-            let batch = batches.next();
-            let blabels: Vec<u32> = batch.iter().map(|&i| labels[i]).collect();
+        // Without a cache, images are decoded and augmented in the background (parallel, with
+        // prefetch) while the model trains on the previous batch.
+        let plan: Vec<Vec<usize>> = (0..per_epoch).map(|_| batches.next()).collect();
+        let mut loader = match train_cache {
+            Some(_) => None,
+            None => Some(data::BatchLoader::train_batches(
+                train_set.clone(),
+                plan.clone(),
+                epoch as u64 + 1,
+                augment.clone(),
+                data::LoaderOptions { skip_bad_images: args.skip_bad_images, ..Default::default() },
+            )?),
+        };
+        for (step, batch) in plan.into_iter().enumerate() {
+            let mut blabels: Vec<u32> = batch.iter().map(|&i| labels[i]).collect();
             let emb = match &train_cache {
                 Some((cache, ok)) => {
                     let n = labels.len();
@@ -583,22 +595,12 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
                     model.embed_from_stage(&cache.index_select(&idx, 0)?, frozen)?
                 }
                 None => {
-                    use rayon::prelude::*;
-                    let imgs: Vec<Result<Option<image::RgbImage>>> = batch
-                        .par_iter()
-                        .map(|&i| {
-                            Ok(load(&train_set, i)?
-                                .map(|im| augment.train_view(&im, epoch as u64 + 1, i, 0)))
-                        })
-                        .collect();
-                    let mut buf = Vec::with_capacity(batch.len() * 3 * side * side);
-                    for img in imgs {
-                        match img? {
-                            Some(im) => pre.normalize_into(&im, &mut buf),
-                            None => buf.resize(buf.len() + 3 * side * side, 0.0),
-                        }
-                    }
-                    let x = Tensor::from_vec(buf, (batch.len(), 3, side, side), &device)?;
+                    let b = loader
+                        .as_mut()
+                        .and_then(|l| l.next())
+                        .ok_or_else(|| Error::Invalid("the batch loader stopped early".into()))??;
+                    blabels = b.labels;
+                    let x = Tensor::from_vec(b.images, b.shape, &device)?;
                     if frozen > 0 {
                         let f = model.backbone.forward_stages(&x, 0..frozen)?.detach();
                         model.embed_from_stage(&f, frozen)?
