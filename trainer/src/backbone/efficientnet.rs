@@ -18,6 +18,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{relu6, ConvBn, ConvSpec, Padding};
+use crate::ops::fused::{global_avg_pool, Act, Activation, BnParams, FusedConv};
 use super::{Backbone, BackboneKind};
 
 /// Batch-norm ε of the TF reference (PyTorch's default 1e-5 is measurably off).
@@ -164,6 +165,65 @@ impl Backbone for EfficientNetLite {
 
     fn param_stage(&self, name: &str) -> Option<usize> {
         param_stage(name, self.stages.len())
+    }
+}
+
+/// Inference-only EfficientNet-Lite0: every conv + frozen BN folded once, ReLU6 and the
+/// residual add fused into the conv output pass (see [`crate::ops::fused`]). Built from the
+/// same variables as [`EfficientNetLite`], so its features are the training network's; the
+/// [`crate::embed::Embedder`] uses it because it needs no backprop graph (the training
+/// network's output keeps every intermediate activation alive) and makes fewer passes.
+#[derive(Debug, Clone)]
+pub struct FusedEfficientNetLite {
+    stem: FusedConv,
+    /// `(expand, depthwise, project, residual)` per block, all groups in order.
+    blocks: Vec<(Option<FusedConv>, FusedConv, FusedConv, bool)>,
+    head: FusedConv,
+}
+
+impl FusedEfficientNetLite {
+    /// Folds the variables named as in [`EfficientNetLite`] (`get` returns the tensor of a
+    /// canonical name, e.g. `stem.conv.weight`, or an error naming what is missing).
+    pub fn from_vars(config: &[StageConfig], get: impl Fn(&str) -> Result<Tensor>) -> Result<Self> {
+        let conv = |name: &str, stride: usize, depthwise: bool, act: Act| -> Result<FusedConv> {
+            let bn = |p: &str| get(&format!("{name}.bn.{p}"));
+            let (gamma, beta, mean, var) = (bn("weight")?, bn("bias")?, bn("running_mean")?, bn("running_var")?);
+            let params = BnParams { gamma: &gamma, beta: &beta, mean: &mean, var: &var, eps: BN_EPS };
+            FusedConv::new(&get(&format!("{name}.conv.weight"))?, params, stride, depthwise, act)
+        };
+        let stem = conv("stem", 2, false, Act::Relu6)?;
+        let mut in_ch = STEM_CHANNELS;
+        let mut blocks = Vec::new();
+        for (s, cfg) in config.iter().enumerate() {
+            for b in 0..cfg.repeats {
+                let stride = if b == 0 { cfg.stride } else { 1 };
+                let p = format!("blocks.{s}.{b}");
+                let expand = if cfg.expand_ratio != 1 { Some(conv(&format!("{p}.expand"), 1, false, Act::Relu6)?) } else { None };
+                let dw = conv(&format!("{p}.dw"), stride, true, Act::Relu6)?;
+                let project = conv(&format!("{p}.project"), 1, false, Act::None)?;
+                blocks.push((expand, dw, project, stride == 1 && in_ch == cfg.out_channels));
+                in_ch = cfg.out_channels;
+            }
+        }
+        let head = conv("head", 1, false, Act::Relu6)?;
+        Ok(Self { stem, blocks, head })
+    }
+
+    /// Pooled features `[B, 1280]` of a normalised image batch `[B, 3, H, W]` (f32, CPU).
+    pub fn pooled_features(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.stem.forward(&Activation::from_tensor(x)?, None)?;
+        for (expand, dw, project, residual) in &self.blocks {
+            let e = match expand {
+                Some(e) => Some(e.forward(&h, None)?),
+                None => None,
+            };
+            let d = dw.forward(e.as_ref().unwrap_or(&h), None)?;
+            drop(e);
+            h = project.forward(&d, residual.then_some(&h))?;
+        }
+        let f = self.head.forward(&h, None)?;
+        let b = f.b;
+        Tensor::from_vec(global_avg_pool(&f), (b, self.head.out_channels()), &candle_core::Device::Cpu)
     }
 }
 
