@@ -119,7 +119,12 @@ pub fn peak_rss_mib() -> Option<f64> {
 
 /// The 1-minute load average (shared machines: the figures only compare at similar load).
 pub fn load_average() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -142,8 +147,14 @@ fn time_median(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 /// A deterministic normalised-image batch `[batch, 3, size, size]` with values in [-1, 1].
 fn input_batch(batch: usize, size: usize) -> Result<Tensor> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    let data: Vec<f32> = (0..batch * 3 * size * size).map(|_| rng.gen_range(-1f32..1f32)).collect();
-    Ok(Tensor::from_vec(data, (batch, 3, size, size), &Device::Cpu)?)
+    let data: Vec<f32> = (0..batch * 3 * size * size)
+        .map(|_| rng.gen_range(-1f32..1f32))
+        .collect();
+    Ok(Tensor::from_vec(
+        data,
+        (batch, 3, size, size),
+        &Device::Cpu,
+    )?)
 }
 
 fn weights_path(args: &BenchArgs) -> Result<PathBuf> {
@@ -153,7 +164,8 @@ fn weights_path(args: &BenchArgs) -> Result<PathBuf> {
 /// Embedding phase: the [`Embedder`]'s network path on a ready tensor.
 fn run_embed(args: &BenchArgs, batch: usize) -> Result<f64> {
     let path = weights_path(args)?;
-    let model = EmbeddingModel::pretrained(BackboneKind::EfficientnetLite0, &path, None, &Device::Cpu)?;
+    let model =
+        EmbeddingModel::pretrained(BackboneKind::EfficientnetLite0, &path, None, &Device::Cpu)?;
     let identity = ModelIdentity::new(&model.config, String::new());
     let embedder = Embedder::from_model(model, identity)?;
     let x = input_batch(batch, args.size)?;
@@ -174,14 +186,22 @@ fn run_train(args: &BenchArgs) -> Result<f64> {
             "--batch {batch} is too small for a training batch of {TRAIN_CLASSES} classes with 2+ images each"
         )));
     }
-    let model = EmbeddingModel::pretrained(BackboneKind::EfficientnetLite0, &path, Some(TRAIN_EMBEDDING_DIM), &Device::Cpu)?;
+    let model = EmbeddingModel::pretrained(
+        BackboneKind::EfficientnetLite0,
+        &path,
+        Some(TRAIN_EMBEDDING_DIM),
+        &Device::Cpu,
+    )?;
     model.init_head_identity()?;
     let groups = {
         let data = model.varmap.data().lock().expect("varmap lock");
         let mut names: Vec<&String> = data.keys().collect();
         names.sort();
         let (mut bb, mut head) = (Vec::new(), Vec::new());
-        for name in names.into_iter().filter(|n| !crate::backbone::is_running_stat(n)) {
+        for name in names
+            .into_iter()
+            .filter(|n| !crate::backbone::is_running_stat(n))
+        {
             let entry = (name.clone(), data[name].clone());
             if name.starts_with(crate::embed::BACKBONE_PREFIX) {
                 bb.push(entry);
@@ -190,8 +210,16 @@ fn run_train(args: &BenchArgs) -> Result<f64> {
             }
         }
         vec![
-            ParamGroup { name: "backbone", vars: bb, lr: TRAIN_LR.0 },
-            ParamGroup { name: "head", vars: head, lr: TRAIN_LR.1 },
+            ParamGroup {
+                name: "backbone",
+                vars: bb,
+                lr: TRAIN_LR.0,
+            },
+            ParamGroup {
+                name: "head",
+                vars: head,
+                lr: TRAIN_LR.1,
+            },
         ]
     };
     let mut opt = Adam::new(OptimizerKind::Adam, groups, 0.0)?;
@@ -213,20 +241,37 @@ fn run_phase(args: &BenchArgs, phase: &str) -> Result<()> {
         "embed1" => (run_embed(args, 1)?, 1),
         "embed" => (run_embed(args, args.batch)?, args.batch),
         "train" => (run_train(args)?, args.batch),
-        other => return Err(Error::Invalid(format!("unknown bench phase '{other}' (embed1, embed, train)"))),
+        other => {
+            return Err(Error::Invalid(format!(
+                "unknown bench phase '{other}' (embed1, embed, train)"
+            )))
+        }
     };
-    let r = PhaseResult { phase: phase.to_string(), seconds, batch, rss_mib: peak_rss_mib().unwrap_or(f64::NAN) };
-    println!("{}", serde_json::to_string(&r).expect("phase result serialises"));
+    let r = PhaseResult {
+        phase: phase.to_string(),
+        seconds,
+        batch,
+        rss_mib: peak_rss_mib().unwrap_or(f64::NAN),
+    };
+    println!(
+        "{}",
+        serde_json::to_string(&r).expect("phase result serialises")
+    );
     Ok(())
 }
 
 /// Last line of `stdout` that parses as JSON of type `T` (children may log other lines).
 fn last_json<T: for<'de> Deserialize<'de>>(stdout: &[u8]) -> Option<T> {
-    String::from_utf8_lossy(stdout).lines().rev().find_map(|l| serde_json::from_str(l.trim()).ok())
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l.trim()).ok())
 }
 
 fn run_child(mut cmd: Command, what: &str) -> Result<Vec<u8>> {
-    let out = cmd.output().map_err(|e| Error::Invalid(format!("cannot start {what}: {e}")))?;
+    let out = cmd
+        .output()
+        .map_err(|e| Error::Invalid(format!("cannot start {what}: {e}")))?;
     if !out.status.success() {
         return Err(Error::Invalid(format!(
             "{what} failed ({}): {}",
@@ -239,19 +284,36 @@ fn run_child(mut cmd: Command, what: &str) -> Result<Vec<u8>> {
 
 /// Our figures, one child process per phase.
 fn measure_ours(args: &BenchArgs, threads: usize) -> Result<EngineFigures> {
-    let exe = std::env::current_exe().map_err(|e| Error::Invalid(format!("cannot locate the trainer binary: {e}")))?;
-    let mut fig = EngineFigures { engine: "trainer (ours)".into(), threads, ..Default::default() };
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Invalid(format!("cannot locate the trainer binary: {e}")))?;
+    let mut fig = EngineFigures {
+        engine: "trainer (ours)".into(),
+        threads,
+        ..Default::default()
+    };
     for phase in ["embed1", "embed", "train"] {
         let mut cmd = Command::new(&exe);
         cmd.args(["bench", "--phase", phase, "--threads", &threads.to_string()])
-            .args(["--batch", &args.batch.to_string(), "--iters", &args.iters.to_string(), "--size", &args.size.to_string()]);
+            .args([
+                "--batch",
+                &args.batch.to_string(),
+                "--iters",
+                &args.iters.to_string(),
+                "--size",
+                &args.size.to_string(),
+            ]);
         if let Some(w) = &args.weights {
             cmd.arg("--weights").arg(w);
         }
         let stdout = run_child(cmd, &format!("bench phase {phase}"))?;
         let r: PhaseResult = last_json(&stdout)
             .ok_or_else(|| Error::Invalid(format!("bench phase {phase} printed no result line")))?;
-        eprintln!("ours {phase}: {:.1} ms per batch of {}, peak RSS {:.0} MiB", r.seconds * 1e3, r.batch, r.rss_mib);
+        eprintln!(
+            "ours {phase}: {:.1} ms per batch of {}, peak RSS {:.0} MiB",
+            r.seconds * 1e3,
+            r.batch,
+            r.rss_mib
+        );
         let rate = r.batch as f64 / r.seconds;
         match phase {
             "embed1" => {
@@ -272,17 +334,35 @@ fn measure_ours(args: &BenchArgs, threads: usize) -> Result<EngineFigures> {
 }
 
 /// Runs `bench/peers/SCRIPT` and reads its JSON line.
-fn measure_peer(args: &BenchArgs, script: &str, weights: &Path, threads: usize) -> Result<EngineFigures> {
+fn measure_peer(
+    args: &BenchArgs,
+    script: &str,
+    weights: &Path,
+    threads: usize,
+) -> Result<EngineFigures> {
     let path = args.peers_dir.join(script);
     if !path.is_file() {
-        return Err(Error::file(&path, "peer script not found (run from the repository root or pass --peers-dir)"));
+        return Err(Error::file(
+            &path,
+            "peer script not found (run from the repository root or pass --peers-dir)",
+        ));
     }
     let mut cmd = Command::new(&args.python);
     cmd.arg(&path)
         .arg("--weights")
         .arg(weights)
-        .args(["--threads", &threads.to_string(), "--batch", &args.batch.to_string()])
-        .args(["--iters", &args.iters.to_string(), "--size", &args.size.to_string()])
+        .args([
+            "--threads",
+            &threads.to_string(),
+            "--batch",
+            &args.batch.to_string(),
+        ])
+        .args([
+            "--iters",
+            &args.iters.to_string(),
+            "--size",
+            &args.size.to_string(),
+        ])
         .env("OMP_NUM_THREADS", threads.to_string())
         .env("MKL_NUM_THREADS", threads.to_string());
     let stdout = run_child(cmd, &format!("{} {}", args.python, path.display()))?;
@@ -293,7 +373,8 @@ fn measure_peer(args: &BenchArgs, script: &str, weights: &Path, threads: usize) 
 }
 
 fn fmt_opt(v: Option<f64>, prec: usize) -> String {
-    v.map(|x| format!("{x:.prec$}")).unwrap_or_else(|| "—".into())
+    v.map(|x| format!("{x:.prec$}"))
+        .unwrap_or_else(|| "—".into())
 }
 
 /// The comparison table; ratios are ours ÷ peer for rates and peer ÷ ours for latency and
@@ -309,7 +390,13 @@ pub fn format_report(r: &BenchReport) -> String {
     );
     s += &format!(
         "{:<22} {:>11} {:>13} {:>13} {:>10} {:>10} {:>10}\n",
-        "engine", "latency ms", "embed img/s", "train img/s", "RSS e1 MiB", "RSS e MiB", "RSS t MiB"
+        "engine",
+        "latency ms",
+        "embed img/s",
+        "train img/s",
+        "RSS e1 MiB",
+        "RSS e MiB",
+        "RSS t MiB"
     );
     for e in &r.engines {
         s += &format!(
@@ -323,7 +410,9 @@ pub fn format_report(r: &BenchReport) -> String {
             fmt_opt(e.train_rss_mib, 0)
         );
     }
-    let Some(ours) = r.engines.first() else { return s };
+    let Some(ours) = r.engines.first() else {
+        return s;
+    };
     let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
     for peer in r.engines.iter().skip(1) {
         s += &format!(
@@ -342,17 +431,30 @@ pub fn format_report(r: &BenchReport) -> String {
 
 /// Entry point of `trainer bench`.
 pub fn run(args: &BenchArgs) -> Result<()> {
-    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
     if args.iters == 0 || args.batch == 0 || args.size < 32 {
-        return Err(Error::Invalid("--iters and --batch must be positive and --size at least 32".into()));
+        return Err(Error::Invalid(
+            "--iters and --batch must be positive and --size at least 32".into(),
+        ));
     }
     if let Some(phase) = &args.phase {
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global();
         return run_phase(args, phase);
     }
     if args.ops {
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
-        let rows = crate::ops::bench::run_with(&crate::ops::bench::BenchConfig { stock: false, ..Default::default() })?;
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global();
+        let rows = crate::ops::bench::run_with(&crate::ops::bench::BenchConfig {
+            stock: false,
+            ..Default::default()
+        })?;
         print!("{}", crate::ops::bench::format_table(&rows));
     }
     let weights = weights_path(args)?;
@@ -363,7 +465,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             engines.push(measure_peer(args, script, &weights, threads)?);
         }
     }
-    let report = BenchReport { batch: args.batch, size: args.size, threads, load_before, load_after: load_average(), engines };
+    let report = BenchReport {
+        batch: args.batch,
+        size: args.size,
+        threads,
+        load_before,
+        load_after: load_average(),
+        engines,
+    };
     print!("{}", format_report(&report));
     if let Some(p) = &args.json {
         let text = serde_json::to_string_pretty(&report).expect("report serialises");

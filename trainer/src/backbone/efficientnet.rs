@@ -268,6 +268,41 @@ mod tests {
     }
 
     #[test]
+    fn fused_inference_copy_matches_the_training_network() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let net = EfficientNetLite::lite0(vb).unwrap();
+        // Non-trivial BN statistics, so folding errors (scale, shift, ε) would show.
+        {
+            let data = varmap.data().lock().unwrap();
+            for (name, var) in data.iter() {
+                let t = Tensor::rand(0.5f32, 1.5, var.elem_count(), &Device::Cpu).unwrap();
+                if name.ends_with("bn.bias") || name.ends_with("running_mean") {
+                    var.set(&(t - 1.0).unwrap()).unwrap();
+                } else if name.contains(".bn.") {
+                    var.set(&t).unwrap();
+                }
+            }
+        }
+        let fused = {
+            let data = varmap.data().lock().unwrap();
+            FusedEfficientNetLite::from_vars(&LITE0_STAGES, |n| Ok(data[n].as_tensor().detach())).unwrap()
+        };
+        // Odd size: asymmetric SAME padding; batch 1 and 3 take both threading paths.
+        for b in [1, 3] {
+            let x = Tensor::randn(0f32, 1.0, (b, 3, 65, 65), &Device::Cpu).unwrap();
+            let want = net.pool(&net.forward_stages(&x, 0..net.num_stages()).unwrap()).unwrap();
+            let got = fused.pooled_features(&x).unwrap();
+            assert_eq!(got.dims(), &[b, FEATURE_DIM]);
+            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff <= 1e-5 * scale.max(1.0), "fused differs by {diff} (scale {scale})");
+        }
+        let missing = FusedEfficientNetLite::from_vars(&LITE0_STAGES, |n| candle_core::bail!("no {n}"));
+        assert!(missing.unwrap_err().to_string().contains("stem.bn.weight"));
+    }
+
+    #[test]
     fn stages_compose_and_shapes_follow_same_padding() {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);

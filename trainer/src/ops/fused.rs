@@ -60,17 +60,27 @@ impl Activation {
     /// Copies a `[B, C, H, W]` f32 tensor.
     pub fn from_tensor(x: &Tensor) -> Result<Self> {
         let (b, c, h, w) = x.dims4()?;
-        let data = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let data = x
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         Ok(Self { data, b, c, h, w })
     }
 
     pub fn into_tensor(self) -> Result<Tensor> {
-        Tensor::from_vec(self.data, (self.b, self.c, self.h, self.w), &candle_core::Device::Cpu)
+        Tensor::from_vec(
+            self.data,
+            (self.b, self.c, self.h, self.w),
+            &candle_core::Device::Cpu,
+        )
     }
 }
 
 fn to_vec(t: &Tensor, what: &str, len: usize) -> Result<Vec<f32>> {
-    let v = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let v = t
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     if v.len() != len {
         bail!("fused conv: {what} has {} values, expected {len}", v.len())
     }
@@ -81,13 +91,22 @@ impl FusedConv {
     /// Folds `bn` into `weight` (`[Cout, Cin, k, k]`, or `[C, 1, k, k]` when `depthwise`) with
     /// the same f32 operations as the training path: `s = γ · (1 / √(var + ε))`,
     /// `w' = w · s`, `shift = β − mean · s`.
-    pub fn new(weight: &Tensor, bn: BnParams, stride: usize, depthwise: bool, act: Act) -> Result<Self> {
+    pub fn new(
+        weight: &Tensor,
+        bn: BnParams,
+        stride: usize,
+        depthwise: bool,
+        act: Act,
+    ) -> Result<Self> {
         let (cout, cin_g, kh, kw) = weight.dims4()?;
         if kh != kw || stride == 0 {
             bail!("fused conv: square kernel and positive stride needed, got {kh}x{kw}/{stride}")
         }
         if depthwise && cin_g != 1 {
-            bail!("fused conv: a depthwise weight must be [C, 1, k, k], got {:?}", weight.dims())
+            bail!(
+                "fused conv: a depthwise weight must be [C, 1, k, k], got {:?}",
+                weight.dims()
+            )
         }
         let w = to_vec(weight, "weight", cout * cin_g * kh * kw)?;
         let gamma = to_vec(bn.gamma, "bn weight", cout)?;
@@ -100,11 +119,22 @@ impl FusedConv {
         let mut shift = Vec::with_capacity(cout);
         for o in 0..cout {
             let s = gamma[o] * (var[o] + eps).sqrt().recip();
-            weight[o * per_out..(o + 1) * per_out].iter_mut().for_each(|v| *v *= s);
+            weight[o * per_out..(o + 1) * per_out]
+                .iter_mut()
+                .for_each(|v| *v *= s);
             shift.push(beta[o] - mean[o] * s);
         }
         let cin = if depthwise { cout } else { cin_g };
-        Ok(Self { weight, shift, cin, cout, kernel: kh, stride, depthwise, act })
+        Ok(Self {
+            weight,
+            shift,
+            cin,
+            cout,
+            kernel: kh,
+            stride,
+            depthwise,
+            act,
+        })
     }
 
     pub fn out_channels(&self) -> usize {
@@ -134,13 +164,23 @@ impl FusedConv {
     /// `act(conv(x) + shift) [+ residual]`. The residual must have the output's shape.
     pub fn forward(&self, x: &Activation, residual: Option<&Activation>) -> Result<Activation> {
         if x.c != self.cin {
-            bail!("fused conv: input has {} channels, the layer takes {}", x.c, self.cin)
+            bail!(
+                "fused conv: input has {} channels, the layer takes {}",
+                x.c,
+                self.cin
+            )
         }
         let g = self.geom(x);
         let howo = g.ho * g.wo;
         if let Some(r) = residual {
             if (r.b, r.c, r.h, r.w) != (g.b, g.co, g.ho, g.wo) {
-                bail!("fused conv: residual [{}, {}, {}, {}] does not match the output", r.b, r.c, r.h, r.w)
+                bail!(
+                    "fused conv: residual [{}, {}, {}, {}] does not match the output",
+                    r.b,
+                    r.c,
+                    r.h,
+                    r.w
+                )
             }
         }
         let res = residual.map(|r| r.data.as_slice());
@@ -155,7 +195,12 @@ impl FusedConv {
             conv::forward_with(&x.data, &self.weight, &g, |img, o, parallel| {
                 let r = res.map(|r| &r[img * g.co * howo..(img + 1) * g.co * howo]);
                 let row = |(ch, o): (usize, &mut [f32])| {
-                    epilogue_row(o, self.shift[ch], act, r.map(|r| &r[ch * howo..(ch + 1) * howo]))
+                    epilogue_row(
+                        o,
+                        self.shift[ch],
+                        act,
+                        r.map(|r| &r[ch * howo..(ch + 1) * howo]),
+                    )
                 };
                 if parallel {
                     o.par_chunks_mut(howo).enumerate().for_each(row);
@@ -164,7 +209,13 @@ impl FusedConv {
                 }
             })
         };
-        Ok(Activation { data, b: g.b, c: g.co, h: g.ho, w: g.wo })
+        Ok(Activation {
+            data,
+            b: g.b,
+            c: g.co,
+            h: g.ho,
+            w: g.wo,
+        })
     }
 }
 
@@ -176,7 +227,10 @@ fn epilogue_row(o: &mut [f32], shift: f32, act: Act, r: Option<&[f32]>) {
         (Act::None, None) => o.iter_mut().for_each(|v| *v += shift),
         (Act::Relu6, None) => o.iter_mut().for_each(|v| *v = (*v + shift).clamp(0.0, 6.0)),
         (Act::None, Some(r)) => o.iter_mut().zip(r).for_each(|(v, r)| *v = (*v + shift) + r),
-        (Act::Relu6, Some(r)) => o.iter_mut().zip(r).for_each(|(v, r)| *v = (*v + shift).clamp(0.0, 6.0) + r),
+        (Act::Relu6, Some(r)) => o
+            .iter_mut()
+            .zip(r)
+            .for_each(|(v, r)| *v = (*v + shift).clamp(0.0, 6.0) + r),
     }
 }
 
@@ -186,6 +240,11 @@ pub fn global_avg_pool(x: &Activation) -> Vec<f32> {
     let (h, w) = (x.h, x.w);
     x.data
         .par_chunks(h * w)
-        .map(|p| p.chunks(w).map(|row| row.iter().sum::<f32>() / w as f32).sum::<f32>() / h as f32)
+        .map(|p| {
+            p.chunks(w)
+                .map(|row| row.iter().sum::<f32>() / w as f32)
+                .sum::<f32>()
+                / h as f32
+        })
         .collect()
 }
