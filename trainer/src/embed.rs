@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Linear, Module, VarBuilder, VarMap};
 use rayon::prelude::*;
 
+use crate::backbone::efficientnet::{FusedEfficientNetLite, LITE0_STAGES};
 use crate::backbone::{self, Backbone, BackboneKind};
 use crate::checkpoint::{self, ModelConfig, ModelIdentity};
 use crate::error::{Error, Result};
@@ -211,6 +212,9 @@ pub struct Embedder {
     model: EmbeddingModel,
     identity: ModelIdentity,
     batch_size: usize,
+    /// BN-folded, fused copy of the backbone for inference, where one exists for its kind
+    /// (others run the training network, detached).
+    fused: Option<FusedEfficientNetLite>,
 }
 
 impl Embedder {
@@ -230,19 +234,35 @@ impl Embedder {
             }
         };
         let identity = ModelIdentity::new(&model.config, checkpoint::sha256_file(&weights_file)?);
+        Self::from_model(model, identity)
+    }
+
+    /// Wraps a loaded model; folds its backbone for inference when the kind supports it.
+    /// The fused copy is a snapshot: later changes to the model's variables are not seen.
+    pub fn from_model(model: EmbeddingModel, identity: ModelIdentity) -> Result<Self> {
+        let fused = match model.config.backbone {
+            BackboneKind::EfficientnetLite0 if model.device.is_cpu() => {
+                let data = model.varmap.data().lock().expect("varmap lock");
+                let get = |name: &str| {
+                    let full = format!("{BACKBONE_PREFIX}.{name}");
+                    data.get(&full)
+                        .map(|v| v.as_tensor().detach())
+                        .ok_or_else(|| {
+                            candle_core::Error::Msg(format!(
+                                "variable {full} missing from the model"
+                            ))
+                        })
+                };
+                Some(FusedEfficientNetLite::from_vars(&LITE0_STAGES, get)?)
+            }
+            _ => None,
+        };
         Ok(Self {
             model,
             identity,
             batch_size: 32,
+            fused,
         })
-    }
-
-    pub fn from_model(model: EmbeddingModel, identity: ModelIdentity) -> Self {
-        Self {
-            model,
-            identity,
-            batch_size: 32,
-        }
     }
 
     pub fn dim(&self) -> usize {
@@ -265,6 +285,17 @@ impl Embedder {
         self.embed_views(&views)
     }
 
+    /// Embeds a normalised image batch `[B, 3, H, W]` → `[B, dim]` (L2-normalised rows): the
+    /// network part of [`Embedder::embed_views`], also what `trainer bench` times.
+    pub fn embed_tensor(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.fused {
+            Some(net) => self.model.embed_pooled(&net.pooled_features(x)?)?,
+            None => self.model.forward(x)?,
+        };
+        // Detached: the caller keeps the vectors, not the graph of every activation.
+        Ok(y.detach())
+    }
+
     /// Embeds images already at the model's input size (see `Preprocess::eval_view`).
     pub fn embed_views(&self, views: &[image::RgbImage]) -> Result<Vec<Vec<f32>>> {
         let pre = &self.model.config.preprocess;
@@ -282,8 +313,7 @@ impl Embedder {
                 pre.normalize_into(v, &mut buf);
             }
             let x = Tensor::from_vec(buf, (chunk.len(), 3, side, side), &self.model.device)?;
-            let y = self.model.forward(&x)?;
-            out.extend(y.to_vec2::<f32>()?);
+            out.extend(self.embed_tensor(&x)?.to_vec2::<f32>()?);
         }
         Ok(out)
     }

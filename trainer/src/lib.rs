@@ -4,6 +4,7 @@
 //! checkpoint written here ([`checkpoint`]) and embed images through [`embed::Embedder`].
 
 pub mod backbone;
+pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod embed;

@@ -46,6 +46,9 @@ enum Cmd {
         #[arg(long)]
         weights: Option<PathBuf>,
     },
+    /// Time embedding (batch 1 and 32) and a training step of the real EfficientNet-Lite0;
+    /// with --peers, against PyTorch and ONNX Runtime in the same run.
+    Bench(trainer::bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -162,6 +165,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Eval(a) => eval(a),
+        Cmd::Bench(a) => Ok(trainer::bench::run(&a)?),
         Cmd::Stages { backbone, weights } => {
             let w = trainer::weights::resolve_pretrained(backbone, weights.as_deref())?;
             let m = trainer::embed::EmbeddingModel::pretrained(

@@ -233,7 +233,7 @@ fn encode_views(
 ) -> Result<(Vec<Tensor>, Vec<bool>)> {
     use rayon::prelude::*;
     let pre = &model.config.preprocess;
-    let side = pre.crop as usize;
+
     let pb = bar(count as u64, what);
     let mut outs = Vec::new();
     let mut ok = vec![true; count];
@@ -395,7 +395,8 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
         .eval_split
         .parse()
         .map_err(|e| Error::Invalid(format!("--eval-split: {e}")))?;
-    let train_set = std::sync::Arc::new(data::load_dataset(args.dataset, &args.data, &train_split)?);
+    let train_set =
+        std::sync::Arc::new(data::load_dataset(args.dataset, &args.data, &train_split)?);
     let eval_set = data::load_dataset(args.dataset, &args.data, &eval_split)?;
     if train_set.class_names.len() < args.classes_per_batch {
         return Err(Error::Invalid(format!(
@@ -549,7 +550,7 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
     let metrics_path = out.join(METRICS_FILE);
     let ks = metrics::default_ks(args.dataset == DatasetKind::Sop);
     let mut last_metrics = None;
-    let side = pre.crop as usize;
+
     let mut view_rng =
         ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed_u64.wrapping_mul(start_epoch as u64 + 1));
 
@@ -567,7 +568,10 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
                 plan.clone(),
                 epoch as u64 + 1,
                 augment.clone(),
-                data::LoaderOptions { skip_bad_images: args.skip_bad_images, ..Default::default() },
+                data::LoaderOptions {
+                    skip_bad_images: args.skip_bad_images,
+                    ..Default::default()
+                },
             )?),
         };
         for (step, batch) in plan.into_iter().enumerate() {

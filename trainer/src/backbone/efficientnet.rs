@@ -17,9 +17,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::bias_act::Activation::Relu6;
-use super::layers::{ConvBn, ConvSpec, Padding};
+use super::layers::{relu6, ConvBn, ConvSpec, Padding};
 use super::{Backbone, BackboneKind};
+use crate::ops::fused::{global_avg_pool, Act, Activation, BnParams, FusedConv};
 
 /// Batch-norm ε of the TF reference (PyTorch's default 1e-5 is measurably off).
 pub const BN_EPS: f64 = 1e-3;
@@ -251,6 +251,95 @@ impl Backbone for EfficientNetLite {
     }
 }
 
+/// Inference-only EfficientNet-Lite0: every conv + frozen BN folded once, ReLU6 and the
+/// residual add fused into the conv output pass (see [`crate::ops::fused`]). Built from the
+/// same variables as [`EfficientNetLite`], so its features are the training network's; the
+/// [`crate::embed::Embedder`] uses it because it needs no backprop graph (the training
+/// network's output keeps every intermediate activation alive) and makes fewer passes.
+#[derive(Debug, Clone)]
+pub struct FusedEfficientNetLite {
+    stem: FusedConv,
+    /// `(expand, depthwise, project, residual)` per block, all groups in order.
+    blocks: Vec<(Option<FusedConv>, FusedConv, FusedConv, bool)>,
+    head: FusedConv,
+}
+
+impl FusedEfficientNetLite {
+    /// Folds the variables named as in [`EfficientNetLite`] (`get` returns the tensor of a
+    /// canonical name, e.g. `stem.conv.weight`, or an error naming what is missing).
+    pub fn from_vars(config: &[StageConfig], get: impl Fn(&str) -> Result<Tensor>) -> Result<Self> {
+        let conv = |name: &str, stride: usize, depthwise: bool, act: Act| -> Result<FusedConv> {
+            let bn = |p: &str| get(&format!("{name}.bn.{p}"));
+            let (gamma, beta, mean, var) = (
+                bn("weight")?,
+                bn("bias")?,
+                bn("running_mean")?,
+                bn("running_var")?,
+            );
+            let params = BnParams {
+                gamma: &gamma,
+                beta: &beta,
+                mean: &mean,
+                var: &var,
+                eps: BN_EPS,
+            };
+            FusedConv::new(
+                &get(&format!("{name}.conv.weight"))?,
+                params,
+                stride,
+                depthwise,
+                act,
+            )
+        };
+        let stem = conv("stem", 2, false, Act::Relu6)?;
+        let mut in_ch = STEM_CHANNELS;
+        let mut blocks = Vec::new();
+        for (s, cfg) in config.iter().enumerate() {
+            for b in 0..cfg.repeats {
+                let stride = if b == 0 { cfg.stride } else { 1 };
+                let p = format!("blocks.{s}.{b}");
+                let expand = if cfg.expand_ratio != 1 {
+                    Some(conv(&format!("{p}.expand"), 1, false, Act::Relu6)?)
+                } else {
+                    None
+                };
+                let dw = conv(&format!("{p}.dw"), stride, true, Act::Relu6)?;
+                let project = conv(&format!("{p}.project"), 1, false, Act::None)?;
+                blocks.push((
+                    expand,
+                    dw,
+                    project,
+                    stride == 1 && in_ch == cfg.out_channels,
+                ));
+                in_ch = cfg.out_channels;
+            }
+        }
+        let head = conv("head", 1, false, Act::Relu6)?;
+        Ok(Self { stem, blocks, head })
+    }
+
+    /// Pooled features `[B, 1280]` of a normalised image batch `[B, 3, H, W]` (f32, CPU).
+    pub fn pooled_features(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.stem.forward(&Activation::from_tensor(x)?, None)?;
+        for (expand, dw, project, residual) in &self.blocks {
+            let e = match expand {
+                Some(e) => Some(e.forward(&h, None)?),
+                None => None,
+            };
+            let d = dw.forward(e.as_ref().unwrap_or(&h), None)?;
+            drop(e);
+            h = project.forward(&d, residual.then_some(&h))?;
+        }
+        let f = self.head.forward(&h, None)?;
+        let b = f.b;
+        Tensor::from_vec(
+            global_avg_pool(&f),
+            (b, self.head.out_channels()),
+            &candle_core::Device::Cpu,
+        )
+    }
+}
+
 /// Stage of a canonical variable name (`stem.*` → 0, `blocks.S.*` → S + 1, `head.*` → last).
 fn param_stage(name: &str, n_groups: usize) -> Option<usize> {
     let (first, rest) = name.split_once('.')?;
@@ -291,6 +380,61 @@ mod tests {
         assert_eq!(net.param_stage("blocks.0.0.dw.conv.weight"), Some(1));
         assert_eq!(net.param_stage("head.bn.weight"), Some(8));
         assert_eq!(net.param_stage("classifier.weight"), None);
+    }
+
+    #[test]
+    fn fused_inference_copy_matches_the_training_network() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let net = EfficientNetLite::lite0(vb).unwrap();
+        // Non-trivial BN statistics, so folding errors (scale, shift, ε) would show.
+        {
+            let data = varmap.data().lock().unwrap();
+            for (name, var) in data.iter() {
+                let t = Tensor::rand(0.5f32, 1.5, var.elem_count(), &Device::Cpu).unwrap();
+                if name.ends_with("bn.bias") || name.ends_with("running_mean") {
+                    var.set(&(t - 1.0).unwrap()).unwrap();
+                } else if name.contains(".bn.") {
+                    var.set(&t).unwrap();
+                }
+            }
+        }
+        let fused = {
+            let data = varmap.data().lock().unwrap();
+            FusedEfficientNetLite::from_vars(&LITE0_STAGES, |n| Ok(data[n].as_tensor().detach()))
+                .unwrap()
+        };
+        // Odd size: asymmetric SAME padding; batch 1 and 3 take both threading paths.
+        for b in [1, 3] {
+            let x = Tensor::randn(0f32, 1.0, (b, 3, 65, 65), &Device::Cpu).unwrap();
+            let want = net
+                .pool(&net.forward_stages(&x, 0..net.num_stages()).unwrap())
+                .unwrap();
+            let got = fused.pooled_features(&x).unwrap();
+            assert_eq!(got.dims(), &[b, FEATURE_DIM]);
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let diff = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff <= 1e-5 * scale.max(1.0),
+                "fused differs by {diff} (scale {scale})"
+            );
+        }
+        let missing =
+            FusedEfficientNetLite::from_vars(&LITE0_STAGES, |n| candle_core::bail!("no {n}"));
+        assert!(missing.unwrap_err().to_string().contains("stem.bn.weight"));
     }
 
     #[test]

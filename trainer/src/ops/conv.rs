@@ -316,6 +316,17 @@ where
 }
 
 pub(crate) fn forward<T: Elem>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
+    forward_with(x, w, g, |_, _, _| {})
+}
+
+/// [`forward`], then `epilogue(image, out_image, parallel)` on each image's `[Cout, Ho·Wo]`
+/// output while it is still warm in cache (`parallel`: the caller runs images one after the
+/// other, so the epilogue may use the thread pool itself). Inference fuses bias, activation
+/// and residual this way instead of three more passes over the activation.
+pub(crate) fn forward_with<T: Elem, E>(x: &[T], w: &[T], g: &Geom, epilogue: E) -> Vec<T>
+where
+    E: Fn(usize, &mut [T], bool) + Sync,
+{
     let (hw, howo, kk) = (g.h * g.w, g.ho * g.wo, g.c * g.kh * g.kw);
     let mut out = vec![T::zero(); g.b * g.co * howo];
     let wm = Mat::rm(w, g.co, kk);
@@ -327,6 +338,7 @@ pub(crate) fn forward<T: Elem>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
             im2col(xi, g, cols);
             matmul(o, false, wm, Mat::rm(cols, kk, howo), par);
         }
+        epilogue(i, o, !matches!(par, Parallelism::None));
     });
     out
 }

@@ -536,6 +536,15 @@ macro_rules! square_dispatch {
 
 /// Depthwise forward over all planes.
 pub(crate) fn forward<T: Elem>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
+    forward_with(x, w, g, |_, _| {})
+}
+
+/// [`forward`], then `epilogue(plane, out_plane)` on each output plane right after it is
+/// computed (hot in L1/L2): inference fuses bias and activation this way.
+pub(crate) fn forward_with<T: Elem, E>(x: &[T], w: &[T], g: &Geom, epilogue: E) -> Vec<T>
+where
+    E: Fn(usize, &mut [T]) + Sync,
+{
     let (hw, howo, kk) = (g.h * g.w, g.ho * g.wo, g.kh * g.kw);
     let mut out = vec![T::zero(); g.b * g.c * howo];
     out.par_chunks_mut(howo)
@@ -545,6 +554,7 @@ pub(crate) fn forward<T: Elem>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
             load_phase_plane(&x[plane * hw..(plane + 1) * hw], g, buf);
             let wc = &w[ch * kk..(ch + 1) * kk];
             square_dispatch!(fwd_plane_mv, g.kh, g.kw, (buf, wc, g, o));
+            epilogue(plane, o);
         });
     out
 }

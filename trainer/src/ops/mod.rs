@@ -9,6 +9,7 @@
 //!   (see [`depthwise`] internals), specialised for 3×3/5×5/7×7, any stride.
 //! * [`conv2d`]: im2col + `gemm` (a 1×1 stride-1 conv is a plain matmul, no copy).
 //! * [`max_pool2d`] / [`avg_pool2d`]: any kernel, stride and padding.
+//! * [`fused`]: inference-only conv + folded BN + ReLU6 + residual in one output pass.
 //! * [`pairwise_sq_dist`]: fused `[n, n]` squared distances for metric losses.
 //!
 //! Large activations are allocated afresh by every candle op; see [`tune_glibc_malloc`],
@@ -21,6 +22,7 @@ mod alloc;
 mod conv;
 mod depthwise;
 mod elem;
+pub mod fused;
 mod pairwise;
 mod pool;
 
