@@ -233,6 +233,7 @@ fn encode_views(
 ) -> Result<(Vec<Tensor>, Vec<bool>)> {
     use rayon::prelude::*;
     let pre = &model.config.preprocess;
+    let side = pre.crop as usize;
 
     let pb = bar(count as u64, what);
     let mut outs = Vec::new();

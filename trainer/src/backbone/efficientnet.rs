@@ -17,7 +17,8 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{relu6, ConvBn, ConvSpec, Padding};
+use super::bias_act::Activation::Relu6;
+use super::layers::{ConvBn, ConvSpec, Padding};
 use super::{Backbone, BackboneKind};
 use crate::ops::fused::{global_avg_pool, Act, Activation, BnParams, FusedConv};
 
