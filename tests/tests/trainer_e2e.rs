@@ -29,7 +29,7 @@ fn train_resume_eval_on_a_folder_dataset() {
             "--loss",
             "fuzzy",
             "--freeze-until",
-            "17",
+            "head",
             "--classes-per-batch",
             "4",
         ])
@@ -127,7 +127,7 @@ fn a_diverging_loss_stops_and_keeps_the_last_checkpoint() {
         "--eval-split",
         "all",
         "--freeze-until",
-        "17",
+        "head",
     ])
     .args([
         "--classes-per-batch",
