@@ -619,12 +619,20 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
                 .loss
                 .to_dtype(candle_core::DType::F64)?
                 .to_scalar::<f64>()?;
+            // Diverged weights can give non-finite embeddings while a masked loss stays finite.
+            let emb_sum = emb
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+            let value = if emb_sum.is_finite() { value } else { f64::NAN };
             if !value.is_finite() {
                 pb.abandon();
-                return Err(Error::Invalid(format!(
-                    "the loss became {value} at epoch {}, step {}: training stopped; the last good checkpoint in {} is intact. Try a lower --lr/--head-lr or another --loss.",
-                    epoch + 1, step + 1, out.display()
-                )));
+                return Err(diverged(
+                    &format!("the loss became {value}"),
+                    epoch,
+                    Some(step),
+                    &out,
+                ));
             }
             let grads = out_loss.loss.backward()?;
             let factor = optim::lr_factor(args.schedule, opt.steps_taken(), total_steps, warmup);
@@ -687,6 +695,14 @@ pub fn train(mut args: TrainArgs, resume: bool) -> Result<TrainSummary> {
                 }
                 (e, l)
             };
+            if emb.iter().any(|v| !v.is_finite()) {
+                return Err(diverged(
+                    "the embeddings became non-finite",
+                    epoch,
+                    None,
+                    &out,
+                ));
+            }
             let m = metrics::evaluate(&emb, model.config.output_dim(), &elabels, ks, args.seed)?;
             eprintln!("{}", m.table());
             let mut line = serde_json::Map::new();
@@ -754,6 +770,18 @@ impl BatchQueue<'_> {
         }
         self.queue.pop_front().expect("refilled")
     }
+}
+
+/// The error of a diverged run; nothing is saved after it, so the last checkpoint stays good.
+fn diverged(what: &str, epoch: usize, step: Option<usize>, out: &Path) -> Error {
+    let at = match step {
+        Some(s) => format!("epoch {}, step {}", epoch + 1, s + 1),
+        None => format!("the end of epoch {}", epoch + 1),
+    };
+    Error::Invalid(format!(
+        "{what} at {at}: training stopped; the last good checkpoint in {} is intact. Try a lower --lr/--head-lr or another --loss.",
+        out.display()
+    ))
 }
 
 /// Appends one JSON line and flushes it to disk.
