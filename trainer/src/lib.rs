@@ -6,6 +6,7 @@
 pub mod backbone;
 pub mod checkpoint;
 pub mod data;
+pub mod device;
 pub mod embed;
 pub mod error;
 pub mod loss;
