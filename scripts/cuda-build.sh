@@ -119,13 +119,10 @@ make_stub() {
 }
 make_stub
 
-# --- 4. binaries, the bench example and the trainer test binary -------------------------------
-log "cargo: building the binaries and the cuda_bench example"
-nice -n 19 cargo build --release --features cuda -p trainer -p indexer -p search-server --bins
-nice -n 19 cargo build --release --features cuda -p trainer --example cuda_bench
-log "cargo: building the trainer test binary"
+# --- 4. test binary, bench example, programs (most needed first) --------------------------------
+log "cargo: building the trainer test binary (parity tests)"
 test_bin="$(nice -n 19 cargo test --release --features cuda -p trainer --lib --no-run \
-  --message-format=json \
+  --message-format=json-render-diagnostics \
   | "$PYTHON" -c 'import json,sys
 for l in sys.stdin:
     try: m=json.loads(l)
@@ -133,6 +130,9 @@ for l in sys.stdin:
     if m.get("reason")=="compiler-artifact" and m.get("profile",{}).get("test") and m.get("executable"):
         print(m["executable"])' | tail -n1)"
 [[ -n "$test_bin" ]] || die "could not build the trainer test binary (run: cargo test --release --features cuda -p trainer --no-run)"
+log "cargo: building the cuda_bench example and the programs"
+nice -n 19 cargo build --release --features cuda -p trainer --example cuda_bench
+nice -n 19 cargo build --release --features cuda -p trainer -p indexer -p search-server --bins
 
 # --- 5. strip + gzip ----------------------------------------------------------------------------
 # .cuda/dist: what scripts/gpu-check.sh needs on the GPU machine (carry this folder; it must

@@ -27,17 +27,36 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let mut a = Args { device: DeviceChoice::Cuda(0), batch: 128, iters: 10, size: 224 };
+    let mut a = Args {
+        device: DeviceChoice::Cuda(0),
+        batch: 128,
+        iters: 10,
+        size: 224,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--device" => a.device = value()?.parse().map_err(anyhow::Error::msg)?,
-            "--batch" => a.batch = value()?.parse().context("--batch: expected a positive integer")?,
-            "--iters" => a.iters = value()?.parse().context("--iters: expected a positive integer")?,
-            "--size" => a.size = value()?.parse().context("--size: expected a positive integer")?,
+            "--batch" => {
+                a.batch = value()?
+                    .parse()
+                    .context("--batch: expected a positive integer")?
+            }
+            "--iters" => {
+                a.iters = value()?
+                    .parse()
+                    .context("--iters: expected a positive integer")?
+            }
+            "--size" => {
+                a.size = value()?
+                    .parse()
+                    .context("--size: expected a positive integer")?
+            }
             "-h" | "--help" => {
-                println!("cuda_bench [--device cpu|cuda|cuda:N] [--batch 128] [--iters 10] [--size 224]");
+                println!(
+                    "cuda_bench [--device cpu|cuda|cuda:N] [--batch 128] [--iters 10] [--size 224]"
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument '{other}' (see --help)"),
@@ -51,7 +70,12 @@ fn parse_args() -> Result<Args> {
 
 /// Runs `f` twice to warm up (kernel loading, allocator), then `iters` times; returns
 /// images per second.
-fn time(dev: &Device, batch: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+fn time(
+    dev: &Device,
+    batch: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     for _ in 0..2 {
         f()?;
     }
@@ -92,7 +116,13 @@ fn main() -> Result<()> {
         .filter(|(name, _)| !backbone::is_running_stat(name))
         .map(|(_, v)| v.clone())
         .collect();
-    let mut opt = AdamW::new(vars, ParamsAdamW { lr: 1e-5, ..Default::default() })?;
+    let mut opt = AdamW::new(
+        vars,
+        ParamsAdamW {
+            lr: 1e-5,
+            ..Default::default()
+        },
+    )?;
     let train_ips = time(&dev, a.batch, a.iters, || {
         let loss = (embed(&x)? * &target)?.sum_all()?;
         opt.backward_step(&loss)?;

@@ -86,7 +86,10 @@ mod tests {
             assert!(err.contains("expected cpu, cuda or cuda:N"), "{bad}: {err}");
         }
         assert_eq!(DeviceChoice::Cuda(2).to_string(), "cuda:2");
-        assert_eq!("cuda:2".parse::<DeviceChoice>().unwrap().to_string(), "cuda:2");
+        assert_eq!(
+            "cuda:2".parse::<DeviceChoice>().unwrap().to_string(),
+            "cuda:2"
+        );
     }
 
     #[test]

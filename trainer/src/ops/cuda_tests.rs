@@ -64,7 +64,10 @@ fn assert_parity(cpu: &Tensor, gpu: &Tensor, dtype: DType, what: &str) {
         .zip(&g)
         .map(|(a, b)| (a - b).abs())
         .enumerate()
-        .fold((0.0, 0), |(m, mi), (i, d)| if d > m { (d, i) } else { (m, mi) });
+        .fold(
+            (0.0, 0),
+            |(m, mi), (i, d)| if d > m { (d, i) } else { (m, mi) },
+        );
     assert!(
         worst <= tol(dtype) * scale,
         "{what} ({dtype:?}): max |cuda - cpu| = {worst:e} at {at} (cpu {}, cuda {}), \
@@ -96,15 +99,17 @@ fn run_both(
     f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
 ) -> [(Tensor, Vec<Tensor>); 2] {
     [Device::Cpu, gpu.clone()].map(|dev| {
-        let vars: Vec<Var> = inputs
-            .iter()
-            .map(|(v, s)| var(v, s, dtype, &dev))
-            .collect();
+        let vars: Vec<Var> = inputs.iter().map(|(v, s)| var(v, s, dtype, &dev)).collect();
         let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let out = f(&ts).unwrap();
         let r = rand_vec(out.elem_count(), seed);
         let r = var(&r, out.dims(), dtype, &dev);
-        let grads = (&out * r.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = (&out * r.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let gs = vars
             .iter()
             .map(|v| grads.get(v).expect("gradient of a tracked input").clone())

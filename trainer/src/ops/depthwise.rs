@@ -11,9 +11,9 @@
 //! the output gradient with the sub-kernels `w[py + s·a][px + s·b]` (flipped); each output
 //! phase is computed with the same tap kernel as the forward pass.
 
-use super::elem::{contiguous_slice, has_avx2_fma, with_float_storage, Elem};
 #[cfg(feature = "cuda")]
 use super::cuda;
+use super::elem::{contiguous_slice, has_avx2_fma, with_float_storage, Elem};
 use super::Geom;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -141,7 +141,10 @@ impl CustomOp2 for DepthwiseBwdInput {
             self.name(),
             cuda::Module::Depthwise,
             "dw_bwd_input",
-            &[(s1, l1, g.b * g.c * g.ho * g.wo), (s2, l2, g.c * g.kh * g.kw)],
+            &[
+                (s1, l1, g.b * g.c * g.ho * g.wo),
+                (s2, l2, g.c * g.kh * g.kw),
+            ],
             n_in,
             cuda::Grid::Threads(n_in),
             g,
@@ -190,7 +193,10 @@ impl CustomOp2 for DepthwiseBwdWeight {
             self.name(),
             cuda::Module::Depthwise,
             "dw_bwd_weight",
-            &[(s1, l1, g.b * g.c * g.h * g.w), (s2, l2, g.b * g.c * g.ho * g.wo)],
+            &[
+                (s1, l1, g.b * g.c * g.h * g.w),
+                (s2, l2, g.b * g.c * g.ho * g.wo),
+            ],
             taps,
             cuda::Grid::Blocks(taps),
             g,

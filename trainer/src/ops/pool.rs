@@ -5,10 +5,10 @@
 //! divides by `kernel²` (PyTorch's `count_include_pad=True`; with floor-mode output sizes no
 //! window reaches past the padding). Work is split over `(batch, channel)` planes.
 
-use super::depthwise::check_len;
-use super::elem::{contiguous_slice, with_float_storage, Elem};
 #[cfg(feature = "cuda")]
 use super::cuda;
+use super::depthwise::check_len;
+use super::elem::{contiguous_slice, with_float_storage, Elem};
 use super::Geom;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;

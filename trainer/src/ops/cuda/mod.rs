@@ -119,33 +119,12 @@ fn launch_typed<T: CudaDType + DeviceRepr + WithDType>(
     let dev = inputs[0].0.device().clone();
     let views = inputs
         .iter()
-        .map(|&(s, l, want)| -> Result<CudaView<'_, T>> {
-            if s.dtype() != T::DTYPE {
-                bail!(
-                    "{op}: inputs have different dtypes ({:?} and {:?})",
-                    T::DTYPE,
-                    s.dtype()
-                )
-            }
-            let Some((start, end)) = l.contiguous_offsets() else {
-                bail!("{op}: internal error, expected a contiguous input, got {l:?}")
-            };
-            if end - start != want {
-                bail!(
-                    "{op}: internal error, input has {} elements, expected {want}",
-                    end - start
-                )
-            }
-            Ok(s.as_cuda_slice::<T>()?.slice(start..end))
-        })
+        .map(|&(s, l, want)| view::<T>(op, s, l, want))
         .collect::<Result<Vec<_>>>()?;
     let dims = geom_args(op, g)?;
     let suffix = if T::DTYPE == DType::F32 { "f32" } else { "f64" };
-    let func = dev.get_or_load_custom_func(
-        &format!("{kernel}_{suffix}"),
-        module.name(),
-        module.ptx(),
-    )?;
+    let func =
+        dev.get_or_load_custom_func(&format!("{kernel}_{suffix}"), module.name(), module.ptx())?;
     // SAFETY: every kernel writes all `out_len` elements of its output (one thread, or one
     // block, per element), so no uninitialised memory is ever read back.
     let out = unsafe { dev.alloc::<T>(out_len)? };
@@ -165,15 +144,43 @@ fn launch_typed<T: CudaDType + DeviceRepr + WithDType>(
     Ok(out)
 }
 
+/// The contiguous `want`-element view of one input.
+fn view<'a, T: CudaDType + WithDType>(
+    op: &str,
+    s: &'a CudaStorage,
+    l: &Layout,
+    want: usize,
+) -> Result<CudaView<'a, T>> {
+    if s.dtype() != T::DTYPE {
+        bail!(
+            "{op}: inputs have different dtypes ({:?} and {:?})",
+            T::DTYPE,
+            s.dtype()
+        )
+    }
+    let Some((start, end)) = l.contiguous_offsets() else {
+        bail!("{op}: internal error, expected a contiguous input, got {l:?}")
+    };
+    if end - start != want {
+        bail!(
+            "{op}: internal error, input has {} elements, expected {want}",
+            end - start
+        )
+    }
+    Ok(s.as_cuda_slice::<T>()?.slice(start..end))
+}
+
 /// The kernels' `int` geometry arguments; also checks that in-plane indices fit an `int`.
 fn geom_args(op: &str, g: &Geom) -> Result<[i32; 11]> {
     let [pt, _, pl, _] = g.pad;
-    let vals = [
-        g.b, g.c, g.h, g.w, g.ho, g.wo, g.kh, g.kw, g.stride, pt, pl,
-    ];
+    let vals = [g.b, g.c, g.h, g.w, g.ho, g.wo, g.kh, g.kw, g.stride, pt, pl];
     let plane = (g.h * g.w).max(g.ho * g.wo);
     if plane > i32::MAX as usize || g.c * g.kh * g.kw > i32::MAX as usize {
-        bail!("{op}: a {}x{} plane is too large for the CUDA kernels", g.h, g.w)
+        bail!(
+            "{op}: a {}x{} plane is too large for the CUDA kernels",
+            g.h,
+            g.w
+        )
     }
     let mut out = [0i32; 11];
     for (o, &v) in out.iter_mut().zip(&vals) {
