@@ -35,6 +35,9 @@ impl DeviceChoice {
             DeviceChoice::Cpu => Ok(Device::Cpu),
             DeviceChoice::Cuda(_) if !CUDA_BUILD => Err(Error::Invalid(NO_CUDA_BUILD.into())),
             DeviceChoice::Cuda(n) => Device::new_cuda(n).map_err(|e| {
+                // The driver's reason only: candle appends a backtrace when RUST_BACKTRACE is set.
+                let e = e.to_string();
+                let e = e.lines().next().unwrap_or_default();
                 Error::Invalid(format!(
                     "cannot open CUDA device {n}: {e} (is there a GPU and an NVIDIA driver \
                      for CUDA 13? `nvidia-smi` lists them; use --device cpu otherwise)"

@@ -24,7 +24,11 @@ fn cuda_device() -> Option<Device> {
     match Device::new_cuda(0) {
         Ok(d) => Some(d),
         Err(e) => {
-            eprintln!("skipping: no usable CUDA device ({e})");
+            let e = e.to_string(); // first line: candle may append a backtrace
+            eprintln!(
+                "skipping: no usable CUDA device ({})",
+                e.lines().next().unwrap_or_default()
+            );
             None
         }
     }
