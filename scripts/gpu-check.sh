@@ -31,7 +31,7 @@ say "GPU"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
 
 say "parity tests (CPU vs CUDA kernels)"
-timeout 300 "$WORK/trainer-cuda-tests" ops::cuda_tests device:: --test-threads 2 2>&1 | tee "$OUT/parity.txt"
+timeout 300 "$WORK/trainer-cuda-tests" ops::cuda_tests device:: --test-threads 2 --nocapture 2>&1 | tee "$OUT/parity.txt"
 parity=${PIPESTATUS[0]}
 if grep -q "skipping: no usable CUDA device" "$OUT/parity.txt"; then
   echo "error: the parity tests found no CUDA device" >&2; parity=1
