@@ -128,11 +128,16 @@ fn same4(h: usize, w: usize, kh: usize, kw: usize, s: usize) -> Pad4 {
     [t, b, l, r]
 }
 
+/// Input `[B, C, H, W]`, filter `(kh, kw)`, stride, padding (`None` = TF SAME).
+type ConvCase = ([usize; 4], (usize, usize), usize, Option<Pad4>);
+
+/// Input, kernel, stride, padding (`None` = TF SAME), whether to test max pooling too.
+type PoolCase = ([usize; 4], usize, usize, Option<Pad4>, bool);
+
 #[test]
 fn depthwise_cuda_matches_cpu() {
     let Some(gpu) = cuda_device() else { return };
-    // (input [B, C, H, W], (kh, kw), stride, padding; None = TF SAME)
-    let cases: &[([usize; 4], (usize, usize), usize, Option<Pad4>)] = &[
+    let cases: &[ConvCase] = &[
         ([1, 3, 7, 9], (3, 3), 1, None),
         ([2, 5, 11, 8], (3, 3), 2, None),
         ([1, 4, 13, 13], (5, 5), 2, None),
@@ -164,8 +169,7 @@ fn depthwise_cuda_matches_cpu() {
 #[test]
 fn pools_cuda_match_cpu() {
     let Some(gpu) = cuda_device() else { return };
-    // (input, kernel, stride, padding; None = TF SAME, max pooling too)
-    let cases: &[([usize; 4], usize, usize, Option<Pad4>, bool)] = &[
+    let cases: &[PoolCase] = &[
         ([1, 3, 7, 9], 3, 2, None, true),
         ([2, 4, 8, 8], 2, 2, Some([0, 0, 0, 0]), true),
         ([1, 2, 10, 7], 3, 1, Some([1, 1, 1, 1]), true),
