@@ -7,6 +7,7 @@ pub mod backbone;
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod device;
 pub mod embed;
 pub mod error;
 pub mod loss;

@@ -11,6 +11,8 @@
 //! the output gradient with the sub-kernels `w[py + s·a][px + s·b]` (flipped); each output
 //! phase is computed with the same tap kernel as the forward pass.
 
+#[cfg(feature = "cuda")]
+use super::cuda;
 use super::elem::{contiguous_slice, has_avx2_fma, with_float_storage, Elem};
 use super::Geom;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
@@ -58,6 +60,28 @@ impl CustomOp2 for DepthwiseConv {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = &self.g;
+        let n_out = g.b * g.c * g.ho * g.wo;
+        let out = cuda::launch(
+            self.name(),
+            cuda::Module::Depthwise,
+            "dw_fwd",
+            &[(s1, l1, g.b * g.c * g.h * g.w), (s2, l2, g.c * g.kh * g.kw)],
+            n_out,
+            cuda::Grid::Threads(n_out),
+            g,
+        )?;
+        Ok((out, g.out_shape()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -102,6 +126,31 @@ impl CustomOp2 for DepthwiseBwdInput {
             Ok((T::to_cpu_storage_owned(gx), g.in_shape()))
         })
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = &self.g;
+        let n_in = g.b * g.c * g.h * g.w;
+        let gx = cuda::launch(
+            self.name(),
+            cuda::Module::Depthwise,
+            "dw_bwd_input",
+            &[
+                (s1, l1, g.b * g.c * g.ho * g.wo),
+                (s2, l2, g.c * g.kh * g.kw),
+            ],
+            n_in,
+            cuda::Grid::Threads(n_in),
+            g,
+        )?;
+        Ok((gx, g.in_shape()))
+    }
 }
 
 impl CustomOp2 for DepthwiseBwdWeight {
@@ -128,6 +177,31 @@ impl CustomOp2 for DepthwiseBwdWeight {
                 Shape::from((g.c, 1, g.kh, g.kw)),
             ))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = &self.g;
+        let taps = g.c * g.kh * g.kw;
+        let gw = cuda::launch(
+            self.name(),
+            cuda::Module::Depthwise,
+            "dw_bwd_weight",
+            &[
+                (s1, l1, g.b * g.c * g.h * g.w),
+                (s2, l2, g.b * g.c * g.ho * g.wo),
+            ],
+            taps,
+            cuda::Grid::Blocks(taps),
+            g,
+        )?;
+        Ok((gw, Shape::from((g.c, 1, g.kh, g.kw))))
     }
 }
 

@@ -15,11 +15,15 @@
 //! Large activations are allocated afresh by every candle op; see [`tune_glibc_malloc`],
 //! which the binaries should call at start-up.
 //!
-//! Tensors on other devices fall back to the stock candle composition ([`stock`]), so model
-//! code can call these functions unconditionally.
+//! With the `cuda` feature, [`depthwise_conv2d`], [`max_pool2d`] and [`avg_pool2d`] also have
+//! CUDA kernels (`cuda` internals; parity-tested against the CPU kernels in `cuda_tests`).
+//! Tensors on other devices, and the other ops on CUDA, fall back to the stock candle
+//! composition ([`stock`]), so model code can call these functions unconditionally.
 
 mod alloc;
 mod conv;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod depthwise;
 mod elem;
 pub mod fused;
@@ -31,9 +35,17 @@ pub mod stock;
 
 #[cfg(test)]
 mod tests;
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests;
 
 pub use alloc::tune_glibc_malloc;
-use candle_core::{bail, DType, Result, Shape, Tensor};
+use candle_core::{bail, DType, Device, Result, Shape, Tensor};
+
+/// Whether the ops with GPU kernels (depthwise conv, pooling) run as custom ops on `device`:
+/// always on CPU, on CUDA when built with the `cuda` feature.
+fn has_gpu_kernels(device: &Device) -> bool {
+    device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda())
+}
 
 /// Explicit padding `[top, bottom, left, right]`; TF "SAME" padding is asymmetric at stride 2.
 pub type Pad4 = [usize; 4];
@@ -159,7 +171,7 @@ pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: Pad4) -> Res
     if wc != g.c {
         bail!("{OP}: weight has {wc} filters for {} input channels", g.c)
     }
-    if !x.device().is_cpu() {
+    if !has_gpu_kernels(x.device()) {
         return stock::depthwise_conv2d(x, w, stride, pad);
     }
     x.contiguous()?
@@ -174,10 +186,24 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: Pad4) -> Result<Tensor
     let (co, _, kh, kw) = w.dims4()?;
     let g = Geom::new(OP, x, co, (kh, kw), stride, pad)?;
     if !x.device().is_cpu() {
+        if kh == 1 && kw == 1 && stride == 1 && pad == [0; 4] {
+            return conv1x1_matmul(x, w);
+        }
         return stock::conv2d(x, w, stride, pad);
     }
     x.contiguous()?
         .apply_op2(&w.contiguous()?, conv::Conv2d { g })
+}
+
+/// A 1×1 stride-1 conv as one batched matmul `w [Co, Ci] × x [B, Ci, H·W]` (forward and
+/// backward on the GPU's BLAS). candle's GPU conv2d goes through im2col even for 1×1 kernels,
+/// which are most of EfficientNet's dense convs.
+fn conv1x1_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (b, ci, h, wd) = x.dims4()?;
+    let co = w.dim(0)?;
+    let w2 = w.reshape((co, ci))?;
+    w2.broadcast_matmul(&x.contiguous()?.reshape((b, ci, h * wd))?)?
+        .reshape((b, co, h, wd))
 }
 
 /// Max pooling with any kernel/stride/padding; padded cells never win, and the gradient goes
@@ -197,7 +223,7 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result
     if pad.iter().any(|&p| p >= kernel) {
         bail!("{OP}: padding {pad:?} must be smaller than the kernel {kernel}")
     }
-    if !x.device().is_cpu() {
+    if !has_gpu_kernels(x.device()) {
         return stock::max_pool2d(x, kernel, stride, pad);
     }
     x.contiguous()?.apply_op1(pool::MaxPool { g })
@@ -215,7 +241,7 @@ pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result
         stride,
         pad,
     )?;
-    if !x.device().is_cpu() {
+    if !has_gpu_kernels(x.device()) {
         return stock::avg_pool2d(x, kernel, stride, pad);
     }
     x.contiguous()?.apply_op1(pool::AvgPool { g })

@@ -5,6 +5,8 @@
 //! divides by `kernel²` (PyTorch's `count_include_pad=True`; with floor-mode output sizes no
 //! window reaches past the padding). Work is split over `(batch, channel)` planes.
 
+#[cfg(feature = "cuda")]
+use super::cuda;
 use super::depthwise::check_len;
 use super::elem::{contiguous_slice, with_float_storage, Elem};
 use super::Geom;
@@ -184,6 +186,26 @@ impl CustomOp1 for MaxPool {
         let grad = grad.contiguous()?;
         Ok(Some(x.apply_op2_no_bwd(&grad, &MaxPoolBwd { g: self.g })?))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = &self.g;
+        let n = g.b * g.c * g.ho * g.wo;
+        let out = cuda::launch(
+            self.name(),
+            cuda::Module::Pool,
+            "max_pool_fwd",
+            &[(s, l, g.b * g.c * g.h * g.w)],
+            n,
+            cuda::Grid::Threads(n),
+            g,
+        )?;
+        Ok((out, g.out_shape()))
+    }
 }
 
 impl CustomOp2 for MaxPoolBwd {
@@ -210,6 +232,28 @@ impl CustomOp2 for MaxPoolBwd {
             ))
         })
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = &self.g;
+        let n_in = g.b * g.c * g.h * g.w;
+        let gx = cuda::launch(
+            self.name(),
+            cuda::Module::Pool,
+            "max_pool_bwd",
+            &[(s1, l1, n_in), (s2, l2, g.b * g.c * g.ho * g.wo)],
+            n_in,
+            cuda::Grid::Threads(n_in),
+            g,
+        )?;
+        Ok((gx, g.in_shape()))
+    }
 }
 
 impl CustomOp1 for AvgPool {
@@ -233,6 +277,26 @@ impl CustomOp1 for AvgPool {
         let grad = grad.contiguous()?;
         Ok(Some(grad.apply_op1_no_bwd(&AvgPoolBwd { g: self.g })?))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = &self.g;
+        let n = g.b * g.c * g.ho * g.wo;
+        let out = cuda::launch(
+            self.name(),
+            cuda::Module::Pool,
+            "avg_pool_fwd",
+            &[(s, l, g.b * g.c * g.h * g.w)],
+            n,
+            cuda::Grid::Threads(n),
+            g,
+        )?;
+        Ok((out, g.out_shape()))
+    }
 }
 
 impl CustomOp1 for AvgPoolBwd {
@@ -247,5 +311,25 @@ impl CustomOp1 for AvgPoolBwd {
             check_len(self.name(), "grad", gout.len(), g.b * g.c * g.ho * g.wo)?;
             Ok((T::to_cpu_storage_owned(avg_backward(gout, g)), g.in_shape()))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = &self.g;
+        let n = g.b * g.c * g.h * g.w;
+        let out = cuda::launch(
+            self.name(),
+            cuda::Module::Pool,
+            "avg_pool_bwd",
+            &[(s, l, g.b * g.c * g.ho * g.wo)],
+            n,
+            cuda::Grid::Threads(n),
+            g,
+        )?;
+        Ok((out, g.in_shape()))
     }
 }
