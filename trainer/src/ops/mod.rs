@@ -33,10 +33,10 @@ mod pool;
 pub mod bench;
 pub mod stock;
 
-#[cfg(test)]
-mod tests;
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_tests;
+#[cfg(test)]
+mod tests;
 
 pub use alloc::tune_glibc_malloc;
 use candle_core::{bail, DType, Device, Result, Shape, Tensor};
