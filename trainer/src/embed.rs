@@ -378,10 +378,16 @@ impl Embedder {
                     )
                 })
                 .collect();
-            let mut ok = Vec::with_capacity(views.len());
+            let (mut ids, mut imgs) = (
+                Vec::with_capacity(views.len()),
+                Vec::with_capacity(views.len()),
+            );
             for (i, v) in views {
                 match v {
-                    Ok(img) => ok.push((i, img)),
+                    Ok(img) => {
+                        ids.push(i);
+                        imgs.push(img);
+                    }
                     Err(e) if skip_bad => out.skipped.push(e.to_string()),
                     Err(e) => {
                         return Err(Error::Invalid(format!(
@@ -391,11 +397,10 @@ impl Embedder {
                     }
                 }
             }
-            let imgs: Vec<image::RgbImage> = ok.iter().map(|(_, im)| im.clone()).collect();
-            for (row, (i, _)) in self.embed_views(&imgs)?.into_iter().zip(&ok) {
+            for (row, i) in self.embed_views(&imgs)?.into_iter().zip(ids) {
                 out.data.extend(row);
-                out.labels.push(set.samples[*i].label);
-                out.indices.push(*i);
+                out.labels.push(set.samples[i].label);
+                out.indices.push(i);
             }
             pb.inc(chunk.len() as u64);
         }

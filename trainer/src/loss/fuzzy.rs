@@ -10,8 +10,7 @@
 use candle_core::{Result, Tensor};
 
 use super::pairwise::{
-    check_batch, check_constant, host_tensor, inverse_or_zero, pairwise_distances, to_host,
-    zero_loss, Classes,
+    check_constant, host_tensor, inverse_or_zero, pairwise_distances, to_host, Classes,
 };
 use super::{LossOutput, MetricLoss};
 
@@ -37,15 +36,7 @@ impl MetricLoss for Fuzzy {
         Ok(())
     }
 
-    fn forward(&self, embeddings: &Tensor, labels: &[u32]) -> Result<LossOutput> {
-        self.check()?;
-        let n = check_batch(self.name(), embeddings, labels)?;
-        if n == 0 {
-            return Ok(LossOutput {
-                loss: zero_loss(embeddings)?,
-                active: 0,
-            });
-        }
+    fn forward_batch(&self, embeddings: &Tensor, labels: &[u32], n: usize) -> Result<LossOutput> {
         let dist = pairwise_distances(embeddings)?;
         let host = to_host(&dist)?;
         let classes = Classes::new(labels);

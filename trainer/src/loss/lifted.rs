@@ -12,8 +12,7 @@
 use candle_core::{Result, Tensor};
 
 use super::pairwise::{
-    check_batch, check_constant, host_mask, host_tensor, masked_logsumexp, pairwise_distances,
-    to_host, zero_loss, Classes,
+    check_constant, host_mask, host_tensor, masked_logsumexp, pairwise_distances, to_host, Classes,
 };
 use super::{LossOutput, MetricLoss};
 
@@ -33,15 +32,7 @@ impl MetricLoss for Lifted {
         check_constant(self.name(), "lifted-margin", self.margin, false)
     }
 
-    fn forward(&self, embeddings: &Tensor, labels: &[u32]) -> Result<LossOutput> {
-        self.check()?;
-        let n = check_batch(self.name(), embeddings, labels)?;
-        if n == 0 {
-            return Ok(LossOutput {
-                loss: zero_loss(embeddings)?,
-                active: 0,
-            });
-        }
+    fn forward_batch(&self, embeddings: &Tensor, labels: &[u32], n: usize) -> Result<LossOutput> {
         let dist = pairwise_distances(embeddings)?;
         let classes = Classes::new(labels);
         let mut neg = vec![false; n * n];

@@ -185,9 +185,27 @@ pub trait MetricLoss: Send + Sync {
     fn name(&self) -> &'static str;
     /// Validates the loss's constants (e.g. a positive scale), naming the offending flag.
     fn check(&self) -> candle_core::Result<()>;
+    /// The loss of a validated, non-empty batch of `n` rows (see [`MetricLoss::forward`]).
+    fn forward_batch(
+        &self,
+        embeddings: &Tensor,
+        labels: &[u32],
+        n: usize,
+    ) -> candle_core::Result<LossOutput>;
     /// `embeddings` is `[n, d]`, L2-normalised by the caller, any float dtype (f32 in
-    /// training, f64 in tests); `labels` has length `n`.
-    fn forward(&self, embeddings: &Tensor, labels: &[u32]) -> candle_core::Result<LossOutput>;
+    /// training, f64 in tests); `labels` has length `n`. Checks the constants and the batch
+    /// shape once for every loss; an empty batch gives a zero loss.
+    fn forward(&self, embeddings: &Tensor, labels: &[u32]) -> candle_core::Result<LossOutput> {
+        self.check()?;
+        let n = pairwise::check_batch(self.name(), embeddings, labels)?;
+        if n == 0 {
+            return Ok(LossOutput {
+                loss: pairwise::zero_loss(embeddings)?,
+                active: 0,
+            });
+        }
+        self.forward_batch(embeddings, labels, n)
+    }
 }
 
 /// Builds the loss `kind` with the constants of `args`.

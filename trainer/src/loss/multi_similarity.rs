@@ -11,8 +11,8 @@
 use candle_core::{Result, Tensor};
 
 use super::pairwise::{
-    check_batch, check_constant, host_mask, host_tensor, masked_logsumexp, pairwise_similarities,
-    to_host, zero_loss, Classes,
+    check_constant, host_mask, host_tensor, masked_logsumexp, pairwise_similarities, to_host,
+    Classes,
 };
 use super::{LossOutput, MetricLoss};
 
@@ -41,15 +41,7 @@ impl MetricLoss for MultiSimilarity {
         check_constant(self.name(), "ms-epsilon", self.epsilon, false)
     }
 
-    fn forward(&self, embeddings: &Tensor, labels: &[u32]) -> Result<LossOutput> {
-        self.check()?;
-        let n = check_batch(self.name(), embeddings, labels)?;
-        if n == 0 {
-            return Ok(LossOutput {
-                loss: zero_loss(embeddings)?,
-                active: 0,
-            });
-        }
+    fn forward_batch(&self, embeddings: &Tensor, labels: &[u32], n: usize) -> Result<LossOutput> {
         let sim = pairwise_similarities(embeddings)?;
         let host = to_host(&sim)?;
         let classes = Classes::new(labels);

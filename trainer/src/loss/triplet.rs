@@ -3,9 +3,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::pairwise::{
-    check_batch, check_constant, host_tensor, pairwise_distances, to_host, zero_loss, Classes,
-};
+use super::pairwise::{check_constant, host_tensor, pairwise_distances, to_host, Classes};
 use super::{LossOutput, MetricLoss};
 
 /// Batch-all triplet loss: `max(0, d_ap − d_an + m)` over every (anchor, positive,
@@ -28,15 +26,7 @@ impl MetricLoss for BatchAll {
         check_constant(self.name(), "triplet-margin", self.margin, false)
     }
 
-    fn forward(&self, embeddings: &Tensor, labels: &[u32]) -> Result<LossOutput> {
-        self.check()?;
-        let n = check_batch(self.name(), embeddings, labels)?;
-        if n == 0 {
-            return Ok(LossOutput {
-                loss: zero_loss(embeddings)?,
-                active: 0,
-            });
-        }
+    fn forward_batch(&self, embeddings: &Tensor, labels: &[u32], n: usize) -> Result<LossOutput> {
         let dist = pairwise_distances(embeddings)?;
         let host = to_host(&dist)?;
         let classes = Classes::new(labels);
@@ -92,15 +82,7 @@ impl MetricLoss for BatchHard {
         check_constant(self.name(), "triplet-margin", self.margin, false)
     }
 
-    fn forward(&self, embeddings: &Tensor, labels: &[u32]) -> Result<LossOutput> {
-        self.check()?;
-        let n = check_batch(self.name(), embeddings, labels)?;
-        if n == 0 {
-            return Ok(LossOutput {
-                loss: zero_loss(embeddings)?,
-                active: 0,
-            });
-        }
+    fn forward_batch(&self, embeddings: &Tensor, labels: &[u32], n: usize) -> Result<LossOutput> {
         let dist = pairwise_distances(embeddings)?;
         let host = to_host(&dist)?;
         let classes = Classes::new(labels);
