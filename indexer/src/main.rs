@@ -217,6 +217,9 @@ enum Command {
 }
 
 fn main() {
+    // Keep freed activation buffers in the heap instead of faulting fresh pages per op
+    // (each embed batch allocates tens of MiB per layer; see trainer::ops::alloc).
+    trainer::ops::tune_glibc_malloc();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

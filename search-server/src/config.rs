@@ -84,8 +84,9 @@ pub struct Args {
     #[arg(long, default_value_t = 64)]
     pub ef: usize,
 
-    /// Most queries embedded in one forward pass.
-    #[arg(long, default_value_t = 16)]
+    /// Most queries embedded in one forward pass. 8 keeps a batch's activations in cache:
+    /// on the 2-core dev machine it served 32 clients ~10 % faster than 16.
+    #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
 
     /// Longest a query waits for others to share its batch, milliseconds.
@@ -187,7 +188,7 @@ mod tests {
         let a = Args::try_parse_from(["search-server"]).unwrap();
         assert_eq!(a.bind.to_string(), "127.0.0.1:8080");
         assert_eq!(a.max_upload_bytes, 20_000_000);
-        assert_eq!((a.max_batch, a.batch_wait_ms), (16, 3));
+        assert_eq!((a.max_batch, a.batch_wait_ms), (8, 3));
         assert!(a.validate().is_ok());
         let bad = Args::try_parse_from(["search-server", "--max-k", "0"]).unwrap();
         assert!(bad.validate().unwrap_err().contains("--max-k"));

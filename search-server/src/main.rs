@@ -27,6 +27,11 @@ use search_server::{EmbedBackend, SearchBackend};
 struct Usage(String);
 
 fn main() -> ExitCode {
+    // Keep freed activation buffers in the heap instead of faulting fresh pages per op
+    // (each embed batch allocates tens of MiB per layer; see trainer::ops::alloc).
+    trainer::ops::tune_glibc_malloc();
+    // The model runs on the inference thread, not `main`: see `single_malloc_arena`.
+    trainer::ops::single_malloc_arena();
     let mut args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

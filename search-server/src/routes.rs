@@ -217,14 +217,6 @@ pub fn parse_k(query: &str, settings: &Settings) -> Result<usize, ApiError> {
     }
 }
 
-/// Decodes off the async workers, mapping decode failures to 4xx.
-async fn decode_upload(
-    bytes: web::Bytes,
-    limits: DecodeLimits,
-) -> Result<image::DynamicImage, ApiError> {
-    Ok(web::block(move || decode::decode_image(&bytes, limits)).await??)
-}
-
 /// `POST /api/search?k=10`: multipart field `image` or a raw `image/*` body.
 async fn search(
     req: HttpRequest,
@@ -233,6 +225,7 @@ async fn search(
 ) -> Result<HttpResponse, ApiError> {
     let start = Instant::now();
     let k = parse_k(req.query_string(), &state.settings)?;
+    let arriving = state.batcher.arriving();
     let upload = read_upload(
         &req,
         payload,
@@ -240,8 +233,10 @@ async fn search(
         Fields::ImageOnly,
     )
     .await?;
-    let img = decode_upload(upload.image, state.settings.limits).await?;
-    let query = state.batcher.embed(img).await?;
+    let query = state
+        .batcher
+        .embed(arriving, upload.image, state.settings.limits)
+        .await?;
     let gallery = state.gallery.clone();
     let hits = web::block(move || gallery.search(&query, k))
         .await?
@@ -331,8 +326,14 @@ async fn add_image(
         return Ok(respond(id, true, label));
     }
     let format = decode::sniff_format(&bytes)?;
-    let img = decode_upload(bytes.clone(), state.settings.limits).await?;
-    let embedding = state.batcher.embed(img).await?;
+    let embedding = state
+        .batcher
+        .embed(
+            state.batcher.arriving(),
+            bytes.clone(),
+            state.settings.limits,
+        )
+        .await?;
     let (gallery, uploads) = (state.gallery.clone(), state.uploads.clone());
     let label = upload.label.clone();
     let outcome = web::block(move || -> Result<_, ApiError> {

@@ -692,6 +692,33 @@ async fn concurrent_queries_are_batched_and_each_gets_its_own_answer() {
 }
 
 #[actix_web::test]
+async fn a_lone_query_does_not_wait_for_company() {
+    // With nobody else arriving, the batch wait must not be paid: 2 s would show.
+    let batch = BatchConfig {
+        max_batch: 8,
+        batch_wait: Duration::from_secs(2),
+        queue_capacity: 8,
+    };
+    let h = harness(Settings::default(), Duration::ZERO, batch);
+    let app = service!(h);
+    for _ in 0..3 {
+        let start = std::time::Instant::now();
+        let (s, body) = call(
+            &app,
+            image_form("/api/search?k=1", png([20, 20, 220], 16, 16)),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        assert!(
+            start.elapsed() < Duration::from_millis(1000),
+            "took {:?}",
+            start.elapsed()
+        );
+    }
+    assert_eq!(h.embedder.batch_sizes(), vec![1, 1, 1]);
+}
+
+#[actix_web::test]
 async fn a_full_queue_answers_503() {
     let batch = BatchConfig {
         max_batch: 1,

@@ -29,3 +29,27 @@ pub fn tune_glibc_malloc() -> bool {
         false
     }
 }
+
+/// Makes every thread allocate from glibc's main arena. Call after [`tune_glibc_malloc`] in
+/// programs whose model runs on a thread other than `main` (the server's inference thread):
+/// such a thread allocates from its own arena, whose heaps are at most 64 MiB, so larger
+/// activations fall back to a fresh `mmap` (page faults and zeroing on every op) whatever
+/// `M_MMAP_MAX` says. Measured with 32 concurrent clients on the 2-core dev machine: the
+/// server's throughput went from 41 to 51 queries/s. Small blocks still come from each
+/// thread's tcache, so the shared arena's lock is rarely taken. Returns whether it applied.
+pub fn single_malloc_arena() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::raw::c_int;
+        extern "C" {
+            fn mallopt(param: c_int, value: c_int) -> c_int;
+        }
+        const M_ARENA_MAX: c_int = -8;
+        // SAFETY: mallopt only changes an allocator parameter; M_ARENA_MAX is documented.
+        unsafe { mallopt(M_ARENA_MAX, 1) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}

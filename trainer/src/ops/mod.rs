@@ -38,7 +38,7 @@ mod cuda_tests;
 #[cfg(test)]
 mod tests;
 
-pub use alloc::tune_glibc_malloc;
+pub use alloc::{single_malloc_arena, tune_glibc_malloc};
 use candle_core::{bail, DType, Device, Result, Shape, Tensor};
 
 /// Whether the ops with GPU kernels (depthwise conv, pooling) run as custom ops on `device`:
