@@ -11,6 +11,13 @@ QPS at equal recall@10 for each target recall.
     python bench/peers/hnsw_peer.py vectors.npy --m 16 --ef-construction 200 \
         --ef-search 16,32,64,128,256 [--queries 1000] [--json out.json]
 
+With --queries-file Q.npy (held-out queries, as `indexer bench-synthetic --dir D` writes to
+D/queries.npy) the queries are those rows and recall is of the exact top-10 over all vectors,
+as `indexer bench-synthetic` measures it.
+
+Queries run as one knn_query call on one thread (num_threads=1), so the QPS is hnswlib's C++
+search loop without a Python call per query: the strictest figure to compare against.
+
 Vectors are L2-normalised, so hnswlib's 'l2' space ranks exactly as the indexer does.
 """
 import argparse
@@ -56,6 +63,7 @@ def main():
     ap.add_argument("--queries", type=int, default=1000, help="rows used as queries (all if fewer)")
     ap.add_argument("--threads", type=int, default=0, help="build threads (0 = all cores)")
     ap.add_argument("--targets", default="0.9,0.95,0.99", help="recall@10 levels to compare QPS at")
+    ap.add_argument("--queries-file", help="held-out queries (.npy/.fvecs) instead of rows of the data")
     ap.add_argument("--json")
     args = ap.parse_args()
     try:
@@ -67,9 +75,19 @@ def main():
     n, dim = data.shape
     norms = np.linalg.norm(data, axis=1, keepdims=True)
     data = data / np.maximum(norms, 1e-12)
-    rng = np.random.default_rng(0)
-    q_idx = np.sort(rng.choice(n, size=min(args.queries, n), replace=False))
-    truth = exact_top10(data, q_idx)
+    if args.queries_file:
+        queries = read_vectors(args.queries_file)
+        queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        sims = queries @ data.T
+        top = np.argpartition(-sims, 10, axis=1)[:, :10]
+        truth = [set(row) for row in top]
+        k, self_ids = 10, None
+    else:
+        rng = np.random.default_rng(0)
+        q_idx = np.sort(rng.choice(n, size=min(args.queries, n), replace=False))
+        truth = exact_top10(data, q_idx)
+        queries = data[q_idx]
+        k, self_ids = 11, q_idx
 
     index = hnswlib.Index(space="l2", dim=dim)
     t = time.perf_counter()
@@ -79,16 +97,17 @@ def main():
     index.set_num_threads(1)
 
     rows = []
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
     for ef in [int(x) for x in args.ef_search.split(",")]:
-        index.set_ef(max(ef, 11))
-        found = 0
+        index.set_ef(max(ef, k))
         t = time.perf_counter()
-        for qi, tr in zip(q_idx, truth):
-            labels, _ = index.knn_query(data[qi:qi + 1], k=11)
-            got = [int(j) for j in labels[0] if j != qi][:10]
-            found += len(tr.intersection(got))
+        labels, _ = index.knn_query(queries, k=k, num_threads=1)
         secs = time.perf_counter() - t
-        rows.append({"ef": ef, "recall@10": found / (10 * len(q_idx)), "qps": len(q_idx) / secs})
+        found = 0
+        for i, tr in enumerate(truth):
+            got = [int(j) for j in labels[i] if self_ids is None or j != self_ids[i]][:10]
+            found += len(tr.intersection(got))
+        rows.append({"ef": ef, "recall@10": found / (10 * len(truth)), "qps": len(truth) / secs})
 
     print(f"## hnswlib {getattr(hnswlib, '__version__', '')}: {n} x {dim}, M = {args.m}, ef_construction = {args.ef_construction}\n")
     print(f"build: {build_s:.2f} s ({n / build_s:.0f} vectors/s)\n")

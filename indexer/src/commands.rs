@@ -494,6 +494,8 @@ pub struct SyntheticArgs {
     pub target_recall: f64,
     pub seed: u64,
     pub dir: Option<PathBuf>,
+    /// Open the index in `dir` instead of building it.
+    pub reuse: bool,
     pub json: Option<PathBuf>,
 }
 
@@ -531,29 +533,52 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
         weights_sha256: "synthetic".repeat(8).chars().take(64).collect(),
         preprocess_sha256: "synthetic".repeat(8).chars().take(64).collect(),
     };
-    let t = Instant::now();
-    let mut index = GalleryIndex::create(&dir, identity, a.dim, a.params)?;
-    let items: Vec<NewItem> = base
-        .chunks_exact(a.dim)
-        .enumerate()
-        .map(|(i, v)| NewItem {
-            path: format!("#{i}"),
-            label: None,
-            sha256: format!("{i:016x}"),
-            vector: v.to_vec(),
-        })
-        .collect();
-    index.add(items)?;
-    let build_s = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    index.commit()?;
-    let commit_s = t.elapsed().as_secs_f64();
-    let bytes = index.disk_bytes();
-    let rss_built = peak_rss_bytes();
-    drop(index);
+    let (build_s, commit_s, bytes, rss_built) = if a.reuse {
+        (f64::NAN, f64::NAN, 0, None)
+    } else {
+        let t = Instant::now();
+        let mut index = GalleryIndex::create(&dir, identity, a.dim, a.params)?;
+        let items: Vec<NewItem> = base
+            .chunks_exact(a.dim)
+            .enumerate()
+            .map(|(i, v)| NewItem {
+                path: format!("#{i}"),
+                label: None,
+                sha256: format!("{i:016x}"),
+                vector: v.to_vec(),
+            })
+            .collect();
+        index.add(items)?;
+        let build_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        index.commit()?;
+        (
+            build_s,
+            t.elapsed().as_secs_f64(),
+            index.disk_bytes(),
+            peak_rss_bytes(),
+        )
+    };
     let t = Instant::now();
     let index = GalleryIndex::open(&dir)?;
     let open_s = t.elapsed().as_secs_f64();
+    if index.len() != a.n || index.dim() != a.dim {
+        bail!(
+            "{}: holds {} × {}-d vectors, not the {} × {}-d this run generates",
+            dir.display(),
+            index.len(),
+            index.dim(),
+            a.n,
+            a.dim
+        );
+    }
+    let bytes = if a.reuse { index.disk_bytes() } else { bytes };
+    if a.dir.is_some() {
+        // The held-out queries, for running a peer on exactly these (bench/peers/hnsw_peer.py
+        // --queries-file); the base vectors come from `indexer export-vectors`.
+        let path = dir.join("queries.npy");
+        crate::export::write_vectors(&path, crate::export::VectorFormat::Npy, queries, a.dim)?;
+    }
 
     use rayon::prelude::*;
     let t = Instant::now();
@@ -568,20 +593,27 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
         })
         .collect();
     let exact_s = t.elapsed().as_secs_f64();
-    let mut rows = Vec::new();
-    for &ef in &a.ef_sweep {
+    // (recall@10, single-thread QPS) of one search function at one ef.
+    let sweep = |search: &dyn Fn(&[f32], usize) -> Vec<u64>, ef: usize| {
         let t = Instant::now();
         let mut found = 0usize;
         for (q, tr) in queries.chunks_exact(a.dim).zip(&truth) {
-            let hits = index.search(q, 10, ef.max(10));
-            found += hits.iter().filter(|h| tr.contains(&h.id)).count();
+            found += search(q, ef).iter().filter(|id| tr.contains(id)).count();
         }
         let secs = t.elapsed().as_secs_f64();
-        rows.push((
-            ef,
+        (
             found as f64 / (10 * truth.len()) as f64,
             truth.len() as f64 / secs,
-        ));
+        )
+    };
+    let ids = |hits: Vec<crate::Hit>| hits.into_iter().map(|h| h.id).collect();
+    let mut rows = Vec::new();
+    let mut rows_rs = Vec::new();
+    for &ef in &a.ef_sweep {
+        let (r, q) = sweep(&|q, ef| ids(index.search(q, 10, ef.max(10))), ef);
+        rows.push((ef, r, q));
+        let (r, q) = sweep(&|q, ef| ids(index.search_hnsw_rs(q, 10, ef.max(10))), ef);
+        rows_rs.push((ef, r, q));
     }
     let at_target = rows.iter().find(|r| r.1 >= a.target_recall).copied();
     let rss_peak = peak_rss_bytes();
@@ -619,9 +651,9 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
             a.target_recall
         ),
     }
-    println!("\n| ef | recall@10 | QPS (1 thread) |\n|---:|---:|---:|");
-    for (ef, r, q) in &rows {
-        println!("| {ef} | {r:.4} | {q:.0} |");
+    println!("\n| ef | recall@10 | QPS (1 thread) | recall@10 via hnsw_rs search | QPS via hnsw_rs search |\n|---:|---:|---:|---:|---:|");
+    for ((ef, r, q), (_, r_rs, q_rs)) in rows.iter().zip(&rows_rs) {
+        println!("| {ef} | {r:.4} | {q:.0} | {r_rs:.4} | {q_rs:.0} |");
     }
     if let Some(p) = &a.json {
         let mut m = serde_json::Map::new();
@@ -643,9 +675,11 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
             put("target.recall@10", r.into());
             put("target.qps", q.into());
         }
-        for (ef, r, q) in &rows {
+        for ((ef, r, q), (_, r_rs, q_rs)) in rows.iter().zip(&rows_rs) {
             put(&format!("sweep.ef{ef}.recall@10"), (*r).into());
             put(&format!("sweep.ef{ef}.qps"), (*q).into());
+            put(&format!("sweep.ef{ef}.hnsw_rs.recall@10"), (*r_rs).into());
+            put(&format!("sweep.ef{ef}.hnsw_rs.qps"), (*q_rs).into());
         }
         trainer::checkpoint::write_atomic(p, serde_json::to_string_pretty(&m)?.as_bytes())?;
     }

@@ -197,7 +197,7 @@ impl GalleryIndex {
         let mut graph = match &m.graph {
             Some(g) => match manifest::verify_file(dir, &g.graph)
                 .and_then(|_| manifest::verify_file(dir, &g.data))
-                .and_then(|_| Graph::load(dir, &g.basename, m.count, dim))
+                .and_then(|_| Graph::load(dir, &g.basename, &vectors, dim))
             {
                 Ok(graph) => graph,
                 Err(e) => {
@@ -233,7 +233,7 @@ impl GalleryIndex {
             vectors.extend_from_slice(&v);
             items.push(r.meta.clone());
         }
-        graph.insert_rows(&vectors[first * dim..], dim, first);
+        graph.insert_rows(&vectors, dim, first);
 
         let mut by_sha = HashMap::with_capacity(items.len());
         for it in &items {
@@ -366,8 +366,7 @@ impl GalleryIndex {
             self.vectors.extend_from_slice(&v);
             report.added.push(id);
         }
-        self.graph
-            .insert_rows(&self.vectors[first * dim..], dim, first);
+        self.graph.insert_rows(&self.vectors, dim, first);
         Ok(report)
     }
 
@@ -418,6 +417,7 @@ impl GalleryIndex {
             return Ok(());
         }
         self.remove_unreferenced()?;
+        self.graph.refresh(&self.vectors, self.dim());
         let gen = self.manifest.generation + 1;
         let (vname, iname, gname, walname) = gen_names(gen);
         let dir = self.dir.clone();
@@ -469,7 +469,24 @@ impl GalleryIndex {
             return Vec::new();
         };
         self.graph
-            .search(&q, k, ef)
+            .search(&self.vectors, &q, k, ef)
+            .into_iter()
+            .map(|(id, d)| Hit {
+                id: id as u64,
+                distance: d,
+                score: cosine_from_distance(d),
+            })
+            .collect()
+    }
+
+    /// [`search`](GalleryIndex::search) through hnsw_rs's own search instead of the flat copy
+    /// of its graph: the reference the flat search is benchmarked against.
+    pub fn search_hnsw_rs(&self, query: &[f32], k: usize, ef: usize) -> Vec<Hit> {
+        let Ok(q) = distance::normalized(query, self.dim(), "query") else {
+            return Vec::new();
+        };
+        self.graph
+            .search_hnsw_rs(&q, k, ef)
             .into_iter()
             .map(|(id, d)| Hit {
                 id: id as u64,

@@ -16,6 +16,7 @@ use hnsw_rs::prelude::{AnnT, Hnsw, HnswIo};
 use trainer::error::{Error, Result};
 
 use crate::distance::UnitL2;
+use crate::flat::FlatGraph;
 use crate::params::HnswParams;
 
 /// Suffixes hnsw_rs appends to a dump's basename.
@@ -25,8 +26,18 @@ pub const DATA_SUFFIX: &str = ".hnsw.data";
 /// Below this many vectors per insert call, serial insertion avoids rayon's overhead.
 const PARALLEL_INSERT_MIN: usize = 64;
 
+/// Up to this many points the flat copy is refreshed after every insert (a walk over the
+/// graph, tens of ms at the limit); above it, a few single inserts leave it stale until
+/// [`Graph::refresh`] (called on commit) and searches go through hnsw_rs meanwhile.
+const FLAT_REBUILD_MAX: usize = 100_000;
+
+/// The graph as hnsw_rs builds and stores it, plus its [`FlatGraph`] copy for searching.
 pub struct Graph {
     hnsw: Hnsw<'static, f32, UnitL2>,
+    /// `None` when the graph is empty (or not one the copy can represent).
+    flat: Option<FlatGraph>,
+    /// The graph has grown since `flat` was refreshed (see [`FLAT_REBUILD_MAX`]).
+    stale: bool,
 }
 
 impl Graph {
@@ -41,7 +52,11 @@ impl Graph {
             UnitL2,
         );
         hnsw.set_searching_mode(true);
-        Ok(Self { hnsw })
+        Ok(Self {
+            hnsw,
+            flat: None,
+            stale: false,
+        })
     }
 
     /// Builds a graph over `vectors` (row-major, `dim` per row; row i gets id i).
@@ -51,8 +66,10 @@ impl Graph {
         Ok(g)
     }
 
-    /// Inserts rows with ids `first_id, first_id + 1, …`.
-    pub fn insert_rows(&mut self, rows: &[f32], dim: usize, first_id: usize) {
+    /// Inserts the rows of `vectors` from `first_id` on (row i gets id i). `vectors` holds
+    /// every point, old ones included: the flat copy's pruning reads them.
+    pub fn insert_rows(&mut self, vectors: &[f32], dim: usize, first_id: usize) {
+        let rows = &vectors[(first_id * dim).min(vectors.len())..];
         let n = rows.len() / dim;
         if n == 0 {
             return;
@@ -71,6 +88,37 @@ impl Graph {
             self.hnsw.parallel_insert_slice(&data);
             self.hnsw.set_searching_mode(true);
         }
+        if n >= PARALLEL_INSERT_MIN || self.len() <= FLAT_REBUILD_MAX {
+            self.refresh(vectors, dim);
+        } else {
+            self.stale = true;
+        }
+    }
+
+    /// Brings the flat search copy up to date with the graph (no-op when it is).
+    /// `vectors` are all the graph's points, as for [`Graph::insert_rows`].
+    pub fn refresh(&mut self, vectors: &[f32], dim: usize) {
+        if !self.stale && self.flat.as_ref().map(FlatGraph::len) == Some(self.len()) {
+            return;
+        }
+        let mut flat = self.flat.take().unwrap_or_default();
+        self.flat = flat.refresh(&self.hnsw, vectors, dim).then_some(flat);
+        self.stale = false;
+    }
+
+    /// The flat search copy, if current (for tests and diagnostics).
+    pub fn flat_copy(&self) -> Option<&FlatGraph> {
+        self.flat.as_ref().filter(|_| !self.stale)
+    }
+
+    /// The hnsw_rs graph itself.
+    pub fn hnsw(&self) -> &Hnsw<'static, f32, UnitL2> {
+        &self.hnsw
+    }
+
+    /// Whether searches use the flat copy (false while it is stale).
+    pub fn is_flat(&self) -> bool {
+        self.flat.is_some() && !self.stale
     }
 
     pub fn len(&self) -> usize {
@@ -82,7 +130,20 @@ impl Graph {
     }
 
     /// `(id, euclidean distance)` of up to `k` approximate nearest neighbours, nearest first.
-    pub fn search(&self, query: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {
+    /// `vectors` are the graph's points (row i = id i), read by the flat search.
+    pub fn search(&self, vectors: &[f32], query: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {
+        if self.is_empty() || k == 0 {
+            return Vec::new();
+        }
+        if let (Some(flat), false) = (&self.flat, self.stale) {
+            return flat.search(vectors, query, k, ef);
+        }
+        self.search_hnsw_rs(query, k, ef)
+    }
+
+    /// The same search through hnsw_rs's own implementation (the reference the flat search
+    /// is tested and benchmarked against).
+    pub fn search_hnsw_rs(&self, query: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {
         if self.is_empty() || k == 0 {
             return Vec::new();
         }
@@ -128,7 +189,9 @@ impl Graph {
 
     /// Loads a dump written by [`Graph::dump`]; `expect_len`/`dim` guard against a graph
     /// that does not belong to the vectors it is loaded with.
-    pub fn load(dir: &Path, basename: &str, expect_len: usize, dim: usize) -> Result<Self> {
+    /// `vectors` are the points the graph was built from (for the flat copy).
+    pub fn load(dir: &Path, basename: &str, vectors: &[f32], dim: usize) -> Result<Self> {
+        let expect_len = vectors.len() / dim.max(1);
         let graph_path = dir.join(format!("{basename}{GRAPH_SUFFIX}"));
         let mut io: Option<&'static mut HnswIo> =
             Some(Box::leak(Box::new(HnswIo::new(dir, basename))));
@@ -169,7 +232,12 @@ impl Graph {
             ));
         }
         hnsw.set_searching_mode(true);
-        Ok(Self { hnsw })
+        let flat = FlatGraph::from_hnsw(&hnsw, vectors, dim);
+        Ok(Self {
+            hnsw,
+            flat,
+            stale: false,
+        })
     }
 }
 

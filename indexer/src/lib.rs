@@ -37,6 +37,7 @@ pub mod bench;
 pub mod commands;
 pub mod distance;
 pub mod export;
+pub mod flat;
 pub mod gallery;
 pub mod graph;
 pub mod images;

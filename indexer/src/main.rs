@@ -211,6 +211,10 @@ enum Command {
         /// Keep the index here (default: a temporary directory).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Search the index already in --dir (built by an earlier run with the same --n, --dim,
+        /// --classes, --noise and --seed) instead of building it again.
+        #[arg(long, requires = "dir")]
+        reuse: bool,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -323,6 +327,7 @@ fn run(cli: Cli) -> Result<()> {
             target_recall,
             seed,
             dir,
+            reuse,
             json,
         } => commands::bench_synthetic(SyntheticArgs {
             n,
@@ -335,6 +340,7 @@ fn run(cli: Cli) -> Result<()> {
             target_recall,
             seed,
             dir,
+            reuse,
             json,
         }),
     }

@@ -1,0 +1,503 @@
+//! A flat, cache-friendly copy of the HNSW graph, for searching.
+//!
+//! hnsw_rs builds and persists the graph well, but its search pays for its concurrent,
+//! insert-ready layout on every step: a SipHash map of visited points, an `Arc` allocation
+//! per candidate, a lock per expanded node. This copy searches the same graph from plain
+//! arrays (layer-0 neighbour lists as fixed-stride `u32` rows, the gallery's own contiguous
+//! vectors, a visited list cleared by bumping a stamp): Malkov & Yashunin's Algorithm 2 with
+//! the greedy descent through the upper layers.
+//!
+//! Its layer-0 lists are also *pruned* with the paper's neighbour-selection heuristic (keep
+//! a candidate only if it is closer to the node than to every neighbour already kept), as
+//! hnswlib does whenever it shrinks a list. hnsw_rs applies the heuristic to a new point's
+//! own list but fills its neighbours' reverse lists up to 2·M by distance alone, so every
+//! node ends with the full 32 links, and each search step computes twice the distances it
+//! needs; see `bench/RESULTS-indexer.md` for the effect on QPS at equal recall.
+//!
+//! The copy is derived data. [`FlatGraph::refresh`] brings it up to date after inserts in
+//! one pass over hnsw_rs's lists, re-pruning only the nodes whose list changed (a hash of
+//! each node's raw list is kept for that), so a single insert costs a walk over the graph
+//! and a few dozen small prunes.
+
+use std::cell::RefCell;
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BinaryHeap, HashMap};
+use std::hash::{Hash, Hasher};
+
+use hnsw_rs::prelude::Hnsw;
+use rayon::prelude::*;
+
+use crate::distance::{squared_l2, UnitL2};
+
+/// Neighbour lists of every node, layer 0 (pruned) and the upper layers (as hnsw_rs has them).
+#[derive(Debug, Clone, Default)]
+pub struct FlatGraph {
+    n: usize,
+    /// Node the search starts from: one of the nodes of the highest layer.
+    entry: u32,
+    top_level: usize,
+    /// Most links a layer-0 list holds (hnsw_rs: 2·M).
+    stride: usize,
+    /// Layer 0: node v's row `links0[v*(stride+1)..]` is `[count, ids…]`.
+    links0: Vec<u32>,
+    /// Hash of node v's raw hnsw_rs layer-0 list, to find the lists an insert changed.
+    raw_hash: Vec<u64>,
+    /// Layers ≥ 1 of the nodes that have them: `upper[&v][l - 1]` = v's list in layer l.
+    upper: HashMap<u32, Vec<Vec<u32>>>,
+}
+
+/// One node's lists as read from hnsw_rs.
+struct RawNode {
+    id: u32,
+    level: usize,
+    /// Layer 0 ids, in hnsw_rs's order (by distance to the node).
+    layer0: Vec<u32>,
+    upper: Vec<Vec<u32>>,
+}
+
+impl FlatGraph {
+    /// A copy of `hnsw`, whose points are the rows of `vectors` (`dim` values each, row i =
+    /// id i). Returns `None` when the graph is empty or does not name its points 0..n
+    /// exactly once (the gallery always does; such a graph is searched through hnsw_rs).
+    pub fn from_hnsw(hnsw: &Hnsw<'_, f32, UnitL2>, vectors: &[f32], dim: usize) -> Option<Self> {
+        let mut g = Self::default();
+        g.refresh(hnsw, vectors, dim).then_some(g)
+    }
+
+    /// Brings the copy up to date with `hnsw` (which may only have grown since the last
+    /// call). Returns false, leaving the copy unusable, if the graph is empty or malformed.
+    pub fn refresh(&mut self, hnsw: &Hnsw<'_, f32, UnitL2>, vectors: &[f32], dim: usize) -> bool {
+        let ok = self.try_refresh(hnsw, vectors, dim).is_some();
+        if !ok {
+            *self = Self::default();
+        }
+        ok
+    }
+
+    fn try_refresh(
+        &mut self,
+        hnsw: &Hnsw<'_, f32, UnitL2>,
+        vectors: &[f32],
+        dim: usize,
+    ) -> Option<()> {
+        let n = hnsw.get_nb_point();
+        if n == 0 || n < self.n || n >= u32::MAX as usize || vectors.len() < n * dim {
+            return None;
+        }
+        // One pass over hnsw_rs: every node's raw lists; keep those that are new or changed.
+        let mut seen = vec![false; n];
+        let mut entry: Option<(usize, u32)> = None;
+        let mut stride = self.stride;
+        let mut changed: Vec<RawNode> = Vec::new();
+        let mut hashes = vec![0u64; n];
+        for point in hnsw.get_point_indexation() {
+            let id = point.get_origin_id();
+            let level = point.get_point_id().0 as usize;
+            if id >= n || std::mem::replace(&mut seen[id], true) {
+                return None;
+            }
+            if entry.is_none_or(|(l, _)| level > l) {
+                entry = Some((level, id as u32));
+            }
+            let mut layers = point.get_neighborhood_id().into_iter().take(level + 1);
+            let layer0: Vec<u32> = layers
+                .next()
+                .unwrap_or_default()
+                .iter()
+                .map(|nb| nb.d_id as u32)
+                .collect();
+            if layer0.iter().any(|&nb| nb as usize >= n) {
+                return None;
+            }
+            stride = stride.max(layer0.len());
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            layer0.hash(&mut h);
+            hashes[id] = h.finish();
+            let upper: Vec<Vec<u32>> = layers
+                .map(|l| l.iter().map(|nb| nb.d_id as u32).collect())
+                .collect();
+            if id < self.n && self.raw_hash[id] == hashes[id] {
+                // Layer 0 unchanged; upper lists are few and cheap, take them as they are.
+                if level > 0 {
+                    self.upper.insert(id as u32, upper);
+                }
+                continue;
+            }
+            changed.push(RawNode {
+                id: id as u32,
+                level,
+                layer0,
+                upper,
+            });
+        }
+        let (top_level, entry) = entry?;
+        if stride != self.stride {
+            if self.n > 0 {
+                // A list wider than the rows laid out so far: lay out every row again.
+                return self.rebuild_with_stride(hnsw, vectors, dim, stride);
+            }
+            self.stride = stride;
+        }
+        // hnsw_rs's layer-0 lists hold up to 2·M; keep at least 5/8 of that (20 for M = 16):
+        // on 100k clustered 128-d vectors this gave the best QPS at recall@10 ≥ 0.95.
+        let min_keep = stride * 5 / 8;
+        let pruned: Vec<Vec<u32>> = changed
+            .par_iter()
+            .map(|node| prune(node.id, &node.layer0, min_keep, vectors, dim))
+            .collect();
+        let row = stride + 1;
+        self.links0.resize(n * row, 0);
+        for (node, list) in changed.into_iter().zip(pruned) {
+            let v = node.id as usize;
+            let slot = &mut self.links0[v * row..(v + 1) * row];
+            slot.fill(0);
+            slot[0] = list.len() as u32;
+            slot[1..1 + list.len()].copy_from_slice(&list);
+            if node.level > 0 {
+                self.upper.insert(node.id, node.upper);
+            }
+        }
+        self.n = n;
+        self.entry = entry;
+        self.top_level = top_level;
+        self.raw_hash = hashes;
+        Some(())
+    }
+
+    fn rebuild_with_stride(
+        &mut self,
+        hnsw: &Hnsw<'_, f32, UnitL2>,
+        vectors: &[f32],
+        dim: usize,
+        stride: usize,
+    ) -> Option<()> {
+        *self = Self {
+            stride,
+            ..Self::default()
+        };
+        self.try_refresh(hnsw, vectors, dim)
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Mean number of layer-0 links per node (after pruning).
+    pub fn mean_degree(&self) -> f64 {
+        let row = self.stride + 1;
+        let total: u64 = (0..self.n).map(|v| self.links0[v * row] as u64).sum();
+        total as f64 / self.n.max(1) as f64
+    }
+
+    fn neighbours0(&self, v: u32) -> &[u32] {
+        let start = v as usize * (self.stride + 1);
+        let count = self.links0[start] as usize;
+        &self.links0[start + 1..start + 1 + count]
+    }
+
+    /// Node v's neighbours in layer `level` ≥ 1 (empty above its own level).
+    fn neighbours_upper(&self, v: u32, level: usize) -> &[u32] {
+        self.upper
+            .get(&v)
+            .and_then(|lists| lists.get(level - 1))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// `(id, euclidean distance)` of up to `k` approximate nearest neighbours of `query`
+    /// (nearest first), searching layer 0 with `ef` (≥ k) candidates. `vectors` holds the
+    /// graph's points as rows of `query.len()` values, row i = node i.
+    pub fn search(&self, vectors: &[f32], query: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {
+        let dim = query.len();
+        if k == 0 || dim == 0 || vectors.len() < self.n * dim {
+            return Vec::new();
+        }
+        let row = |v: u32| &vectors[v as usize * dim..(v as usize + 1) * dim];
+        let dist = |v: u32| squared_l2(query, row(v));
+
+        // Greedy descent through the upper layers to the node nearest the query.
+        let mut cur = self.entry;
+        let mut cur_d = dist(cur);
+        for level in (1..=self.top_level).rev() {
+            loop {
+                let mut moved = false;
+                for &nb in self.neighbours_upper(cur, level) {
+                    let d = dist(nb);
+                    if d < cur_d {
+                        (cur, cur_d) = (nb, d);
+                        moved = true;
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+
+        // Beam search in layer 0.
+        let ef = ef.max(k);
+        SCRATCH.with(|scratch| {
+            let mut guard = scratch.borrow_mut();
+            let s = &mut *guard;
+            s.reset(self.n);
+            let mut candidates: BinaryHeap<Reverse<Scored>> = BinaryHeap::with_capacity(ef * 4);
+            let mut results: BinaryHeap<Scored> = BinaryHeap::with_capacity(ef + 1);
+            s.visit(cur);
+            candidates.push(Reverse(Scored(cur_d, cur)));
+            results.push(Scored(cur_d, cur));
+            while let Some(Reverse(Scored(c_d, c))) = candidates.pop() {
+                let worst = results.peek().map_or(f32::INFINITY, |w| w.0);
+                if c_d > worst {
+                    break;
+                }
+                // Unvisited neighbours first, their vectors prefetched, then the distances:
+                // the loads of all of them overlap instead of missing the cache one by one.
+                s.fresh.clear();
+                for &nb in self.neighbours0(c) {
+                    if s.visit(nb) {
+                        prefetch(row(nb));
+                        s.fresh.push(nb);
+                    }
+                }
+                for &nb in &s.fresh {
+                    let d = dist(nb);
+                    let worst = results.peek().map_or(f32::INFINITY, |w| w.0);
+                    if results.len() < ef || d < worst {
+                        candidates.push(Reverse(Scored(d, nb)));
+                        results.push(Scored(d, nb));
+                        if results.len() > ef {
+                            results.pop();
+                        }
+                    }
+                }
+            }
+            let mut out: Vec<(usize, f32)> = results
+                .into_sorted_vec()
+                .into_iter()
+                .map(|Scored(d, v)| (v as usize, d.max(0.0).sqrt()))
+                .collect();
+            out.truncate(k);
+            out
+        })
+    }
+}
+
+/// The neighbour-selection heuristic (Malkov & Yashunin, Algorithm 4; hnswlib's
+/// `getNeighborsByHeuristic2`): walking the candidates nearest first, keep one only if it is
+/// nearer to `v` than to every neighbour kept so far. Drops links that a kept neighbour
+/// already covers, so the list stays short and spread out.
+fn prune(v: u32, candidates: &[u32], min_keep: usize, vectors: &[f32], dim: usize) -> Vec<u32> {
+    let row = |u: u32| &vectors[u as usize * dim..(u as usize + 1) * dim];
+    let mut sorted: Vec<(f32, u32)> = candidates
+        .iter()
+        .filter(|&&c| c != v)
+        .map(|&c| (squared_l2(row(v), row(c)), c))
+        .collect();
+    sorted.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    sorted.dedup_by_key(|x| x.1);
+    let mut kept: Vec<u32> = Vec::with_capacity(sorted.len());
+    let mut pruned: Vec<u32> = Vec::new();
+    for (d_cv, c) in sorted {
+        if kept.iter().all(|&r| squared_l2(row(r), row(c)) >= d_cv) {
+            kept.push(c);
+        } else {
+            pruned.push(c);
+        }
+    }
+    // Top up with the nearest pruned candidates to `min_keep` links (hnsw_rs's keep_pruned,
+    // with a smaller target): a few redundant short links cost little and keep recall.
+    let top_up = min_keep.saturating_sub(kept.len()).min(pruned.len());
+    kept.extend_from_slice(&pruned[..top_up]);
+    kept
+}
+
+/// A node and its squared distance, ordered by distance (ties by id, so results are
+/// deterministic).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Scored(f32, u32);
+
+impl Eq for Scored {}
+
+impl PartialOrd for Scored {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Scored {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.total_cmp(&other.0).then(self.1.cmp(&other.1))
+    }
+}
+
+/// Per-thread visited list: a node is visited in this search when its stamp equals the
+/// current one, so clearing is one increment instead of a pass over n entries.
+#[derive(Default)]
+struct Scratch {
+    stamps: Vec<u32>,
+    current: u32,
+    /// Neighbours of the node being expanded that this search has not seen yet.
+    fresh: Vec<u32>,
+}
+
+impl Scratch {
+    fn reset(&mut self, n: usize) {
+        if self.stamps.len() < n {
+            self.stamps.resize(n, 0);
+        }
+        self.current = self.current.wrapping_add(1);
+        if self.current == 0 {
+            self.stamps.iter_mut().for_each(|s| *s = 0);
+            self.current = 1;
+        }
+    }
+
+    /// Marks v visited; false if it already was.
+    fn visit(&mut self, v: u32) -> bool {
+        let s = &mut self.stamps[v as usize];
+        if *s == self.current {
+            false
+        } else {
+            *s = self.current;
+            true
+        }
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Asks the CPU to start loading a vector we are about to read (up to its first 16 cache
+/// lines, 1 KiB; the hardware prefetcher follows longer ones).
+#[inline(always)]
+fn prefetch(v: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let p = v.as_ptr() as *const i8;
+        for line in 0..16.min(v.len().div_ceil(16)) {
+            // SAFETY: prefetch is a hint with no architectural effect, and every address is
+            // inside the slice (line * 16 < len).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(line * 64)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::gallery::exact_top_k;
+    use crate::graph::Graph;
+    use crate::params::HnswParams;
+    use crate::synthetic::clustered;
+
+    fn recall(got: &[(usize, f32)], want: &[u64]) -> f64 {
+        got.iter()
+            .filter(|(id, _)| want.contains(&(*id as u64)))
+            .count() as f64
+            / want.len() as f64
+    }
+
+    #[test]
+    fn flat_search_matches_hnsw_rs_on_the_same_graph() {
+        let (dim, n) = (24, 4000);
+        let (vectors, _) = clustered(n + 200, dim, 40, 1.0, 7);
+        let (base, queries) = vectors.split_at(n * dim);
+        let params = HnswParams {
+            m: 12,
+            ef_construction: 64,
+            ..HnswParams::default()
+        };
+        let g = Graph::build(&params, base, dim).unwrap();
+        assert!(g.is_flat());
+        let (mut r_flat, mut r_rs, mut same_first) = (0.0, 0.0, 0);
+        for q in queries.chunks_exact(dim) {
+            let want: Vec<u64> = exact_top_k(base, dim, q, 10).iter().map(|h| h.id).collect();
+            let flat = g.search(base, q, 10, 32);
+            let rs = g.search_hnsw_rs(q, 10, 32);
+            assert_eq!(flat.len(), 10);
+            assert!(
+                flat.windows(2).all(|w| w[0].1 <= w[1].1),
+                "sorted: {flat:?}"
+            );
+            // Distances are exact Euclidean distances of the returned ids.
+            for &(id, d) in &flat {
+                let exact = crate::distance::squared_l2(q, &base[id * dim..(id + 1) * dim]).sqrt();
+                assert!((d - exact).abs() < 1e-5, "{d} vs {exact}");
+            }
+            r_flat += recall(&flat, &want);
+            r_rs += recall(&rs, &want);
+            same_first += usize::from(flat[0].0 == rs[0].0);
+        }
+        let q = (queries.len() / dim) as f64;
+        let (r_flat, r_rs) = (r_flat / q, r_rs / q);
+        assert!(r_flat > 0.9, "flat recall@10 {r_flat}");
+        assert!(r_flat >= r_rs - 0.01, "flat {r_flat} vs hnsw_rs {r_rs}");
+        assert!(
+            same_first as f64 >= 0.97 * q,
+            "same nearest: {same_first} of {q}"
+        );
+    }
+
+    #[test]
+    fn incremental_refresh_equals_a_fresh_copy_and_prunes() {
+        let dim = 16;
+        let (vectors, _) = clustered(1500, dim, 20, 1.0, 11);
+        let params = HnswParams {
+            m: 8,
+            ef_construction: 48,
+            ..HnswParams::default()
+        };
+        let mut g = Graph::build(&params, &vectors[..1000 * dim], dim).unwrap();
+        // Single inserts (each refreshes incrementally), then a batch.
+        for i in 1000..1040 {
+            g.insert_rows(&vectors[..(i + 1) * dim], dim, i);
+        }
+        g.insert_rows(&vectors, dim, 1040);
+        let incremental = g.flat_copy().expect("flat copy").clone();
+        let fresh = super::FlatGraph::from_hnsw(g.hnsw(), &vectors, dim).unwrap();
+        assert_eq!(incremental.n, 1500);
+        let first_diff =
+            (0..1500).find(|&v| incremental.neighbours0(v as u32) != fresh.neighbours0(v as u32));
+        assert_eq!(first_diff, None, "layer-0 lists differ");
+        assert!(incremental.links0 == fresh.links0, "row padding differs");
+        assert!(incremental.upper == fresh.upper, "upper layers differ");
+        assert_eq!(
+            (incremental.entry, incremental.top_level),
+            (fresh.entry, fresh.top_level)
+        );
+        // hnsw_rs fills layer 0 to 2·M = 16; the heuristic keeps fewer, never more.
+        let degree = fresh.mean_degree();
+        assert!(degree > 2.0 && degree < 15.0, "mean degree {degree}");
+    }
+
+    #[test]
+    fn inserts_keep_the_flat_copy_in_step() {
+        let dim = 8;
+        let (vectors, _) = clustered(300, dim, 5, 1.0, 3);
+        let params = HnswParams::default();
+        let mut g = Graph::build(&params, &vectors[..200 * dim], dim).unwrap();
+        // One by one (serial inserts) and then a batch: each new point is found at once.
+        for i in 200..210 {
+            g.insert_rows(&vectors[..(i + 1) * dim], dim, i);
+            assert!(g.is_flat());
+            let hit = g.search(&vectors, &vectors[i * dim..(i + 1) * dim], 1, 16);
+            assert_eq!(hit[0].0, i);
+        }
+        g.insert_rows(&vectors, dim, 210);
+        for i in [210, 255, 299] {
+            let hit = g.search(&vectors, &vectors[i * dim..(i + 1) * dim], 1, 16);
+            assert_eq!(hit[0].0, i, "point {i}");
+        }
+        // k larger than the graph: every point, nearest first.
+        let all = g.search(&vectors, &vectors[..dim], 1000, 16);
+        assert_eq!(all.len(), 300);
+        assert_eq!(all[0].0, 0);
+    }
+}
