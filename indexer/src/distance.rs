@@ -111,64 +111,42 @@ mod simd {
     use std::arch::x86_64::*;
 
     pub fn squared_l2_avx512(a: &[f32], b: &[f32]) -> f32 {
-        // SAFETY: selected only when avx512f was detected; lengths are equal (callers slice).
-        unsafe { l2_512(a, b) }
+        // SAFETY: selected only when avx512f was detected.
+        unsafe { sum_512::<true>(a, b) }
     }
     pub fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: as above.
-        unsafe { dot_512(a, b) }
+        unsafe { sum_512::<false>(a, b) }
     }
     pub fn squared_l2_avx2(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: selected only when avx2 and fma were detected.
-        unsafe { l2_256(a, b) }
+        unsafe { sum_256::<true>(a, b) }
     }
     pub fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: as above.
-        unsafe { dot_256(a, b) }
+        unsafe { sum_256::<false>(a, b) }
     }
 
+    /// Σ (a − b)² when `L2`, else Σ a·b, 32 lanes per step in two accumulators; the tail
+    /// with masked loads, which read only the lanes inside the slices.
     #[target_feature(enable = "avx512f")]
-    unsafe fn l2_512(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let mut i = 0;
-        while i + 32 <= n {
-            let d0 = _mm512_sub_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)));
-            let d1 = _mm512_sub_ps(
-                _mm512_loadu_ps(pa.add(i + 16)),
-                _mm512_loadu_ps(pb.add(i + 16)),
-            );
-            s0 = _mm512_fmadd_ps(d0, d0, s0);
-            s1 = _mm512_fmadd_ps(d1, d1, s1);
-            i += 32;
-        }
-        while i < n {
-            // Masked loads read only the lanes inside the slices.
-            let m: __mmask16 = if n - i >= 16 {
-                0xffff
+    unsafe fn sum_512<const L2: bool>(a: &[f32], b: &[f32]) -> f32 {
+        #[inline(always)]
+        unsafe fn step<const L2: bool>(x: __m512, y: __m512, acc: __m512) -> __m512 {
+            if L2 {
+                let d = _mm512_sub_ps(x, y);
+                _mm512_fmadd_ps(d, d, acc)
             } else {
-                (1u16 << (n - i)) - 1
-            };
-            let d = _mm512_sub_ps(
-                _mm512_maskz_loadu_ps(m, pa.add(i)),
-                _mm512_maskz_loadu_ps(m, pb.add(i)),
-            );
-            s0 = _mm512_fmadd_ps(d, d, s0);
-            i += 16;
+                _mm512_fmadd_ps(x, y, acc)
+            }
         }
-        _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
-    }
-
-    #[target_feature(enable = "avx512f")]
-    unsafe fn dot_512(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
         let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         let mut i = 0;
         while i + 32 <= n {
-            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
-            s1 = _mm512_fmadd_ps(
+            s0 = step::<L2>(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
+            s1 = step::<L2>(
                 _mm512_loadu_ps(pa.add(i + 16)),
                 _mm512_loadu_ps(pb.add(i + 16)),
                 s1,
@@ -181,7 +159,7 @@ mod simd {
             } else {
                 (1u16 << (n - i)) - 1
             };
-            s0 = _mm512_fmadd_ps(
+            s0 = step::<L2>(
                 _mm512_maskz_loadu_ps(m, pa.add(i)),
                 _mm512_maskz_loadu_ps(m, pb.add(i)),
                 s0,
@@ -191,57 +169,38 @@ mod simd {
         _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
     }
 
+    /// [`sum_512`] with 8-lane AVX2 + FMA; a scalar tail.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum256(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn l2_256(a: &[f32], b: &[f32]) -> f32 {
+    unsafe fn sum_256<const L2: bool>(a: &[f32], b: &[f32]) -> f32 {
+        #[inline(always)]
+        unsafe fn step<const L2: bool>(x: __m256, y: __m256, acc: __m256) -> __m256 {
+            if L2 {
+                let d = _mm256_sub_ps(x, y);
+                _mm256_fmadd_ps(d, d, acc)
+            } else {
+                _mm256_fmadd_ps(x, y, acc)
+            }
+        }
         let n = a.len().min(b.len());
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
         let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut i = 0;
         while i + 16 <= n {
-            let d0 = _mm256_sub_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)));
-            let d1 = _mm256_sub_ps(
-                _mm256_loadu_ps(pa.add(i + 8)),
-                _mm256_loadu_ps(pb.add(i + 8)),
-            );
-            s0 = _mm256_fmadd_ps(d0, d0, s0);
-            s1 = _mm256_fmadd_ps(d1, d1, s1);
-            i += 16;
-        }
-        let mut s = hsum256(_mm256_add_ps(s0, s1));
-        while i < n {
-            let d = *pa.add(i) - *pb.add(i);
-            s += d * d;
-            i += 1;
-        }
-        s
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_256(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i + 16 <= n {
-            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
-            s1 = _mm256_fmadd_ps(
+            s0 = step::<L2>(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+            s1 = step::<L2>(
                 _mm256_loadu_ps(pa.add(i + 8)),
                 _mm256_loadu_ps(pb.add(i + 8)),
                 s1,
             );
             i += 16;
         }
-        let mut s = hsum256(_mm256_add_ps(s0, s1));
+        let v = _mm256_add_ps(s0, s1);
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let mut s = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
         while i < n {
-            s += *pa.add(i) * *pb.add(i);
+            let (x, y) = (*pa.add(i), *pb.add(i));
+            s += if L2 { (x - y) * (x - y) } else { x * y };
             i += 1;
         }
         s

@@ -468,15 +468,7 @@ impl GalleryIndex {
         let Ok(q) = distance::normalized(query, self.dim(), "query") else {
             return Vec::new();
         };
-        self.graph
-            .search(&self.vectors, &q, k, ef)
-            .into_iter()
-            .map(|(id, d)| Hit {
-                id: id as u64,
-                distance: d,
-                score: cosine_from_distance(d),
-            })
-            .collect()
+        to_hits(self.graph.search(&self.vectors, &q, k, ef))
     }
 
     /// [`search`](GalleryIndex::search) through hnsw_rs's own search instead of the flat copy
@@ -485,15 +477,7 @@ impl GalleryIndex {
         let Ok(q) = distance::normalized(query, self.dim(), "query") else {
             return Vec::new();
         };
-        self.graph
-            .search_hnsw_rs(&q, k, ef)
-            .into_iter()
-            .map(|(id, d)| Hit {
-                id: id as u64,
-                distance: d,
-                score: cosine_from_distance(d),
-            })
-            .collect()
+        to_hits(self.graph.search_hnsw_rs(&q, k, ef))
     }
 
     /// Exact k nearest neighbours by brute force (the reference for recall measurements).
@@ -560,6 +544,18 @@ impl GalleryIndex {
 }
 
 /// Brute-force top-k by dot product over unit rows (`q` must be unit length).
+/// Graph results `(id, euclidean distance)` as hits with their cosine score.
+fn to_hits(found: Vec<(usize, f32)>) -> Vec<Hit> {
+    found
+        .into_iter()
+        .map(|(id, d)| Hit {
+            id: id as u64,
+            distance: d,
+            score: cosine_from_distance(d),
+        })
+        .collect()
+}
+
 pub fn exact_top_k(vectors: &[f32], dim: usize, q: &[f32], k: usize) -> Vec<Hit> {
     let n = vectors.len() / dim;
     let k = k.min(n);
