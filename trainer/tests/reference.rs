@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor, D};
 use trainer::backbone::{self, BackboneKind};
 use trainer::embed::EmbeddingModel;
+use trainer::ops::max_abs_diff;
 
 /// `<workspace root>/../shared`, or `$DEEP_METRIC_SHARED` (for checkouts not beside it).
 fn shared_dir() -> Option<PathBuf> {
@@ -150,14 +151,7 @@ fn timm_safetensors_layout_loads_to_the_same_weights() {
         let w = from_st
             .get(k)
             .unwrap_or_else(|| panic!("{k} missing after the timm round trip"));
-        let d = (v - w)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(v, w).unwrap();
         assert_eq!(d, 0.0, "{k} differs");
     }
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use trainer::backbone::{self, BackboneKind};
 use trainer::embed::EmbeddingModel;
+use trainer::ops::max_abs_diff;
 use trainer::weights;
 
 /// Random weights for every variable `kind` builds, plus what real checkpoints also carry
@@ -58,16 +59,7 @@ fn check(kind: BackboneKind, classifier: &str, side: usize) {
     let b = model.backbone.features(&x).unwrap();
     let again = EmbeddingModel::pretrained(kind, &path, None, &Device::Cpu).unwrap();
     let c = again.backbone.features(&x).unwrap();
-    let max_diff = |p: &Tensor, q: &Tensor| {
-        (p - q)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let max_diff = |p: &Tensor, q: &Tensor| max_abs_diff(p, q).unwrap();
     assert_eq!(max_diff(&a, &b), 0.0, "{kind}: two runs differ");
     assert_eq!(max_diff(&a, &c), 0.0, "{kind}: a second load differs");
     // The weights were really used: features are finite, not all equal, and differ per image.

@@ -159,6 +159,7 @@ impl CustomOp2 for BiasAct {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::max_abs_diff;
     use candle_core::{Device, Var};
 
     fn reference(x: &Tensor, b: &Tensor, act: Activation) -> Tensor {
@@ -185,27 +186,13 @@ mod tests {
         for act in [Activation::Identity, Activation::Relu, Activation::Relu6] {
             let fused = bias_act(x.as_tensor(), b.as_tensor(), act).unwrap();
             let stock = reference(x.as_tensor(), b.as_tensor(), act);
-            let d = (&fused - &stock)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let d = max_abs_diff(&fused, &stock).unwrap();
             assert!(d < 1e-12, "{act:?} forward differs by {d}");
             let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let gs = (stock * &w).unwrap().sum_all().unwrap().backward().unwrap();
             for v in [&x, &b] {
                 let (a, s) = (gf.get(v).unwrap(), gs.get(v).unwrap());
-                let d = (a - s)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
+                let d = max_abs_diff(a, s).unwrap();
                 assert!(d < 1e-12, "{act:?} gradient differs by {d}");
             }
         }
@@ -220,21 +207,14 @@ mod tests {
             .unwrap();
         let b = Tensor::new(&[1f32, 2.0, 3.0], &dev).unwrap();
         let fused = bias_act(&x, &b, Activation::Relu).unwrap();
-        let d = (fused
-            - reference(
-                &x.to_dtype(DType::F64).unwrap(),
-                &b.to_dtype(DType::F64).unwrap(),
-                Activation::Relu,
-            )
-            .to_dtype(DType::F32)
-            .unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
+        let want = reference(
+            &x.to_dtype(DType::F64).unwrap(),
+            &b.to_dtype(DType::F64).unwrap(),
+            Activation::Relu,
+        )
+        .to_dtype(DType::F32)
         .unwrap();
+        let d = max_abs_diff(&fused, &want).unwrap();
         assert!(d < 1e-6);
     }
 }

@@ -358,6 +358,7 @@ fn param_stage(name: &str, n_groups: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::max_abs_diff;
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
@@ -420,16 +421,9 @@ mod tests {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            let diff = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&got, &want).unwrap();
             assert!(
-                diff <= 1e-5 * scale.max(1.0),
+                diff <= 1e-5 * f64::from(scale.max(1.0)),
                 "fused differs by {diff} (scale {scale})"
             );
         }
@@ -450,14 +444,7 @@ mod tests {
         let full = net.forward_stages(&x, 0..net.num_stages()).unwrap();
         let resumed = net.forward_stages(&split, 3..net.num_stages()).unwrap();
         assert_eq!(full.dims(), &[2, 1280, 3, 3]);
-        let diff = (full - resumed)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&full, &resumed).unwrap();
         assert_eq!(diff, 0.0);
         assert!(net.forward_stages(&x, 0..10).is_err());
     }

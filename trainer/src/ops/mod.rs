@@ -212,14 +212,7 @@ fn conv1x1_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// Each padding must be smaller than the kernel, so that every window sees real input.
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result<Tensor> {
     const OP: &str = "max_pool2d";
-    let g = Geom::new(
-        OP,
-        x,
-        x.dims().get(1).copied().unwrap_or(0),
-        (kernel, kernel),
-        stride,
-        pad,
-    )?;
+    let g = pool_geom(OP, x, kernel, stride, pad)?;
     if pad.iter().any(|&p| p >= kernel) {
         bail!("{OP}: padding {pad:?} must be smaller than the kernel {kernel}")
     }
@@ -232,19 +225,27 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result
 /// Average pooling with any kernel/stride/padding. Padded cells count as zeros in the
 /// average (PyTorch's `count_include_pad=True`): every window divides by `kernel²`.
 pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result<Tensor> {
-    const OP: &str = "avg_pool2d";
-    let g = Geom::new(
-        OP,
-        x,
-        x.dims().get(1).copied().unwrap_or(0),
-        (kernel, kernel),
-        stride,
-        pad,
-    )?;
+    let g = pool_geom("avg_pool2d", x, kernel, stride, pad)?;
     if !has_gpu_kernels(x.device()) {
         return stock::avg_pool2d(x, kernel, stride, pad);
     }
     x.contiguous()?.apply_op1(pool::AvgPool { g })
+}
+
+/// Geometry of a square pooling window over `x` (channels in = channels out).
+fn pool_geom(op: &str, x: &Tensor, kernel: usize, stride: usize, pad: Pad4) -> Result<Geom> {
+    let channels = x.dims().get(1).copied().unwrap_or(0);
+    Geom::new(op, x, channels, (kernel, kernel), stride, pad)
+}
+
+/// Largest `|a − b|` over all elements, as f64 whatever the float dtype: the measure every
+/// parity test (fused vs training path, reloaded vs original weights, f32 vs f64) compares.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    (a - b)?
+        .abs()?
+        .max_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()
 }
 
 /// Pairwise squared Euclidean distances of the rows of `x [n, d]` → `[n, n]`, differentiable.
