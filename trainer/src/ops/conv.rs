@@ -8,9 +8,8 @@
 //! With at least as many images as threads, images run in parallel with single-threaded
 //! gemms (each gemm is small); otherwise the gemm itself is parallel.
 
-use super::depthwise::check_len;
-use super::elem::{contiguous_slice, num_threads, with_float_storage, Elem};
-use super::Geom;
+use super::elem::{checked_slice, num_threads, with_float_storage, Elem};
+use super::{input_and_weight_grads, Geom};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -44,10 +43,8 @@ impl CustomOp2 for Conv2d {
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.g;
         with_float_storage!(self.name(), s1, |T| {
-            let x = contiguous_slice::<T>(s1, l1, self.name())?;
-            let w = contiguous_slice::<T>(s2, l2, self.name())?;
-            check_len(self.name(), "input", x.len(), g.b * g.c * g.h * g.w)?;
-            check_len(self.name(), "weight", w.len(), g.co * g.c * g.kh * g.kw)?;
+            let x = checked_slice::<T>(s1, l1, self.name(), "input", g.in_len())?;
+            let w = checked_slice::<T>(s2, l2, self.name(), "weight", g.co * g.c * g.kh * g.kw)?;
             Ok((T::to_cpu_storage_owned(forward(x, w, g)), g.out_shape()))
         })
     }
@@ -59,18 +56,13 @@ impl CustomOp2 for Conv2d {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let gx = if x.track_op() {
-            Some(grad.apply_op2_no_bwd(w, &Conv2dBwdInput { g: self.g })?)
-        } else {
-            None
-        };
-        let gw = if w.track_op() {
-            Some(x.apply_op2_no_bwd(&grad, &Conv2dBwdWeight { g: self.g })?)
-        } else {
-            None
-        };
-        Ok((gx, gw))
+        input_and_weight_grads(
+            x,
+            w,
+            grad,
+            &Conv2dBwdInput { g: self.g },
+            &Conv2dBwdWeight { g: self.g },
+        )
     }
 }
 
@@ -88,10 +80,8 @@ impl CustomOp2 for Conv2dBwdInput {
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.g;
         with_float_storage!(self.name(), s1, |T| {
-            let gout = contiguous_slice::<T>(s1, l1, self.name())?;
-            let w = contiguous_slice::<T>(s2, l2, self.name())?;
-            check_len(self.name(), "grad", gout.len(), g.b * g.co * g.ho * g.wo)?;
-            check_len(self.name(), "weight", w.len(), g.co * g.c * g.kh * g.kw)?;
+            let gout = checked_slice::<T>(s1, l1, self.name(), "grad", g.out_len())?;
+            let w = checked_slice::<T>(s2, l2, self.name(), "weight", g.co * g.c * g.kh * g.kw)?;
             Ok((
                 T::to_cpu_storage_owned(backward_input(gout, w, g)),
                 g.in_shape(),
@@ -114,10 +104,8 @@ impl CustomOp2 for Conv2dBwdWeight {
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.g;
         with_float_storage!(self.name(), s1, |T| {
-            let x = contiguous_slice::<T>(s1, l1, self.name())?;
-            let gout = contiguous_slice::<T>(s2, l2, self.name())?;
-            check_len(self.name(), "input", x.len(), g.b * g.c * g.h * g.w)?;
-            check_len(self.name(), "grad", gout.len(), g.b * g.co * g.ho * g.wo)?;
+            let x = checked_slice::<T>(s1, l1, self.name(), "input", g.in_len())?;
+            let gout = checked_slice::<T>(s2, l2, self.name(), "grad", g.out_len())?;
             Ok((
                 T::to_cpu_storage_owned(backward_weight(x, gout, g)),
                 Shape::from((g.co, g.c, g.kh, g.kw)),

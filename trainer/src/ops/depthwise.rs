@@ -13,9 +13,9 @@
 
 #[cfg(feature = "cuda")]
 use super::cuda;
-use super::elem::{contiguous_slice, has_avx2_fma, with_float_storage, Elem};
-use super::Geom;
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use super::elem::{checked_slice, has_avx2_fma, with_float_storage, Elem};
+use super::{input_and_weight_grads, Geom};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Lanes of the explicit partial sums in the weight-gradient dot products (float reductions
@@ -51,10 +51,8 @@ impl CustomOp2 for DepthwiseConv {
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.g;
         with_float_storage!(self.name(), s1, |T| {
-            let x = contiguous_slice::<T>(s1, l1, self.name())?;
-            let w = contiguous_slice::<T>(s2, l2, self.name())?;
-            check_len(self.name(), "input", x.len(), g.b * g.c * g.h * g.w)?;
-            check_len(self.name(), "weight", w.len(), g.c * g.kh * g.kw)?;
+            let x = checked_slice::<T>(s1, l1, self.name(), "input", g.in_len())?;
+            let w = checked_slice::<T>(s2, l2, self.name(), "weight", g.c * g.kh * g.kw)?;
             let out = forward(x, w, g);
             Ok((T::to_cpu_storage_owned(out), g.out_shape()))
         })
@@ -89,18 +87,13 @@ impl CustomOp2 for DepthwiseConv {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let gx = if x.track_op() {
-            Some(grad.apply_op2_no_bwd(w, &DepthwiseBwdInput { g: self.g })?)
-        } else {
-            None
-        };
-        let gw = if w.track_op() {
-            Some(x.apply_op2_no_bwd(&grad, &DepthwiseBwdWeight { g: self.g })?)
-        } else {
-            None
-        };
-        Ok((gx, gw))
+        input_and_weight_grads(
+            x,
+            w,
+            grad,
+            &DepthwiseBwdInput { g: self.g },
+            &DepthwiseBwdWeight { g: self.g },
+        )
     }
 }
 
@@ -118,10 +111,8 @@ impl CustomOp2 for DepthwiseBwdInput {
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.g;
         with_float_storage!(self.name(), s1, |T| {
-            let gout = contiguous_slice::<T>(s1, l1, self.name())?;
-            let w = contiguous_slice::<T>(s2, l2, self.name())?;
-            check_len(self.name(), "grad", gout.len(), g.b * g.c * g.ho * g.wo)?;
-            check_len(self.name(), "weight", w.len(), g.c * g.kh * g.kw)?;
+            let gout = checked_slice::<T>(s1, l1, self.name(), "grad", g.out_len())?;
+            let w = checked_slice::<T>(s2, l2, self.name(), "weight", g.c * g.kh * g.kw)?;
             let gx = backward_input(gout, w, g);
             Ok((T::to_cpu_storage_owned(gx), g.in_shape()))
         })
@@ -167,10 +158,8 @@ impl CustomOp2 for DepthwiseBwdWeight {
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.g;
         with_float_storage!(self.name(), s1, |T| {
-            let x = contiguous_slice::<T>(s1, l1, self.name())?;
-            let gout = contiguous_slice::<T>(s2, l2, self.name())?;
-            check_len(self.name(), "input", x.len(), g.b * g.c * g.h * g.w)?;
-            check_len(self.name(), "grad", gout.len(), g.b * g.c * g.ho * g.wo)?;
+            let x = checked_slice::<T>(s1, l1, self.name(), "input", g.in_len())?;
+            let gout = checked_slice::<T>(s2, l2, self.name(), "grad", g.out_len())?;
             let gw = backward_weight(x, gout, g);
             Ok((
                 T::to_cpu_storage_owned(gw),
@@ -203,13 +192,6 @@ impl CustomOp2 for DepthwiseBwdWeight {
         )?;
         Ok((gw, Shape::from((g.c, 1, g.kh, g.kw))))
     }
-}
-
-pub(crate) fn check_len(op: &str, what: &str, got: usize, want: usize) -> Result<()> {
-    if got != want {
-        bail!("{op}: internal error, {what} has {got} elements, expected {want}")
-    }
-    Ok(())
 }
 
 /// Padded rows / phase pitch of the forward phase-split buffer.

@@ -75,6 +75,25 @@ pub(crate) fn contiguous_slice<'a, T: WithDType>(
     }
 }
 
+/// [`contiguous_slice`] that must hold exactly `want` elements (`what` names it in the
+/// error): the input check every CPU kernel entry point makes.
+pub(crate) fn checked_slice<'a, T: WithDType>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+    what: &str,
+    want: usize,
+) -> Result<&'a [T]> {
+    let s = contiguous_slice::<T>(storage, layout, op)?;
+    if s.len() != want {
+        bail!(
+            "{op}: internal error, {what} has {} elements, expected {want}",
+            s.len()
+        )
+    }
+    Ok(s)
+}
+
 /// Number of worker threads the kernels split work for (rayon's pool size).
 pub(crate) fn num_threads() -> usize {
     rayon::current_num_threads().max(1)

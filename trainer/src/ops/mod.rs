@@ -131,6 +131,39 @@ impl Geom {
     pub(crate) fn out_shape(&self) -> Shape {
         Shape::from((self.b, self.co, self.ho, self.wo))
     }
+
+    /// Elements of the input (and of its gradient).
+    pub(crate) fn in_len(&self) -> usize {
+        self.b * self.c * self.h * self.w
+    }
+
+    /// Elements of the output (and of its gradient).
+    pub(crate) fn out_len(&self) -> usize {
+        self.b * self.co * self.ho * self.wo
+    }
+}
+
+/// Gradients of a two-input op for the inputs that need one: `gx = grad ⊛ op_x(w)`,
+/// `gw = op_w(x, grad)`; what conv and depthwise conv share in their `bwd`.
+pub(crate) fn input_and_weight_grads(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    op_x: &impl candle_core::CustomOp2,
+    op_w: &impl candle_core::CustomOp2,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let grad = grad.contiguous()?;
+    let gx = if x.track_op() {
+        Some(grad.apply_op2_no_bwd(w, op_x)?)
+    } else {
+        None
+    };
+    let gw = if w.track_op() {
+        Some(x.apply_op2_no_bwd(&grad, op_w)?)
+    } else {
+        None
+    };
+    Ok((gx, gw))
 }
 
 fn check_weight(op: &str, x: &Tensor, w: &Tensor, want_in: usize, in_name: &str) -> Result<()> {

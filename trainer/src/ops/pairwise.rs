@@ -10,8 +10,7 @@
 //! clamped to zero get no gradient, which is also the true gradient for exact duplicates.
 
 use super::conv::{matmul, Mat};
-use super::depthwise::check_len;
-use super::elem::{contiguous_slice, num_threads, with_float_storage, Elem};
+use super::elem::{checked_slice, num_threads, with_float_storage, Elem};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 use gemm::Parallelism;
 
@@ -51,8 +50,7 @@ impl CustomOp1 for PairwiseSqDist {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, d) = (self.n, self.d);
         with_float_storage!(self.name(), s, |T| {
-            let x = contiguous_slice::<T>(s, l, self.name())?;
-            check_len(self.name(), "input", x.len(), n * d)?;
+            let x = checked_slice::<T>(s, l, self.name(), "input", n * d)?;
             Ok((
                 T::to_cpu_storage_owned(forward(x, n, d)),
                 Shape::from((n, n)),

@@ -7,8 +7,7 @@
 
 #[cfg(feature = "cuda")]
 use super::cuda;
-use super::depthwise::check_len;
-use super::elem::{contiguous_slice, with_float_storage, Elem};
+use super::elem::{checked_slice, with_float_storage, Elem};
 use super::Geom;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -173,8 +172,7 @@ impl CustomOp1 for MaxPool {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.g;
         with_float_storage!(self.name(), s, |T| {
-            let x = contiguous_slice::<T>(s, l, self.name())?;
-            check_len(self.name(), "input", x.len(), g.b * g.c * g.h * g.w)?;
+            let x = checked_slice::<T>(s, l, self.name(), "input", g.in_len())?;
             Ok((
                 T::to_cpu_storage_owned(pool_forward::<T, true>(x, g)),
                 g.out_shape(),
@@ -222,10 +220,8 @@ impl CustomOp2 for MaxPoolBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.g;
         with_float_storage!(self.name(), s1, |T| {
-            let x = contiguous_slice::<T>(s1, l1, self.name())?;
-            let gout = contiguous_slice::<T>(s2, l2, self.name())?;
-            check_len(self.name(), "input", x.len(), g.b * g.c * g.h * g.w)?;
-            check_len(self.name(), "grad", gout.len(), g.b * g.c * g.ho * g.wo)?;
+            let x = checked_slice::<T>(s1, l1, self.name(), "input", g.in_len())?;
+            let gout = checked_slice::<T>(s2, l2, self.name(), "grad", g.out_len())?;
             Ok((
                 T::to_cpu_storage_owned(max_backward(x, gout, g)),
                 g.in_shape(),
@@ -264,8 +260,7 @@ impl CustomOp1 for AvgPool {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.g;
         with_float_storage!(self.name(), s, |T| {
-            let x = contiguous_slice::<T>(s, l, self.name())?;
-            check_len(self.name(), "input", x.len(), g.b * g.c * g.h * g.w)?;
+            let x = checked_slice::<T>(s, l, self.name(), "input", g.in_len())?;
             Ok((
                 T::to_cpu_storage_owned(pool_forward::<T, false>(x, g)),
                 g.out_shape(),
@@ -307,8 +302,7 @@ impl CustomOp1 for AvgPoolBwd {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.g;
         with_float_storage!(self.name(), s, |T| {
-            let gout = contiguous_slice::<T>(s, l, self.name())?;
-            check_len(self.name(), "grad", gout.len(), g.b * g.c * g.ho * g.wo)?;
+            let gout = checked_slice::<T>(s, l, self.name(), "grad", g.out_len())?;
             Ok((T::to_cpu_storage_owned(avg_backward(gout, g)), g.in_shape()))
         })
     }
