@@ -5,9 +5,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::pairwise::{
-    check_constant, host_tensor, inverse_or_zero, pairwise_distances, to_host, Classes,
-};
+use super::pairwise::{check_constant, distances_for_mining, host_tensor, inverse_or_zero};
 use super::{LossOutput, MetricLoss};
 
 /// Contrastive loss. `active` counts ordered (anchor, other) pairs whose hinge is non-zero.
@@ -40,9 +38,7 @@ impl MetricLoss for Contrastive {
     }
 
     fn forward_batch(&self, embeddings: &Tensor, labels: &[u32], n: usize) -> Result<LossOutput> {
-        let dist = pairwise_distances(embeddings)?;
-        let host = to_host(&dist)?;
-        let classes = Classes::new(labels);
+        let (dist, host, classes) = distances_for_mining(embeddings, labels)?;
 
         // Per-row weights 1/|P_i| on positives and 1/|N_i| on negatives turn the per-anchor
         // means into one weighted sum over the matrix.

@@ -9,9 +9,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::pairwise::{
-    check_constant, host_tensor, inverse_or_zero, pairwise_distances, to_host, Classes,
-};
+use super::pairwise::{check_constant, distances_for_mining, host_tensor, inverse_or_zero};
 use super::{LossOutput, MetricLoss};
 
 /// Positive-mining loss. `active` counts anchors with a non-empty N_i.
@@ -37,9 +35,7 @@ impl MetricLoss for Fuzzy {
     }
 
     fn forward_batch(&self, embeddings: &Tensor, labels: &[u32], n: usize) -> Result<LossOutput> {
-        let dist = pairwise_distances(embeddings)?;
-        let host = to_host(&dist)?;
-        let classes = Classes::new(labels);
+        let (dist, host, classes) = distances_for_mining(embeddings, labels)?;
 
         // Σ_i l_i = Σ_ij W_ij d_ij + m · #active, with W = +1/k on the k nearest positives
         // and −1/|N_i| on the selected negatives of each active anchor.

@@ -59,6 +59,17 @@ pub(crate) fn to_host(m: &Tensor) -> Result<Vec<Vec<f64>>> {
     m.detach().to_dtype(DType::F64)?.to_vec2::<f64>()
 }
 
+/// What the distance-mining losses start from: the differentiable distance matrix, its host
+/// copy for the mining decisions, and who is whose positive.
+pub(crate) fn distances_for_mining<'a>(
+    embeddings: &Tensor,
+    labels: &'a [u32],
+) -> Result<(Tensor, Vec<Vec<f64>>, Classes<'a>)> {
+    let dist = pairwise_distances(embeddings)?;
+    let host = to_host(&dist)?;
+    Ok((dist, host, Classes::new(labels)))
+}
+
 /// Who is a positive or a negative of whom: positives are `j ≠ i` with the same label.
 pub(crate) struct Classes<'a> {
     labels: &'a [u32],

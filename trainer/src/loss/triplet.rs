@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::pairwise::{check_constant, host_tensor, pairwise_distances, to_host, Classes};
+use super::pairwise::{check_constant, distances_for_mining, host_tensor};
 use super::{LossOutput, MetricLoss};
 
 /// Batch-all triplet loss: `max(0, d_ap − d_an + m)` over every (anchor, positive,
@@ -27,9 +27,7 @@ impl MetricLoss for BatchAll {
     }
 
     fn forward_batch(&self, embeddings: &Tensor, labels: &[u32], n: usize) -> Result<LossOutput> {
-        let dist = pairwise_distances(embeddings)?;
-        let host = to_host(&dist)?;
-        let classes = Classes::new(labels);
+        let (dist, host, classes) = distances_for_mining(embeddings, labels)?;
 
         // Where a triplet's hinge is active it is linear: d_ap − d_aq + m. So the sum over
         // active triplets is Σ W ⊙ d + m · #active, with W[a, p] = +(active triplets through
@@ -83,9 +81,7 @@ impl MetricLoss for BatchHard {
     }
 
     fn forward_batch(&self, embeddings: &Tensor, labels: &[u32], n: usize) -> Result<LossOutput> {
-        let dist = pairwise_distances(embeddings)?;
-        let host = to_host(&dist)?;
-        let classes = Classes::new(labels);
+        let (dist, host, classes) = distances_for_mining(embeddings, labels)?;
 
         // One-hot selectors of each anchor's hardest positive (+1) and negative (−1): the
         // row sums of W ⊙ d are then d_ap − d_an.
