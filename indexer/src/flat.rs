@@ -138,8 +138,9 @@ impl FlatGraph {
             }
             self.stride = stride;
         }
-        // hnsw_rs's layer-0 lists hold up to 2·M; keep at least 5/8 of that (20 for M = 16):
-        // on 100k clustered 128-d vectors this gave the best QPS at recall@10 ≥ 0.95.
+        // hnsw_rs's layer-0 lists hold up to 2·M; keep at least 5/8 of that (20 for M = 16).
+        // Measured on 100k clustered 128-d vectors at ef 16, keeping at least 0 / 12 / 16 / 20
+        // links: recall@10 0.943 / 0.943 / 0.944 / 0.953 at about the same QPS.
         let min_keep = stride * 5 / 8;
         let pruned: Vec<Vec<u32>> = changed
             .par_iter()
