@@ -533,8 +533,9 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
         weights_sha256: "synthetic".repeat(8).chars().take(64).collect(),
         preprocess_sha256: "synthetic".repeat(8).chars().take(64).collect(),
     };
-    let (build_s, commit_s, bytes, rss_built) = if a.reuse {
-        (f64::NAN, f64::NAN, 0, None)
+    // (build seconds, commit seconds) when this run built the index; peak RSS after it.
+    let (built, rss_built) = if a.reuse {
+        (None, None)
     } else {
         let t = Instant::now();
         let mut index = GalleryIndex::create(&dir, identity, a.dim, a.params)?;
@@ -552,12 +553,7 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
         let build_s = t.elapsed().as_secs_f64();
         let t = Instant::now();
         index.commit()?;
-        (
-            build_s,
-            t.elapsed().as_secs_f64(),
-            index.disk_bytes(),
-            peak_rss_bytes(),
-        )
+        (Some((build_s, t.elapsed().as_secs_f64())), peak_rss_bytes())
     };
     let t = Instant::now();
     let index = GalleryIndex::open(&dir)?;
@@ -572,7 +568,7 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
             a.dim
         );
     }
-    let bytes = if a.reuse { index.disk_bytes() } else { bytes };
+    let bytes = index.disk_bytes();
     if a.dir.is_some() {
         // The held-out queries, for running a peer on exactly these (bench/peers/hnsw_peer.py
         // --queries-file); the base vectors come from `indexer export-vectors`.
@@ -622,12 +618,17 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
     println!("## Synthetic scale benchmark: {} × {}-d, {} clusters (noise {}), M = {}, ef_construction = {}\n", a.n, a.dim, a.classes, a.noise, a.params.m, a.params.ef_construction);
     println!("| figure | value |\n|---|---:|");
     println!("| generate vectors (s) | {gen_s:.2} |");
-    println!(
-        "| HNSW build, {} threads (s) | {build_s:.2} |",
-        rayon::current_num_threads()
-    );
-    println!("| build rate (vectors/s) | {:.0} |", a.n as f64 / build_s);
-    println!("| commit to disk (s) | {commit_s:.2} |");
+    match built {
+        Some((build_s, commit_s)) => {
+            println!(
+                "| HNSW build, {} threads (s) | {build_s:.2} |",
+                rayon::current_num_threads()
+            );
+            println!("| build rate (vectors/s) | {:.0} |", a.n as f64 / build_s);
+            println!("| commit to disk (s) | {commit_s:.2} |");
+        }
+        None => println!("| HNSW build | reused the index in {} |", dir.display()),
+    }
     println!("| reopen: verify + load graph dump (s) | {open_s:.2} |");
     println!("| index on disk (MiB) | {:.1} |", mib(bytes));
     if let (Some(b), Some(p)) = (rss_built, rss_peak) {
@@ -665,8 +666,10 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
         put("m", a.params.m.into());
         put("ef_construction", a.params.ef_construction.into());
         put("threads", rayon::current_num_threads().into());
-        put("build_seconds", build_s.into());
-        put("commit_seconds", commit_s.into());
+        if let Some((build_s, commit_s)) = built {
+            put("build_seconds", build_s.into());
+            put("commit_seconds", commit_s.into());
+        }
         put("open_seconds", open_s.into());
         put("index_bytes", bytes.into());
         put("peak_rss_bytes", rss_peak.into());

@@ -302,6 +302,7 @@ async fn add_image(
     if let Some(key) = &state.settings.api_key {
         check_api_key(&req, key)?;
     }
+    let arriving = state.batcher.arriving();
     let upload = read_upload(
         &req,
         payload,
@@ -328,11 +329,7 @@ async fn add_image(
     let format = decode::sniff_format(&bytes)?;
     let embedding = state
         .batcher
-        .embed(
-            state.batcher.arriving(),
-            bytes.clone(),
-            state.settings.limits,
-        )
+        .embed(arriving, bytes.clone(), state.settings.limits)
         .await?;
     let (gallery, uploads) = (state.gallery.clone(), state.uploads.clone());
     let label = upload.label.clone();
