@@ -54,10 +54,27 @@ impl Default for BatchConfig {
 
 type Reply = tokio::sync::oneshot::Sender<Result<Vec<f32>, ApiError>>;
 
+/// A queued request. It carries its [`Arriving`] guard so that the inference thread itself
+/// releases it as it takes the job: the count it then checks never includes a request it
+/// already holds (releasing it on the request's side, around the send, raced with the
+/// thread and could make a lone query wait `batch_wait` for itself).
 struct Job {
+    arriving: Arriving,
+    work: Work,
+}
+
+struct Work {
     upload: Bytes,
     limits: DecodeLimits,
     reply: Reply,
+}
+
+impl Job {
+    /// Takes the job off the queue: the request is no longer on its way.
+    fn taken(self) -> Work {
+        drop(self.arriving);
+        self.work
+    }
 }
 
 /// Handle to the inference thread. Cloning shares the same thread; the thread exits once
@@ -155,11 +172,13 @@ impl Batcher {
     ) -> Result<Vec<f32>, ApiError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let sent = self.tx.try_send(Job {
-            upload,
-            limits,
-            reply,
+            arriving,
+            work: Work {
+                upload,
+                limits,
+                reply,
+            },
         });
-        drop(arriving);
         match sent {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
@@ -190,20 +209,20 @@ fn run(
 ) {
     // `recv` fails only once every sender is gone and the queue is empty: a clean shutdown.
     while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
+        let mut jobs = vec![first.taken()];
         let deadline = Instant::now() + config.batch_wait;
         while jobs.len() < config.max_batch {
             // Take what is already queued without waiting; wait out the deadline only for
             // requests that are on their way.
             if let Ok(j) = rx.try_recv() {
-                jobs.push(j);
+                jobs.push(j.taken());
                 continue;
             }
             if arriving.load(Ordering::SeqCst) == 0 {
                 break;
             }
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(j) => jobs.push(j),
+                Ok(j) => jobs.push(j.taken()),
                 Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
             }
         }
