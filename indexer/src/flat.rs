@@ -550,7 +550,11 @@ mod tests {
                 let mut sorted = row.to_vec();
                 sorted.sort_unstable();
                 sorted.dedup();
-                assert_eq!(sorted.len(), row.len(), "duplicate link in row {v}: {row:?}");
+                assert_eq!(
+                    sorted.len(),
+                    row.len(),
+                    "duplicate link in row {v}: {row:?}"
+                );
                 assert!(row.iter().all(|&u| u != v && u < 1500), "row {v}: {row:?}");
             }
         }
@@ -565,7 +569,10 @@ mod tests {
         let r_inc = mean_recall(base, queries, dim, |q| incremental.search(base, q, 10, 32));
         let r_fresh = mean_recall(base, queries, dim, |q| fresh.search(base, q, 10, 32));
         assert!(r_fresh > 0.9, "fresh copy recall@10 {r_fresh}");
-        assert!(r_inc > r_fresh - 0.02, "incremental {r_inc} vs fresh {r_fresh}");
+        assert!(
+            r_inc > r_fresh - 0.02,
+            "incremental {r_inc} vs fresh {r_fresh}"
+        );
     }
 
     #[test]

@@ -2,10 +2,12 @@
 //!
 //! Every kernel works on one `H × W` plane at a time, so rayon splits the work over
 //! `(batch, channel)` planes (or over channels for the weight gradient, which sums over the
-//! batch). The input plane is first copied into a zero-padded, *phase-split* buffer: padded
-//! column `s·j + p` is stored at `[p][j]`. With that layout a stride-`s` tap `(ky, kx)` reads
-//! the contiguous run `row[oy·s + ky][kx % s][kx / s ..]`, so stride 2 vectorises as well as
-//! stride 1, and the padding never needs a bounds check in the inner loop.
+//! batch). The input plane is first copied into a zero-padded, *phase-split* buffer
+//! ([`Phases`]): with it, each tap of a stride-`s` filter reads one contiguous run covering
+//! the whole output plane (laid out at the buffer's pitch, a few scratch columns per row),
+//! so stride 2 vectorises as well as stride 1, a 7 × 7 plane as well as a 112 × 112 one
+//! (row-by-row loops ran the late layers' 7- and 14-wide rows mostly as scalar tails), and
+//! the padding never needs a bounds check in the inner loop.
 //!
 //! The input gradient of a stride-`s` convolution splits into `s²` stride-1 correlations of
 //! the output gradient with the sub-kernels `w[py + s·a][px + s·b]` (flipped); each output
@@ -194,67 +196,91 @@ impl CustomOp2 for DepthwiseBwdWeight {
     }
 }
 
-/// Padded rows / phase pitch of the forward phase-split buffer.
-fn phase_dims(g: &Geom) -> (usize, usize) {
-    let rows = (g.ho - 1) * g.stride + g.kh;
-    let pitch = g.wo + (g.kw - 1) / g.stride;
-    (rows, pitch)
+/// One input plane as the forward pass and the weight gradient read it: zero-padded and
+/// split into `s × s` phases, phase `(py, px)` holding padded pixel `(s·i + py, s·j + px)` at
+/// `[i][j]`, each phase `rows × pitch`. Output pixel `(oy, ox)` of tap `(ky, kx)` reads phase
+/// `(ky % s, kx % s)` at `[oy + ky / s][ox + kx / s]`, so with the output laid out at the same
+/// pitch every tap is one contiguous run over the whole plane ([`Phases::tap`]): a 7 × 7
+/// plane vectorises as well as a 112 × 112 one, and the padding needs no bounds checks.
+#[derive(Debug, Clone, Copy)]
+struct Phases {
+    rows: usize,
+    pitch: usize,
 }
 
-/// Copies one input plane into the zero-padded phase-split layout described in the module
-/// docs: `buf[r][p][j] = x[r - top][s·j + p - left]` (zero outside the plane).
-fn load_phase_plane<T: Elem>(x: &[T], g: &Geom, buf: &mut Vec<T>) {
-    let (rows, pitch) = phase_dims(g);
+impl Phases {
+    fn of(g: &Geom) -> Self {
+        Self {
+            rows: g.ho + (g.kh - 1) / g.stride,
+            pitch: g.wo + (g.kw - 1) / g.stride,
+        }
+    }
+
+    fn plane(&self) -> usize {
+        self.rows * self.pitch
+    }
+
+    /// Length of an output plane laid out at `pitch` (the last row unpadded): the run of
+    /// every tap. Columns `wo..pitch` of each row are scratch.
+    fn run_len(&self, g: &Geom) -> usize {
+        (g.ho - 1) * self.pitch + g.wo
+    }
+
+    /// Where tap `(ky, kx)`'s run starts in the phase buffer.
+    fn tap(&self, g: &Geom, ky: usize, kx: usize) -> usize {
+        let s = g.stride;
+        ((ky % s) * s + kx % s) * self.plane() + (ky / s) * self.pitch + kx / s
+    }
+}
+
+/// Copies one input plane into the phase layout of [`Phases`].
+fn load_phases<T: Elem>(x: &[T], g: &Geom, buf: &mut Vec<T>) {
+    let d = Phases::of(g);
     let s = g.stride;
-    let rl = s * pitch;
     let [pt, _, pl, _] = g.pad;
     // Every cell is written below (data or zero), so a reused buffer needs no clearing.
-    buf.resize(rows * rl, T::zero());
-    for (r, dst) in buf.chunks_exact_mut(rl).enumerate() {
-        let Some(iy) = r.checked_sub(pt).filter(|&iy| iy < g.h) else {
-            dst.fill(T::zero());
-            continue;
-        };
-        let src = &x[iy * g.w..(iy + 1) * g.w];
+    buf.resize(s * s * d.plane(), T::zero());
+    let src_row = |py: usize, i: usize| {
+        (s * i + py)
+            .checked_sub(pt)
+            .filter(|&iy| iy < g.h)
+            .map(|iy| &x[iy * g.w..(iy + 1) * g.w])
+    };
+    // Row phase py: the s column phases of its rows, one after the other.
+    for (py, phases) in buf.chunks_exact_mut(s * d.plane()).enumerate() {
         if s == 2 {
-            load_row_stride2(src, pl, pitch, dst);
+            let (even, odd) = phases.split_at_mut(d.plane());
+            let rows = even
+                .chunks_exact_mut(d.pitch)
+                .zip(odd.chunks_exact_mut(d.pitch));
+            for (i, (e, o)) in rows.enumerate() {
+                match src_row(py, i) {
+                    Some(src) => load_row_stride2(src, pl, e, o),
+                    None => {
+                        e.fill(T::zero());
+                        o.fill(T::zero());
+                    }
+                }
+            }
             continue;
         }
-        for (p, d) in dst.chunks_exact_mut(pitch).enumerate() {
-            // Columns j with 0 <= s·j + p - left < W.
-            let lo = if pl > p { (pl - p).div_ceil(s) } else { 0 };
-            let hi = if g.w + pl > p {
-                (g.w + pl - p).div_ceil(s).min(pitch)
-            } else {
-                0
-            };
-            let lo = lo.min(hi);
-            d[..lo].fill(T::zero());
-            d[hi..].fill(T::zero());
-            let d = &mut d[lo..hi];
-            if d.is_empty() {
-                continue;
-            }
-            let start = s * lo + p - pl;
-            if s == 1 {
-                d.copy_from_slice(&src[start..start + d.len()]);
-            } else {
-                for (v, &xv) in d.iter_mut().zip(src[start..].iter().step_by(s)) {
-                    *v = xv;
-                }
+        for (px, dst) in phases.chunks_exact_mut(d.plane()).enumerate() {
+            for (i, row) in dst.chunks_exact_mut(d.pitch).enumerate() {
+                fill_phase_row(src_row(py, i), s, px, pl, row);
             }
         }
     }
 }
 
-/// Stride-2 case of [`load_phase_plane`] for one row: de-interleaves input column pairs
-/// into the even/odd phase halves of `dst` (`2 × pitch`) in one pass.
-fn load_row_stride2<T: Elem>(src: &[T], pl: usize, pitch: usize, dst: &mut [T]) {
-    dst.fill(T::zero());
+/// Stride-2 case of [`fill_phase_row`] for both column phases of one row at once:
+/// de-interleaves input column pairs into `even` and `odd` (`pitch` each) in one pass.
+fn load_row_stride2<T: Elem>(src: &[T], pl: usize, even: &mut [T], odd: &mut [T]) {
+    let pitch = even.len();
+    even.fill(T::zero());
+    odd.fill(T::zero());
     // Input columns that land inside the buffer: padded column ix + left < 2·pitch.
     let n = src.len().min((2 * pitch).saturating_sub(pl));
     let src = &src[..n];
-    let (even, odd) = dst.split_at_mut(pitch);
     // Input column ix sits at padded column c = ix + left, phase c % 2, index c / 2.
     let (first, second, j_first, j_second) = if pl.is_multiple_of(2) {
         (even, odd, pl / 2, pl / 2)
@@ -274,6 +300,36 @@ fn load_row_stride2<T: Elem>(src: &[T], pl: usize, pitch: usize, dst: &mut [T]) 
     }
     if let Some(&v) = rest.first() {
         first[j_first + np] = v;
+    }
+}
+
+/// `dst[j] = src[s·j + px − left]`, zero outside `src` (or everywhere for a padding row).
+fn fill_phase_row<T: Elem>(src: Option<&[T]>, s: usize, px: usize, pl: usize, dst: &mut [T]) {
+    let Some(src) = src else {
+        dst.fill(T::zero());
+        return;
+    };
+    // Columns j with 0 <= s·j + px - left < W.
+    let lo = if pl > px { (pl - px).div_ceil(s) } else { 0 };
+    let hi = if src.len() + pl > px {
+        (src.len() + pl - px).div_ceil(s).min(dst.len())
+    } else {
+        0
+    };
+    let lo = lo.min(hi);
+    dst[..lo].fill(T::zero());
+    dst[hi..].fill(T::zero());
+    let d = &mut dst[lo..hi];
+    if d.is_empty() {
+        return;
+    }
+    let start = s * lo + px - pl;
+    if s == 1 {
+        d.copy_from_slice(&src[start..start + d.len()]);
+    } else {
+        for (v, &xv) in d.iter_mut().zip(src[start..].iter().step_by(s)) {
+            *v = xv;
+        }
     }
 }
 
@@ -318,7 +374,8 @@ fn taps_row_any<T: Elem, const FMA: bool>(w: &[T], seg: &[&[T]], out: &mut [T]) 
     }
 }
 
-/// Forward of one plane: `buf` is the phase-split input, `w` this channel's `kh·kw` filter.
+/// Forward of one plane: `buf` is the input in the [`Phases`] layout, `w` this channel's
+/// `kh·kw` filter, `out` the output plane at the phases' pitch ([`Phases::run_len`]).
 #[inline(always)]
 fn fwd_plane<T: Elem, const KH: usize, const KW: usize, const FMA: bool>(
     buf: &[T],
@@ -326,36 +383,23 @@ fn fwd_plane<T: Elem, const KH: usize, const KW: usize, const FMA: bool>(
     g: &Geom,
     out: &mut [T],
 ) {
-    let (_, pitch) = phase_dims(g);
-    let s = g.stride;
-    let rl = s * pitch;
-    let wo = g.wo;
+    let d = Phases::of(g);
+    let n = out.len();
+    let run = |ky: usize, kx: usize| {
+        let st = d.tap(g, ky, kx);
+        &buf[st..st + n]
+    };
     if KH == 0 {
-        let mut seg: Vec<&[T]> = Vec::with_capacity(g.kh * g.kw);
-        for (oy, o) in out.chunks_exact_mut(wo).enumerate() {
-            seg.clear();
-            for ky in 0..g.kh {
-                let row = &buf[(oy * s + ky) * rl..(oy * s + ky + 1) * rl];
-                for kx in 0..g.kw {
-                    let st = (kx % s) * pitch + kx / s;
-                    seg.push(&row[st..st + wo]);
-                }
-            }
-            taps_row_any::<T, FMA>(w, &seg, o);
-        }
+        let seg: Vec<&[T]> = (0..g.kh)
+            .flat_map(|ky| (0..g.kw).map(move |kx| (ky, kx)))
+            .map(|(ky, kx)| run(ky, kx))
+            .collect();
+        taps_row_any::<T, FMA>(w, &seg, out);
         return;
     }
     let wk: [[T; KW]; KH] = std::array::from_fn(|a| std::array::from_fn(|b| w[a * KW + b]));
-    for (oy, o) in out.chunks_exact_mut(wo).enumerate() {
-        let seg: [[&[T]; KW]; KH] = std::array::from_fn(|ky| {
-            let row = &buf[(oy * s + ky) * rl..(oy * s + ky + 1) * rl];
-            std::array::from_fn(|kx| {
-                let st = (kx % s) * pitch + kx / s;
-                &row[st..st + wo]
-            })
-        });
-        taps_row::<T, KH, KW, FMA>(&wk, &seg, o);
-    }
+    let seg: [[&[T]; KW]; KH] = std::array::from_fn(|ky| std::array::from_fn(|kx| run(ky, kx)));
+    taps_row::<T, KH, KW, FMA>(&wk, &seg, out);
 }
 
 /// Builds the zero-padded output-gradient plane for the input gradient:
@@ -474,66 +518,52 @@ fn bwd_input_plane<T: Elem, const QH: usize, const QW: usize, const FMA: bool>(
     }
 }
 
-/// Weight gradient of one plane, accumulated into `gw` (`kh·kw`):
-/// `gw[ky][kx] += Σ_{oy,ox} gout[oy][ox] · buf[oy·s + ky][kx % s][ox + kx / s]`.
+/// Weight gradient of one plane, accumulated into `gw` (`kh·kw`): `gw[ky][kx] += Σ_t
+/// gflat[t] · run(ky, kx)[t]`, where `buf` is the input in the [`Phases`] layout and `gflat`
+/// the output gradient at the phases' pitch with zeros in the scratch columns.
 #[inline(always)]
 fn bwd_weight_plane<T: Elem, const KW: usize, const FMA: bool>(
     buf: &[T],
-    gout: &[T],
+    gflat: &[T],
     g: &Geom,
     gw: &mut [T],
 ) {
-    let (_, pitch) = phase_dims(g);
-    let s = g.stride;
-    let rl = s * pitch;
-    let wo = g.wo;
-    let kw = g.kw;
-    let full = wo / LANES * LANES;
+    let d = Phases::of(g);
+    let n = gflat.len();
+    let full = n / LANES * LANES;
+    let run = |ky: usize, kx: usize| {
+        let st = d.tap(g, ky, kx);
+        &buf[st..st + n]
+    };
     for ky in 0..g.kh {
         if KW == 0 {
-            for kx in 0..kw {
+            for kx in 0..g.kw {
+                let sg = run(ky, kx);
                 let mut acc = [T::zero(); LANES];
-                let mut tail = T::zero();
-                for (oy, gr) in gout.chunks_exact(wo).enumerate() {
-                    let row = &buf[(oy * s + ky) * rl..(oy * s + ky + 1) * rl];
-                    let st = (kx % s) * pitch + kx / s;
-                    let sg = &row[st..st + wo];
-                    dot_lanes::<T, FMA>(&gr[..full], &sg[..full], &mut acc);
-                    for j in full..wo {
-                        tail = T::madd::<FMA>(gr[j], sg[j], tail);
-                    }
-                }
-                gw[ky * kw + kx] += acc.iter().fold(tail, |a, &b| a + b);
+                dot_lanes::<T, FMA>(&gflat[..full], &sg[..full], &mut acc);
+                let tail = (full..n).fold(T::zero(), |t, j| T::madd::<FMA>(gflat[j], sg[j], t));
+                gw[ky * g.kw + kx] += acc.iter().fold(tail, |a, &b| a + b);
             }
             continue;
         }
+        // The KW taps of a kernel row share the loads of `gflat` and run as independent
+        // accumulator chains.
+        let seg: [&[T]; KW] = std::array::from_fn(|kx| run(ky, kx));
         let mut acc = [[T::zero(); LANES]; KW];
-        let mut tail = [T::zero(); KW];
-        for (oy, gr) in gout.chunks_exact(wo).enumerate() {
-            let row = &buf[(oy * s + ky) * rl..(oy * s + ky + 1) * rl];
-            let seg: [&[T]; KW] = std::array::from_fn(|kx| {
-                let st = (kx % s) * pitch + kx / s;
-                &row[st..st + wo]
-            });
-            for (i, gc) in gr[..full].chunks_exact(LANES).enumerate() {
-                let gv: &[T; LANES] = gc.try_into().expect("chunk of LANES");
-                for kx in 0..KW {
-                    let sv: &[T; LANES] = seg[kx][i * LANES..(i + 1) * LANES]
-                        .try_into()
-                        .expect("chunk of LANES");
-                    for l in 0..LANES {
-                        acc[kx][l] = T::madd::<FMA>(gv[l], sv[l], acc[kx][l]);
-                    }
-                }
-            }
-            for j in full..wo {
-                for kx in 0..KW {
-                    tail[kx] = T::madd::<FMA>(gr[j], seg[kx][j], tail[kx]);
+        for (i, gc) in gflat[..full].chunks_exact(LANES).enumerate() {
+            let gv: &[T; LANES] = gc.try_into().expect("chunk of LANES");
+            for kx in 0..KW {
+                let sv: &[T; LANES] = seg[kx][i * LANES..(i + 1) * LANES]
+                    .try_into()
+                    .expect("chunk of LANES");
+                for l in 0..LANES {
+                    acc[kx][l] = T::madd::<FMA>(gv[l], sv[l], acc[kx][l]);
                 }
             }
         }
         for kx in 0..KW {
-            gw[ky * kw + kx] += acc[kx].iter().fold(tail[kx], |a, &b| a + b);
+            let tail = (full..n).fold(T::zero(), |t, j| T::madd::<FMA>(gflat[j], seg[kx][j], t));
+            gw[ky * g.kw + kx] += acc[kx].iter().fold(tail, |a, &b| a + b);
         }
     }
 }
@@ -548,6 +578,7 @@ fn dot_lanes<T: Elem, const FMA: bool>(a: &[T], b: &[T], acc: &mut [T; LANES]) {
 }
 
 /// Instantiates a plane kernel twice (plain and `avx2,fma`) behind one safe entry point.
+/// (An `avx512f` instance measured no faster: these loops are bound by loads, not lanes.)
 macro_rules! multiversion {
     ($entry:ident, $avx:ident, $kernel:ident, <$($c:ident),*>, ($($arg:ident : $ty:ty),*)) => {
         #[cfg(target_arch = "x86_64")]
@@ -572,7 +603,7 @@ multiversion!(fwd_plane_mv, fwd_plane_avx2, fwd_plane, <KH, KW>,
 multiversion!(bwd_input_plane_mv, bwd_input_plane_avx2, bwd_input_plane, <QH, QW>,
     (gbuf: &[T], w: &[T], g: &Geom, gx: &mut [T], tmp: &mut Vec<T>));
 multiversion!(bwd_weight_plane_mv, bwd_weight_plane_avx2, bwd_weight_plane, <KW>,
-    (buf: &[T], gout: &[T], g: &Geom, gw: &mut [T]));
+    (buf: &[T], gflat: &[T], g: &Geom, gw: &mut [T]));
 
 /// Calls `$f::<T, N, N>` for the square sizes with a specialised kernel, `$f::<T, 0, 0>`
 /// (runtime sizes) otherwise.
@@ -602,16 +633,28 @@ where
     E: Fn(usize, &mut [T]) + Sync,
 {
     let (hw, howo, kk) = (g.h * g.w, g.ho * g.wo, g.kh * g.kw);
+    let d = Phases::of(g);
+    let n = d.run_len(g);
     let mut out = vec![T::zero(); g.b * g.c * howo];
-    out.par_chunks_mut(howo)
-        .enumerate()
-        .for_each_init(Vec::new, |buf, (plane, o)| {
+    out.par_chunks_mut(howo).enumerate().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(buf, wide), (plane, o)| {
             let ch = plane % g.c;
-            load_phase_plane(&x[plane * hw..(plane + 1) * hw], g, buf);
+            load_phases(&x[plane * hw..(plane + 1) * hw], g, buf);
             let wc = &w[ch * kk..(ch + 1) * kk];
-            square_dispatch!(fwd_plane_mv, g.kh, g.kw, (buf, wc, g, o));
+            if d.pitch == g.wo {
+                square_dispatch!(fwd_plane_mv, g.kh, g.kw, (buf, wc, g, o));
+            } else {
+                // Computed at the phases' pitch, then the scratch columns dropped.
+                wide.resize(n, T::zero());
+                square_dispatch!(fwd_plane_mv, g.kh, g.kw, (buf, wc, g, wide));
+                for (dst, src) in o.chunks_exact_mut(g.wo).zip(wide.chunks(d.pitch)) {
+                    dst.copy_from_slice(&src[..g.wo]);
+                }
+            }
             epilogue(plane, o);
-        });
+        },
+    );
     out
 }
 
@@ -635,14 +678,27 @@ pub(crate) fn backward_input<T: Elem>(gout: &[T], w: &[T], g: &Geom) -> Vec<T> {
 /// Depthwise weight gradient, summed over the batch; parallel over channels.
 pub(crate) fn backward_weight<T: Elem>(x: &[T], gout: &[T], g: &Geom) -> Vec<T> {
     let (hw, howo, kk) = (g.h * g.w, g.ho * g.wo, g.kh * g.kw);
+    let d = Phases::of(g);
+    let n = d.run_len(g);
     let mut gw = vec![T::zero(); g.c * kk];
-    gw.par_chunks_mut(kk)
-        .enumerate()
-        .for_each_init(Vec::new, |buf, (ch, gwc)| {
+    gw.par_chunks_mut(kk).enumerate().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(buf, gflat), (ch, gwc)| {
             for b in 0..g.b {
                 let plane = b * g.c + ch;
-                load_phase_plane(&x[plane * hw..(plane + 1) * hw], g, buf);
+                load_phases(&x[plane * hw..(plane + 1) * hw], g, buf);
                 let gp = &gout[plane * howo..(plane + 1) * howo];
+                let gp: &[T] = if d.pitch == g.wo {
+                    gp
+                } else {
+                    // The gradient at the phases' pitch, zero in the scratch columns.
+                    gflat.clear();
+                    gflat.resize(n, T::zero());
+                    for (dst, src) in gflat.chunks_mut(d.pitch).zip(gp.chunks_exact(g.wo)) {
+                        dst[..g.wo].copy_from_slice(src);
+                    }
+                    gflat
+                };
                 match g.kw {
                     3 => bwd_weight_plane_mv::<T, 3>(buf, gp, g, gwc),
                     5 => bwd_weight_plane_mv::<T, 5>(buf, gp, g, gwc),
@@ -650,6 +706,7 @@ pub(crate) fn backward_weight<T: Elem>(x: &[T], gout: &[T], g: &Geom) -> Vec<T> 
                     _ => bwd_weight_plane_mv::<T, 0>(buf, gp, g, gwc),
                 }
             }
-        });
+        },
+    );
     gw
 }
