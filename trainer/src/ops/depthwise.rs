@@ -234,50 +234,65 @@ impl Phases {
 }
 
 /// Copies one input plane into the phase layout of [`Phases`].
+///
+/// Only the cells that hold input pixels are written; the padding cells are zeroed when the
+/// buffer is first sized. So `buf` must be empty or come from an earlier call with the same
+/// geometry (each kernel keeps one per worker for the duration of one op), and then every
+/// call writes the same cells: on late layers' 7 × 7 planes, re-zeroing the padding cost as
+/// much as the convolution.
 fn load_phases<T: Elem>(x: &[T], g: &Geom, buf: &mut Vec<T>) {
     let d = Phases::of(g);
     let s = g.stride;
     let [pt, _, pl, _] = g.pad;
-    // Every cell is written below (data or zero), so a reused buffer needs no clearing.
-    buf.resize(s * s * d.plane(), T::zero());
-    let src_row = |py: usize, i: usize| {
-        (s * i + py)
-            .checked_sub(pt)
-            .filter(|&iy| iy < g.h)
-            .map(|iy| &x[iy * g.w..(iy + 1) * g.w])
-    };
-    // Row phase py: the s column phases of its rows, one after the other.
+    let size = s * s * d.plane();
+    if buf.len() != size {
+        buf.clear();
+        buf.resize(size, T::zero());
+    }
+    // Row phase py: the s column phases of its rows, one after the other. Phase row i holds
+    // input row s·i + py − top, when that is inside the plane.
     for (py, phases) in buf.chunks_exact_mut(s * d.plane()).enumerate() {
+        let first = (pt.saturating_sub(py)).div_ceil(s);
+        let end = (g.h + pt).saturating_sub(py).div_ceil(s).min(d.rows);
+        let src_rows = (first..end).map(|i| {
+            let iy = s * i + py - pt;
+            (i, &x[iy * g.w..(iy + 1) * g.w])
+        });
         if s == 2 {
             let (even, odd) = phases.split_at_mut(d.plane());
-            let rows = even
-                .chunks_exact_mut(d.pitch)
-                .zip(odd.chunks_exact_mut(d.pitch));
-            for (i, (e, o)) in rows.enumerate() {
-                match src_row(py, i) {
-                    Some(src) => load_row_stride2(src, pl, e, o),
-                    None => {
-                        e.fill(T::zero());
-                        o.fill(T::zero());
-                    }
-                }
+            for (i, src) in src_rows {
+                let row = i * d.pitch..(i + 1) * d.pitch;
+                load_row_stride2(src, pl, &mut even[row.clone()], &mut odd[row]);
             }
             continue;
         }
         for (px, dst) in phases.chunks_exact_mut(d.plane()).enumerate() {
-            for (i, row) in dst.chunks_exact_mut(d.pitch).enumerate() {
-                fill_phase_row(src_row(py, i), s, px, pl, row);
+            // Columns j with 0 <= s·j + px − left < W, the same for every row.
+            let lo = (pl.saturating_sub(px)).div_ceil(s);
+            let hi = (g.w + pl).saturating_sub(px).div_ceil(s).min(d.pitch);
+            if lo >= hi {
+                continue;
+            }
+            let start = s * lo + px - pl;
+            for (i, src) in src_rows.clone() {
+                let d = &mut dst[i * d.pitch + lo..i * d.pitch + hi];
+                if s == 1 {
+                    d.copy_from_slice(&src[start..start + d.len()]);
+                } else {
+                    for (v, &xv) in d.iter_mut().zip(src[start..].iter().step_by(s)) {
+                        *v = xv;
+                    }
+                }
             }
         }
     }
 }
 
-/// Stride-2 case of [`fill_phase_row`] for both column phases of one row at once:
-/// de-interleaves input column pairs into `even` and `odd` (`pitch` each) in one pass.
+/// Stride-2 case of [`load_phases`] for both column phases of one row at once:
+/// de-interleaves input column pairs into `even` and `odd` (`pitch` each) in one pass,
+/// writing only the cells that hold input pixels.
 fn load_row_stride2<T: Elem>(src: &[T], pl: usize, even: &mut [T], odd: &mut [T]) {
     let pitch = even.len();
-    even.fill(T::zero());
-    odd.fill(T::zero());
     // Input columns that land inside the buffer: padded column ix + left < 2·pitch.
     let n = src.len().min((2 * pitch).saturating_sub(pl));
     let src = &src[..n];
@@ -300,36 +315,6 @@ fn load_row_stride2<T: Elem>(src: &[T], pl: usize, even: &mut [T], odd: &mut [T]
     }
     if let Some(&v) = rest.first() {
         first[j_first + np] = v;
-    }
-}
-
-/// `dst[j] = src[s·j + px − left]`, zero outside `src` (or everywhere for a padding row).
-fn fill_phase_row<T: Elem>(src: Option<&[T]>, s: usize, px: usize, pl: usize, dst: &mut [T]) {
-    let Some(src) = src else {
-        dst.fill(T::zero());
-        return;
-    };
-    // Columns j with 0 <= s·j + px - left < W.
-    let lo = if pl > px { (pl - px).div_ceil(s) } else { 0 };
-    let hi = if src.len() + pl > px {
-        (src.len() + pl - px).div_ceil(s).min(dst.len())
-    } else {
-        0
-    };
-    let lo = lo.min(hi);
-    dst[..lo].fill(T::zero());
-    dst[hi..].fill(T::zero());
-    let d = &mut dst[lo..hi];
-    if d.is_empty() {
-        return;
-    }
-    let start = s * lo + px - pl;
-    if s == 1 {
-        d.copy_from_slice(&src[start..start + d.len()]);
-    } else {
-        for (v, &xv) in d.iter_mut().zip(src[start..].iter().step_by(s)) {
-            *v = xv;
-        }
     }
 }
 
