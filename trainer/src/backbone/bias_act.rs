@@ -241,7 +241,7 @@ fn channel_sum<T: Float>(x: &[T], dims: &[usize]) -> Vec<T> {
                 tail = chunks.remainder().iter().fold(tail, |t, &v| t + v);
                 for ck in chunks {
                     for l in 0..8 {
-                        acc[l] = acc[l] + ck[l];
+                        acc[l] += ck[l];
                     }
                 }
             }
