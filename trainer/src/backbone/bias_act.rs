@@ -3,13 +3,11 @@
 //! After folding batch norm into the convolution (see [`super::layers`]), every conv is
 //! followed by a bias add and usually an activation. Written as candle ops that is two or
 //! three passes over activations that reach hundreds of MB at batch 32 (EfficientNet's
-//! first expanded blocks: 32×96×112×112 floats); this op does it in one pass. Its backward
-//! is two parallel passes too ([`ActGrad`] masks the gradient, [`ChannelSum`] reduces it
-//! per channel for the bias) instead of the seven single-threaded candle ops it replaced
-//! (compare, compare, multiply, cast, multiply and three sums).
+//! first expanded blocks: 32×96×112×112 floats); this op does it in one pass, and its
+//! backward (input and bias gradients) in one pass too ([`act_grad_and_bias`]).
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
+    CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, WithDType,
 };
 use rayon::prelude::*;
 
@@ -145,128 +143,153 @@ impl CustomOp2 for BiasAct {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // The derivative is 1 where the activation is in its linear part, read off the output
-        // (as PyTorch does: 0 at the kinks).
-        let g = match self.0 {
-            Activation::Identity => grad.clone(),
-            act => grad
-                .contiguous()?
-                .apply_op2_no_bwd(&res.contiguous()?, &ActGrad(act))?,
+        let grad = grad.contiguous()?;
+        let res = res.contiguous()?;
+        let dims = grad.dims().to_vec();
+        let (gs, gl) = grad.storage_and_layout();
+        let (rs, rl) = res.storage_and_layout();
+        let (g_in, g_b) = match (&*gs, &*rs) {
+            (Storage::Cpu(CpuStorage::F32(g)), Storage::Cpu(CpuStorage::F32(r))) => {
+                grads(slice(g, gl)?, slice(r, rl)?, &dims, self.0, &grad)?
+            }
+            (Storage::Cpu(CpuStorage::F64(g)), Storage::Cpu(CpuStorage::F64(r))) => {
+                grads(slice(g, gl)?, slice(r, rl)?, &dims, self.0, &grad)?
+            }
+            _ => candle_core::bail!("bias_act backward: CPU f32 or f64 tensors of one type expected"),
         };
-        let gb = g.contiguous()?.apply_op1_no_bwd(&ChannelSum)?;
-        Ok((Some(g), Some(gb)))
+        Ok((Some(g_in), Some(g_b)))
     }
 }
 
-/// Elements per parallel task of the elementwise passes.
-const CHUNK: usize = 16_384;
-
-/// `grad · act'(res)`: the gradient where the output `res` is in the activation's linear
-/// part, 0 elsewhere.
-struct ActGrad(Activation);
-
-fn act_grad<T: Float>(g: &[T], r: &[T], act: Activation) -> Vec<T> {
-    let (zero, six) = (T::zero(), T::from_f64(6.0));
-    let mut out = vec![T::zero(); g.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK).zip(r.par_chunks(CHUNK)))
-        .for_each(|(o, (g, r))| {
-            let it = o.iter_mut().zip(g.iter().zip(r));
-            match act {
-                Activation::Identity => it.for_each(|(o, (&g, _))| *o = g),
-                Activation::Relu => {
-                    it.for_each(|(o, (&g, &r))| *o = if r > zero { g } else { zero })
-                }
-                Activation::Relu6 => {
-                    it.for_each(|(o, (&g, &r))| *o = if r > zero && r < six { g } else { zero })
-                }
-            }
-        });
-    out
+/// Input and bias gradients as tensors (see [`act_grad_and_bias`]).
+fn grads<T: Float>(
+    g: &[T],
+    r: &[T],
+    dims: &[usize],
+    act: Activation,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (gx, gb) = act_grad_and_bias(g, r, dims, act);
+    let dev = grad.device();
+    let gx = match gx {
+        // Identity: the gradient passes through unchanged.
+        None => grad.clone(),
+        Some(v) => Tensor::from_vec(v, dims, dev)?,
+    };
+    Ok((gx, Tensor::from_vec(gb, dims[1], dev)?))
 }
 
-fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+fn slice<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("bias_act backward: {what} must be contiguous"),
+        None => candle_core::bail!("bias_act backward: tensors must be contiguous"),
     }
 }
 
-impl CustomOp2 for ActGrad {
-    fn name(&self) -> &'static str {
-        "bias-act-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("bias_act backward: gradient and output shapes differ")
-        }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(g), CpuStorage::F32(r)) => CpuStorage::F32(act_grad(
-                contiguous(g, l1, "gradient")?,
-                contiguous(r, l2, "output")?,
-                self.0,
-            )),
-            (CpuStorage::F64(g), CpuStorage::F64(r)) => CpuStorage::F64(act_grad(
-                contiguous(g, l1, "gradient")?,
-                contiguous(r, l2, "output")?,
-                self.0,
-            )),
-            _ => candle_core::bail!("bias_act backward: f32 or f64 of one type expected"),
+/// The backward of `act(x + b)` for `[B, C, H, W]` in one parallel pass: the input gradient
+/// `grad · act'(res)` (`None` for the identity, where it is `grad` itself) and the bias
+/// gradient, its sum per channel. The derivative is 1 where the activation is in its linear
+/// part, read off the output `res` (as PyTorch does: 0 at the kinks).
+///
+/// Written as candle ops this was seven single-threaded passes (two compares, a multiply, a
+/// cast, a multiply and three sums); it is memory-bound either way, so one pass that reads
+/// `grad` and `res` once and writes the result into uninitialised memory is what pays.
+fn act_grad_and_bias<T: Float>(
+    grad: &[T],
+    res: &[T],
+    dims: &[usize],
+    act: Activation,
+) -> (Option<Vec<T>>, Vec<T>) {
+    let (c, plane) = (dims[1], dims[2] * dims[3]);
+    let planes = grad.len() / plane.max(1);
+    let mut sums = vec![T::zero(); planes];
+    let mut out: Vec<T> = Vec::new();
+    if plane > 0 {
+        // Several planes per task: late-stage 7×7 planes would drown in scheduling.
+        let per_task = (16_384 / plane).max(1);
+        let sum_plane = |p: usize, dst: Option<&mut [std::mem::MaybeUninit<T>]>| {
+            let g = &grad[p * plane..(p + 1) * plane];
+            let r = &res[p * plane..(p + 1) * plane];
+            masked_sum(g, r, act, dst)
         };
-        Ok((out, l1.shape().clone()))
-    }
-}
-
-/// `[B, C, H, W]` → `[C]`: the sum of each channel over batch and plane (the bias gradient).
-struct ChannelSum;
-
-fn channel_sum<T: Float>(x: &[T], dims: &[usize]) -> Vec<T> {
-    let (b, c, plane) = (dims[0], dims[1], dims[2] * dims[3]);
-    (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            // Eight partial sums so the loop vectorises (float sums are not reordered).
-            let mut acc = [T::zero(); 8];
-            let mut tail = T::zero();
-            for img in 0..b {
-                let p = &x[(img * c + ch) * plane..(img * c + ch + 1) * plane];
-                let chunks = p.chunks_exact(8);
-                tail = chunks.remainder().iter().fold(tail, |t, &v| t + v);
-                for ck in chunks {
-                    for l in 0..8 {
-                        acc[l] += ck[l];
+        if act == Activation::Identity {
+            sums.par_chunks_mut(per_task)
+                .enumerate()
+                .for_each(|(t, s)| {
+                    for (j, s) in s.iter_mut().enumerate() {
+                        *s = sum_plane(t * per_task + j, None);
                     }
-                }
-            }
-            acc.iter().fold(tail, |t, &v| t + v)
-        })
-        .collect()
+                });
+        } else {
+            out.reserve_exact(grad.len());
+            out.spare_capacity_mut()[..grad.len()]
+                .par_chunks_mut(per_task * plane)
+                .zip(sums.par_chunks_mut(per_task))
+                .enumerate()
+                .for_each(|(t, (o, s))| {
+                    for (j, (o, s)) in o.chunks_mut(plane).zip(s).enumerate() {
+                        *s = sum_plane(t * per_task + j, Some(o));
+                    }
+                });
+            // SAFETY: every element of the first grad.len() was written by `masked_sum`.
+            unsafe { out.set_len(grad.len()) };
+        }
+    }
+    let mut gb = vec![T::zero(); c];
+    for (p, s) in sums.into_iter().enumerate() {
+        gb[p % c] += s;
+    }
+    let gx = (act != Activation::Identity).then_some(out);
+    (gx, gb)
 }
 
-impl CustomOp1 for ChannelSum {
-    fn name(&self) -> &'static str {
-        "channel-sum"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dims = l.dims();
-        if dims.len() != 4 {
-            candle_core::bail!("channel sum: a [B, C, H, W] tensor expected, got {dims:?}")
+/// `Σ mask(g, r)` over one plane, writing the masked values to `dst` when given. Eight
+/// partial sums so the loop vectorises (float sums are not reordered otherwise).
+#[inline(always)]
+fn masked_sum<T: Float>(
+    g: &[T],
+    r: &[T],
+    act: Activation,
+    mut dst: Option<&mut [std::mem::MaybeUninit<T>]>,
+) -> T {
+    let (zero, six) = (T::zero(), T::from_f64(6.0));
+    let mask = |g: T, r: T| match act {
+        Activation::Identity => g,
+        Activation::Relu => {
+            if r > zero {
+                g
+            } else {
+                zero
+            }
         }
-        let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(channel_sum(contiguous(x, l, "gradient")?, dims)),
-            CpuStorage::F64(x) => CpuStorage::F64(channel_sum(contiguous(x, l, "gradient")?, dims)),
-            _ => candle_core::bail!("channel sum: f32 or f64 expected"),
-        };
-        Ok((out, Shape::from(dims[1])))
+        Activation::Relu6 => {
+            if r > zero && r < six {
+                g
+            } else {
+                zero
+            }
+        }
+    };
+    let mut acc = [T::zero(); 8];
+    let full = g.len() / 8 * 8;
+    for i in (0..full).step_by(8) {
+        for l in 0..8 {
+            let m = mask(g[i + l], r[i + l]);
+            if let Some(d) = dst.as_deref_mut() {
+                d[i + l].write(m);
+            }
+            acc[l] += m;
+        }
     }
+    let mut tail = T::zero();
+    for i in full..g.len() {
+        let m = mask(g[i], r[i]);
+        if let Some(d) = dst.as_deref_mut() {
+            d[i].write(m);
+        }
+        tail += m;
+    }
+    acc.iter().fold(tail, |t, &v| t + v)
 }
 
 #[cfg(test)]
