@@ -204,9 +204,8 @@ fn act_grad_and_bias<T: Float>(
     let planes = grad.len() / plane.max(1);
     let mut sums = vec![T::zero(); planes];
     let mut out: Vec<T> = Vec::new();
-    if plane > 0 {
-        // Several planes per task: late-stage 7×7 planes would drown in scheduling.
-        let per_task = (16_384 / plane).max(1);
+    // Several planes per task: late-stage 7×7 planes would drown in scheduling.
+    if let Some(per_task) = 16_384usize.checked_div(plane).map(|n| n.max(1)) {
         let sum_plane = |p: usize, dst: Option<&mut [std::mem::MaybeUninit<T>]>| {
             let g = &grad[p * plane..(p + 1) * plane];
             let r = &res[p * plane..(p + 1) * plane];
