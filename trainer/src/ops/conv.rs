@@ -9,7 +9,7 @@
 //! gemms (each gemm is small); otherwise the gemm itself is parallel.
 
 use super::elem::{checked_slice, num_threads, with_float_storage, Elem};
-use super::{input_and_weight_grads, Geom};
+use super::{input_and_weight_grads, Geom, Threads};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -283,13 +283,18 @@ fn col2im<T: Elem>(cols: &[T], g: &Geom, dx: &mut [T]) {
 
 /// Runs `f(image, out_chunk, scratch, gemm_parallelism)` for every image: images in parallel
 /// when there are enough of them, otherwise one after the other with a parallel gemm.
-fn per_image<T, F>(out: &mut [T], chunk: usize, b: usize, f: F)
+fn per_image<T, F>(out: &mut [T], chunk: usize, b: usize, threads: Threads, f: F)
 where
     T: Elem,
     F: Fn(usize, &mut [T], &mut Vec<T>, Parallelism) + Sync,
 {
     let nt = num_threads();
-    if b >= nt || nt == 1 {
+    if threads == Threads::Caller {
+        let mut scratch = Vec::new();
+        for (i, o) in out.chunks_mut(chunk).enumerate() {
+            f(i, o, &mut scratch, Parallelism::None);
+        }
+    } else if b >= nt || nt == 1 {
         out.par_chunks_mut(chunk)
             .enumerate()
             .for_each_init(Vec::new, |scratch, (i, o)| {
@@ -304,21 +309,27 @@ where
 }
 
 pub(crate) fn forward<T: Elem>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
-    forward_with(x, w, g, |_, _, _| {})
+    forward_with(x, w, g, Threads::Pool, |_, _, _| {})
 }
 
 /// [`forward`], then `epilogue(image, out_image, parallel)` on each image's `[Cout, Ho·Wo]`
 /// output while it is still warm in cache (`parallel`: the caller runs images one after the
 /// other, so the epilogue may use the thread pool itself). Inference fuses bias, activation
 /// and residual this way instead of three more passes over the activation.
-pub(crate) fn forward_with<T: Elem, E>(x: &[T], w: &[T], g: &Geom, epilogue: E) -> Vec<T>
+pub(crate) fn forward_with<T: Elem, E>(
+    x: &[T],
+    w: &[T],
+    g: &Geom,
+    threads: Threads,
+    epilogue: E,
+) -> Vec<T>
 where
     E: Fn(usize, &mut [T], bool) + Sync,
 {
     let (hw, howo, kk) = (g.h * g.w, g.ho * g.wo, g.c * g.kh * g.kw);
     let mut out = vec![T::zero(); g.b * g.co * howo];
     let wm = Mat::rm(w, g.co, kk);
-    per_image(&mut out, g.co * howo, g.b, |i, o, cols, par| {
+    per_image(&mut out, g.co * howo, g.b, threads, |i, o, cols, par| {
         let xi = &x[i * g.c * hw..(i + 1) * g.c * hw];
         if is_pointwise(g) {
             matmul(o, false, wm, Mat::rm(xi, kk, howo), par);
@@ -335,17 +346,23 @@ pub(crate) fn backward_input<T: Elem>(gout: &[T], w: &[T], g: &Geom) -> Vec<T> {
     let (hw, howo, kk) = (g.h * g.w, g.ho * g.wo, g.c * g.kh * g.kw);
     let mut gx = vec![T::zero(); g.b * g.c * hw];
     let wt = Mat::rm_t(w, kk, g.co);
-    per_image(&mut gx, g.c * hw, g.b, |i, gxi, dcols, par| {
-        let gi = Mat::rm(&gout[i * g.co * howo..(i + 1) * g.co * howo], g.co, howo);
-        if is_pointwise(g) {
-            matmul(gxi, false, wt, gi, par);
-        } else {
-            dcols.clear();
-            dcols.resize(kk * howo, T::zero());
-            matmul(dcols, false, wt, gi, par);
-            col2im(dcols, g, gxi);
-        }
-    });
+    per_image(
+        &mut gx,
+        g.c * hw,
+        g.b,
+        Threads::Pool,
+        |i, gxi, dcols, par| {
+            let gi = Mat::rm(&gout[i * g.co * howo..(i + 1) * g.co * howo], g.co, howo);
+            if is_pointwise(g) {
+                matmul(gxi, false, wt, gi, par);
+            } else {
+                dcols.clear();
+                dcols.resize(kk * howo, T::zero());
+                matmul(dcols, false, wt, gi, par);
+                col2im(dcols, g, gxi);
+            }
+        },
+    );
     gx
 }
 

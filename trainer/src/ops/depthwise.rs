@@ -16,7 +16,7 @@
 #[cfg(feature = "cuda")]
 use super::cuda;
 use super::elem::{checked_slice, has_avx2_fma, with_float_storage, Elem};
-use super::{input_and_weight_grads, Geom};
+use super::{for_each_chunk, input_and_weight_grads, Geom, Threads};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
@@ -608,12 +608,18 @@ macro_rules! square_dispatch {
 
 /// Depthwise forward over all planes.
 pub(crate) fn forward<T: Elem>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
-    forward_with(x, w, g, |_, _| {})
+    forward_with(x, w, g, Threads::Pool, |_, _| {})
 }
 
 /// [`forward`], then `epilogue(plane, out_plane)` on each output plane right after it is
 /// computed (hot in L1/L2): inference fuses bias and activation this way.
-pub(crate) fn forward_with<T: Elem, E>(x: &[T], w: &[T], g: &Geom, epilogue: E) -> Vec<T>
+pub(crate) fn forward_with<T: Elem, E>(
+    x: &[T],
+    w: &[T],
+    g: &Geom,
+    threads: Threads,
+    epilogue: E,
+) -> Vec<T>
 where
     E: Fn(usize, &mut [T]) + Sync,
 {
@@ -621,7 +627,10 @@ where
     let d = Phases::of(g);
     let n = d.run_len(g);
     let mut out = vec![T::zero(); g.b * g.c * howo];
-    out.par_chunks_mut(howo).enumerate().for_each_init(
+    for_each_chunk(
+        &mut out,
+        howo,
+        threads,
         || (Vec::new(), Vec::new()),
         |(buf, wide), (plane, o)| {
             let ch = plane % g.c;

@@ -12,7 +12,7 @@
 use candle_core::{bail, Result, Tensor};
 use rayon::prelude::*;
 
-use super::{conv, depthwise, same_padding, Geom};
+use super::{conv, depthwise, same_padding, Geom, Threads};
 
 /// Activation applied after the folded batch norm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +65,16 @@ impl Activation {
             .flatten_all()?
             .to_vec1::<f32>()?;
         Ok(Self { data, b, c, h, w })
+    }
+
+    /// Image `i` of the batch, as a batch of one.
+    pub fn image(&self, i: usize) -> Self {
+        let n = self.c * self.h * self.w;
+        Self {
+            data: self.data[i * n..(i + 1) * n].to_vec(),
+            b: 1,
+            ..*self
+        }
     }
 
     pub fn into_tensor(self) -> Result<Tensor> {
@@ -163,6 +173,16 @@ impl FusedConv {
 
     /// `act(conv(x) + shift) [+ residual]`. The residual must have the output's shape.
     pub fn forward(&self, x: &Activation, residual: Option<&Activation>) -> Result<Activation> {
+        self.forward_on(x, residual, Threads::Pool)
+    }
+
+    /// [`FusedConv::forward`] on the given threads.
+    pub fn forward_on(
+        &self,
+        x: &Activation,
+        residual: Option<&Activation>,
+        threads: Threads,
+    ) -> Result<Activation> {
         if x.c != self.cin {
             bail!(
                 "fused conv: input has {} channels, the layer takes {}",
@@ -186,13 +206,13 @@ impl FusedConv {
         let res = residual.map(|r| r.data.as_slice());
         let act = self.act;
         let data = if self.depthwise {
-            depthwise::forward_with(&x.data, &self.weight, &g, |plane, o| {
+            depthwise::forward_with(&x.data, &self.weight, &g, threads, |plane, o| {
                 let ch = plane % g.c;
                 let r = res.map(|r| &r[plane * howo..(plane + 1) * howo]);
                 epilogue_row(o, self.shift[ch], act, r);
             })
         } else {
-            conv::forward_with(&x.data, &self.weight, &g, |img, o, parallel| {
+            conv::forward_with(&x.data, &self.weight, &g, threads, |img, o, parallel| {
                 let r = res.map(|r| &r[img * g.co * howo..(img + 1) * g.co * howo]);
                 let row = |(ch, o): (usize, &mut [f32])| {
                     epilogue_row(

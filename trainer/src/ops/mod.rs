@@ -47,6 +47,41 @@ fn has_gpu_kernels(device: &Device) -> bool {
     device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda())
 }
 
+/// Where a kernel runs its work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Threads {
+    /// Split over rayon's thread pool (one op over a whole batch).
+    Pool,
+    /// On the calling thread only: the caller already keeps every core busy, e.g. with one
+    /// image per thread (see [`crate::backbone::efficientnet::FusedEfficientNetLite`]).
+    Caller,
+}
+
+/// `f(scratch, (index, chunk))` over the `chunk`-sized pieces of `out`, on the pool or the
+/// calling thread; `init` makes a worker's scratch (once per rayon job, or once here).
+pub(crate) fn for_each_chunk<T, S, I, F>(
+    out: &mut [T],
+    chunk: usize,
+    threads: Threads,
+    init: I,
+    f: F,
+) where
+    T: Send,
+    I: Fn() -> S + Sync + Send,
+    F: Fn(&mut S, (usize, &mut [T])) + Sync + Send,
+{
+    use rayon::prelude::*;
+    match threads {
+        Threads::Pool => out.par_chunks_mut(chunk).enumerate().for_each_init(init, f),
+        Threads::Caller => {
+            let mut scratch = init();
+            out.chunks_mut(chunk)
+                .enumerate()
+                .for_each(|item| f(&mut scratch, item));
+        }
+    }
+}
+
 /// Explicit padding `[top, bottom, left, right]`; TF "SAME" padding is asymmetric at stride 2.
 pub type Pad4 = [usize; 4];
 
