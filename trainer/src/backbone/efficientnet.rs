@@ -441,13 +441,12 @@ mod tests {
             (1, 2, LayerByLayer),
             (3, 2, LayerByLayer),
             (8, 2, DepthFirst),
-        ];
-        for (batch, threads, want) in cases.into_iter().chain([
             (9, 2, DepthFirst),
             (32, 2, DepthFirst),
             (6, 4, LayerByLayer),
             (32, 1, LayerByLayer),
-        ]) {
+        ];
+        for (batch, threads, want) in cases {
             assert_eq!(
                 Schedule::for_batch(batch, threads),
                 want,
