@@ -212,20 +212,13 @@ impl FusedConv {
                 epilogue_row(o, self.shift[ch], act, r);
             })
         } else {
-            conv::forward_with(&x.data, &self.weight, &g, threads, |img, o, parallel| {
-                let r = res.map(|r| &r[img * g.co * howo..(img + 1) * g.co * howo]);
-                let row = |(ch, o): (usize, &mut [f32])| {
-                    epilogue_row(
-                        o,
-                        self.shift[ch],
-                        act,
-                        r.map(|r| &r[ch * howo..(ch + 1) * howo]),
-                    )
-                };
-                if parallel {
-                    o.par_chunks_mut(howo).enumerate().for_each(row);
-                } else {
-                    o.chunks_mut(howo).enumerate().for_each(row);
+            conv::forward_with(&x.data, &self.weight, &g, threads, |img, ch0, o| {
+                // Output channels ch0.. of image img.
+                let first = (img * g.co + ch0) * howo;
+                let r = res.map(|r| &r[first..first + o.len()]);
+                for (k, o) in o.chunks_mut(howo).enumerate() {
+                    let r = r.map(|r| &r[k * howo..(k + 1) * howo]);
+                    epilogue_row(o, self.shift[ch0 + k], act, r);
                 }
             })
         };
