@@ -10,6 +10,7 @@ use candle_core::{
     CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, WithDType,
 };
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// The activation applied after the bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,13 +52,19 @@ impl Float for f64 {
 /// `out[i] = act(x[i] + bias)` over one channel plane; one loop per activation so each
 /// vectorises.
 #[inline(always)]
-fn plane<T: Float>(out: &mut [T], x: &[T], bias: T, act: Activation) {
+fn plane<T: Float>(out: &mut [MaybeUninit<T>], x: &[T], bias: T, act: Activation) {
     let (zero, six) = (T::zero(), T::from_f64(6.0));
     let pairs = out.iter_mut().zip(x);
     match act {
-        Activation::Identity => pairs.for_each(|(o, &v)| *o = v + bias),
-        Activation::Relu => pairs.for_each(|(o, &v)| *o = (v + bias).fmax(zero)),
-        Activation::Relu6 => pairs.for_each(|(o, &v)| *o = (v + bias).fmax(zero).fmin(six)),
+        Activation::Identity => pairs.for_each(|(o, &v)| {
+            o.write(v + bias);
+        }),
+        Activation::Relu => pairs.for_each(|(o, &v)| {
+            o.write((v + bias).fmax(zero));
+        }),
+        Activation::Relu6 => pairs.for_each(|(o, &v)| {
+            o.write((v + bias).fmax(zero).fmin(six));
+        }),
     }
 }
 
@@ -93,14 +100,15 @@ fn run<T: Float>(x: &[T], lx: &Layout, b: &[T], lb: &Layout, act: Activation) ->
     };
     let dims = lx.dims();
     let (c, plane_len) = (dims[1], dims[2] * dims[3]);
-    // Zeroed allocation is lazy (calloc), so pages are first touched by the parallel writers.
-    let mut out = vec![T::zero(); x.len()];
     if plane_len == 0 {
-        return Ok(out);
+        return Ok(x.to_vec());
     }
+    // Written in place of uninitialised memory: no zeroing pass before the real one.
+    let mut out: Vec<T> = Vec::with_capacity(x.len());
     // Several planes per task: small late-stage planes (7×7) would drown in scheduling.
     let per_task = (16_384 / plane_len).max(1) * plane_len;
-    out.par_chunks_mut(per_task)
+    out.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(per_task)
         .zip(x.par_chunks(per_task))
         .enumerate()
         .for_each(|(t, (o, xs))| {
@@ -113,6 +121,8 @@ fn run<T: Float>(x: &[T], lx: &Layout, b: &[T], lb: &Layout, act: Activation) ->
                 plane(o, xs, b[(first + j) % c], act);
             }
         });
+    // SAFETY: `plane` wrote every element of every chunk of the first x.len().
+    unsafe { out.set_len(x.len()) };
     Ok(out)
 }
 

@@ -9,7 +9,7 @@
 //! gemms (each gemm is small); otherwise the gemm itself is parallel.
 
 use super::elem::{checked_slice, num_threads, with_float_storage, Elem};
-use super::{for_each_chunk, input_and_weight_grads, Geom, Threads};
+use super::{for_each_chunk, input_and_weight_grads, uninit_vec, Geom, Threads};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -344,7 +344,9 @@ where
     E: Fn(usize, usize, &mut [T]) + Sync,
 {
     let (howo, kk) = (g.ho * g.wo, g.c * g.kh * g.kw);
-    let mut out = vec![T::zero(); g.b * g.co * howo];
+    // SAFETY: every image's [Cout, Ho·Wo] block is written by its gemm (no accumulation)
+    // before the epilogue reads it.
+    let mut out = unsafe { uninit_vec(g.b * g.co * howo) };
     let nt = num_threads();
     if threads == Threads::Pool && g.b < nt && nt > 1 {
         // Output channels split over the threads, image by image.

@@ -16,7 +16,7 @@
 #[cfg(feature = "cuda")]
 use super::cuda;
 use super::elem::{checked_slice, has_avx2_fma, with_float_storage, Elem};
-use super::{for_each_chunk, input_and_weight_grads, Geom, Threads};
+use super::{for_each_chunk, input_and_weight_grads, uninit_vec, Geom, Threads};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
@@ -626,7 +626,9 @@ where
     let (hw, howo, kk) = (g.h * g.w, g.ho * g.wo, g.kh * g.kw);
     let d = Phases::of(g);
     let n = d.run_len(g);
-    let mut out = vec![T::zero(); g.b * g.c * howo];
+    // SAFETY: every output plane is written in full (by `fwd_plane`, or by copying the rows
+    // out of `wide`) before the epilogue reads it.
+    let mut out = unsafe { uninit_vec(g.b * g.c * howo) };
     for_each_chunk(
         &mut out,
         howo,

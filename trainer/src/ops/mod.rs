@@ -38,6 +38,7 @@ mod cuda_tests;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use alloc::uninit_vec;
 pub use alloc::{single_malloc_arena, tune_glibc_malloc};
 use candle_core::{bail, DType, Device, Result, Shape, Tensor};
 
