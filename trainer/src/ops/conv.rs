@@ -283,18 +283,13 @@ fn col2im<T: Elem>(cols: &[T], g: &Geom, dx: &mut [T]) {
 
 /// Runs `f(image, out_chunk, scratch, gemm_parallelism)` for every image: images in parallel
 /// when there are enough of them, otherwise one after the other with a parallel gemm.
-fn per_image<T, F>(out: &mut [T], chunk: usize, b: usize, threads: Threads, f: F)
+fn per_image<T, F>(out: &mut [T], chunk: usize, b: usize, f: F)
 where
     T: Elem,
     F: Fn(usize, &mut [T], &mut Vec<T>, Parallelism) + Sync,
 {
     let nt = num_threads();
-    if threads == Threads::Caller {
-        let mut scratch = Vec::new();
-        for (i, o) in out.chunks_mut(chunk).enumerate() {
-            f(i, o, &mut scratch, Parallelism::None);
-        }
-    } else if b >= nt || nt == 1 {
+    if b >= nt || nt == 1 {
         out.par_chunks_mut(chunk)
             .enumerate()
             .for_each_init(Vec::new, |scratch, (i, o)| {
@@ -379,23 +374,17 @@ pub(crate) fn backward_input<T: Elem>(gout: &[T], w: &[T], g: &Geom) -> Vec<T> {
     let (hw, howo, kk) = (g.h * g.w, g.ho * g.wo, g.c * g.kh * g.kw);
     let mut gx = vec![T::zero(); g.b * g.c * hw];
     let wt = Mat::rm_t(w, kk, g.co);
-    per_image(
-        &mut gx,
-        g.c * hw,
-        g.b,
-        Threads::Pool,
-        |i, gxi, dcols, par| {
-            let gi = Mat::rm(&gout[i * g.co * howo..(i + 1) * g.co * howo], g.co, howo);
-            if is_pointwise(g) {
-                matmul(gxi, false, wt, gi, par);
-            } else {
-                dcols.clear();
-                dcols.resize(kk * howo, T::zero());
-                matmul(dcols, false, wt, gi, par);
-                col2im(dcols, g, gxi);
-            }
-        },
-    );
+    per_image(&mut gx, g.c * hw, g.b, |i, gxi, dcols, par| {
+        let gi = Mat::rm(&gout[i * g.co * howo..(i + 1) * g.co * howo], g.co, howo);
+        if is_pointwise(g) {
+            matmul(gxi, false, wt, gi, par);
+        } else {
+            dcols.clear();
+            dcols.resize(kk * howo, T::zero());
+            matmul(dcols, false, wt, gi, par);
+            col2im(dcols, g, gxi);
+        }
+    });
     gx
 }
 
