@@ -44,27 +44,43 @@ struct Kernels {
     dot: Kernel,
 }
 
-static KERNELS: std::sync::LazyLock<Kernels> = std::sync::LazyLock::new(|| {
+/// The kernel pair [`squared_l2`] and [`dot`] run, chosen once.
+static KERNELS: std::sync::LazyLock<Kernels> =
+    std::sync::LazyLock::new(|| available_kernels().swap_remove(0).1);
+
+/// The kernel pairs this CPU can run, widest first; the portable pair is always there (last).
+fn available_kernels() -> Vec<(&'static str, Kernels)> {
+    let mut found = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
-            return Kernels {
-                squared_l2: simd::squared_l2_avx512,
-                dot: simd::dot_avx512,
-            };
+            found.push((
+                "avx512",
+                Kernels {
+                    squared_l2: simd::squared_l2_avx512,
+                    dot: simd::dot_avx512,
+                },
+            ));
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return Kernels {
-                squared_l2: simd::squared_l2_avx2,
-                dot: simd::dot_avx2,
-            };
+            found.push((
+                "avx2",
+                Kernels {
+                    squared_l2: simd::squared_l2_avx2,
+                    dot: simd::dot_avx2,
+                },
+            ));
         }
     }
-    Kernels {
-        squared_l2: squared_l2_portable,
-        dot: dot_portable,
-    }
-});
+    found.push((
+        "portable",
+        Kernels {
+            squared_l2: squared_l2_portable,
+            dot: dot_portable,
+        },
+    ));
+    found
+}
 
 /// Σ (a − b)², 16 independent lanes so the compiler vectorises it for any target.
 /// `a` and `b` have equal lengths.
@@ -248,17 +264,11 @@ mod tests {
     #[test]
     fn kernels_match_naive_sums() {
         // Every length around the SIMD widths (tails of 0..31 lanes), every kernel this CPU has.
-        let mut kernels: Vec<(&str, Kernel, Kernel)> =
-            vec![("portable", squared_l2_portable, dot_portable)];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx512f") {
-                kernels.push(("avx512", simd::squared_l2_avx512, simd::dot_avx512));
-            }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                kernels.push(("avx2", simd::squared_l2_avx2, simd::dot_avx2));
-            }
-        }
+        let mut kernels: Vec<(&str, Kernel, Kernel)> = available_kernels()
+            .into_iter()
+            .map(|(name, k)| (name, k.squared_l2, k.dot))
+            .collect();
+        assert_eq!(kernels.last().map(|k| k.0), Some("portable"));
         kernels.push(("dispatched", squared_l2, dot));
         for n in (0..70).chain([127, 128, 129, 512, 1280]) {
             let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();

@@ -166,13 +166,12 @@ impl FlatGraph {
                 list
             })
             .collect();
-        let mut linked = Vec::with_capacity(changed.len());
+        let linked: Vec<u32> = changed.iter().map(|node| node.id).collect();
         for (node, list) in changed.into_iter().zip(pruned) {
             self.set_row(node.id, &list);
             if node.level > 0 {
                 self.upper.insert(node.id, node.upper);
             }
-            linked.push(node.id);
         }
         self.n = n;
         self.entry = entry;

@@ -543,7 +543,6 @@ impl GalleryIndex {
     }
 }
 
-/// Brute-force top-k by dot product over unit rows (`q` must be unit length).
 /// Graph results `(id, euclidean distance)` as hits with their cosine score.
 fn to_hits(found: Vec<(usize, f32)>) -> Vec<Hit> {
     found
@@ -556,6 +555,7 @@ fn to_hits(found: Vec<(usize, f32)>) -> Vec<Hit> {
         .collect()
 }
 
+/// Brute-force top-k by dot product over unit rows (`q` must be unit length).
 pub fn exact_top_k(vectors: &[f32], dim: usize, q: &[f32], k: usize) -> Vec<Hit> {
     let n = vectors.len() / dim;
     let k = k.min(n);

@@ -118,7 +118,7 @@ impl Graph {
 
     /// Whether searches use the flat copy (false while it is stale).
     pub fn is_flat(&self) -> bool {
-        self.flat.is_some() && !self.stale
+        self.flat_copy().is_some()
     }
 
     pub fn len(&self) -> usize {
@@ -135,7 +135,7 @@ impl Graph {
         if self.is_empty() || k == 0 {
             return Vec::new();
         }
-        if let (Some(flat), false) = (&self.flat, self.stale) {
+        if let Some(flat) = self.flat_copy() {
             return flat.search(vectors, query, k, ef);
         }
         self.search_hnsw_rs(query, k, ef)
@@ -187,9 +187,9 @@ impl Graph {
         Ok(())
     }
 
-    /// Loads a dump written by [`Graph::dump`]; `expect_len`/`dim` guard against a graph
-    /// that does not belong to the vectors it is loaded with.
-    /// `vectors` are the points the graph was built from (for the flat copy).
+    /// Loads a dump written by [`Graph::dump`]. `vectors` (`dim` per row) are the points the
+    /// graph was built from: their count guards against a graph that does not belong to
+    /// them, and the flat copy reads them.
     pub fn load(dir: &Path, basename: &str, vectors: &[f32], dim: usize) -> Result<Self> {
         let expect_len = vectors.len() / dim.max(1);
         let graph_path = dir.join(format!("{basename}{GRAPH_SUFFIX}"));
