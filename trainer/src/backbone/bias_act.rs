@@ -93,26 +93,28 @@ pub fn bias_act(x: &Tensor, bias: &Tensor, act: Activation) -> Result<Tensor> {
 
 struct BiasAct(Activation);
 
+/// Channel planes of `plane` values each per parallel task (about 16k values: late-stage
+/// 7×7 planes one by one would drown in scheduling); `None` for empty planes.
+fn planes_per_task(plane: usize) -> Option<usize> {
+    16_384usize.checked_div(plane).map(|n| n.max(1))
+}
+
 fn run<T: Float>(x: &[T], lx: &Layout, b: &[T], lb: &Layout, act: Activation) -> Result<Vec<T>> {
-    let (x, b) = match (lx.contiguous_offsets(), lb.contiguous_offsets()) {
-        (Some((x0, x1)), Some((b0, b1))) => (&x[x0..x1], &b[b0..b1]),
-        _ => candle_core::bail!("bias_act: inputs must be contiguous"),
-    };
+    let (x, b) = (slice(x, lx)?, slice(b, lb)?);
     let dims = lx.dims();
     let (c, plane_len) = (dims[1], dims[2] * dims[3]);
-    if plane_len == 0 {
+    let Some(planes) = planes_per_task(plane_len) else {
         return Ok(x.to_vec());
-    }
+    };
+    let per_task = planes * plane_len;
     // Written in place of uninitialised memory: no zeroing pass before the real one.
     let mut out: Vec<T> = Vec::with_capacity(x.len());
-    // Several planes per task: small late-stage planes (7×7) would drown in scheduling.
-    let per_task = (16_384 / plane_len).max(1) * plane_len;
     out.spare_capacity_mut()[..x.len()]
         .par_chunks_mut(per_task)
         .zip(x.par_chunks(per_task))
         .enumerate()
         .for_each(|(t, (o, xs))| {
-            let first = t * (per_task / plane_len);
+            let first = t * planes;
             for (j, (o, xs)) in o
                 .chunks_mut(plane_len)
                 .zip(xs.chunks(plane_len))
@@ -191,10 +193,11 @@ fn grads<T: Float>(
     Ok((gx, Tensor::from_vec(gb, dims[1], dev)?))
 }
 
+/// The contiguous part of a storage slice that `l` describes.
 fn slice<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("bias_act backward: tensors must be contiguous"),
+        None => candle_core::bail!("bias_act: tensors must be contiguous"),
     }
 }
 
@@ -216,8 +219,7 @@ fn act_grad_and_bias<T: Float>(
     let planes = grad.len() / plane.max(1);
     let mut sums = vec![T::zero(); planes];
     let mut out: Vec<T> = Vec::new();
-    // Several planes per task: late-stage 7×7 planes would drown in scheduling.
-    if let Some(per_task) = 16_384usize.checked_div(plane).map(|n| n.max(1)) {
+    if let Some(per_task) = planes_per_task(plane) {
         let sum_plane = |p: usize, dst: Option<&mut [std::mem::MaybeUninit<T>]>| {
             let g = &grad[p * plane..(p + 1) * plane];
             let r = &res[p * plane..(p + 1) * plane];

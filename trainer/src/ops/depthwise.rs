@@ -69,12 +69,12 @@ impl CustomOp2 for DepthwiseConv {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let g = &self.g;
-        let n_out = g.b * g.c * g.ho * g.wo;
+        let n_out = g.out_len();
         let out = cuda::launch(
             self.name(),
             cuda::Module::Depthwise,
             "dw_fwd",
-            &[(s1, l1, g.b * g.c * g.h * g.w), (s2, l2, g.c * g.kh * g.kw)],
+            &[(s1, l1, g.in_len()), (s2, l2, g.c * g.kh * g.kw)],
             n_out,
             cuda::Grid::Threads(n_out),
             g,
@@ -129,15 +129,12 @@ impl CustomOp2 for DepthwiseBwdInput {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let g = &self.g;
-        let n_in = g.b * g.c * g.h * g.w;
+        let n_in = g.in_len();
         let gx = cuda::launch(
             self.name(),
             cuda::Module::Depthwise,
             "dw_bwd_input",
-            &[
-                (s1, l1, g.b * g.c * g.ho * g.wo),
-                (s2, l2, g.c * g.kh * g.kw),
-            ],
+            &[(s1, l1, g.out_len()), (s2, l2, g.c * g.kh * g.kw)],
             n_in,
             cuda::Grid::Threads(n_in),
             g,
@@ -184,10 +181,7 @@ impl CustomOp2 for DepthwiseBwdWeight {
             self.name(),
             cuda::Module::Depthwise,
             "dw_bwd_weight",
-            &[
-                (s1, l1, g.b * g.c * g.h * g.w),
-                (s2, l2, g.b * g.c * g.ho * g.wo),
-            ],
+            &[(s1, l1, g.in_len()), (s2, l2, g.out_len())],
             taps,
             cuda::Grid::Blocks(taps),
             g,

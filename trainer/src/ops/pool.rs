@@ -192,12 +192,12 @@ impl CustomOp1 for MaxPool {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let g = &self.g;
-        let n = g.b * g.c * g.ho * g.wo;
+        let n = g.out_len();
         let out = cuda::launch(
             self.name(),
             cuda::Module::Pool,
             "max_pool_fwd",
-            &[(s, l, g.b * g.c * g.h * g.w)],
+            &[(s, l, g.in_len())],
             n,
             cuda::Grid::Threads(n),
             g,
@@ -238,12 +238,12 @@ impl CustomOp2 for MaxPoolBwd {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let g = &self.g;
-        let n_in = g.b * g.c * g.h * g.w;
+        let n_in = g.in_len();
         let gx = cuda::launch(
             self.name(),
             cuda::Module::Pool,
             "max_pool_bwd",
-            &[(s1, l1, n_in), (s2, l2, g.b * g.c * g.ho * g.wo)],
+            &[(s1, l1, n_in), (s2, l2, g.out_len())],
             n_in,
             cuda::Grid::Threads(n_in),
             g,
@@ -280,12 +280,12 @@ impl CustomOp1 for AvgPool {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let g = &self.g;
-        let n = g.b * g.c * g.ho * g.wo;
+        let n = g.out_len();
         let out = cuda::launch(
             self.name(),
             cuda::Module::Pool,
             "avg_pool_fwd",
-            &[(s, l, g.b * g.c * g.h * g.w)],
+            &[(s, l, g.in_len())],
             n,
             cuda::Grid::Threads(n),
             g,
@@ -314,12 +314,12 @@ impl CustomOp1 for AvgPoolBwd {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let g = &self.g;
-        let n = g.b * g.c * g.h * g.w;
+        let n = g.in_len();
         let out = cuda::launch(
             self.name(),
             cuda::Module::Pool,
             "avg_pool_bwd",
-            &[(s, l, g.b * g.c * g.ho * g.wo)],
+            &[(s, l, g.out_len())],
             n,
             cuda::Grid::Threads(n),
             g,
