@@ -21,6 +21,7 @@ use super::bias_act::Activation::Relu6;
 use super::layers::{ConvBn, ConvSpec, Padding};
 use super::{Backbone, BackboneKind};
 use crate::ops::fused::{global_avg_pool, Act, Activation, BnParams, FusedConv};
+use crate::ops::MemoryFormat;
 use crate::ops::Threads;
 use rayon::prelude::*;
 
@@ -367,7 +368,7 @@ impl FusedEfficientNetLite {
             Schedule::DepthFirst => {
                 let per_image: Vec<Vec<f32>> = (0..b)
                     .into_par_iter()
-                    .map(|i| self.pooled(x.image(i), Threads::Caller))
+                    .map(|i| self.pooled(x.images(i..i + 1), Threads::Caller))
                     .collect::<Result<_>>()?;
                 per_image.concat()
             }
@@ -381,19 +382,23 @@ impl FusedEfficientNetLite {
     }
 
     /// Pooled features of `x`, row-major `[B, 1280]`, every layer run on `threads`.
+    ///
+    /// Activations after the stem are channels-last: the depthwise convs vectorise over
+    /// channels there, and the 1×1 convs just take their gemm operands transposed.
     fn pooled(&self, x: Activation, threads: Threads) -> Result<Vec<f32>> {
-        let mut h = self.stem.forward_on(&x, None, threads)?;
+        let nhwc = MemoryFormat::Nhwc;
+        let mut h = self.stem.forward_to(&x, None, nhwc, threads)?;
         drop(x);
         for (expand, dw, project, residual) in &self.blocks {
             let e = match expand {
-                Some(e) => Some(e.forward_on(&h, None, threads)?),
+                Some(e) => Some(e.forward_to(&h, None, nhwc, threads)?),
                 None => None,
             };
-            let d = dw.forward_on(e.as_ref().unwrap_or(&h), None, threads)?;
+            let d = dw.forward_to(e.as_ref().unwrap_or(&h), None, nhwc, threads)?;
             drop(e);
-            h = project.forward_on(&d, residual.then_some(&h), threads)?;
+            h = project.forward_to(&d, residual.then_some(&h), nhwc, threads)?;
         }
-        let f = self.head.forward_on(&h, None, threads)?;
+        let f = self.head.forward_to(&h, None, nhwc, threads)?;
         Ok(global_avg_pool(&f))
     }
 }

@@ -9,7 +9,9 @@
 //!   (see [`depthwise`] internals), specialised for 3×3/5×5/7×7, any stride.
 //! * [`conv2d`]: im2col + `gemm` (a 1×1 stride-1 conv is a plain matmul, no copy).
 //! * [`max_pool2d`] / [`avg_pool2d`]: any kernel, stride and padding.
-//! * [`fused`]: inference-only conv + folded BN + ReLU6 + residual in one output pass.
+//! * [`fused`]: inference-only conv + folded BN + ReLU6 + residual in one output pass, on
+//!   planar or channels-last activations (`depthwise_nhwc` internals: the depthwise conv
+//!   vectorised over channels, bias and ReLU6 applied in registers).
 //! * [`pairwise_sq_dist`]: fused `[n, n]` squared distances for metric losses.
 //!
 //! Large activations are allocated afresh by every candle op; see [`tune_glibc_malloc`],
@@ -25,6 +27,7 @@ mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod depthwise;
+mod depthwise_nhwc;
 mod elem;
 pub mod fused;
 mod pairwise;
@@ -46,6 +49,17 @@ use candle_core::{bail, DType, Device, Result, Shape, Tensor};
 /// always on CPU, on CUDA when built with the `cuda` feature.
 fn has_gpu_kernels(device: &Device) -> bool {
     device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda())
+}
+
+/// Memory order of an activation's axes. The candle ops and the backbones' tensors are
+/// planar; the fused inference path keeps the expanded activations of an inverted-residual
+/// block channels-last, where a depthwise conv vectorises over channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryFormat {
+    /// `[B, C, H, W]`: each channel a contiguous plane.
+    Nchw,
+    /// `[B, H, W, C]`: each pixel's channels contiguous.
+    Nhwc,
 }
 
 /// Where a kernel runs its work.
