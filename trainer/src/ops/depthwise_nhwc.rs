@@ -2,22 +2,22 @@
 //! folded-BN shift and ReLU6 applied in registers before the single store.
 //!
 //! Channels are the vector lanes: every output pixel is `C` independent dot products over the
-//! same taps, so a 7 × 7 plane vectorises exactly as well as a 112 × 112 one, the padding is
-//! a per-pixel choice of which taps to run (no padded copy of the input, no scratch columns),
-//! and a block of neighbouring pixels shares each tap's weight vector. On EfficientNet-Lite0
+//! same taps, so a 7 × 7 plane vectorises exactly as well as a 112 × 112 one, and a block of
+//! neighbouring pixels shares each tap's weight vector. Padding costs no copy: each block
+//! first lists where each of its taps reads, a pixel of the input or, outside the image, a
+//! row of zeros, so edge pixels run the same code as interior ones. On EfficientNet-Lite0
 //! the planar kernel ([`super::depthwise`]) spent more time on its phase copies, the late
 //! layers' short planes and the separate bias/activation pass than on the taps themselves.
 //!
-//! Taps are accumulated in the planar kernel's order (row by row, from zero) and the
-//! out-of-plane taps it multiplies by padding zeros are skipped, which leaves every sum
-//! unchanged: outputs match [`super::depthwise::forward`] bit for bit.
+//! Taps are accumulated in the planar kernel's order (row by row, from zero), reading zeros
+//! where it reads its padding, so outputs match [`super::depthwise::forward`] bit for bit.
 
 use super::elem::has_avx2_fma;
 use super::{for_each_chunk, uninit_vec, Geom, Threads};
 
 /// Channel lanes per vector block (one AVX2 register of f32).
 const LANES: usize = 8;
-/// Interior output pixels computed together, sharing each tap's weight load.
+/// Output pixels computed together, sharing each tap's weight load.
 const PIXELS: usize = 4;
 
 /// What happens to each accumulated output before it is stored: `+ shift[c]`, then ReLU6
@@ -67,20 +67,32 @@ pub(crate) fn forward(
     assert_eq!(epi.shift.len(), g.c, "depthwise shift size");
     assert_eq!(g.co, g.c, "depthwise keeps the channel count");
     let row_len = g.wo * g.c;
+    let zeros = vec![0.0; g.c];
     // SAFETY: `row` writes every element of its output row.
     let mut out = unsafe { uninit_vec(g.b * g.ho * row_len) };
     for_each_chunk(
         &mut out,
         row_len,
         threads,
-        || (),
-        |_, (r, o)| {
+        <(Table, Table)>::default,
+        |tables, (r, o)| {
             let (img, oy) = (r / g.ho, r % g.ho);
             let xi = &x[img * g.h * g.w * g.c..(img + 1) * g.h * g.w * g.c];
-            row_mv(xi, taps, g, epi, oy, o);
+            let src = Source {
+                x: xi,
+                zeros: &zeros,
+            };
+            row_mv(src, taps, g, epi, oy, o, tables);
         },
     );
     out
+}
+
+/// One image's input and a pixel's worth of zeros, what a tap outside the image reads.
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    x: &'a [f32],
+    zeros: &'a [f32],
 }
 
 /// Output columns whose taps all fall inside the input: `[lo, hi)`.
@@ -95,218 +107,235 @@ fn interior(g: &Geom) -> (usize, usize) {
     (lo, hi.max(lo))
 }
 
-/// One output row `oy` of one image (`x` is that image, `[H, W, C]`).
-#[inline(always)]
-fn row<const FMA: bool>(
-    x: &[f32],
-    taps: &[f32],
+/// Where a block's taps read: `ptrs[t · P + p]` for tap `t` of pixel `p`, each the start of
+/// `c` readable floats (an input pixel, or zeros outside the image).
+type Table = Vec<*const f32>;
+
+/// Fills `table` for the [`PIXELS`] pixels from `ox` of row `oy`, kernel rows `ky0..ky1`.
+/// Pixels past the row's end read zeros; their results are not stored.
+fn fill_table(
+    src: Source,
     g: &Geom,
-    epi: Epilogue,
     oy: usize,
-    out: &mut [f32],
+    ox: usize,
+    (ky0, ky1): (usize, usize),
+    table: &mut Table,
 ) {
     let [pt, _, pl, _] = g.pad;
-    let s = g.stride;
-    // Kernel rows whose input row lies inside the image.
-    let ky0 = pt.saturating_sub(oy * s);
-    let ky1 = g.kh.min((g.h + pt).saturating_sub(oy * s));
-    let (lo, hi) = interior(g);
-    let kx_range = |ox: usize| {
-        let kx0 = pl.saturating_sub(ox * s);
-        let kx1 = g.kw.min((g.w + pl).saturating_sub(ox * s));
-        (kx0, kx1.max(kx0))
-    };
-    let mut ox = 0;
-    while ox < g.wo {
-        if ox >= lo && ox + PIXELS <= hi {
-            pixels::<PIXELS, FMA>(x, taps, g, epi, oy, ox, (ky0, ky1), (0, g.kw), out);
-            ox += PIXELS;
-        } else {
-            pixels::<1, FMA>(x, taps, g, epi, oy, ox, (ky0, ky1), kx_range(ox), out);
-            ox += 1;
+    let (s, c) = (g.stride, g.c);
+    table.clear();
+    for ky in ky0..ky1 {
+        let iy = oy * s + ky - pt;
+        for kx in 0..g.kw {
+            for p in 0..PIXELS {
+                let ix = ((ox + p) * s + kx).checked_sub(pl).filter(|&ix| ix < g.w);
+                table.push(match ix {
+                    Some(ix) if ox + p < g.wo => src.x[(iy * g.w + ix) * c..][..c].as_ptr(),
+                    _ => src.zeros.as_ptr(),
+                });
+            }
         }
     }
 }
 
-/// Output pixels `ox .. ox + P` of row `oy`, all running the taps `ky0..ky1 × kx0..kx1`.
-#[allow(clippy::too_many_arguments)]
+/// One output row `oy` of one image, in blocks of [`PIXELS`] pixels. A block whose taps all
+/// fall inside the image reads through the row's first such block's table, shifted by the
+/// pixels between them (building a table per block cost more than the taps on 32-channel
+/// layers); the blocks at the edges build their own, with zeros for the padding.
 #[inline(always)]
-fn pixels<const P: usize, const FMA: bool>(
-    x: &[f32],
+fn row<const FMA: bool>(
+    src: Source,
     taps: &[f32],
     g: &Geom,
     epi: Epilogue,
     oy: usize,
-    ox: usize,
-    (ky0, ky1): (usize, usize),
-    (kx0, kx1): (usize, usize),
     out: &mut [f32],
+    (edge, inner): &mut (Table, Table),
 ) {
-    let c = g.c;
-    let [pt, _, pl, _] = g.pad;
-    let s = g.stride;
-    // Where input pixel (iy, ix) of tap (ky, kx) for pixel p starts: the callers only pass
-    // taps that land inside the image, so these never underflow or overrun `x`.
-    let at = |ky: usize, kx: usize, p: usize| {
-        let iy = oy * s + ky - pt;
-        let ix = (ox + p) * s + kx - pl;
-        (iy * g.w + ix) * c
-    };
-    let out = &mut out[ox * c..(ox + P) * c];
-    let madd = |a: f32, b: f32, acc: f32| if FMA { a.mul_add(b, acc) } else { a * b + acc };
-    let full = c / LANES * LANES;
+    let [pt, _, _, _] = g.pad;
+    let (s, c) = (g.stride, g.c);
+    // Kernel rows whose input row lies inside the image; the others are skipped outright.
+    let ky0 = pt.saturating_sub(oy * s);
+    let ky1 = g.kh.min((g.h + pt).saturating_sub(oy * s)).max(ky0);
+    let n_taps = (ky1 - ky0) * g.kw;
+    let tap_weights = &taps[ky0 * g.kw * c..ky1 * g.kw * c];
+    let (lo, hi) = interior(g);
+    let mut inner_ox = None;
+    for ox in (0..g.wo).step_by(PIXELS) {
+        let (table, delta) = if ox >= lo && ox + PIXELS <= hi {
+            let first = *inner_ox.get_or_insert_with(|| {
+                fill_table(src, g, oy, ox, (ky0, ky1), inner);
+                ox
+            });
+            (&*inner, (ox - first) * s * c)
+        } else {
+            fill_table(src, g, oy, ox, (ky0, ky1), edge);
+            (&*edge, 0)
+        };
+        debug_assert_eq!(table.len(), n_taps * PIXELS);
+        let n = PIXELS.min(g.wo - ox);
+        let out = &mut out[ox * c..(ox + n) * c];
+        // SAFETY: every table entry plus `delta` points at `c` readable floats (an input
+        // pixel of this block, or `zeros` with `delta` 0), `tap_weights` holds `c` weights
+        // for each of the `n_taps` taps, `epi.shift` has `c` values and `out` holds the `n`
+        // pixels stored.
+        unsafe { block::<FMA>(table, delta, tap_weights, n_taps, c, epi, out, n) };
+    }
+}
+
+/// `out[p][ch] = epi(Σ_t w[t][ch] · (table[t·P + p] + delta)[ch])` for the first `n` of
+/// [`PIXELS`] pixels, full lane blocks vectorised where `FMA` (AVX2 + FMA), the rest lane
+/// by lane.
+///
+/// # Safety
+/// Every `table` entry plus `delta` must point at `c` readable floats; `w` holds `n_taps · c`
+/// weights, `table` `n_taps · PIXELS` entries, `out` `n · c` floats, `epi.shift` `c` values.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn block<const FMA: bool>(
+    table: &[*const f32],
+    delta: usize,
+    w: &[f32],
+    n_taps: usize,
+    c: usize,
+    epi: Epilogue,
+    out: &mut [f32],
+    n: usize,
+) {
     #[cfg(target_arch = "x86_64")]
     let done = if FMA {
-        // SAFETY: `FMA` is only instantiated under `avx2,fma` (see `row_avx2`); the taps
-        // `ky0..ky1 × kx0..kx1` land inside the image for all P pixels (the caller's
-        // contract), so every load of `at(..) + c0 .. + LANES` with `c0 + LANES <= c` is
-        // inside `x`, and the stores inside `out`.
-        unsafe {
-            avx2::pixels::<P>(
-                x.as_ptr(),
-                taps.as_ptr(),
-                epi,
-                out.as_mut_ptr(),
-                c,
-                at(ky0, kx0, 0),
-                Strides {
-                    row: g.w * c,
-                    pixel: s * c,
-                    tap_row: g.kw * c,
-                },
-                (ky1 - ky0, kx1 - kx0),
-                ky0 * g.kw + kx0,
-            );
-        }
-        full
+        avx2::block(
+            table,
+            delta,
+            w.as_ptr(),
+            n_taps,
+            c,
+            epi,
+            out.as_mut_ptr(),
+            n,
+        )
     } else {
         0
     };
     #[cfg(not(target_arch = "x86_64"))]
     let done = 0;
-    for c0 in (done..full).step_by(LANES) {
-        let mut acc = [[0.0f32; LANES]; P];
-        for ky in ky0..ky1 {
-            for kx in kx0..kx1 {
-                let wv: &[f32; LANES] = taps[(ky * g.kw + kx) * c + c0..][..LANES]
-                    .try_into()
-                    .expect("a lane block");
-                for (p, a) in acc.iter_mut().enumerate() {
-                    let i = at(ky, kx, p) + c0;
-                    let xv: &[f32; LANES] = x[i..i + LANES].try_into().expect("a lane block");
-                    for l in 0..LANES {
-                        a[l] = madd(wv[l], xv[l], a[l]);
-                    }
-                }
+    let madd = |a: f32, b: f32, acc: f32| if FMA { a.mul_add(b, acc) } else { a * b + acc };
+    for ch in done..c {
+        let mut acc = [0.0f32; PIXELS];
+        for t in 0..n_taps {
+            let wt = w[t * c + ch];
+            for (p, a) in acc.iter_mut().enumerate() {
+                *a = madd(wt, *table[t * PIXELS + p].add(delta + ch), *a);
             }
         }
-        for (p, a) in acc.iter().enumerate() {
-            let o: &mut [f32; LANES] = (&mut out[p * c + c0..p * c + c0 + LANES])
-                .try_into()
-                .expect("a lane block");
-            for l in 0..LANES {
-                o[l] = epi.apply(a[l], c0 + l);
-            }
-        }
-    }
-    // Channels past the last full lane block.
-    for ch in full..c {
-        for p in 0..P {
-            let mut acc = 0.0f32;
-            for ky in ky0..ky1 {
-                for kx in kx0..kx1 {
-                    acc = madd(taps[(ky * g.kw + kx) * c + ch], x[at(ky, kx, p) + ch], acc);
-                }
-            }
-            out[p * c + ch] = epi.apply(acc, ch);
+        for (p, a) in acc.iter().take(n).enumerate() {
+            out[p * c + ch] = epi.apply(*a, ch);
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn row_avx2(x: &[f32], taps: &[f32], g: &Geom, epi: Epilogue, oy: usize, out: &mut [f32]) {
-    row::<true>(x, taps, g, epi, oy, out)
+fn row_avx2(
+    src: Source,
+    taps: &[f32],
+    g: &Geom,
+    epi: Epilogue,
+    oy: usize,
+    out: &mut [f32],
+    tables: &mut (Table, Table),
+) {
+    row::<true>(src, taps, g, epi, oy, out, tables)
 }
 
 /// [`row`] with FMA and 8-lane vectors where the CPU has them.
-fn row_mv(x: &[f32], taps: &[f32], g: &Geom, epi: Epilogue, oy: usize, out: &mut [f32]) {
+fn row_mv(
+    src: Source,
+    taps: &[f32],
+    g: &Geom,
+    epi: Epilogue,
+    oy: usize,
+    out: &mut [f32],
+    tables: &mut (Table, Table),
+) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU was just checked to support AVX2 and FMA.
-        return unsafe { row_avx2(x, taps, g, epi, oy, out) };
+        return unsafe { row_avx2(src, taps, g, epi, oy, out, tables) };
     }
-    row::<false>(x, taps, g, epi, oy, out)
-}
-
-/// Element strides of the channels-last input and the tap-major weights.
-#[derive(Clone, Copy)]
-struct Strides {
-    /// One input row.
-    row: usize,
-    /// One output pixel's step in the input (stride · C).
-    pixel: usize,
-    /// One kernel row of taps.
-    tap_row: usize,
+    row::<false>(src, taps, g, epi, oy, out, tables)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Epilogue, Strides, LANES};
+    use super::{Epilogue, LANES, PIXELS};
     use std::arch::x86_64::*;
 
-    /// The full 8-channel blocks of [`super::pixels`] in AVX2 + FMA: `P` accumulators per
-    /// block, one weight load per tap shared by the `P` pixels. `x0` is the input offset of
-    /// the first tap of pixel 0 (channel 0), `t0` the index of the first tap; `n_ky × n_kx`
-    /// taps run.
+    /// The full 8-channel blocks of [`super::block`]; returns how many channels it did.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA; every tap of every pixel, for every channel `< c`,
-    /// must lie inside the buffers `x` and `taps` point to, and `out` must hold `P · c`.
+    /// As [`super::block`], and the CPU must have AVX2 and FMA.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn pixels<const P: usize>(
-        x: *const f32,
-        taps: *const f32,
+    pub(super) unsafe fn block(
+        table: &[*const f32],
+        delta: usize,
+        w: *const f32,
+        n_taps: usize,
+        c: usize,
         epi: Epilogue,
         out: *mut f32,
-        c: usize,
-        x0: usize,
-        st: Strides,
-        (n_ky, n_kx): (usize, usize),
-        t0: usize,
-    ) {
+        n: usize,
+    ) -> usize {
+        let full = c / LANES * LANES;
+        let pairs = c / (2 * LANES) * 2 * LANES;
+        let args = (table, delta, w, n_taps, c, epi, out, n);
+        for c0 in (0..pairs).step_by(2 * LANES) {
+            lanes::<2>(args, c0);
+        }
+        if pairs < full {
+            lanes::<1>(args, pairs);
+        }
+        full
+    }
+
+    type Args<'a> = (
+        &'a [*const f32],
+        usize,
+        *const f32,
+        usize,
+        usize,
+        Epilogue<'a>,
+        *mut f32,
+        usize,
+    );
+
+    /// `CB` blocks of 8 channels from `c0`: `CB · PIXELS` independent accumulator chains,
+    /// enough to cover the FMA latency (one 8-channel block left only 4 in flight).
+    #[inline(always)]
+    unsafe fn lanes<const CB: usize>((table, delta, w, n_taps, c, epi, out, n): Args, c0: usize) {
         let zero = _mm256_setzero_ps();
         let six = _mm256_set1_ps(6.0);
-        let full = c / LANES * LANES;
-        let mut c0 = 0;
-        while c0 < full {
-            let mut acc = [zero; P];
-            // Wrapping: the pointers step one row past the last tap after the loops.
-            let mut xr = x.wrapping_add(x0 + c0);
-            let mut tr = taps.wrapping_add(t0 * c + c0);
-            for _ in 0..n_ky {
-                let (mut xp, mut tp) = (xr, tr);
-                for _ in 0..n_kx {
-                    let w = _mm256_loadu_ps(tp);
-                    for (p, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp.add(p * st.pixel)), *a);
-                    }
-                    xp = xp.wrapping_add(c);
-                    tp = tp.wrapping_add(c);
+        let mut acc = [[zero; PIXELS]; CB];
+        for (t, src) in table.chunks_exact(PIXELS).take(n_taps).enumerate() {
+            for (b, acc) in acc.iter_mut().enumerate() {
+                let wv = _mm256_loadu_ps(w.add(t * c + c0 + b * LANES));
+                for (a, &px) in acc.iter_mut().zip(src) {
+                    let xv = _mm256_loadu_ps(px.add(delta + c0 + b * LANES));
+                    *a = _mm256_fmadd_ps(wv, xv, *a);
                 }
-                xr = xr.wrapping_add(st.row);
-                tr = tr.wrapping_add(st.tap_row);
             }
-            let shift = _mm256_loadu_ps(epi.shift.as_ptr().add(c0));
-            for (p, a) in acc.iter().enumerate() {
+        }
+        for (b, acc) in acc.iter().enumerate() {
+            let cb = c0 + b * LANES;
+            let shift = _mm256_loadu_ps(epi.shift.as_ptr().add(cb));
+            for (p, a) in acc.iter().take(n).enumerate() {
                 let mut v = _mm256_add_ps(*a, shift);
                 if epi.relu6 {
                     v = _mm256_min_ps(_mm256_max_ps(v, zero), six);
                 }
-                _mm256_storeu_ps(out.add(p * c + c0), v);
+                _mm256_storeu_ps(out.add(p * c + cb), v);
             }
-            c0 += LANES;
         }
     }
 }
@@ -356,8 +385,14 @@ mod tests {
             };
             let taps = taps_major(&wts, c, k * k);
             let mut out = vec![f32::NAN; g.ho * g.wo * c];
+            let zeros = vec![0.0; c];
+            let src = Source {
+                x: &x,
+                zeros: &zeros,
+            };
+            let mut tables = Default::default();
             for (oy, o) in out.chunks_mut(g.wo * c).enumerate() {
-                row::<false>(&x, &taps, &g, epi, oy, o);
+                row::<false>(src, &taps, &g, epi, oy, o, &mut tables);
             }
             for ch in 0..c {
                 for p in 0..g.ho * g.wo {
