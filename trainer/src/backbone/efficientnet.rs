@@ -279,6 +279,24 @@ impl Schedule {
     }
 }
 
+/// `(expand, depthwise, project, residual)` of one fused inverted-residual block.
+type Block = (Option<FusedConv>, FusedConv, FusedConv, bool);
+
+/// Activations of at most this many pixels (14 × 14 at 224 × 224 input) run in groups of
+/// images in [`Schedule::DepthFirst`]: from there on a layer's weights outweigh one image's
+/// activations.
+const GROUPED_PIXELS: usize = 14 * 14;
+
+/// Images a thread takes through the late layers together in [`Schedule::DepthFirst`]: up
+/// to four, in groups that still split the batch evenly over the threads where they can.
+fn depth_first_group(batch: usize, threads: usize) -> usize {
+    let per_thread = batch.div_ceil(threads.max(1));
+    (1..=4)
+        .rev()
+        .find(|&g| per_thread.is_multiple_of(g))
+        .unwrap_or(1)
+}
+
 /// Inference-only EfficientNet-Lite0: every conv + frozen BN folded once, ReLU6 and the
 /// residual add fused into the conv output pass (see [`crate::ops::fused`]). Built from the
 /// same variables as [`EfficientNetLite`], so its features are the training network's; the
@@ -287,8 +305,8 @@ impl Schedule {
 #[derive(Debug, Clone)]
 pub struct FusedEfficientNetLite {
     stem: FusedConv,
-    /// `(expand, depthwise, project, residual)` per block, all groups in order.
-    blocks: Vec<(Option<FusedConv>, FusedConv, FusedConv, bool)>,
+    /// Every block, all groups in order.
+    blocks: Vec<Block>,
     head: FusedConv,
 }
 
@@ -366,11 +384,12 @@ impl FusedEfficientNetLite {
         let b = x.b;
         let pooled = match schedule {
             Schedule::DepthFirst => {
-                let per_image: Vec<Vec<f32>> = (0..b)
+                let g = depth_first_group(b, rayon::current_num_threads());
+                let per_group: Vec<Vec<f32>> = (0..b.div_ceil(g))
                     .into_par_iter()
-                    .map(|i| self.pooled(x.images(i..i + 1), Threads::Caller))
+                    .map(|k| self.pooled_group(&x, k * g..b.min(k * g + g)))
                     .collect::<Result<_>>()?;
-                per_image.concat()
+                per_group.concat()
             }
             Schedule::LayerByLayer => self.pooled(x, Threads::Pool)?,
         };
@@ -386,19 +405,73 @@ impl FusedEfficientNetLite {
     /// Activations after the stem are channels-last: the depthwise convs vectorise over
     /// channels there, and the 1×1 convs just take their gemm operands transposed.
     fn pooled(&self, x: Activation, threads: Threads) -> Result<Vec<f32>> {
-        let nhwc = MemoryFormat::Nhwc;
-        let mut h = self.stem.forward_to(&x, None, nhwc, threads)?;
+        let h = self
+            .stem
+            .forward_to(&x, None, MemoryFormat::Nhwc, threads)?;
         drop(x);
-        for (expand, dw, project, residual) in &self.blocks {
-            let e = match expand {
-                Some(e) => Some(e.forward_to(&h, None, nhwc, threads)?),
-                None => None,
-            };
-            let d = dw.forward_to(e.as_ref().unwrap_or(&h), None, nhwc, threads)?;
-            drop(e);
-            h = project.forward_to(&d, residual.then_some(&h), nhwc, threads)?;
+        let h = self.run_blocks(h, 0..self.blocks.len(), threads)?;
+        self.head_and_pool(&h, threads)
+    }
+
+    /// [`FusedEfficientNetLite::pooled`] of images `range` of `x` on the calling thread: each
+    /// image alone through the high-resolution blocks, whose activations are large, then the
+    /// group together through the rest, where each 1×1 conv then reads its weights (larger
+    /// than those layers' activations) once for the group instead of once per image.
+    fn pooled_group(&self, x: &Activation, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let mut split = self.blocks.len();
+        let early = range
+            .map(|i| {
+                let mut h = self.stem.forward_to(
+                    &x.images(i..i + 1),
+                    None,
+                    MemoryFormat::Nhwc,
+                    Threads::Caller,
+                )?;
+                for (k, block) in self.blocks.iter().enumerate() {
+                    if h.h * h.w <= GROUPED_PIXELS {
+                        split = k;
+                        break;
+                    }
+                    h = self.block(block, h, Threads::Caller)?;
+                }
+                Ok(h)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let h = self.run_blocks(
+            Activation::concat(early)?,
+            split..self.blocks.len(),
+            Threads::Caller,
+        )?;
+        self.head_and_pool(&h, Threads::Caller)
+    }
+
+    fn run_blocks(
+        &self,
+        mut h: Activation,
+        range: std::ops::Range<usize>,
+        threads: Threads,
+    ) -> Result<Activation> {
+        for block in &self.blocks[range] {
+            h = self.block(block, h, threads)?;
         }
-        let f = self.head.forward_to(&h, None, nhwc, threads)?;
+        Ok(h)
+    }
+
+    /// One inverted-residual block, channels-last in and out.
+    fn block(&self, block: &Block, h: Activation, threads: Threads) -> Result<Activation> {
+        let nhwc = MemoryFormat::Nhwc;
+        let (expand, dw, project, residual) = block;
+        let e = match expand {
+            Some(e) => Some(e.forward_to(&h, None, nhwc, threads)?),
+            None => None,
+        };
+        let d = dw.forward_to(e.as_ref().unwrap_or(&h), None, nhwc, threads)?;
+        drop(e);
+        project.forward_to(&d, residual.then_some(&h), nhwc, threads)
+    }
+
+    fn head_and_pool(&self, h: &Activation, threads: Threads) -> Result<Vec<f32>> {
+        let f = self.head.forward_to(h, None, MemoryFormat::Nhwc, threads)?;
         Ok(global_avg_pool(&f))
     }
 }
@@ -464,6 +537,14 @@ mod tests {
             assert_eq!(
                 Schedule::for_batch(batch, threads),
                 want,
+                "{batch} on {threads}"
+            );
+        }
+        // Groups of up to four that divide each thread's share where one does.
+        for (batch, threads, group) in [(32, 2, 4), (6, 2, 3), (10, 2, 1), (12, 4, 3), (9, 2, 1)] {
+            assert_eq!(
+                depth_first_group(batch, threads),
+                group,
                 "{batch} on {threads}"
             );
         }

@@ -118,6 +118,36 @@ impl Activation {
         }
     }
 
+    /// The batches of `parts` (same channels, size and format) one after the other.
+    pub fn concat(parts: Vec<Self>) -> Result<Self> {
+        let Some(first) = parts.first() else {
+            bail!("concat of no activations")
+        };
+        let (c, h, w, format) = (first.c, first.h, first.w, first.format);
+        if let Some(p) = parts
+            .iter()
+            .find(|p| (p.c, p.h, p.w, p.format) != (c, h, w, format))
+        {
+            bail!(
+                "concat: [{}, {}, {}] {:?} does not match [{c}, {h}, {w}] {format:?}",
+                p.c,
+                p.h,
+                p.w,
+                p.format
+            )
+        }
+        let b = parts.iter().map(|p| p.b).sum();
+        let data = parts.into_iter().flat_map(|p| p.data).collect();
+        Ok(Self {
+            data,
+            b,
+            c,
+            h,
+            w,
+            format,
+        })
+    }
+
     /// A `[B, C, H, W]` tensor (planar, whatever the buffer's format).
     pub fn into_tensor(self) -> Result<Tensor> {
         let s = self.to_format(MemoryFormat::Nchw);
@@ -333,6 +363,22 @@ impl FusedConv {
         format: MemoryFormat,
         threads: Threads,
     ) -> Vec<f32> {
+        // Channels-last in and out, a pointwise conv is one matmul over all the batch's
+        // pixels: the weights are read once per batch instead of once per image.
+        let merged;
+        let g = if x.format == MemoryFormat::Nhwc && format == MemoryFormat::Nhwc {
+            merged = Geom {
+                b: 1,
+                h: 1,
+                w: g.b * g.h * g.w,
+                ho: 1,
+                wo: g.b * g.ho * g.wo,
+                ..*g
+            };
+            &merged
+        } else {
+            g
+        };
         let howo = g.ho * g.wo;
         let act = self.act;
         let w = match format {
@@ -558,6 +604,20 @@ mod tests {
                 "pointwise, batch {b}"
             );
         }
+    }
+
+    #[test]
+    fn concat_joins_batches_of_one_shape() {
+        let a = activation(2, 3, 4, 5, 1).to_format(MemoryFormat::Nhwc);
+        let b = activation(1, 3, 4, 5, 2).to_format(MemoryFormat::Nhwc);
+        let ab = Activation::concat(vec![a.clone(), b.clone()]).unwrap();
+        assert_eq!((ab.b, ab.format), (3, MemoryFormat::Nhwc));
+        assert_eq!(ab.images(2..3).data, b.data);
+        assert_eq!(ab.images(0..2).data, a.data);
+        let planar = activation(1, 3, 4, 5, 3);
+        let err = Activation::concat(vec![a, planar]).unwrap_err();
+        assert!(err.to_string().contains("does not match"), "{err}");
+        assert!(Activation::concat(Vec::new()).is_err());
     }
 
     #[test]
