@@ -13,7 +13,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::bias_act::{bias_act, Activation};
+use super::bias_act::Activation;
 use crate::ops::{self, Pad4};
 
 /// Variable-name suffixes of batch-norm running statistics. They are created as variables so
@@ -193,12 +193,8 @@ impl ConvBn {
             .spec
             .padding
             .resolve(h, w, self.spec.kernel, self.spec.stride);
-        let y = if self.spec.depthwise {
-            ops::depthwise_conv2d(x, &weight, self.spec.stride, pad)?
-        } else {
-            ops::conv2d(x, &weight, self.spec.stride, pad)?
-        };
-        bias_act(&y, &shift, act)
+        let (stride, depthwise) = (self.spec.stride, self.spec.depthwise);
+        ops::conv_bias_act(x, &weight, &shift, stride, pad, depthwise, act)
     }
 }
 

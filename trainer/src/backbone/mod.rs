@@ -5,7 +5,8 @@
 //! canonical names; [`crate::weights::load_backbone_weights`] returns pretrained tensors under
 //! the same names, whatever layout the file uses.
 
-pub mod bias_act;
+/// The fused bias + activation op (kept under this path for the backbones' code).
+pub use crate::ops::bias_act;
 pub mod bn_inception;
 pub mod efficientnet;
 pub mod layers;

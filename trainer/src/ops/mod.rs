@@ -23,7 +23,9 @@
 //! composition ([`stock`]), so model code can call these functions unconditionally.
 
 mod alloc;
+pub mod bias_act;
 mod conv;
+mod conv_act;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod depthwise;
@@ -44,6 +46,7 @@ mod tests;
 pub(crate) use alloc::uninit_vec;
 pub use alloc::{single_malloc_arena, tune_glibc_malloc};
 use candle_core::{bail, DType, Device, Result, Shape, Tensor};
+pub use conv_act::conv_bias_act;
 
 /// Whether the ops with GPU kernels (depthwise conv, pooling) run as custom ops on `device`:
 /// always on CPU, on CUDA when built with the `cuda` feature.

@@ -445,3 +445,79 @@ fn pairwise_sq_dist_matches_naive_and_finite_differences() {
         );
     }
 }
+
+/// The fused training conv against the three-node composition it replaces: the same
+/// forward, and the same gradients for input, weight and shift (f64), dense and depthwise,
+/// stride 2 with asymmetric padding, every activation.
+#[test]
+fn fused_conv_bias_act_matches_the_unfused_ops() {
+    use bias_act::{bias_act, Activation};
+    let cases: &[(bool, [usize; 4], usize, usize, usize)] = &[
+        (false, [2, 3, 9, 8], 5, 3, 2),
+        (false, [1, 6, 5, 7], 4, 1, 1),
+        (true, [2, 5, 9, 9], 5, 3, 2),
+        (true, [1, 4, 7, 6], 4, 5, 1),
+    ];
+    for (i, &(depthwise, [b, c, h, w], co, k, s)) in cases.iter().enumerate() {
+        let seed = 7000 + 10 * i as u64;
+        let x = Var::from_tensor(&tensor(&rand_vec(b * c * h * w, seed), &[b, c, h, w])).unwrap();
+        let cin = if depthwise { 1 } else { c };
+        let co = if depthwise { c } else { co };
+        let wt = Var::from_tensor(&tensor(
+            &rand_vec(co * cin * k * k, seed + 1),
+            &[co, cin, k, k],
+        ))
+        .unwrap();
+        let shift = Var::from_tensor(&tensor(&rand_vec(co, seed + 2), &[co])).unwrap();
+        let pad = same4(h, w, k, k, s);
+        for act in [Activation::Identity, Activation::Relu, Activation::Relu6] {
+            // Scaled so ReLU6 saturates somewhere.
+            let (xs, ws, bs) = (x.as_tensor(), wt.as_tensor(), shift.as_tensor());
+            let xs = (xs * 4.0).unwrap();
+            let fused = conv_bias_act(&xs, ws, bs, s, pad, depthwise, act).unwrap();
+            let y = if depthwise {
+                depthwise_conv2d(&xs, ws, s, pad).unwrap()
+            } else {
+                conv2d(&xs, ws, s, pad).unwrap()
+            };
+            let unfused = bias_act(&y, bs, act).unwrap();
+            let what = format!("case {i} {act:?}");
+            assert_close(&fused, &vec_of(&unfused), unfused.dims(), 1e-12, &what);
+            // A loss that weighs every output differently.
+            let weights = tensor(&rand_vec(unfused.elem_count(), seed + 3), unfused.dims());
+            let gf = (fused * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gu = (unfused * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (v, name) in [(x.as_tensor(), "x"), (ws, "w"), (bs, "shift")] {
+                let (a, b) = (gf.get(v).unwrap(), gu.get(v).unwrap());
+                assert_close(a, &vec_of(b), b.dims(), 1e-10, &format!("{what} d{name}"));
+            }
+        }
+    }
+    // Shapes are checked.
+    let x = tensor(&rand_vec(2 * 3 * 5 * 5, 1), &[2, 3, 5, 5]);
+    let w = tensor(&rand_vec(4 * 3 * 9, 2), &[4, 3, 3, 3]);
+    let bad_shift = tensor(&rand_vec(3, 3), &[3]);
+    let err = conv_bias_act(
+        &x,
+        &w,
+        &bad_shift,
+        1,
+        [1; 4],
+        false,
+        bias_act::Activation::Relu6,
+    );
+    assert!(err.unwrap_err().to_string().contains("shift"));
+    let shift = tensor(&rand_vec(4, 3), &[4]);
+    let err = conv_bias_act(&x, &w, &shift, 1, [1; 4], true, bias_act::Activation::Relu6);
+    assert!(err.unwrap_err().to_string().contains("depthwise"));
+}

@@ -1,6 +1,6 @@
 //! Fused per-channel bias + activation, `act(x + b[c])`, with backward.
 //!
-//! After folding batch norm into the convolution (see [`super::layers`]), every conv is
+//! After folding batch norm into the convolution (see [`crate::backbone::layers`]), every conv is
 //! followed by a bias add and usually an activation. Written as candle ops that is two or
 //! three passes over activations that reach hundreds of MB at batch 32 (EfficientNet's
 //! first expanded blocks: 32×96×112×112 floats); this op does it in one pass, and its
@@ -22,7 +22,7 @@ pub enum Activation {
 }
 
 /// The float types the kernel runs on; `max`/`min` compile to branch-free vector instructions.
-trait Float: WithDType + Send + Sync {
+pub(crate) trait Float: WithDType + Send + Sync {
     fn fmax(self, o: Self) -> Self;
     fn fmin(self, o: Self) -> Self;
 }
@@ -68,6 +68,20 @@ fn plane<T: Float>(out: &mut [MaybeUninit<T>], x: &[T], bias: T, act: Activation
     }
 }
 
+/// `o = act(o + bias)` over one channel plane, in place: the epilogue of the fused
+/// convolution ([`super::conv_bias_act`]), same arithmetic as [`plane`].
+#[inline]
+pub(crate) fn in_place<T: Float>(o: &mut [T], bias: T, act: Activation) {
+    let (zero, six) = (T::zero(), T::from_f64(6.0));
+    match act {
+        Activation::Identity => o.iter_mut().for_each(|v| *v += bias),
+        Activation::Relu => o.iter_mut().for_each(|v| *v = (*v + bias).fmax(zero)),
+        Activation::Relu6 => o
+            .iter_mut()
+            .for_each(|v| *v = (*v + bias).fmax(zero).fmin(six)),
+    }
+}
+
 /// `act(x + bias)` with `x: [B, C, H, W]` (any layout) and `bias: [C]`.
 pub fn bias_act(x: &Tensor, bias: &Tensor, act: Activation) -> Result<Tensor> {
     let (_, c, _, _) = x.dims4()?;
@@ -91,7 +105,7 @@ pub fn bias_act(x: &Tensor, bias: &Tensor, act: Activation) -> Result<Tensor> {
     x.apply_op2(&bias, BiasAct(act))
 }
 
-struct BiasAct(Activation);
+pub(crate) struct BiasAct(pub(crate) Activation);
 
 /// Channel planes of `plane` values each per parallel task (about 16k values: late-stage
 /// 7×7 planes one by one would drown in scheduling); `None` for empty planes.
@@ -209,7 +223,7 @@ fn slice<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
 /// Written as candle ops this was seven single-threaded passes (two compares, a multiply, a
 /// cast, a multiply and three sums); it is memory-bound either way, so one pass that reads
 /// `grad` and `res` once and writes the result into uninitialised memory is what pays.
-fn act_grad_and_bias<T: Float>(
+pub(crate) fn act_grad_and_bias<T: Float>(
     grad: &[T],
     res: &[T],
     dims: &[usize],
