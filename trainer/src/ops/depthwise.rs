@@ -525,24 +525,36 @@ fn bwd_weight_plane<T: Elem, const KW: usize, const FMA: bool>(
             }
             continue;
         }
-        // The KW taps of a kernel row share the loads of `gflat` and run as independent
-        // accumulator chains.
+        // The KW taps of a kernel row share the loads of `gflat`; two chunks at a time give
+        // 2·KW independent accumulator chains (KW alone left the FMAs waiting on each other).
         let seg: [&[T]; KW] = std::array::from_fn(|kx| run(ky, kx));
-        let mut acc = [[T::zero(); LANES]; KW];
-        for (i, gc) in gflat[..full].chunks_exact(LANES).enumerate() {
-            let gv: &[T; LANES] = gc.try_into().expect("chunk of LANES");
+        let mut acc = [[[T::zero(); LANES]; KW]; 2];
+        let pairs = full / (2 * LANES) * 2 * LANES;
+        for (i, gc) in gflat[..pairs].chunks_exact(2 * LANES).enumerate() {
+            for (u, acc) in acc.iter_mut().enumerate() {
+                let at = (2 * i + u) * LANES;
+                let gv: &[T; LANES] = gc[u * LANES..][..LANES].try_into().expect("a chunk");
+                for kx in 0..KW {
+                    let sv: &[T; LANES] = seg[kx][at..at + LANES].try_into().expect("a chunk");
+                    for l in 0..LANES {
+                        acc[kx][l] = T::madd::<FMA>(gv[l], sv[l], acc[kx][l]);
+                    }
+                }
+            }
+        }
+        if pairs < full {
+            let gv: &[T; LANES] = gflat[pairs..full].try_into().expect("a chunk");
             for kx in 0..KW {
-                let sv: &[T; LANES] = seg[kx][i * LANES..(i + 1) * LANES]
-                    .try_into()
-                    .expect("chunk of LANES");
+                let sv: &[T; LANES] = seg[kx][pairs..full].try_into().expect("a chunk");
                 for l in 0..LANES {
-                    acc[kx][l] = T::madd::<FMA>(gv[l], sv[l], acc[kx][l]);
+                    acc[0][kx][l] = T::madd::<FMA>(gv[l], sv[l], acc[0][kx][l]);
                 }
             }
         }
         for kx in 0..KW {
             let tail = (full..n).fold(T::zero(), |t, j| T::madd::<FMA>(gflat[j], seg[kx][j], t));
-            gw[ky * g.kw + kx] += acc[kx].iter().fold(tail, |a, &b| a + b);
+            let lanes = acc[0][kx].iter().chain(&acc[1][kx]);
+            gw[ky * g.kw + kx] += lanes.fold(tail, |a, &b| a + b);
         }
     }
 }
@@ -649,8 +661,26 @@ where
 }
 
 /// Depthwise input gradient over all planes.
+///
+/// At stride 1 (with padding smaller than the kernel) this is the forward correlation of the
+/// output gradient with the flipped filter, so it runs on the forward kernel's whole-plane
+/// tap runs; the row-by-row kernel below ran the late 7- and 14-wide rows mostly as scalar
+/// tails.
 pub(crate) fn backward_input<T: Elem>(gout: &[T], w: &[T], g: &Geom) -> Vec<T> {
     let (hw, howo, kk) = (g.h * g.w, g.ho * g.wo, g.kh * g.kw);
+    let [pt, pb, pl, pr] = g.pad;
+    if g.stride == 1 && pt.max(pb) < g.kh && pl.max(pr) < g.kw {
+        let transposed = Geom {
+            h: g.ho,
+            w: g.wo,
+            pad: [g.kh - 1 - pt, g.kh - 1 - pb, g.kw - 1 - pl, g.kw - 1 - pr],
+            ho: g.h,
+            wo: g.w,
+            ..*g
+        };
+        let flipped: Vec<T> = w.chunks(kk).flat_map(|f| f.iter().rev().copied()).collect();
+        return forward(gout, &flipped, &transposed);
+    }
     let d = bwd_input_dims(g);
     let mut gx = vec![T::zero(); g.b * g.c * hw];
     gx.par_chunks_mut(hw).enumerate().for_each_init(
