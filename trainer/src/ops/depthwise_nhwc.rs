@@ -82,10 +82,18 @@ pub(crate) fn forward(
                 x: xi,
                 zeros: &zeros,
             };
-            row_mv(src, taps, g, epi, oy, o, tables);
+            row_mv(Layer { taps, g, epi }, src, oy, o, tables);
         },
     );
     out
+}
+
+/// What every row of one layer shares: tap-major weights, geometry, epilogue.
+#[derive(Clone, Copy)]
+struct Layer<'a> {
+    taps: &'a [f32],
+    g: &'a Geom,
+    epi: Epilogue<'a>,
 }
 
 /// One image's input and a pixel's worth of zeros, what a tap outside the image reads.
@@ -144,14 +152,13 @@ fn fill_table(
 /// layers); the blocks at the edges build their own, with zeros for the padding.
 #[inline(always)]
 fn row<const FMA: bool>(
+    layer: Layer,
     src: Source,
-    taps: &[f32],
-    g: &Geom,
-    epi: Epilogue,
     oy: usize,
     out: &mut [f32],
     (edge, inner): &mut (Table, Table),
 ) {
+    let Layer { taps, g, epi } = layer;
     let [pt, _, _, _] = g.pad;
     let (s, c) = (g.stride, g.c);
     // Kernel rows whose input row lies inside the image; the others are skipped outright.
@@ -236,34 +243,18 @@ unsafe fn block<const FMA: bool>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn row_avx2(
-    src: Source,
-    taps: &[f32],
-    g: &Geom,
-    epi: Epilogue,
-    oy: usize,
-    out: &mut [f32],
-    tables: &mut (Table, Table),
-) {
-    row::<true>(src, taps, g, epi, oy, out, tables)
+fn row_avx2(layer: Layer, src: Source, oy: usize, out: &mut [f32], tables: &mut (Table, Table)) {
+    row::<true>(layer, src, oy, out, tables)
 }
 
 /// [`row`] with FMA and 8-lane vectors where the CPU has them.
-fn row_mv(
-    src: Source,
-    taps: &[f32],
-    g: &Geom,
-    epi: Epilogue,
-    oy: usize,
-    out: &mut [f32],
-    tables: &mut (Table, Table),
-) {
+fn row_mv(layer: Layer, src: Source, oy: usize, out: &mut [f32], tables: &mut (Table, Table)) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU was just checked to support AVX2 and FMA.
-        return unsafe { row_avx2(src, taps, g, epi, oy, out, tables) };
+        return unsafe { row_avx2(layer, src, oy, out, tables) };
     }
-    row::<false>(src, taps, g, epi, oy, out, tables)
+    row::<false>(layer, src, oy, out, tables)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -392,7 +383,12 @@ mod tests {
             };
             let mut tables = Default::default();
             for (oy, o) in out.chunks_mut(g.wo * c).enumerate() {
-                row::<false>(src, &taps, &g, epi, oy, o, &mut tables);
+                let layer = Layer {
+                    taps: &taps,
+                    g: &g,
+                    epi,
+                };
+                row::<false>(layer, src, oy, o, &mut tables);
             }
             for ch in 0..c {
                 for p in 0..g.ho * g.wo {
