@@ -8,6 +8,8 @@
 //! * [`depthwise_conv2d`]: per-plane tap kernels on a padded, phase-split copy of the plane
 //!   (see [`depthwise`] internals), specialised for 3×3/5×5/7×7, any stride.
 //! * [`conv2d`]: im2col + `gemm` (a 1×1 stride-1 conv is a plain matmul, no copy).
+//! * [`conv_bias_act`]: either conv with the folded-BN shift and activation in its output
+//!   pass, one autograd node (what the backbones train with); [`bias_act`] alone.
 //! * [`max_pool2d`] / [`avg_pool2d`]: any kernel, stride and padding.
 //! * [`fused`]: inference-only conv + folded BN + ReLU6 + residual in one output pass, on
 //!   planar or channels-last activations (`depthwise_nhwc` internals: the depthwise conv
