@@ -11,7 +11,7 @@
 //!
 //! Activations can be planar or channels-last ([`MemoryFormat`]). EfficientNet's fused path
 //! runs channels-last after the stem: its depthwise convs then vectorise over channels
-//! ([`super::depthwise_nhwc`]; batch-32 embedding on 2 cores 150 → 175 img/s), and its 1×1
+//! (`ops::depthwise_nhwc`; batch-32 embedding on 2 cores 150 → 175 img/s), and its 1×1
 //! convs are the same gemms with transposed operands.
 
 use candle_core::{bail, Result, Tensor};
