@@ -12,7 +12,8 @@
 //! Activations can be planar or channels-last ([`MemoryFormat`]). EfficientNet's fused path
 //! runs channels-last after the stem: its depthwise convs then vectorise over channels
 //! (`ops::depthwise_nhwc`; batch-32 embedding on 2 cores 150 → 175 img/s), and its 1×1
-//! convs are the same gemms with transposed operands.
+//! convs are the same gemms with transposed operands, over a whole group of images at once
+//! where several share the call (the late layers: 175 → 205 img/s).
 
 use candle_core::{bail, Result, Tensor};
 use rayon::prelude::*;
