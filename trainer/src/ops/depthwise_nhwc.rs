@@ -40,21 +40,9 @@ impl Epilogue<'_> {
     }
 }
 
-/// Repacks planar depthwise weights `[C, 1, kh, kw]` into the tap-major `[kh·kw, C]` this
-/// kernel reads (one contiguous channel vector per tap).
-pub(crate) fn taps_major(w: &[f32], c: usize, kk: usize) -> Vec<f32> {
-    assert_eq!(w.len(), c * kk, "depthwise weight size");
-    let mut t = vec![0.0; c * kk];
-    for (ch, wc) in w.chunks_exact(kk).enumerate() {
-        for (tap, &v) in wc.iter().enumerate() {
-            t[tap * c + ch] = v;
-        }
-    }
-    t
-}
-
 /// `out[b][oy][ox][c] = epi(Σ_taps taps[ky·kw + kx][c] · x[b][oy·s + ky − top][ox·s + kx −
-/// left][c])`, channels-last in and out; output rows are spread over `threads`.
+/// left][c])`, channels-last in and out; output rows are spread over `threads`. `taps` is
+/// the planar `[C, kh·kw]` filter transposed: one contiguous channel vector per tap.
 pub(crate) fn forward(
     x: &[f32],
     taps: &[f32],
@@ -334,7 +322,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::{depthwise, same_padding};
+    use crate::ops::{depthwise, same_padding, transpose};
 
     /// The portable instance (what CPUs without AVX2 + FMA run) against the planar kernel,
     /// which may use FMA here: equal up to rounding.
@@ -363,18 +351,13 @@ mod tests {
                 .map(|i| ((i * 104729) % 13) as f32 / 6.5 - 1.0)
                 .collect();
             let want = depthwise::forward(&planar, &wts, &g);
-            let mut x = vec![0.0; planar.len()];
-            for ch in 0..c {
-                for p in 0..h * w {
-                    x[p * c + ch] = planar[ch * h * w + p];
-                }
-            }
+            let x = transpose(&planar, c, h * w);
             let shift = vec![0.0; c];
             let epi = Epilogue {
                 shift: &shift,
                 relu6: false,
             };
-            let taps = taps_major(&wts, c, k * k);
+            let taps = transpose(&wts, c, k * k);
             let mut out = vec![f32::NAN; g.ho * g.wo * c];
             let zeros = vec![0.0; c];
             let src = Source {

@@ -19,7 +19,7 @@ use candle_core::{bail, Result, Tensor};
 use rayon::prelude::*;
 
 use super::conv::{self, DenseWeights};
-use super::{depthwise, depthwise_nhwc, same_padding, Geom, MemoryFormat, Threads};
+use super::{depthwise, depthwise_nhwc, same_padding, transpose, Geom, MemoryFormat, Threads};
 
 /// Activation applied after the folded batch norm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,17 +91,16 @@ impl Activation {
             return self;
         }
         let (c, hw) = (self.c, self.h * self.w);
-        let mut data = vec![0.0; self.data.len()];
-        for (src, dst) in self.data.chunks(c * hw).zip(data.chunks_mut(c * hw)) {
-            for ch in 0..c {
-                for p in 0..hw {
-                    match format {
-                        MemoryFormat::Nhwc => dst[p * c + ch] = src[ch * hw + p],
-                        MemoryFormat::Nchw => dst[ch * hw + p] = src[p * c + ch],
-                    }
-                }
-            }
-        }
+        // Each image is a [C, HW] (planar) or [HW, C] (channels-last) matrix.
+        let (rows, cols) = match format {
+            MemoryFormat::Nhwc => (c, hw),
+            MemoryFormat::Nchw => (hw, c),
+        };
+        let data = self
+            .data
+            .chunks(c * hw)
+            .flat_map(|img| transpose(img, rows, cols))
+            .collect();
         Self {
             data,
             format,
@@ -156,17 +155,6 @@ impl Activation {
     }
 }
 
-/// `[cols, rows]` row-major from `[rows, cols]` row-major.
-fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0.0; m.len()];
-    for (r, row) in m.chunks_exact(cols).enumerate() {
-        for (c, &v) in row.iter().enumerate() {
-            t[c * rows + r] = v;
-        }
-    }
-    t
-}
-
 fn to_vec(t: &Tensor, what: &str, len: usize) -> Result<Vec<f32>> {
     let v = t
         .to_dtype(candle_core::DType::F32)?
@@ -216,11 +204,7 @@ impl FusedConv {
             shift.push(beta[o] - mean[o] * s);
         }
         let cin = if depthwise { cout } else { cin_g };
-        let weight_t = if depthwise {
-            depthwise_nhwc::taps_major(&weight, cout, kh * kw)
-        } else {
-            transpose(&weight, cout, per_out)
-        };
+        let weight_t = transpose(&weight, cout, per_out);
         Ok(Self {
             weight,
             shift,

@@ -67,6 +67,19 @@ pub enum MemoryFormat {
     Nhwc,
 }
 
+/// `[cols, rows]` row-major from `[rows, cols]` row-major: what turns planar weights or
+/// activations channels-last and back.
+pub(crate) fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    assert_eq!(m.len(), rows * cols, "transpose of a {rows}×{cols} matrix");
+    let mut t = vec![0.0; m.len()];
+    for (r, row) in m.chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            t[c * rows + r] = v;
+        }
+    }
+    t
+}
+
 /// Where a kernel runs its work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Threads {
