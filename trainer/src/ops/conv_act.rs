@@ -12,7 +12,7 @@ use super::bias_act::{self, bias_act, Activation, BiasAct};
 use super::conv::{self, Conv2d, DenseWeights};
 use super::depthwise::{self, DepthwiseConv};
 use super::elem::{checked_slice, with_float_storage};
-use super::{conv2d, depthwise_conv2d, Geom, MemoryFormat, Pad4, Threads};
+use super::{check_weight, conv2d, depthwise_conv2d, Geom, MemoryFormat, Pad4, Threads};
 use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
@@ -37,18 +37,20 @@ pub fn conv_bias_act(
         };
         return bias_act(&y, shift, act);
     }
-    // The unfused ops validate the shapes the same way; only their geometry is kept.
+    const OP: &str = "conv_bias_act";
+    let cin = x.dims().get(1).copied().unwrap_or(0);
+    let (want_in, in_name) = if depthwise {
+        (1, "1 (depthwise)")
+    } else {
+        (cin, "Cin")
+    };
+    check_weight(OP, x, w, want_in, in_name)?;
     let (co, _, kh, kw) = w.dims4()?;
-    let g = Geom::new("conv_bias_act", x, co, (kh, kw), stride, pad)?;
-    let want_in = if depthwise { 1 } else { g.c };
-    if w.dim(1)? != want_in || (depthwise && co != g.c) || w.dtype() != x.dtype() {
+    let g = Geom::new(OP, x, co, (kh, kw), stride, pad)?;
+    if depthwise && co != g.c {
         candle_core::bail!(
-            "conv_bias_act: weight {:?} {:?} does not fit input {:?} {:?}{}",
-            w.dims(),
-            w.dtype(),
-            x.dims(),
-            x.dtype(),
-            if depthwise { " (depthwise)" } else { "" }
+            "{OP}: depthwise weight has {co} filters for {} input channels",
+            g.c
         )
     }
     if shift.dims() != [co] || shift.dtype() != x.dtype() {
