@@ -380,18 +380,17 @@ impl FusedEfficientNetLite {
     }
 
     fn pooled_features_on_pool(&self, x: &Tensor, schedule: Schedule) -> Result<Tensor> {
-        let x = Activation::from_tensor(x)?;
-        let b = x.b;
+        let b = x.dim(0)?;
         let pooled = match schedule {
             Schedule::DepthFirst => {
                 let g = depth_first_group(b, rayon::current_num_threads());
                 let per_group: Vec<Vec<f32>> = (0..b.div_ceil(g))
                     .into_par_iter()
-                    .map(|k| self.pooled_group(&x, k * g..b.min(k * g + g)))
+                    .map(|k| self.pooled_group(x, k * g..b.min(k * g + g)))
                     .collect::<Result<_>>()?;
                 per_group.concat()
             }
-            Schedule::LayerByLayer => self.pooled(x, Threads::Pool)?,
+            Schedule::LayerByLayer => self.pooled(Activation::from_tensor(x)?, Threads::Pool)?,
         };
         Tensor::from_vec(
             pooled,
@@ -405,9 +404,7 @@ impl FusedEfficientNetLite {
     /// Activations after the stem are channels-last: the depthwise convs vectorise over
     /// channels there, and the 1×1 convs just take their gemm operands transposed.
     fn pooled(&self, x: Activation, threads: Threads) -> Result<Vec<f32>> {
-        let h = self
-            .stem
-            .forward_to(&x, None, MemoryFormat::Nhwc, threads)?;
+        let h = self.stem(&x, threads)?;
         drop(x);
         let h = self.run_blocks(h, 0..self.blocks.len(), threads)?;
         self.head_and_pool(&h, threads)
@@ -417,32 +414,36 @@ impl FusedEfficientNetLite {
     /// image alone through the high-resolution blocks, whose activations are large, then the
     /// group together through the rest, where each 1×1 conv then reads its weights (larger
     /// than those layers' activations) once for the group instead of once per image.
-    fn pooled_group(&self, x: &Activation, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
-        let mut split = self.blocks.len();
+    fn pooled_group(&self, x: &Tensor, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let (_, _, h, w) = x.dims4()?;
+        let split = self.first_grouped_block(h, w);
         let early = range
             .map(|i| {
-                let mut h = self.stem.forward_to(
-                    &x.images(i..i + 1),
-                    None,
-                    MemoryFormat::Nhwc,
-                    Threads::Caller,
-                )?;
-                for (k, block) in self.blocks.iter().enumerate() {
-                    if h.h * h.w <= GROUPED_PIXELS {
-                        split = k;
-                        break;
-                    }
-                    h = self.block(block, h, Threads::Caller)?;
-                }
-                Ok(h)
+                let image = Activation::from_tensor(&x.narrow(0, i, 1)?)?;
+                let h = self.stem(&image, Threads::Caller)?;
+                self.run_blocks(h, 0..split, Threads::Caller)
             })
             .collect::<Result<Vec<_>>>()?;
-        let h = self.run_blocks(
-            Activation::concat(early)?,
-            split..self.blocks.len(),
-            Threads::Caller,
-        )?;
+        let rest = split..self.blocks.len();
+        let h = self.run_blocks(Activation::concat(early)?, rest, Threads::Caller)?;
         self.head_and_pool(&h, Threads::Caller)
+    }
+
+    /// The first block whose input, for an `h × w` image, has at most [`GROUPED_PIXELS`]
+    /// pixels (only the stem and the depthwise convs change the size).
+    fn first_grouped_block(&self, h: usize, w: usize) -> usize {
+        let (mut h, mut w) = self.stem.out_size(h, w);
+        for (k, (_, dw, _, _)) in self.blocks.iter().enumerate() {
+            if h * w <= GROUPED_PIXELS {
+                return k;
+            }
+            (h, w) = dw.out_size(h, w);
+        }
+        self.blocks.len()
+    }
+
+    fn stem(&self, x: &Activation, threads: Threads) -> Result<Activation> {
+        self.stem.forward_to(x, None, MemoryFormat::Nhwc, threads)
     }
 
     fn run_blocks(
@@ -572,6 +573,10 @@ mod tests {
             FusedEfficientNetLite::from_vars(&LITE0_STAGES, |n| Ok(data[n].as_tensor().detach()))
                 .unwrap()
         };
+        // Groups start at the 14 × 14 blocks (224 input: stem 112, blocks 1/3/5 halve it),
+        // at 9 × 9 for the 65 × 65 input below.
+        assert_eq!(fused.first_grouped_block(224, 224), 6);
+        assert_eq!(fused.first_grouped_block(65, 65), 4);
         // Odd size: asymmetric SAME padding; batch 1 and 3 take both threading paths of the
         // convolutions, in both schedules.
         let schedules = [Schedule::LayerByLayer, Schedule::DepthFirst];

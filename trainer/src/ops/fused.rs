@@ -108,16 +108,6 @@ impl Activation {
         }
     }
 
-    /// Images `range` of the batch, as a batch of their own.
-    pub fn images(&self, range: std::ops::Range<usize>) -> Self {
-        let n = self.c * self.h * self.w;
-        Self {
-            data: self.data[range.start * n..range.end * n].to_vec(),
-            b: range.len(),
-            ..*self
-        }
-    }
-
     /// The batches of `parts` (same channels, size and format) one after the other.
     pub fn concat(parts: Vec<Self>) -> Result<Self> {
         let Some(first) = parts.first() else {
@@ -220,6 +210,11 @@ impl FusedConv {
 
     pub fn out_channels(&self) -> usize {
         self.cout
+    }
+
+    /// Output height and width for an `h × w` input (TF "SAME" padding: `⌈h / stride⌉`).
+    pub fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
+        (h.div_ceil(self.stride), w.div_ceil(self.stride))
     }
 
     fn geom(&self, x: &Activation) -> Geom {
@@ -597,8 +592,8 @@ mod tests {
         let b = activation(1, 3, 4, 5, 2).to_format(MemoryFormat::Nhwc);
         let ab = Activation::concat(vec![a.clone(), b.clone()]).unwrap();
         assert_eq!((ab.b, ab.format), (3, MemoryFormat::Nhwc));
-        assert_eq!(ab.images(2..3).data, b.data);
-        assert_eq!(ab.images(0..2).data, a.data);
+        assert_eq!(ab.data[..a.data.len()], a.data);
+        assert_eq!(ab.data[a.data.len()..], b.data);
         let planar = activation(1, 3, 4, 5, 3);
         let err = Activation::concat(vec![a, planar]).unwrap_err();
         assert!(err.to_string().contains("does not match"), "{err}");
