@@ -56,6 +56,12 @@ pub(crate) fn forward(
     assert_eq!(g.co, g.c, "depthwise keeps the channel count");
     let row_len = g.wo * g.c;
     let zeros = vec![0.0; g.c];
+    let layer = Layer {
+        taps,
+        g,
+        epi,
+        interior: interior(g),
+    };
     // SAFETY: `row` writes every element of its output row.
     let mut out = unsafe { uninit_vec(g.b * g.ho * row_len) };
     for_each_chunk(
@@ -70,18 +76,20 @@ pub(crate) fn forward(
                 x: xi,
                 zeros: &zeros,
             };
-            row_mv(Layer { taps, g, epi }, src, oy, o, tables);
+            row_mv(layer, src, oy, o, tables);
         },
     );
     out
 }
 
-/// What every row of one layer shares: tap-major weights, geometry, epilogue.
+/// What every row of one layer shares: tap-major weights, geometry, epilogue, and the
+/// output columns whose taps all fall inside the input ([`interior`]).
 #[derive(Clone, Copy)]
 struct Layer<'a> {
     taps: &'a [f32],
     g: &'a Geom,
     epi: Epilogue<'a>,
+    interior: (usize, usize),
 }
 
 /// One image's input and a pixel's worth of zeros, what a tap outside the image reads.
@@ -146,7 +154,12 @@ fn row<const FMA: bool>(
     out: &mut [f32],
     (edge, inner): &mut (Table, Table),
 ) {
-    let Layer { taps, g, epi } = layer;
+    let Layer {
+        taps,
+        g,
+        epi,
+        interior: (lo, hi),
+    } = layer;
     let [pt, _, _, _] = g.pad;
     let (s, c) = (g.stride, g.c);
     // Kernel rows whose input row lies inside the image; the others are skipped outright.
@@ -154,7 +167,6 @@ fn row<const FMA: bool>(
     let ky1 = g.kh.min((g.h + pt).saturating_sub(oy * s)).max(ky0);
     let n_taps = (ky1 - ky0) * g.kw;
     let tap_weights = &taps[ky0 * g.kw * c..ky1 * g.kw * c];
-    let (lo, hi) = interior(g);
     let mut inner_ox = None;
     for ox in (0..g.wo).step_by(PIXELS) {
         let (table, delta) = if ox >= lo && ox + PIXELS <= hi {
@@ -370,6 +382,7 @@ mod tests {
                     taps: &taps,
                     g: &g,
                     epi,
+                    interior: interior(&g),
                 };
                 row::<false>(layer, src, oy, o, &mut tables);
             }
