@@ -20,8 +20,12 @@ mod fuzzy;
 mod lifted;
 mod multi_similarity;
 mod pairwise;
+mod proxy;
 mod triplet;
+mod xbm;
 
+#[cfg(test)]
+mod proxy_tests;
 #[cfg(test)]
 mod reference;
 #[cfg(test)]
@@ -34,7 +38,9 @@ pub use fuzzy::Fuzzy;
 pub use lifted::Lifted;
 pub use multi_similarity::MultiSimilarity;
 pub use pairwise::{pairwise_distances, DISTANCE_SQ_CLAMP};
+pub use proxy::{proxies_f32, ClassSpace, NormSoftmax, ProxyAnchor, PROXIES};
 pub use triplet::{BatchAll, BatchHard};
+pub use xbm::CrossBatchMemory;
 
 /// Which loss the trainer optimises.
 #[derive(
@@ -51,10 +57,14 @@ pub enum LossKind {
     BatchAll,
     /// Triplet loss with the hardest positive and negative of each anchor (Hermans et al. 2017).
     BatchHard,
-    /// The seed's positive-mining "fuzzy clustering" loss (NeighbourLoss); the project default.
+    /// The seed's positive-mining "fuzzy clustering" loss (NeighbourLoss).
     Fuzzy,
-    /// Multi-similarity loss (Wang et al. 2019) on cosine similarities.
+    /// Multi-similarity loss (Wang et al. 2019) on cosine similarities; the trainer's default.
     MultiSimilarity,
+    /// Proxy-Anchor (Kim et al. 2020): one learned proxy per class; converges in few epochs.
+    ProxyAnchor,
+    /// Normalized softmax over learned class weights, with an optional CosFace margin.
+    NormSoftmax,
 }
 
 impl LossKind {
@@ -67,8 +77,27 @@ impl LossKind {
             LossKind::BatchHard => "batch-hard",
             LossKind::Fuzzy => "fuzzy",
             LossKind::MultiSimilarity => "multi-similarity",
+            LossKind::ProxyAnchor => "proxy-anchor",
+            LossKind::NormSoftmax => "norm-softmax",
         }
     }
+
+    /// Losses with learned class proxies (parameters optimised with the network).
+    pub fn has_proxies(self) -> bool {
+        matches!(self, LossKind::ProxyAnchor | LossKind::NormSoftmax)
+    }
+
+    /// Every loss, in the order `--help` lists them.
+    pub const ALL: [LossKind; 8] = [
+        LossKind::Contrastive,
+        LossKind::Lifted,
+        LossKind::BatchAll,
+        LossKind::BatchHard,
+        LossKind::Fuzzy,
+        LossKind::MultiSimilarity,
+        LossKind::ProxyAnchor,
+        LossKind::NormSoftmax,
+    ];
 }
 
 impl std::fmt::Display for LossKind {
@@ -89,6 +118,24 @@ pub mod defaults {
     pub const MS_BETA: f64 = 50.0;
     pub const MS_LAMBDA: f64 = 0.5;
     pub const MS_EPSILON: f64 = 0.1;
+    pub const PA_ALPHA: f64 = 32.0;
+    pub const PA_DELTA: f64 = 0.1;
+    pub const SOFTMAX_SCALE: f64 = 20.0;
+    pub const SOFTMAX_MARGIN: f64 = 0.0;
+
+    // serde defaults for run configs written before these constants existed.
+    pub fn pa_alpha() -> f64 {
+        PA_ALPHA
+    }
+    pub fn pa_delta() -> f64 {
+        PA_DELTA
+    }
+    pub fn softmax_scale() -> f64 {
+        SOFTMAX_SCALE
+    }
+    pub fn softmax_margin() -> f64 {
+        SOFTMAX_MARGIN
+    }
 }
 
 /// Constants of all the losses (flattened into the trainer's command line; only the ones of
@@ -137,6 +184,23 @@ pub struct LossArgs {
     /// Multi-similarity: pair-mining margin epsilon on similarities (Wang et al. 2019: 0.1).
     #[arg(long, default_value_t = defaults::MS_EPSILON, allow_negative_numbers = true)]
     pub ms_epsilon: f64,
+    /// Proxy-Anchor: scale alpha (Kim et al. 2020: 32).
+    #[arg(long, default_value_t = defaults::PA_ALPHA)]
+    #[serde(default = "defaults::pa_alpha")]
+    pub pa_alpha: f64,
+    /// Proxy-Anchor: margin delta on cosine similarities (Kim et al. 2020: 0.1).
+    #[arg(long, default_value_t = defaults::PA_DELTA, allow_negative_numbers = true)]
+    #[serde(default = "defaults::pa_delta")]
+    pub pa_delta: f64,
+    /// Norm-softmax: logit scale = 1 / temperature (Zhai & Wu 2018: temperature 0.05 → 20).
+    #[arg(long, default_value_t = defaults::SOFTMAX_SCALE)]
+    #[serde(default = "defaults::softmax_scale")]
+    pub softmax_scale: f64,
+    /// Norm-softmax: additive cosine margin of the true class (0 = normalized softmax;
+    /// CosFace: 0.35).
+    #[arg(long, default_value_t = defaults::SOFTMAX_MARGIN, allow_negative_numbers = true)]
+    #[serde(default = "defaults::softmax_margin")]
+    pub softmax_margin: f64,
 }
 
 impl Default for LossArgs {
@@ -154,6 +218,10 @@ impl Default for LossArgs {
             ms_beta: defaults::MS_BETA,
             ms_lambda: defaults::MS_LAMBDA,
             ms_epsilon: defaults::MS_EPSILON,
+            pa_alpha: defaults::PA_ALPHA,
+            pa_delta: defaults::PA_DELTA,
+            softmax_scale: defaults::SOFTMAX_SCALE,
+            softmax_margin: defaults::SOFTMAX_MARGIN,
         }
     }
 }
@@ -163,8 +231,14 @@ impl LossArgs {
     /// (a config read from JSON bypasses clap's parsers). The losses check again in
     /// `forward`, so skipping this cannot produce NaNs silently.
     pub fn validate(&self, kind: LossKind) -> crate::error::Result<()> {
-        build(kind, self)
-            .check()
+        let tiny = ClassSpace {
+            classes: 1,
+            dim: 1,
+            seed: 0,
+            device: candle_core::Device::Cpu,
+        };
+        build(kind, self, Some(&tiny))
+            .and_then(|l| l.check())
             .map_err(|e| crate::error::Error::Invalid(e.to_string()))
     }
 }
@@ -206,11 +280,27 @@ pub trait MetricLoss: Send + Sync {
         }
         self.forward_batch(embeddings, labels, n)
     }
+    /// Learned parameters of the loss itself (proxies), with their names in the run's
+    /// `loss.safetensors`; none for the pair losses.
+    fn parameters(&self) -> Vec<(String, candle_core::Var)> {
+        Vec::new()
+    }
+    /// Forgets state kept between batches (the cross-batch memory); nothing for the others.
+    fn reset(&self) {}
 }
 
-/// Builds the loss `kind` with the constants of `args`.
-pub fn build(kind: LossKind, args: &LossArgs) -> Box<dyn MetricLoss> {
-    match kind {
+/// Builds the loss `kind` with the constants of `args`. The proxy losses need the training
+/// class space (their proxies are created here, seeded); the pair losses ignore it.
+pub fn build(
+    kind: LossKind,
+    args: &LossArgs,
+    classes: Option<&ClassSpace>,
+) -> candle_core::Result<Box<dyn MetricLoss>> {
+    let proxies = || match classes {
+        Some(space) => space.init_proxies(),
+        None => candle_core::bail!("the {kind} loss needs the number of training classes"),
+    };
+    Ok(match kind {
         LossKind::Fuzzy => Box::new(Fuzzy {
             margin: args.fuzzy_margin,
             positives: args.fuzzy_positives,
@@ -236,5 +326,15 @@ pub fn build(kind: LossKind, args: &LossArgs) -> Box<dyn MetricLoss> {
             lambda: args.ms_lambda,
             epsilon: args.ms_epsilon,
         }),
-    }
+        LossKind::ProxyAnchor => Box::new(ProxyAnchor {
+            proxies: proxies()?,
+            alpha: args.pa_alpha,
+            delta: args.pa_delta,
+        }),
+        LossKind::NormSoftmax => Box::new(NormSoftmax {
+            proxies: proxies()?,
+            scale: args.softmax_scale,
+            margin: args.softmax_margin,
+        }),
+    })
 }

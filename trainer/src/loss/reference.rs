@@ -36,6 +36,9 @@ pub fn naive(kind: LossKind, args: &LossArgs, x: &[Vec<f64>], labels: &[u32]) ->
         LossKind::BatchAll => batch_all(x, labels, args.triplet_margin, args.batch_all_nonzero),
         LossKind::BatchHard => batch_hard(x, labels, args.triplet_margin, args.batch_hard_soft),
         LossKind::MultiSimilarity => multi_similarity(x, labels, args),
+        LossKind::ProxyAnchor | LossKind::NormSoftmax => {
+            panic!("{kind} needs proxies: use reference::proxy_anchor / norm_softmax")
+        }
     }
 }
 
@@ -208,4 +211,61 @@ fn multi_similarity(x: &[Vec<f64>], y: &[u32], args: &LossArgs) -> f64 {
         sum += (1.0 + p).ln() / alpha + (1.0 + q).ln() / beta;
     }
     sum / n as f64
+}
+
+fn unit(v: &[f64]) -> Vec<f64> {
+    let n = dot(v, v).sqrt().max(1e-12);
+    v.iter().map(|a| a / n).collect()
+}
+
+/// Proxy-Anchor (Kim et al. 2020) with proxies `p` (rows, normalised here).
+pub fn proxy_anchor(x: &[Vec<f64>], p: &[Vec<f64>], y: &[u32], alpha: f64, delta: f64) -> f64 {
+    let p: Vec<Vec<f64>> = p.iter().map(|r| unit(r)).collect();
+    let mut pull = 0.0;
+    let mut push = 0.0;
+    let mut with_pos = 0;
+    for (c, pc) in p.iter().enumerate() {
+        let pos: Vec<f64> = (0..x.len())
+            .filter(|&i| y[i] as usize == c)
+            .map(|i| dot(&x[i], pc))
+            .collect();
+        let neg: Vec<f64> = (0..x.len())
+            .filter(|&i| y[i] as usize != c)
+            .map(|i| dot(&x[i], pc))
+            .collect();
+        if !pos.is_empty() {
+            with_pos += 1;
+            pull += (1.0
+                + pos
+                    .iter()
+                    .map(|s| (-alpha * (s - delta)).exp())
+                    .sum::<f64>())
+            .ln();
+        }
+        push += (1.0 + neg.iter().map(|s| (alpha * (s + delta)).exp()).sum::<f64>()).ln();
+    }
+    if x.is_empty() {
+        return 0.0;
+    }
+    pull / with_pos as f64 + push / p.len() as f64
+}
+
+/// Normalized softmax with a CosFace margin over class weights `w` (rows, normalised here).
+pub fn norm_softmax(x: &[Vec<f64>], w: &[Vec<f64>], y: &[u32], scale: f64, margin: f64) -> f64 {
+    let w: Vec<Vec<f64>> = w.iter().map(|r| unit(r)).collect();
+    let mut sum = 0.0;
+    for (xi, &yi) in x.iter().zip(y) {
+        let logits: Vec<f64> = w
+            .iter()
+            .enumerate()
+            .map(|(c, wc)| scale * (dot(xi, wc) - if c == yi as usize { margin } else { 0.0 }))
+            .collect();
+        let lse = logits.iter().map(|l| l.exp()).sum::<f64>().ln();
+        sum += lse - logits[yi as usize];
+    }
+    if x.is_empty() {
+        0.0
+    } else {
+        sum / x.len() as f64
+    }
 }

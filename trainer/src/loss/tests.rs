@@ -117,7 +117,10 @@ fn tensor_losses_equal_naive_loops() {
         for noise in [0.4, 0.9, 2.0] {
             let x = clustered(&labels, 8, noise, &mut rng);
             for (kind, args) in configurations() {
-                let out = build(kind, &args).forward(&to_tensor(&x), &labels).unwrap();
+                let out = build(kind, &args, None)
+                    .unwrap()
+                    .forward(&to_tensor(&x), &labels)
+                    .unwrap();
                 let got = out.loss.to_scalar::<f64>().unwrap();
                 let want = naive(kind, &args, &x, &labels);
                 assert!(
@@ -137,7 +140,10 @@ fn tensor_losses_equal_naive_loops_on_a_large_batch() {
     let labels = pk_labels(50, 4);
     let x = clustered(&labels, 16, 1.0, &mut rng);
     for (kind, args) in configurations() {
-        let out = build(kind, &args).forward(&to_tensor(&x), &labels).unwrap();
+        let out = build(kind, &args, None)
+            .unwrap()
+            .forward(&to_tensor(&x), &labels)
+            .unwrap();
         let got = out.loss.to_scalar::<f64>().unwrap();
         let want = naive(kind, &args, &x, &labels);
         assert!(
@@ -160,7 +166,8 @@ fn fuzzy_matches_a_hand_computed_value() {
     let s = 60f64.to_radians();
     let x = vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![s.cos(), s.sin()]];
     let labels = [0, 0, 1];
-    let out = build(LossKind::Fuzzy, &LossArgs::default())
+    let out = build(LossKind::Fuzzy, &LossArgs::default(), None)
+        .unwrap()
         .forward(&to_tensor(&x), &labels)
         .unwrap();
     let want = (2.0 * 2f64.sqrt() - 1.0 - 2.0 * 15f64.to_radians().sin() + 2.0 * 0.1) / 3.0;
@@ -176,7 +183,10 @@ fn gradients(
     labels: &[u32],
 ) -> (Vec<f64>, Vec<f64>) {
     let var = Var::from_tensor(&to_tensor(x)).unwrap();
-    let out = build(kind, args).forward(var.as_tensor(), labels).unwrap();
+    let out = build(kind, args, None)
+        .unwrap()
+        .forward(var.as_tensor(), labels)
+        .unwrap();
     let grads = out.loss.backward().unwrap();
     let analytic = match grads.get(var.as_tensor()) {
         Some(g) => g.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
@@ -262,7 +272,10 @@ fn degenerate_batches_are_finite_and_zero_when_inactive() {
             for dtype in [DType::F64, DType::F32] {
                 let what = format!("{} on {case} ({dtype:?})", describe(kind, &args));
                 let var = Var::from_tensor(&to_tensor(x).to_dtype(dtype).unwrap()).unwrap();
-                let out = build(kind, &args).forward(var.as_tensor(), labels).unwrap();
+                let out = build(kind, &args, None)
+                    .unwrap()
+                    .forward(var.as_tensor(), labels)
+                    .unwrap();
                 let loss = out
                     .loss
                     .to_dtype(DType::F64)
@@ -304,7 +317,10 @@ fn degenerate_batches_are_finite_and_zero_when_inactive() {
                 .into_iter()
                 .filter(|(k, _)| *k != LossKind::Contrastive)
             {
-                let out = build(kind, &args).forward(&to_tensor(x), labels).unwrap();
+                let out = build(kind, &args, None)
+                    .unwrap()
+                    .forward(&to_tensor(x), labels)
+                    .unwrap();
                 assert_eq!(out.active, 0, "{} on {case}", describe(kind, &args));
             }
         }
@@ -316,7 +332,7 @@ fn empty_batch_gives_zero_and_mismatched_labels_are_an_error() {
     let empty = Tensor::zeros((0, 8), DType::F32, &Device::Cpu).unwrap();
     let x = Tensor::zeros((3, 8), DType::F32, &Device::Cpu).unwrap();
     for (kind, args) in configurations() {
-        let loss = build(kind, &args);
+        let loss = build(kind, &args, None).unwrap();
         let out = loss.forward(&empty, &[]).unwrap();
         assert_eq!(out.loss.to_scalar::<f32>().unwrap(), 0.0);
         assert_eq!(out.active, 0);
@@ -339,7 +355,7 @@ fn a_few_gradient_steps_reduce_each_loss() {
         // Optimise free vectors; the loss sees them L2-normalised, as in training.
         let var = Var::from_tensor(&to_tensor(&x).to_dtype(DType::F32).unwrap()).unwrap();
         let mut sgd = SGD::new(vec![var.clone()], 0.2).unwrap();
-        let loss = build(kind, &args);
+        let loss = build(kind, &args, None).unwrap();
         let eval = |v: &Var| {
             let t = v.as_tensor();
             let norm = t.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap();
@@ -427,7 +443,8 @@ fn command_line_parses_variants_and_rejects_bad_values() {
         "only the selected loss's flags matter"
     );
     let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
-    assert!(build(LossKind::MultiSimilarity, &bad)
+    assert!(build(LossKind::MultiSimilarity, &bad, None)
+        .unwrap()
         .forward(&x, &[0, 1])
         .is_err());
 }
@@ -438,7 +455,7 @@ fn loss_names_round_trip_through_serde_and_match_the_cli() {
         let json = serde_json::to_string(&kind).unwrap();
         assert_eq!(json, format!("\"{}\"", kind.name()));
         assert_eq!(serde_json::from_str::<LossKind>(&json).unwrap(), kind);
-        assert_eq!(build(kind, &args).name(), kind.name());
+        assert_eq!(build(kind, &args, None).unwrap().name(), kind.name());
         let back: LossArgs = serde_json::from_str(&serde_json::to_string(&args).unwrap()).unwrap();
         assert_eq!(back, args);
     }
@@ -455,7 +472,7 @@ fn timings_at_batch_256() {
     let x = clustered(&labels, 512, 1.0, &mut rng);
     let var = Var::from_tensor(&to_tensor(&x).to_dtype(DType::F32).unwrap()).unwrap();
     for (kind, args) in configurations() {
-        let loss = build(kind, &args);
+        let loss = build(kind, &args, None).unwrap();
         let start = std::time::Instant::now();
         let reps = 5;
         for _ in 0..reps {
