@@ -59,11 +59,19 @@ fn train_resume_eval_on_a_folder_dataset() {
         "metrics.jsonl",
         "optimizer.safetensors",
         "train_state.json",
+        "curves.svg",
     ] {
         assert!(out.join(f).exists(), "{f} missing from the run directory");
     }
-    let lines = read_jsonl(&out.join("metrics.jsonl"));
+    let all = read_jsonl(&out.join("metrics.jsonl"));
+    // Epoch 0: the pretrained features on the same eval split, for comparison.
+    assert_eq!(all[0]["model"], "pretrained");
+    assert_eq!(all[0]["epoch"], 0);
+    let lines = &all[1..];
     assert_eq!(lines.len(), 2, "one metrics line per epoch");
+    assert_eq!(lines[1]["pretrained_recall@1"], all[0]["recall@1"]);
+    let svg = std::fs::read_to_string(out.join("curves.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("pretrained"), "{svg}");
     for key in [
         "epoch",
         "loss",
@@ -101,6 +109,10 @@ fn train_resume_eval_on_a_folder_dataset() {
         .arg("--data")
         .arg(&data)));
     let stdout = String::from_utf8_lossy(&ev.stdout);
+    assert!(
+        stdout.contains("— pretrained"),
+        "eval compares with the baseline: {stdout}"
+    );
     let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert!(json["recall@1"].as_f64().unwrap() >= 0.0);
     let cfg: serde_json::Value =
@@ -202,4 +214,106 @@ fn a_broken_image_is_named_or_skipped() {
     );
     let o = ok(eval(true));
     assert!(String::from_utf8_lossy(&o.stderr).contains("skipped 1"));
+}
+
+/// `--time-budget`: the plan is measured, printed and saved, the run keeps to the budget, and
+/// the planned flags cannot be given beside it.
+#[test]
+fn a_time_budget_plans_and_keeps_to_it() {
+    let Some(weights) = lite0_weights() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_shapes_dataset(&data, 8, 6, 48);
+    let out = tmp.path().join("run");
+    let started = std::time::Instant::now();
+    let o = ok(run(Command::new(bin("trainer"))
+        .args(["--dataset", "folder", "--loss", "proxy-anchor"])
+        .args(["--classes-per-batch", "4", "--images-per-class", "3"])
+        .args(["--embedding-dim", "32", "--time-budget", "1m"])
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .arg("--weights")
+        .arg(&weights)));
+    let wall = started.elapsed().as_secs_f64();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("plan for a 1m budget"), "{err}");
+    assert!(wall < 75.0, "a 1m budget took {wall:.0} s:\n{err}");
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("plan.json")).unwrap()).unwrap();
+    // 48-px images run at 64 px, not at the backbone's 224.
+    assert_eq!(plan["image_size"], 64);
+    assert!(plan["epochs"].as_u64().unwrap() >= 1);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["preprocess"]["crop"], 64);
+    // The proxies are saved with the run (resumable).
+    assert!(out.join("loss.safetensors").exists());
+    let lines = read_jsonl(&out.join("metrics.jsonl"));
+    assert_eq!(lines[0]["model"], "pretrained");
+    let last = lines.last().unwrap();
+    assert!(
+        last["epoch"].as_u64().unwrap() >= 1 && last.get("loss").is_some(),
+        "{last}"
+    );
+
+    for (args, want) in [
+        (vec!["--time-budget", "10s"], "at least 1m"),
+        (vec!["--time-budget", "soon"], "30m"),
+        (
+            vec!["--time-budget", "5m", "--lr", "1e-3"],
+            "cannot be used with",
+        ),
+    ] {
+        let o = run(Command::new(bin("trainer"))
+            .args(["--dataset", "folder", "--out"])
+            .arg(tmp.path().join("other"))
+            .arg("--data")
+            .arg(&data)
+            .arg("--weights")
+            .arg(&weights)
+            .args(&args));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{args:?}: {err}");
+    }
+}
+
+/// Cross-batch memory and gradient accumulation run end to end with a pair loss.
+#[test]
+fn cross_batch_memory_and_accumulation_train() {
+    let Some(weights) = lite0_weights() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_shapes_dataset(&data, 8, 4, 48);
+    let out = tmp.path().join("run");
+    ok(run(Command::new(bin("trainer"))
+        .args(["--dataset", "folder", "--loss", "multi-similarity"])
+        .args(["--classes-per-batch", "2", "--images-per-class", "2"])
+        .args(["--embedding-dim", "16", "--freeze-until", "head"])
+        .args(["--image-size", "64", "--xbm", "24", "--accumulate", "2"])
+        .args([
+            "--epochs",
+            "2",
+            "--batches-per-epoch",
+            "4",
+            "--head-lr",
+            "1e-3",
+        ])
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .arg("--weights")
+        .arg(&weights)));
+    let st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("train_state.json")).unwrap())
+            .unwrap();
+    // 2 epochs × 4 batches, one optimiser step per 2 batches.
+    assert_eq!(st["optimizer_steps"], 4);
+    assert_eq!(st["args"]["xbm"], 24);
 }

@@ -223,7 +223,7 @@ fn run_train(args: &BenchArgs) -> Result<f64> {
         ]
     };
     let mut opt = Adam::new(OptimizerKind::Adam, groups, 0.0)?;
-    let loss_fn = loss::build(LossKind::Fuzzy, &LossArgs::default());
+    let loss_fn = loss::build(LossKind::Fuzzy, &LossArgs::default(), None)?;
     let labels: Vec<u32> = (0..batch).map(|i| (i % TRAIN_CLASSES) as u32).collect();
     let x = input_batch(batch, args.size)?;
     time_median(args.iters, || {

@@ -265,6 +265,17 @@ impl Embedder {
         })
     }
 
+    /// The same network fed `size`×`size` inputs, so a bare pretrained backbone can be
+    /// compared with a checkpoint trained at that size (`trainer eval --image-size`).
+    pub fn with_image_size(mut self, size: u32) -> Self {
+        crate::train::set_image_size(&mut self.model.config.preprocess, size);
+        self.identity = ModelIdentity::new(
+            &self.model.config,
+            std::mem::take(&mut self.identity.weights_sha256),
+        );
+        self
+    }
+
     pub fn dim(&self) -> usize {
         self.model.config.output_dim()
     }

@@ -6,6 +6,7 @@
 pub mod backbone;
 pub mod bench;
 pub mod checkpoint;
+pub mod curves;
 pub mod data;
 pub mod device;
 pub mod embed;
@@ -14,6 +15,7 @@ pub mod loss;
 pub mod metrics;
 pub mod ops;
 pub mod optim;
+pub mod plan;
 pub mod preprocess;
 pub mod train;
 pub mod weights;

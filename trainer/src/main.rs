@@ -69,6 +69,9 @@ struct EvalArgs {
     /// Weights for --pretrained-only (default: $DEEP_METRIC_WEIGHTS or the HF cache).
     #[arg(long)]
     weights: Option<PathBuf>,
+    /// With --pretrained-only: square input size (a checkpoint keeps the size it was trained at).
+    #[arg(long, requires = "pretrained_only", value_parser = clap::value_parser!(u32).range(32..=1024))]
+    image_size: Option<u32>,
     #[arg(long, value_enum, default_value = "cub")]
     dataset: DatasetKind,
     #[arg(long)]
@@ -105,7 +108,10 @@ fn eval(a: EvalArgs) -> Result<()> {
             weights: a.weights.clone(),
         },
     };
-    let embedder = Embedder::load(&spec).context("loading the model")?;
+    let mut embedder = Embedder::load(&spec).context("loading the model")?;
+    if let Some(size) = a.image_size {
+        embedder = embedder.with_image_size(size);
+    }
     let split: data::SplitSpec = a.split.parse().map_err(anyhow::Error::msg)?;
     let set = data::load_dataset(a.dataset, &a.data, &split)?;
     eprintln!(
@@ -117,6 +123,15 @@ fn eval(a: EvalArgs) -> Result<()> {
     let ks = trainer::metrics::default_ks(a.dataset == DatasetKind::Sop);
     let m = trainer::metrics::evaluate(&emb.data, emb.dim, &emb.labels, ks, a.seed)?;
     println!("{}", m.table());
+    if let Some(dir) = &a.model {
+        // A run records its pretrained baseline (same split, same image size) at epoch 0.
+        let (baseline, _) =
+            trainer::curves::points(&train::read_jsonl(&dir.join(train::METRICS_FILE)));
+        let r1 = m.recall.first().map(|&(_, r)| r);
+        if let Some(line) = train::versus_baseline(r1, baseline) {
+            println!("{line}");
+        }
+    }
     let mut line = serde_json::Map::new();
     line.insert("epoch".into(), embedder.config().epoch.into());
     line.insert(

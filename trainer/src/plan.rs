@@ -1,0 +1,506 @@
+//! `--time-budget`: choose how deep to fine-tune, at which image size, for how many epochs
+//! and with which learning rates, so that a whole run (caching and evaluation included)
+//! fits the time a user gives it on *this* machine.
+//!
+//! A user who knows nothing about metric learning cannot pick a freeze depth or a learning
+//! rate, and the right ones depend on the machine as much as on the data: the same 30
+//! minutes train the whole network on a small dataset of small images, but only the top
+//! stages of a large photo collection. So the trainer first measures this machine (a few
+//! timed forward passes and training steps per stage, [`measure`]), then [`plan`] — a pure
+//! function of the budget, the dataset's size and the measured speeds — trades depth
+//! against epochs: it trains as deep as it can while every training image is still seen
+//! often enough ([`MIN_EPOCHS`]), with as many cached augmented views as a slice of the
+//! budget and a memory cap allow.
+//!
+//! The learning rates follow from the depth: the new layers (head, proxies) learn fast
+//! from the start, the backbone at 1e-4 — ten times the seed's 1e-5, which leaves the
+//! loss flat for the first epochs of a run that has only a handful of them.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Below this many epochs deeper training does not pay: the planner freezes more instead.
+/// (On Omniglot, training the whole network 4 epochs lifted R@1 from 55 to 78, while only
+/// the last stage and the head for 10 epochs reached 65: depth matters more than epochs.)
+pub const MIN_EPOCHS: usize = 8;
+/// More epochs than this rarely help once the schedule has decayed; spare time goes to depth
+/// and augmented views instead.
+pub const MAX_EPOCHS: usize = 60;
+/// Fraction of the budget kept free for what is not modelled (checkpoint writes, start-up,
+/// the machine being busier than when it was measured).
+pub const SAFETY: f64 = 0.10;
+/// At most this fraction of the budget goes to caching augmented views.
+pub const VIEW_CACHE_SHARE: f64 = 0.15;
+/// Cached activations may use at most this much memory.
+pub const CACHE_BYTES: f64 = 6.0 * (1u64 << 30) as f64;
+/// At most this many cached views per training image.
+pub const MAX_VIEWS: usize = 8;
+/// Evaluations (besides the pretrained baseline and the last epoch) may cost at most this
+/// fraction of the budget.
+pub const EVAL_SHARE: f64 = 0.05;
+
+/// What the planner needs to know of the data.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DataStats {
+    pub train_images: usize,
+    pub eval_images: usize,
+}
+
+/// Measured costs on this machine, all in seconds per image at [`Speeds::image_size`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Speeds {
+    pub image_size: u32,
+    /// Inference forward of each stage (no autograd graph), per image.
+    pub forward: Vec<f64>,
+    /// One training step (forward, loss, backward, update) when stages `f..` train, per
+    /// image, for every `f` in `0..=stages` (`stages` = only the head trains).
+    pub train: Vec<f64>,
+    /// Decoding a file and making one network-sized view, per image (all threads).
+    pub decode: f64,
+    /// Floats per image of the activation entering each stage `f` in `0..=stages` (what
+    /// the cache holds when stages `0..f` are frozen).
+    pub activation_floats: Vec<usize>,
+}
+
+impl Speeds {
+    pub fn stages(&self) -> usize {
+        self.forward.len()
+    }
+    fn forward_range(&self, r: std::ops::Range<usize>) -> f64 {
+        self.forward[r].iter().sum()
+    }
+}
+
+/// The chosen recipe, printed before training and stored with the run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Plan {
+    pub image_size: u32,
+    /// Stages `0..freeze_until` are frozen (0 = the whole network trains).
+    pub freeze_until: usize,
+    pub epochs: usize,
+    /// Cached views per training image (1 = the eval view only); unused when nothing is frozen.
+    pub cached_views: usize,
+    pub lr: f64,
+    pub head_lr: f64,
+    pub proxy_lr: f64,
+    pub warmup_epochs: f64,
+    pub eval_every: usize,
+    /// Predicted seconds of each part.
+    pub seconds_cache: f64,
+    pub seconds_per_epoch: f64,
+    pub seconds_eval: f64,
+    pub seconds_total: f64,
+}
+
+impl Plan {
+    /// A few lines for the terminal.
+    pub fn describe(&self, stage_names: &[String], budget: Duration) -> String {
+        let depth = match self.freeze_until {
+            0 => "the whole network".to_string(),
+            f if f >= stage_names.len() => "the embedding head only".to_string(),
+            f => format!("stages {}.. ({} frozen and cached)", stage_names[f], f),
+        };
+        let views = if self.freeze_until == 0 {
+            "live augmentation".to_string()
+        } else {
+            format!("{} cached view(s) per image", self.cached_views)
+        };
+        let proxies = if self.proxy_lr > 0.0 {
+            format!(" / {:.0e} proxies", self.proxy_lr)
+        } else {
+            String::new()
+        };
+        format!(
+            "plan for a {} budget: train {depth} at {}×{} px for {} epochs ({views}); \
+             lr {:.0e} backbone / {:.0e} head{proxies}, {} warm-up epoch(s), evaluate every {} epoch(s)\n\
+             predicted: caching {:.0} s, {:.1} s per epoch, evaluations {:.0} s, total {:.0} s",
+            fmt_duration(budget),
+            self.image_size,
+            self.image_size,
+            self.epochs,
+            self.lr,
+            self.head_lr,
+            self.warmup_epochs,
+            self.eval_every,
+            self.seconds_cache,
+            self.seconds_per_epoch,
+            self.seconds_eval,
+            self.seconds_total
+        )
+    }
+}
+
+/// Parses a duration such as `30m`, `1h30m`, `90s` or `2h`.
+pub fn parse_budget(s: &str) -> std::result::Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("'{s}' is not a duration ({e}); write it like 30m, 1h30m or 90s"))?;
+    if d < Duration::from_secs(60) {
+        return Err(format!(
+            "a time budget of {} is too short to measure, cache and train; give at least 1m",
+            fmt_duration(d)
+        ));
+    }
+    Ok(d)
+}
+
+pub fn fmt_duration(d: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+}
+
+/// The square input size for images of typical shorter side `median_side`: never more than
+/// the backbone's native `native` (ImageNet 224), and for small images (characters,
+/// icons, 32–128 px datasets) their own size rounded up to a multiple of 32 — upsampling
+/// them to 224 costs 3–12× the compute and shows the network no more detail.
+pub fn image_size_for(median_side: u32, native: u32) -> u32 {
+    let rounded = median_side.div_ceil(32).max(2) * 32;
+    rounded.min(native)
+}
+
+/// Predicted seconds of a run that freezes `f` stages with `views` cached views, for
+/// `epochs` epochs, evaluating `evals` times.
+fn cost(
+    data: &DataStats,
+    s: &Speeds,
+    f: usize,
+    views: usize,
+    epochs: usize,
+    evals: usize,
+) -> (f64, f64, f64) {
+    let n = data.train_images as f64;
+    let m = data.eval_images as f64;
+    let stages = s.stages();
+    let (cache, per_epoch, per_eval) = if f == 0 {
+        // Images are decoded and augmented live by the loader, which shares the cores.
+        (
+            0.0,
+            n * (s.train[0] + s.decode),
+            m * (s.decode + s.forward_range(0..stages)),
+        )
+    } else {
+        let per_image = s.decode + s.forward_range(0..f);
+        (
+            (n * views as f64 + m) * per_image,
+            n * s.train[f],
+            m * s.forward_range(f..stages),
+        )
+    };
+    (cache, per_epoch * epochs as f64, per_eval * evals as f64)
+}
+
+/// Chooses the recipe for `budget` seconds (what is left of the user's budget after
+/// loading the data and measuring). See the module documentation for the rules.
+pub fn plan(budget: f64, data: &DataStats, s: &Speeds, has_proxies: bool) -> Result<Plan> {
+    let stages = s.stages();
+    if s.train.len() != stages + 1 || s.activation_floats.len() != stages + 1 {
+        return Err(Error::Invalid(
+            "planner: speeds must cover every freeze depth 0..=stages".into(),
+        ));
+    }
+    if data.train_images == 0 {
+        return Err(Error::Invalid("planner: no training images".into()));
+    }
+    let usable = budget * (1.0 - SAFETY);
+    // Evaluations: the pretrained baseline, the last epoch, and ~4 in between when cheap.
+    let base_evals = 2;
+    let mut best: Option<Plan> = None;
+    for f in 0..=stages {
+        let views = if f == 0 {
+            1
+        } else {
+            let per_view = data.train_images as f64 * (s.decode + s.forward_range(0..f));
+            let by_time = (VIEW_CACHE_SHARE * usable / per_view.max(1e-9)).floor() as usize;
+            let bytes = data.train_images as f64 * s.activation_floats[f] as f64 * 4.0;
+            let by_memory = (CACHE_BYTES / bytes.max(1.0)).floor() as usize;
+            by_time.min(by_memory).clamp(1, MAX_VIEWS)
+        };
+        let (cache, epoch1, eval1) = cost(data, s, f, views, 1, 1);
+        let fixed = cache + eval1 * base_evals as f64;
+        if fixed >= usable {
+            continue;
+        }
+        let fit = ((usable - fixed) / epoch1.max(1e-9)).floor() as usize;
+        let epochs = fit.min(MAX_EPOCHS);
+        if epochs == 0 {
+            continue;
+        }
+        // Intermediate evaluations within EVAL_SHARE of the budget.
+        let extra = ((EVAL_SHARE * usable / eval1.max(1e-9)).floor() as usize).min(4);
+        let eval_every = if extra == 0 {
+            epochs
+        } else {
+            epochs.div_ceil(extra + 1).max(1)
+        };
+        let evals = base_evals + epochs / eval_every;
+        let (cache, train, eval) = cost(data, s, f, views, epochs, evals);
+        let total = cache + train + eval;
+        // Fit the intermediate evaluations by dropping epochs if they pushed us over.
+        let over = total - usable;
+        let epochs = if over > 0.0 {
+            epochs.saturating_sub((over / epoch1).ceil() as usize)
+        } else {
+            epochs
+        };
+        if epochs == 0 {
+            continue;
+        }
+        let (cache, train, eval) = cost(data, s, f, views, epochs, evals);
+        let candidate = Plan {
+            image_size: s.image_size,
+            freeze_until: f,
+            epochs,
+            cached_views: views,
+            lr: 1e-4,
+            head_lr: 1e-3,
+            proxy_lr: if has_proxies { 1e-2 } else { 0.0 },
+            warmup_epochs: if epochs >= 4 { 1.0 } else { 0.0 },
+            eval_every: eval_every.min(epochs),
+            seconds_cache: cache,
+            seconds_per_epoch: epoch1,
+            seconds_eval: eval,
+            seconds_total: cache + train + eval,
+        };
+        let good_enough = epochs >= MIN_EPOCHS;
+        match &best {
+            // The deepest depth with enough epochs wins; stages are tried deepest first.
+            _ if good_enough => return Ok(candidate),
+            Some(b) if b.epochs >= candidate.epochs => {}
+            _ => best = Some(candidate),
+        }
+    }
+    // Nothing reaches MIN_EPOCHS: the depth that gets the most epochs.
+    best.ok_or_else(|| {
+        Error::Invalid(format!(
+            "a budget of {budget:.0} s cannot cache the data and run one epoch even with \
+             everything frozen on this machine; give a larger --time-budget"
+        ))
+    })
+}
+
+/// A deadline counted from the start of the run.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    pub start: Instant,
+    pub budget: Duration,
+}
+
+impl Deadline {
+    pub fn left(&self) -> f64 {
+        self.budget.as_secs_f64() - self.start.elapsed().as_secs_f64()
+    }
+}
+
+/// The typical shorter side of the training images, read from the headers of up to 200
+/// files spread over the set (no pixel is decoded).
+pub fn median_side(paths: &[&std::path::Path]) -> Result<u32> {
+    let step = (paths.len() / 200).max(1);
+    let mut sides: Vec<u32> = paths
+        .iter()
+        .step_by(step)
+        .filter_map(|p| image::image_dimensions(p).ok())
+        .map(|(w, h)| w.min(h))
+        .collect();
+    if sides.is_empty() {
+        return Err(Error::Invalid(
+            "none of the training images sampled for --time-budget could be read".into(),
+        ));
+    }
+    sides.sort_unstable();
+    Ok(sides[sides.len() / 2])
+}
+
+/// Times what [`plan`] needs on this machine with the model as it is (at its current
+/// preprocessing size): each stage's forward pass, a training step (forward, `loss`,
+/// backward) from every freeze depth on a batch of `labels.len()` images, and decoding
+/// `paths`. Nothing is updated: the model and the loss leave unchanged.
+pub fn measure(
+    model: &crate::embed::EmbeddingModel,
+    loss: &dyn crate::loss::MetricLoss,
+    labels: &[u32],
+    paths: &[&std::path::Path],
+    batch_norm_training: bool,
+) -> Result<Speeds> {
+    use candle_core::{DType, Tensor};
+    let size = model.config.preprocess.crop as usize;
+    let stages = model.backbone.num_stages();
+    let batch = labels.len();
+    let x0 = Tensor::randn(0f32, 1.0, (batch, 3, size, size), &model.device)?;
+
+    // Forward of each stage (best of two), and the activation entering each stage.
+    let mut forward = Vec::with_capacity(stages);
+    let mut acts = vec![x0.clone()];
+    let mut floats = vec![3 * size * size];
+    for s in 0..stages {
+        let mut best = f64::INFINITY;
+        let mut y = None;
+        for _ in 0..2 {
+            let t = Instant::now();
+            let out = model.backbone.forward_stages(&acts[s], s..s + 1)?.detach();
+            best = best.min(t.elapsed().as_secs_f64());
+            y = Some(out);
+        }
+        let y = y.expect("ran twice");
+        floats.push(y.elem_count() / batch);
+        acts.push(y);
+        forward.push(best / batch as f64);
+    }
+
+    // A training step from every freeze depth (best of two; the first also warms the allocator).
+    let mut train = vec![0.0; stages + 1];
+    for f in 0..=stages {
+        let mut best = f64::INFINITY;
+        for _ in 0..2 {
+            let t = Instant::now();
+            let guard = batch_norm_training.then(crate::backbone::layers::BatchNormTraining::start);
+            let emb = model.embed_from_stage(&acts[f], f)?;
+            drop(guard);
+            let out = loss.forward(&emb, labels)?;
+            let _ = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let grads = out.loss.backward()?;
+            drop(grads);
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        train[f] = best / batch as f64;
+    }
+
+    // Decoding and making a view, spread over the threads as the loader does.
+    let pre = &model.config.preprocess;
+    let sample: Vec<&std::path::Path> = paths
+        .iter()
+        .step_by((paths.len() / 32).max(1))
+        .take(32)
+        .copied()
+        .collect();
+    let t = Instant::now();
+    {
+        use rayon::prelude::*;
+        sample.par_iter().for_each(|p| {
+            if let Ok(img) = crate::data::decode_image(p) {
+                std::hint::black_box(pre.eval_view(&img));
+            }
+        });
+    }
+    let decode = t.elapsed().as_secs_f64() / sample.len().max(1) as f64;
+    // The cross-batch memory must not keep the random batches measured above.
+    loss.reset();
+    Ok(Speeds {
+        image_size: size as u32,
+        forward,
+        train,
+        decode,
+        activation_floats: floats,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Lite0-like machine: the early stages are the expensive ones at high resolution.
+    fn speeds(scale: f64) -> Speeds {
+        let forward: Vec<f64> = [4.0, 3.0, 3.0, 2.0, 1.0, 1.0, 1.0, 0.5, 0.5]
+            .iter()
+            .map(|ms| ms * 1e-3 * scale)
+            .collect();
+        // Training from stage f costs ~3× the forward of stages f.. plus a fixed loss cost.
+        let train = (0..=forward.len())
+            .map(|f| 3.0 * forward[f..].iter().sum::<f64>() + 1e-4)
+            .collect();
+        Speeds {
+            image_size: 224,
+            forward,
+            train,
+            decode: 2e-3,
+            activation_floats: vec![
+                150_528, 401_408, 200_704, 75_264, 31_360, 15_680, 21_952, 9_408, 15_680, 62_720,
+            ],
+        }
+    }
+
+    fn data(n: usize) -> DataStats {
+        DataStats {
+            train_images: n,
+            eval_images: n,
+        }
+    }
+
+    #[test]
+    fn a_small_dataset_with_a_generous_budget_trains_the_whole_network() {
+        let p = plan(1800.0, &data(3000), &speeds(0.5), true).unwrap();
+        assert_eq!(p.freeze_until, 0, "{p:?}");
+        assert!(p.epochs >= MIN_EPOCHS && p.epochs <= MAX_EPOCHS, "{p:?}");
+        assert!(p.seconds_total <= 1800.0 * (1.0 - SAFETY), "{p:?}");
+        assert_eq!(p.proxy_lr, 1e-2);
+    }
+
+    #[test]
+    fn a_tighter_budget_or_a_slower_machine_freezes_more() {
+        let fast = plan(1800.0, &data(3000), &speeds(1.0), false).unwrap();
+        let slow = plan(1800.0, &data(3000), &speeds(8.0), false).unwrap();
+        let tight = plan(300.0, &data(3000), &speeds(1.0), false).unwrap();
+        assert!(slow.freeze_until > fast.freeze_until, "{fast:?} {slow:?}");
+        assert!(tight.freeze_until > fast.freeze_until, "{fast:?} {tight:?}");
+        for p in [&fast, &slow, &tight] {
+            assert!(p.epochs >= MIN_EPOCHS, "{p:?}");
+            assert!(p.freeze_until == 0 || p.cached_views >= 1);
+            assert_eq!(p.proxy_lr, 0.0);
+        }
+        assert!(tight.seconds_total <= 300.0 * (1.0 - SAFETY), "{tight:?}");
+    }
+
+    #[test]
+    fn a_large_dataset_gets_the_most_epochs_it_can_when_none_reaches_the_minimum() {
+        // 20k images, 20 minutes, an expensive loss: not even the head alone reaches MIN_EPOCHS.
+        let mut s = speeds(1.0);
+        s.train.iter_mut().for_each(|t| *t += 5e-3);
+        let p = plan(1200.0, &data(20_000), &s, false).unwrap();
+        assert!(p.epochs >= 1 && p.epochs < MIN_EPOCHS, "{p:?}");
+        assert!(p.seconds_total <= 1200.0 * (1.0 - SAFETY) + 1e-6, "{p:?}");
+        // Every other depth would have fewer epochs.
+        assert!(p.freeze_until > 0, "{p:?}");
+    }
+
+    #[test]
+    fn views_are_bounded_by_time_and_memory() {
+        let p = plan(3600.0, &data(3000), &speeds(20.0), false).unwrap();
+        assert!(p.freeze_until > 0, "{p:?}");
+        assert!((1..=MAX_VIEWS).contains(&p.cached_views), "{p:?}");
+        let bytes = 3000.0
+            * speeds(1.0).activation_floats[p.freeze_until] as f64
+            * 4.0
+            * p.cached_views as f64;
+        assert!(bytes <= CACHE_BYTES, "{p:?}");
+        assert!(
+            p.seconds_cache <= VIEW_CACHE_SHARE * 3600.0 + 3000.0 * 2.0 * 0.03 * 20.0,
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn an_impossible_budget_is_a_clear_error() {
+        let err = plan(1.0, &data(100_000), &speeds(1.0), false).unwrap_err();
+        assert!(err.to_string().contains("larger --time-budget"), "{err}");
+        assert!(plan(100.0, &data(0), &speeds(1.0), false).is_err());
+    }
+
+    #[test]
+    fn budgets_parse_like_users_write_them() {
+        assert_eq!(parse_budget("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_budget("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_budget(" 90s ").unwrap(), Duration::from_secs(90));
+        assert!(parse_budget("10s").unwrap_err().contains("at least 1m"));
+        assert!(parse_budget("thirty").unwrap_err().contains("30m"));
+    }
+
+    #[test]
+    fn small_images_run_near_their_own_size() {
+        assert_eq!(image_size_for(105, 224), 128);
+        assert_eq!(image_size_for(32, 224), 64);
+        assert_eq!(image_size_for(28, 224), 64);
+        assert_eq!(image_size_for(500, 224), 224);
+        assert_eq!(image_size_for(200, 224), 224);
+        assert_eq!(image_size_for(150, 224), 160);
+    }
+}
