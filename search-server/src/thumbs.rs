@@ -49,6 +49,8 @@ pub struct Thumbnails {
     mem_budget: usize,
     limits: DecodeLimits,
     flights: Mutex<HashMap<String, Flight>>,
+    /// Thumbnails made by decoding a gallery file (not those stored at add time).
+    decoded: std::sync::atomic::AtomicUsize,
 }
 
 /// The thumbnail of a decoded image: at most `size` px per side, JPEG.
@@ -71,6 +73,7 @@ impl Thumbnails {
             mem_budget,
             limits,
             flights: Mutex::new(HashMap::new()),
+            decoded: Default::default(),
         }
     }
 
@@ -120,6 +123,8 @@ impl Thumbnails {
 
     /// Reads and decodes `item`'s file and makes its thumbnail (and caches it). Blocking.
     pub fn make(&self, item: &GalleryItem, bytes: &[u8]) -> Result<Bytes, ThumbError> {
+        self.decoded
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let img = crate::decode::decode_image(bytes, self.limits)
             .map_err(|e| ThumbError::Decode(e.to_string()))?;
         let b = render(&img, self.size)?;
@@ -157,6 +162,11 @@ impl Thumbnails {
         if g.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
             g.remove(key);
         }
+    }
+
+    /// Gallery files decoded to make a thumbnail so far (tests: single flight, add time).
+    pub fn decodes(&self) -> usize {
+        self.decoded.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Thumbnails being made now (tests).
