@@ -114,6 +114,8 @@ pub fn scan_folder(
             );
         }
     }
+    // The scan's full-size decodes are gone: give their pages back (see trim_malloc).
+    trainer::ops::trim_malloc();
     Ok(report)
 }
 
