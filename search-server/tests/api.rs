@@ -958,3 +958,39 @@ async fn truncated_jpegs_auth_scheme_paths_and_method_labels() {
         assert!(!text.contains(&format!("method=\"{m}\"")), "{text}");
     }
 }
+
+/// Issue 12 (4): a GIF of a few bytes whose canvas is 10 MP is charged for its canvas (what
+/// the decoder allocates), not its file size; TIFF and PNM uploads are read.
+#[actix_web::test]
+async fn budget_charges_a_gif_for_its_canvas_and_new_formats_are_read() {
+    let budget = search_server::budget::DecodeBudget::new(100 << 20, Duration::from_millis(100));
+    let h = harness(
+        Settings {
+            budget: budget.clone(),
+            ..Settings::default()
+        },
+        Duration::ZERO,
+        BatchConfig::default(),
+    );
+    let app = service!(h);
+    let gif = intake::testing::gif_with_canvas(4000, 2500);
+    assert!(gif.len() < 100);
+    let held = budget.acquire(40 << 20).await.unwrap();
+    // 10 MP × (4 bytes RGBA + 3 bytes RGB) = 70 MB > the 60 MiB left.
+    assert_error(
+        call(&app, image_form("/api/search", gif.clone())).await,
+        503,
+        "memory budget",
+    );
+    let (s, _) = call(&app, image_form("/api/search", png([0, 0, 200], 64, 64))).await;
+    assert_eq!(s, 200, "small images still fit beside it");
+    drop(held);
+    let (s, body) = call(&app, image_form("/api/search", gif)).await;
+    assert_eq!(s, 200, "{body}");
+    for format in [ImageFormat::Tiff, ImageFormat::Pnm] {
+        let bytes = encode(&RgbImage::from_pixel(40, 30, Rgb([30, 40, 210])), format);
+        let (s, body) = call(&app, image_form("/api/search?k=1", bytes)).await;
+        assert_eq!(s, 200, "{format:?}: {body}");
+        assert_eq!(body["results"][0]["label"], "blue", "{format:?}");
+    }
+}
