@@ -73,7 +73,8 @@ pub fn sha256_of(path: &Path) -> Result<String> {
     trainer::checkpoint::sha256_file(path)
 }
 
-type Decoded = Vec<(Source, Result<(String, DynamicImage)>)>;
+/// Decoded images already reduced to the model's input view (see `embed_sources`).
+type Decoded = Vec<(Source, Result<(String, image::RgbImage)>)>;
 
 /// Decodes and embeds `sources` in batches of `batch_size`. With `skip_bad`, unreadable
 /// images are listed in the outcome; without it the first one is an error naming the file.
@@ -99,6 +100,7 @@ pub fn embed_sources(
         .progress_chars("=> "),
     );
     let start = Instant::now();
+    let pre = embedder.config().preprocess.clone();
     let (tx, rx) = mpsc::sync_channel::<Decoded>(2);
     let batches: Vec<Vec<Source>> = sources.chunks(batch_size).map(|c| c.to_vec()).collect();
     let mut out = EmbedOutcome::default();
@@ -108,7 +110,10 @@ pub fn embed_sources(
                 let decoded: Decoded = batch
                     .into_par_iter()
                     .map(|s| {
-                        let r = read_image(&s.file);
+                        // The model's view right away (the same `eval_view` that
+                        // `embed_images` applies): a batch of large photos never holds
+                        // more than one full-size decode per thread.
+                        let r = read_image(&s.file).map(|(sha, img)| (sha, pre.eval_view(&img)));
                         (s, r)
                     })
                     .collect();
@@ -135,7 +140,7 @@ pub fn embed_sources(
                 }
             }
             if !images.is_empty() {
-                let vectors = embedder.embed_images(&images)?;
+                let vectors = embedder.embed_views(&images)?;
                 for ((source, sha256), vector) in good.into_iter().zip(vectors) {
                     out.embedded.push(Embedded {
                         source,

@@ -11,10 +11,11 @@ use crate::error::{Error, Result};
 
 pub use intake::IMAGE_EXTENSIONS;
 
-/// The limits every dataset image is decoded with (`intake::Limits::default()`: 40 MP,
-/// 20 000 px per side).
+/// The limits every dataset and `indexer` image is decoded with: 20 000 px per side as
+/// before, and 120 MP, so the 108 MP photos of some phones (which the old 512 MiB decode cap
+/// let through) still load; the server keeps its own, tighter `--max-pixels`.
 pub const LIMITS: intake::Limits = intake::Limits {
-    max_pixels: 40_000_000,
+    max_pixels: 120_000_000,
     max_side: 20_000,
     min_side: 1,
 };
