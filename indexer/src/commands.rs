@@ -88,11 +88,11 @@ fn sources_from(set: &ImageSet) -> Result<(Vec<Source>, Vec<u32>)> {
             let sources = files
                 .into_iter()
                 .map(|f| {
-                    let display = f.strip_prefix(dir).unwrap_or(&f).display().to_string();
+                    let display = f.path.strip_prefix(dir).unwrap_or(&f.path).display();
                     Source {
-                        file: f,
-                        display,
-                        label: None,
+                        display: display.to_string(),
+                        file: f.path,
+                        label: f.label,
                     }
                 })
                 .collect();
@@ -226,13 +226,16 @@ pub fn add(
         if p.is_dir() {
             files.extend(images::list_images(p)?);
         } else {
-            files.push(p.clone());
+            files.push(intake::ImageFile {
+                path: p.clone(),
+                label: None,
+            });
         }
     }
     // Hash first, so known content is reported without being decoded and embedded.
     let mut sources = Vec::new();
     let mut known = Vec::new();
-    for f in files {
+    for intake::ImageFile { path: f, label } in files {
         let sha = match images::sha256_of(&f) {
             Ok(s) => s,
             Err(e) if skip_bad => {
@@ -246,7 +249,7 @@ pub fn add(
             None => sources.push(Source {
                 display: f.display().to_string(),
                 file: f,
-                label: None,
+                label,
             }),
         }
     }

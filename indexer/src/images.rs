@@ -11,8 +11,7 @@ use std::time::Instant;
 use image::DynamicImage;
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
-use sha2::{Digest, Sha256};
-use trainer::data::{decode_image_bytes, IMAGE_EXTENSIONS};
+use trainer::data::decode_image_bytes;
 use trainer::embed::Embedder;
 use trainer::error::{Error, Result};
 
@@ -43,43 +42,28 @@ pub struct EmbedOutcome {
     pub images_per_second: f64,
 }
 
-/// Image files under `dir` (recursive, by extension, sorted so ids are reproducible).
-pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
+/// Image files under `dir`, by the shared walker's rules (hidden entries skipped, links
+/// followed, label = top-level folder; see `intake::walk`), sorted so ids are reproducible.
+pub fn list_images(dir: &Path) -> Result<Vec<intake::ImageFile>> {
     if !dir.is_dir() {
         return Err(Error::file(dir, "image directory not found"));
     }
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let rd = std::fs::read_dir(&d)
-            .map_err(|e| Error::file(&d, format!("cannot list directory: {e}")))?;
-        for entry in rd {
-            let entry = entry.map_err(|e| Error::file(&d, e))?;
-            let p = entry.path();
-            let ft = entry.file_type().map_err(|e| Error::file(&p, e))?;
-            if ft.is_dir() {
-                stack.push(p);
-            } else if is_image_name(&p) {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
+    intake::walk_images(dir)
+        .map_err(|e| Error::file(&e.path, format!("cannot list directory: {}", e.source)))
 }
 
 /// True for names with one of the decodable extensions (case-insensitive).
 pub fn is_image_name(p: &Path) -> bool {
-    p.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+    intake::has_image_extension(p)
 }
 
-/// Reads a file once: its SHA-256 (the duplicate key) and the decoded image.
+/// Reads a file once: its SHA-256 (the duplicate key) and the decoded image (through the
+/// same intake as the trainer and the server, so the vector is the same whichever way the
+/// image comes in).
 pub fn read_image(path: &Path) -> Result<(String, DynamicImage)> {
     let bytes =
         std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read image: {e}")))?;
-    let sha = hex::encode(Sha256::digest(&bytes));
+    let sha = intake::sha256_hex(&bytes);
     let img = decode_image_bytes(&bytes).map_err(|e| Error::file(path, e))?;
     Ok((sha, img))
 }
@@ -89,7 +73,8 @@ pub fn sha256_of(path: &Path) -> Result<String> {
     trainer::checkpoint::sha256_file(path)
 }
 
-type Decoded = Vec<(Source, Result<(String, DynamicImage)>)>;
+/// Decoded images already reduced to the model's input view (see `embed_sources`).
+type Decoded = Vec<(Source, Result<(String, image::RgbImage)>)>;
 
 /// Decodes and embeds `sources` in batches of `batch_size`. With `skip_bad`, unreadable
 /// images are listed in the outcome; without it the first one is an error naming the file.
@@ -115,6 +100,7 @@ pub fn embed_sources(
         .progress_chars("=> "),
     );
     let start = Instant::now();
+    let pre = embedder.config().preprocess.clone();
     let (tx, rx) = mpsc::sync_channel::<Decoded>(2);
     let batches: Vec<Vec<Source>> = sources.chunks(batch_size).map(|c| c.to_vec()).collect();
     let mut out = EmbedOutcome::default();
@@ -124,7 +110,10 @@ pub fn embed_sources(
                 let decoded: Decoded = batch
                     .into_par_iter()
                     .map(|s| {
-                        let r = read_image(&s.file);
+                        // The model's view right away (the same `eval_view` that
+                        // `embed_images` applies): a batch of large photos never holds
+                        // more than one full-size decode per thread.
+                        let r = read_image(&s.file).map(|(sha, img)| (sha, pre.eval_view(&img)));
                         (s, r)
                     })
                     .collect();
@@ -151,7 +140,7 @@ pub fn embed_sources(
                 }
             }
             if !images.is_empty() {
-                let vectors = embedder.embed_images(&images)?;
+                let vectors = embedder.embed_views(&images)?;
                 for ((source, sha256), vector) in good.into_iter().zip(vectors) {
                     out.embedded.push(Embedded {
                         source,

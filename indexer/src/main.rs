@@ -126,8 +126,9 @@ enum Command {
         #[arg(long)]
         index: PathBuf,
         image: PathBuf,
-        /// Neighbours to print.
-        #[arg(short, long, default_value_t = 10)]
+        /// Neighbours to print (at least 1).
+        #[arg(short, long, default_value_t = 10,
+              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         k: usize,
         /// HNSW search width (≥ k).
         #[arg(long, default_value_t = 128)]

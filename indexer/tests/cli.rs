@@ -43,3 +43,19 @@ fn hnsw_parameters_are_validated_before_hnsw_rs_sees_them() {
     assert!(err.contains("256") || err.contains("--m"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `query -k 0` used to print an empty list and exit 0: a usage error now, refused before
+/// any index or model is opened.
+#[test]
+fn query_k_zero_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_indexer"))
+        .args(["query", "-k", "0", "--index"])
+        .arg(dir.path().join("idx"))
+        .arg(dir.path().join("q.jpg"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("-k") || err.contains("'0'"), "{err}");
+}

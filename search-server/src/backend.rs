@@ -15,6 +15,16 @@ use serde::Serialize;
 pub trait EmbedBackend: Send + Sync + 'static {
     /// One vector of length [`EmbedBackend::dim`] per input image, in order.
     fn embed(&self, images: &[DynamicImage]) -> anyhow::Result<Vec<Vec<f32>>>;
+    /// Reduces a decoded image to what the model reads (its input view), so a large decode
+    /// can be dropped at once instead of waiting for its batch. `embed_prepared` of the
+    /// result must equal `embed` of the original. Default: the image itself.
+    fn prepare(&self, image: DynamicImage) -> DynamicImage {
+        image
+    }
+    /// [`EmbedBackend::embed`] for images that went through [`EmbedBackend::prepare`].
+    fn embed_prepared(&self, images: &[DynamicImage]) -> anyhow::Result<Vec<Vec<f32>>> {
+        self.embed(images)
+    }
     /// Dimension of the vectors.
     fn dim(&self) -> usize;
     /// A short human description of the model, shown on `/healthz` and the page.

@@ -26,6 +26,7 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendErro
 use rayon::prelude::*;
 
 use crate::backend::EmbedBackend;
+use crate::budget::DecodePermit;
 use crate::decode::{self, DecodeLimits};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -52,7 +53,25 @@ impl Default for BatchConfig {
     }
 }
 
-type Reply = tokio::sync::oneshot::Sender<Result<Vec<f32>, ApiError>>;
+type Reply = tokio::sync::oneshot::Sender<Result<Embedded, ApiError>>;
+
+/// What one request asks the inference thread for.
+pub struct EmbedRequest {
+    pub upload: Bytes,
+    pub limits: DecodeLimits,
+    /// The decode memory this image may use (see [`crate::budget`]); given back as soon as
+    /// the full-size image is reduced to the model's view (and thumbnail).
+    pub permit: Option<DecodePermit>,
+    /// Also make a thumbnail this large from the same decode (adds).
+    pub thumb_size: Option<u32>,
+}
+
+/// The answer: the vector and, when asked for, the thumbnail (JPEG).
+#[derive(Debug)]
+pub struct Embedded {
+    pub vector: Vec<f32>,
+    pub thumb: Option<Bytes>,
+}
 
 /// A queued request. It carries its [`Arriving`] guard so that the inference thread itself
 /// releases it as it takes the job: the count it then checks never includes a request it
@@ -64,8 +83,7 @@ struct Job {
 }
 
 struct Work {
-    upload: Bytes,
-    limits: DecodeLimits,
+    request: EmbedRequest,
     reply: Reply,
 }
 
@@ -170,14 +188,25 @@ impl Batcher {
         upload: Bytes,
         limits: DecodeLimits,
     ) -> Result<Vec<f32>, ApiError> {
+        let request = EmbedRequest {
+            upload,
+            limits,
+            permit: None,
+            thumb_size: None,
+        };
+        Ok(self.embed_request(arriving, request).await?.vector)
+    }
+
+    /// [`Batcher::embed`] with a decode permit and optionally a thumbnail.
+    pub async fn embed_request(
+        &self,
+        arriving: Arriving,
+        request: EmbedRequest,
+    ) -> Result<Embedded, ApiError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let sent = self.tx.try_send(Job {
             arriving,
-            work: Work {
-                upload,
-                limits,
-                reply,
-            },
+            work: Work { request, reply },
         });
         match sent {
             Ok(()) => {}
@@ -232,33 +261,37 @@ fn run(
             continue;
         }
         let start = Instant::now();
-        let decoded: Vec<_> = jobs
-            .par_iter()
+        // Each image is reduced to the model's view (and its thumbnail) right after decoding,
+        // and the full-size image and its budget permit are dropped there, so a batch of
+        // large uploads never holds more than its permits allow.
+        let prepared: Vec<_> = jobs
+            .into_par_iter()
             .map(|j| {
-                catch_unwind(AssertUnwindSafe(|| {
-                    decode::decode_image(&j.upload, j.limits)
-                }))
-                .map_err(|_| ApiError::internal("decoding the image failed", "panic"))
-                .and_then(|r| r.map_err(ApiError::from))
+                let Work { request, reply } = j;
+                let r = catch_unwind(AssertUnwindSafe(|| prepare(model.as_ref(), request)))
+                    .unwrap_or_else(|_| {
+                        Err(ApiError::internal("decoding the image failed", "panic"))
+                    });
+                (reply, r)
             })
             .collect();
-        let mut images = Vec::with_capacity(jobs.len());
-        let mut replies = Vec::with_capacity(jobs.len());
-        for (job, image) in jobs.into_iter().zip(decoded) {
-            match image {
-                Ok(image) => {
-                    images.push(image);
-                    replies.push(job.reply);
+        let mut images = Vec::with_capacity(prepared.len());
+        let mut replies = Vec::with_capacity(prepared.len());
+        for (reply, r) in prepared {
+            match r {
+                Ok((view, thumb)) => {
+                    images.push(view);
+                    replies.push((reply, thumb));
                 }
                 Err(e) => {
-                    let _ = job.reply.send(Err(e));
+                    let _ = reply.send(Err(e));
                 }
             }
         }
         if images.is_empty() {
             continue;
         }
-        let result = catch_unwind(AssertUnwindSafe(|| model.embed(&images)));
+        let result = catch_unwind(AssertUnwindSafe(|| model.embed_prepared(&images)));
         metrics.observe_batch(images.len(), start.elapsed().as_secs_f64());
         let result = match result {
             Ok(Ok(v)) if v.len() == images.len() => Ok(v),
@@ -272,8 +305,8 @@ fn run(
         };
         match result {
             Ok(vectors) => {
-                for (reply, v) in replies.into_iter().zip(vectors) {
-                    let _ = reply.send(Ok(v));
+                for ((reply, thumb), vector) in replies.into_iter().zip(vectors) {
+                    let _ = reply.send(Ok(Embedded { vector, thumb }));
                 }
             }
             Err(msg) => {
@@ -281,11 +314,37 @@ fn run(
                     "embedding the image failed",
                     format!("batch of {}: {msg}", images.len()),
                 );
-                for reply in replies {
+                for (reply, _) in replies {
                     let _ = reply.send(Err(ApiError::Internal(err.to_string())));
                 }
             }
         }
     }
     tracing::debug!("inference thread stopped");
+}
+
+/// Decodes one upload and reduces it to the model's view and, when asked, a thumbnail; the
+/// full image, then the permit, are dropped before returning.
+fn prepare(
+    model: &dyn EmbedBackend,
+    request: EmbedRequest,
+) -> Result<(image::DynamicImage, Option<Bytes>), ApiError> {
+    let EmbedRequest {
+        upload,
+        limits,
+        permit,
+        thumb_size,
+    } = request;
+    let image = decode::decode_image(&upload, limits)?;
+    drop(upload);
+    let thumb = match thumb_size {
+        Some(size) => Some(
+            crate::thumbs::render(&image, size)
+                .map_err(|e| ApiError::internal("making the thumbnail failed", e))?,
+        ),
+        None => None,
+    };
+    let view = model.prepare(image);
+    drop(permit);
+    Ok((view, thumb))
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::batcher::BatchConfig;
+use crate::budget::DecodeBudget;
 use crate::decode::DecodeLimits;
 use crate::routes::Settings;
 
@@ -72,6 +73,16 @@ pub struct Args {
     #[arg(long, default_value_t = 40_000_000)]
     pub max_pixels: u64,
 
+    /// Memory for decoded images across searches, adds and thumbnails, MiB. Each request
+    /// charges what its image decodes to (from the header: a 40 MP 16-bit RGBA PNG is
+    /// ~420 MiB); past the budget requests wait (--decode-wait-ms), then get 503.
+    #[arg(long, default_value_t = 512)]
+    pub decode_budget_mib: u64,
+
+    /// Longest a request waits for decode memory before answering 503, milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub decode_wait_ms: u64,
+
     /// Results per query when the request has no k.
     #[arg(long, default_value_t = 10)]
     pub default_k: usize,
@@ -126,6 +137,7 @@ impl Args {
             ("--max-batch", self.max_batch as u64),
             ("--queue", self.queue as u64),
             ("--workers", self.workers as u64),
+            ("--decode-budget-mib", self.decode_budget_mib),
         ];
         for (flag, v) in positive {
             if v == 0 {
@@ -160,7 +172,31 @@ impl Args {
             limits: self.limits(),
             default_k: self.default_k.min(self.max_k),
             max_k: self.max_k,
+            budget: DecodeBudget::new(
+                self.decode_budget_mib << 20,
+                Duration::from_millis(self.decode_wait_ms),
+            ),
+            public_roots: self.public_roots(),
         }
+    }
+
+    /// The folders result paths are shown relative to (see `Settings::public_roots`),
+    /// canonical like the paths the server records.
+    fn public_roots(&self) -> Vec<PathBuf> {
+        let index_parent = self
+            .index
+            .as_ref()
+            .and_then(|i| i.parent())
+            .map(PathBuf::from);
+        [
+            self.gallery.clone(),
+            self.images_root.clone().or(index_parent),
+            Some(self.data_dir.clone()),
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.canonicalize().ok())
+        .collect()
     }
 
     pub fn limits(&self) -> DecodeLimits {

@@ -1,14 +1,14 @@
-//! Decoding untrusted uploads into images, with limits checked *before* any pixel buffer is
-//! allocated: a 100 000 × 100 000 PNG header is refused from its header alone.
-//!
-//! The server maps each failure to its own HTTP status (413 for too large, 422 for
-//! unusable), so this module keeps its own error kinds rather than a generic decode error.
+//! Decoding untrusted uploads, through the shared intake (`intake::decode`): the same
+//! format sniffing, header-first limits, EXIF orientation and truncation rule as
+//! `indexer build` and the trainer, so an upload gives the same vector as the same file
+//! indexed from a folder. This module adds the server's limits and maps each failure to its
+//! own HTTP status (413 for too large, 400 for empty, 422 for unusable).
 
-use std::io::Cursor;
-
-use image::{DynamicImage, ImageFormat, ImageReader, Limits};
+use image::{DynamicImage, ImageFormat};
 
 use crate::error::ApiError;
+
+pub use intake::{DecodeError, Header};
 
 /// Smallest side accepted. Smaller images carry too little to search with (a 1×1 upload is
 /// almost always a mistake or a tracking pixel), so they get a clear 422 instead of
@@ -33,25 +33,15 @@ impl Default for DecodeLimits {
     }
 }
 
-/// Why an upload is not a usable image.
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum DecodeError {
-    #[error("the image is empty (0 bytes); send the image file's bytes")]
-    Empty,
-    #[error("this is not an image in a supported format (JPEG, PNG, WebP, GIF or BMP){0}")]
-    NotAnImage(String),
-    #[error("the {format} image is truncated or corrupt: {detail}")]
-    Corrupt { format: String, detail: String },
-    #[error(
-        "the image is {width}×{height} px; at least {MIN_SIDE}×{MIN_SIDE} px is needed to search with it"
-    )]
-    TooSmall { width: u32, height: u32 },
-    #[error("the image is {width}×{height} px, over the limit of {limit}; resize it and retry")]
-    TooLarge {
-        width: u32,
-        height: u32,
-        limit: String,
-    },
+impl DecodeLimits {
+    /// The intake's limits for these, with the server's [`MIN_SIDE`].
+    pub fn intake(self) -> intake::Limits {
+        intake::Limits {
+            max_pixels: self.max_pixels,
+            max_side: self.max_side,
+            min_side: MIN_SIDE,
+        }
+    }
 }
 
 impl From<DecodeError> for ApiError {
@@ -59,6 +49,7 @@ impl From<DecodeError> for ApiError {
         match e {
             DecodeError::TooLarge { .. } => ApiError::TooLarge(e.to_string()),
             DecodeError::Empty => ApiError::BadRequest(e.to_string()),
+            DecodeError::Io(io) => ApiError::internal("reading the image failed", io),
             _ => ApiError::Unprocessable(e.to_string()),
         }
     }
@@ -66,102 +57,24 @@ impl From<DecodeError> for ApiError {
 
 /// The format of `bytes`, from its magic number, or `NotAnImage` naming what it looks like.
 pub fn sniff_format(bytes: &[u8]) -> Result<ImageFormat, DecodeError> {
-    if bytes.is_empty() {
-        return Err(DecodeError::Empty);
-    }
-    match image::guess_format(bytes) {
-        Ok(
-            f @ (ImageFormat::Jpeg
-            | ImageFormat::Png
-            | ImageFormat::WebP
-            | ImageFormat::Gif
-            | ImageFormat::Bmp),
-        ) => Ok(f),
-        Ok(other) => Err(DecodeError::NotAnImage(format!(
-            " (it looks like {other:?}, which this server does not read)"
-        ))),
-        Err(_) => Err(DecodeError::NotAnImage(describe_non_image(bytes))),
-    }
+    intake::sniff(bytes)
 }
 
-/// A hint about what a non-image upload is, so "I posted the HTML page" is obvious.
-fn describe_non_image(bytes: &[u8]) -> String {
-    let head = &bytes[..bytes.len().min(512)];
-    let lower = String::from_utf8_lossy(head).to_ascii_lowercase();
-    let trimmed = lower.trim_start();
-    if head.starts_with(b"%PDF") {
-        " (it is a PDF document)".into()
-    } else if trimmed.starts_with("<!doctype html") || trimmed.starts_with("<html") {
-        " (it is an HTML page)".into()
-    } else if trimmed.starts_with('{') || trimmed.starts_with('[') {
-        " (it looks like JSON)".into()
-    } else if std::str::from_utf8(head).is_ok() {
-        " (it is plain text)".into()
-    } else {
-        String::new()
-    }
+/// Reads the header only and checks it against the limits: what a decode would cost,
+/// before paying it (see [`crate::budget`]).
+pub fn probe(bytes: &[u8], limits: DecodeLimits) -> Result<Header, DecodeError> {
+    intake::probe(bytes, limits.intake())
 }
 
-/// Reads the dimensions from the header only and checks them against the limits.
-pub fn check_dimensions(
-    bytes: &[u8],
-    format: ImageFormat,
-    limits: DecodeLimits,
-) -> Result<(u32, u32), DecodeError> {
-    let reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let (width, height) = reader.into_dimensions().map_err(|e| corrupt(format, e))?;
-    if width < MIN_SIDE || height < MIN_SIDE {
-        return Err(DecodeError::TooSmall { width, height });
-    }
-    if width > limits.max_side || height > limits.max_side {
-        return Err(DecodeError::TooLarge {
-            width,
-            height,
-            limit: format!("{} px per side", limits.max_side),
-        });
-    }
-    if u64::from(width) * u64::from(height) > limits.max_pixels {
-        return Err(DecodeError::TooLarge {
-            width,
-            height,
-            limit: format!("{:.1} megapixels", limits.max_pixels as f64 / 1e6),
-        });
-    }
-    Ok((width, height))
-}
-
-/// Decodes an upload after [`check_dimensions`]; the decoder also carries the limits, so a
-/// file whose header lies about its size still cannot allocate past them.
+/// Decodes an upload: header checked first, then decoded upright.
 pub fn decode_image(bytes: &[u8], limits: DecodeLimits) -> Result<DynamicImage, DecodeError> {
-    let format = sniff_format(bytes)?;
-    let (width, height) = check_dimensions(bytes, format, limits)?;
-    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let mut l = Limits::default();
-    l.max_image_width = Some(limits.max_side);
-    l.max_image_height = Some(limits.max_side);
-    // RGBA at 16 bits per channel is the widest buffer a supported format decodes into.
-    l.max_alloc = Some(limits.max_pixels.saturating_mul(8).max(1 << 20));
-    reader.limits(l);
-    reader.decode().map_err(|e| match e {
-        image::ImageError::Limits(_) => DecodeError::TooLarge {
-            width,
-            height,
-            limit: "the decoder's memory limit".into(),
-        },
-        other => corrupt(format, other),
-    })
-}
-
-fn corrupt(format: ImageFormat, e: image::ImageError) -> DecodeError {
-    DecodeError::Corrupt {
-        format: format!("{format:?}").to_uppercase(),
-        detail: e.to_string(),
-    }
+    intake::decode(bytes, limits.intake())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Cursor;
 
     fn png(w: u32, h: u32) -> Vec<u8> {
         let img = image::RgbImage::from_pixel(w, h, image::Rgb([10, 200, 30]));
@@ -179,7 +92,7 @@ mod tests {
     #[test]
     fn refuses_empty_text_html_pdf() {
         let l = DecodeLimits::default();
-        assert_eq!(decode_image(b"", l), Err(DecodeError::Empty));
+        assert!(matches!(decode_image(b"", l), Err(DecodeError::Empty)));
         let e = decode_image(b"hello world", l).unwrap_err().to_string();
         assert!(e.contains("plain text"), "{e}");
         let e = decode_image(b"<!DOCTYPE html><html></html>", l)
@@ -199,16 +112,38 @@ mod tests {
             decode_image(&png(1, 1), l),
             Err(DecodeError::TooSmall {
                 width: 1,
-                height: 1
+                height: 1,
+                ..
             })
         ));
         let full = png(64, 64);
         let cut = &full[..full.len() / 2];
         assert!(
-            matches!(decode_image(cut, l), Err(DecodeError::Corrupt { .. })),
+            matches!(
+                decode_image(cut, l),
+                Err(DecodeError::Corrupt { .. } | DecodeError::Truncated { .. })
+            ),
             "{:?}",
             decode_image(cut, l)
         );
+        // A photo cut anywhere from 10 % to 90 % of its length is refused, not answered
+        // with a grey-padded image (the JPEG decoder itself pads silently).
+        let mut jpeg = std::io::Cursor::new(Vec::new());
+        image::RgbImage::from_fn(120, 90, |x, y| image::Rgb([x as u8, y as u8, 77]))
+            .write_to(&mut jpeg, ImageFormat::Jpeg)
+            .unwrap();
+        let jpeg = jpeg.into_inner();
+        for pct in [10, 30, 50, 90] {
+            let e = decode_image(&jpeg[..jpeg.len() * pct / 100], l).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    DecodeError::Truncated { .. } | DecodeError::Corrupt { .. }
+                ),
+                "{pct}%: {e:?}"
+            );
+            assert!(matches!(ApiError::from(e), ApiError::Unprocessable(_)));
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! web page.
 //!
 //! Layout: [`routes`] (handlers and the `App`), [`upload`] (reading bodies with limits),
-//! [`decode`] (untrusted image decoding), [`batcher`] (the inference thread that batches
+//! [`decode`] (untrusted image decoding, through the shared `intake` crate), [`budget`]
+//! (the decode memory budget), [`batcher`] (the inference thread that batches
 //! concurrent queries), [`thumbs`] and [`store`] (files under the data dir), [`metrics`]
 //! (Prometheus text), [`backend`] (the model and index traits) with their real
 //! implementations [`model`] (trainer's embedder) and [`index`] (indexer's on-disk HNSW
@@ -13,6 +14,7 @@
 pub mod assets;
 pub mod backend;
 pub mod batcher;
+pub mod budget;
 pub mod client;
 pub mod config;
 pub mod decode;

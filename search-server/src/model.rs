@@ -34,6 +34,21 @@ impl EmbedBackend for ModelBackend {
     fn embed(&self, images: &[DynamicImage]) -> anyhow::Result<Vec<Vec<f32>>> {
         Ok(self.embedder.embed_images(images)?)
     }
+    /// The model's eval view (e.g. 224×224 RGB): what `embed_images` would compute from
+    /// the full image anyway, so embedding the view gives the same vector.
+    fn prepare(&self, image: DynamicImage) -> DynamicImage {
+        DynamicImage::ImageRgb8(self.embedder.config().preprocess.eval_view(&image))
+    }
+    fn embed_prepared(&self, images: &[DynamicImage]) -> anyhow::Result<Vec<Vec<f32>>> {
+        let views: Vec<image::RgbImage> = images
+            .iter()
+            .map(|im| match im {
+                DynamicImage::ImageRgb8(rgb) => rgb.clone(),
+                other => other.to_rgb8(),
+            })
+            .collect();
+        Ok(self.embedder.embed_views(&views)?)
+    }
     fn dim(&self) -> usize {
         self.embedder.dim()
     }

@@ -4,6 +4,7 @@
 //! `web::block`, embedding on the inference thread ([`Batcher`]), index searches in
 //! `web::block`. Every error is a JSON `{"error": ...}` ([`ApiError`]).
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,7 +17,8 @@ use serde::Serialize;
 
 use crate::assets;
 use crate::backend::{GalleryItem, NewGalleryItem, SearchBackend};
-use crate::batcher::Batcher;
+use crate::batcher::{Batcher, EmbedRequest};
+use crate::budget::DecodeBudget;
 use crate::decode::{self, DecodeLimits};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -37,6 +39,13 @@ pub struct Settings {
     pub default_k: usize,
     /// Larger `k` values are clamped to this (documented in `--help` and the API notes).
     pub max_k: usize,
+    /// Decoded-image memory that search, add and thumbnail requests share.
+    pub budget: DecodeBudget,
+    /// Folders whose layout below them may be shown in results (the data dir, the gallery
+    /// folder, the images root): `path` in a result is relative to the first that holds
+    /// the file, else just the file name, so results never reveal where the server keeps
+    /// its files.
+    pub public_roots: Vec<PathBuf>,
 }
 
 impl Default for Settings {
@@ -48,6 +57,8 @@ impl Default for Settings {
             limits: DecodeLimits::default(),
             default_k: 10,
             max_k: 100,
+            budget: DecodeBudget::new(512 << 20, std::time::Duration::from_secs(10)),
+            public_roots: Vec::new(),
         }
     }
 }
@@ -109,7 +120,7 @@ async fn track_metrics(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let start = Instant::now();
     let state = req.app_data::<web::Data<AppState>>().cloned();
-    let method = req.method().to_string();
+    let method = metric_method(req.method());
     let res = next.call(req).await?;
     if let Some(state) = state {
         let route = res
@@ -124,6 +135,28 @@ async fn track_metrics(
         );
     }
     Ok(res)
+}
+
+/// The method as a metrics label: the standard ones by name, anything else as `OTHER`, so
+/// clients inventing methods cannot grow the label set.
+fn metric_method(m: &actix_web::http::Method) -> String {
+    use actix_web::http::Method;
+    let known = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PATCH,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    if known.contains(m) {
+        m.as_str().to_string()
+    } else {
+        "OTHER".to_string()
+    }
 }
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
@@ -178,13 +211,27 @@ pub struct ResultJson {
     pub thumb_url: String,
 }
 
+/// `path` as shown to clients: relative to the first of `roots` that holds it, else the
+/// file name alone (see [`Settings::public_roots`]).
+pub fn public_path(path: &Path, roots: &[PathBuf]) -> String {
+    roots
+        .iter()
+        .filter(|r| r.is_absolute())
+        .find_map(|r| path.strip_prefix(r).ok())
+        .filter(|rel| !rel.as_os_str().is_empty())
+        .or_else(|| path.file_name().map(Path::new))
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
 impl ResultJson {
-    fn new(item: &GalleryItem, score: f32) -> Self {
+    fn new(item: &GalleryItem, score: f32, roots: &[PathBuf]) -> Self {
         Self {
             id: item.id,
             score,
             label: item.label.clone(),
-            path: item.path.display().to_string(),
+            path: public_path(&item.path, roots),
             url: format!("/api/images/{}", item.id),
             thumb_url: format!("/api/images/{}/thumb", item.id),
         }
@@ -233,17 +280,16 @@ async fn search(
         Fields::ImageOnly,
     )
     .await?;
-    let query = state
-        .batcher
-        .embed(arriving, upload.image, state.settings.limits)
-        .await?;
+    let query = embed_upload(&state, arriving, upload.image, None)
+        .await?
+        .vector;
     let gallery = state.gallery.clone();
     let hits = web::block(move || gallery.search(&query, k))
         .await?
         .map_err(|e| ApiError::internal("searching the index failed", format!("{e:#}")))?;
     let results: Vec<ResultJson> = hits
         .iter()
-        .map(|h| ResultJson::new(&h.item, h.score))
+        .map(|h| ResultJson::new(&h.item, h.score, &state.settings.public_roots))
         .collect();
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "results": results,
@@ -258,11 +304,7 @@ fn check_api_key(req: &HttpRequest, expected: &str) -> Result<(), ApiError> {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
+        .and_then(bearer_token);
     let x_key = req
         .headers()
         .get("x-api-key")
@@ -275,6 +317,37 @@ fn check_api_key(req: &HttpRequest, expected: &str) -> Result<(), ApiError> {
         Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Ok(()),
         Some(_) => Err(ApiError::Unauthorized("the API key is wrong".into())),
     }
+}
+
+/// The token of an `Authorization: Bearer TOKEN` value; the scheme is case-insensitive
+/// (RFC 7235 §2.1), so `BEARER` and `bearer` work too.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Decodes (within the decode budget) and embeds an upload, with its thumbnail when asked.
+/// The header is read first: an unusable or oversized image is refused before it waits for
+/// the budget, and the budget is charged what the decode will really hold.
+async fn embed_upload(
+    state: &AppState,
+    arriving: crate::batcher::Arriving,
+    bytes: actix_web::web::Bytes,
+    thumb_size: Option<u32>,
+) -> Result<crate::batcher::Embedded, ApiError> {
+    let limits = state.settings.limits;
+    let header = decode::probe(&bytes, limits)?;
+    let permit = state.settings.budget.acquire(header.peak_bytes()).await?;
+    let request = EmbedRequest {
+        upload: bytes,
+        limits,
+        permit: Some(permit),
+        thumb_size,
+    };
+    state.batcher.embed_request(arriving, request).await
 }
 
 /// Compares without an early exit, so response time does not reveal a key prefix.
@@ -327,22 +400,28 @@ async fn add_image(
         return Ok(respond(id, true, label));
     }
     let format = decode::sniff_format(&bytes)?;
-    let embedding = state
-        .batcher
-        .embed(arriving, bytes.clone(), state.settings.limits)
-        .await?;
-    let (gallery, uploads) = (state.gallery.clone(), state.uploads.clone());
+    let embedded = embed_upload(&state, arriving, bytes.clone(), Some(state.thumbs.size())).await?;
+    let (gallery, uploads, thumbs) = (
+        state.gallery.clone(),
+        state.uploads.clone(),
+        state.thumbs.clone(),
+    );
     let label = upload.label.clone();
     let outcome = web::block(move || -> Result<_, ApiError> {
         let path = uploads
             .save(&bytes, &sha, format)
             .map_err(|e| ApiError::internal("storing the uploaded image failed", e))?;
+        // The thumbnail from the decode that embedded it, stored before the item is
+        // visible: serving it never decodes the upload again.
+        if let Some(thumb) = embedded.thumb {
+            thumbs.store(&sha, thumb);
+        }
         gallery
             .add_durable(NewGalleryItem {
                 path,
                 label,
                 sha256: sha,
-                embedding,
+                embedding: embedded.vector,
             })
             .map_err(|e| {
                 ApiError::internal("adding the image to the index failed", format!("{e:#}"))
@@ -401,28 +480,56 @@ async fn image(
         .body(bytes))
 }
 
-/// `GET /api/images/{id}/thumb`: a small JPEG.
+/// `GET /api/images/{id}/thumb`: a small JPEG. Cached ones are served as they are; a
+/// missing one is made once (concurrent requests share the work) within the decode budget.
 async fn thumbnail(
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let item = lookup(&state, &path)?;
-    let thumbs = state.thumbs.clone();
-    let it = item.clone();
-    let bytes = web::block(move || thumbs.get(&it))
-        .await?
-        .map_err(|e| match e {
-            thumbs::ThumbError::Read(e) => missing_file(&item, e),
-            other => ApiError::internal(
-                &format!("cannot make the thumbnail of gallery image {}", item.id),
-                other,
-            ),
-        })?;
+    let key = state.thumbs.key(&item.sha256);
+    let flight = state.thumbs.flight(&key);
+    let made = flight
+        .get_or_try_init(|| make_thumbnail(&state, &item))
+        .await;
+    state.thumbs.land(&key, &flight);
+    let bytes = made?.clone();
     Ok(HttpResponse::Ok()
         .content_type("image/jpeg")
         .insert_header((header::CACHE_CONTROL, "public, max-age=3600"))
         .insert_header(("X-Content-Type-Options", "nosniff"))
         .body(bytes))
+}
+
+async fn make_thumbnail(
+    state: &AppState,
+    item: &GalleryItem,
+) -> Result<actix_web::web::Bytes, ApiError> {
+    let thumbs = state.thumbs.clone();
+    let it = item.clone();
+    if let Some(b) = web::block(move || thumbs.cached(&it)).await? {
+        return Ok(b);
+    }
+    let p = item.path.clone();
+    let bytes = web::block(move || std::fs::read(p))
+        .await?
+        .map_err(|e| missing_file(item, e))?;
+    let failed = |e: &dyn std::fmt::Display| {
+        ApiError::internal(
+            &format!("cannot make the thumbnail of gallery image {}", item.id),
+            e,
+        )
+    };
+    let header = decode::probe(&bytes, state.settings.limits).map_err(|e| failed(&e))?;
+    let permit = state.settings.budget.acquire(header.peak_bytes()).await?;
+    let (thumbs, it) = (state.thumbs.clone(), item.clone());
+    web::block(move || {
+        let made = thumbs.make(&it, &bytes);
+        drop(permit);
+        made
+    })
+    .await?
+    .map_err(|e| failed(&e))
 }
 
 #[cfg(test)]
@@ -446,6 +553,46 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for v in [
+            "Bearer k1",
+            "bearer k1",
+            "BEARER k1",
+            "BeArEr   k1 ",
+            "  Bearer k1",
+        ] {
+            assert_eq!(bearer_token(v), Some("k1"), "{v:?}");
+        }
+        for v in ["Basic k1", "Bearer", "Bearer ", "Bearerk1", ""] {
+            assert_eq!(bearer_token(v), None, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn public_paths_hide_server_folders() {
+        let roots = vec![PathBuf::from("/srv/data"), PathBuf::from("/srv/gallery")];
+        let p = |s: &str| public_path(Path::new(s), &roots);
+        assert_eq!(p("/srv/gallery/blue/0.png"), "blue/0.png");
+        assert_eq!(p("/srv/data/uploads/ab/ab12.png"), "uploads/ab/ab12.png");
+        assert_eq!(p("/home/someone/secret/x.jpg"), "x.jpg");
+        assert_eq!(p("relative/y.jpg"), "y.jpg");
+    }
+
+    #[test]
+    fn metric_methods_are_bounded() {
+        use actix_web::http::Method;
+        assert_eq!(metric_method(&Method::GET), "GET");
+        assert_eq!(
+            metric_method(&Method::from_bytes(b"PURGE").unwrap()),
+            "OTHER"
+        );
+        assert_eq!(
+            metric_method(&Method::from_bytes(b"XYZZY1").unwrap()),
+            "OTHER"
+        );
     }
 
     #[test]

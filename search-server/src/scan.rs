@@ -1,12 +1,15 @@
 //! `--gallery DIR`: adding a folder of images to the index at start-up.
 //!
 //! Files are identified by content (SHA-256), so restarting with the same folder adds only
-//! new files, and a file renamed or copied is not indexed twice. A file's label is the name
-//! of its top-level folder under DIR (`DIR/cardinal/1.jpg` → `cardinal`), the usual layout of
-//! class-per-folder datasets. Unreadable files are logged and skipped, never fatal.
+//! new files, and a file renamed or copied is not indexed twice. Files are listed by the
+//! shared walker (`intake::walk`, the same as `indexer build DIR` and the trainer's folder
+//! dataset): a file's label is the name of its top-level folder under DIR
+//! (`DIR/cardinal/1.jpg` → `cardinal`). Unreadable files are logged and skipped, never
+//! fatal. Each image is reduced to the model's view right after decoding, so a batch of
+//! large photos holds one full-size decode at a time.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -14,9 +17,6 @@ use anyhow::Context;
 use crate::backend::{EmbedBackend, NewGalleryItem, SearchBackend};
 use crate::decode::{decode_image, DecodeLimits};
 use crate::store::sha256_hex;
-
-/// File extensions listed (case-insensitive); decoding itself looks at the content.
-pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp"];
 
 /// What a scan did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -27,44 +27,10 @@ pub struct ScanReport {
     pub unreadable: usize,
 }
 
-/// Image files under `root`, recursively, sorted (hidden entries skipped).
-pub fn list_images(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let entries = std::fs::read_dir(&dir)
-            .with_context(|| format!("cannot list gallery folder {}", dir.display()))?;
-        for e in entries {
-            let e = e.with_context(|| format!("cannot list gallery folder {}", dir.display()))?;
-            let path = e.path();
-            if e.file_name().to_string_lossy().starts_with('.') {
-                continue;
-            }
-            let ft = e
-                .file_type()
-                .with_context(|| format!("cannot stat {}", path.display()))?;
-            if ft.is_dir() || (ft.is_symlink() && path.is_dir()) {
-                stack.push(path);
-            } else if path
-                .extension()
-                .and_then(|x| x.to_str())
-                .is_some_and(|x| IMAGE_EXTENSIONS.iter().any(|e| e.eq_ignore_ascii_case(x)))
-            {
-                out.push(path);
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-/// The label of `file` under `root`: its top-level folder's name, if it is in one.
-pub fn label_for(root: &Path, file: &Path) -> Option<String> {
-    let rel = file.strip_prefix(root).ok()?;
-    let mut parts = rel.components();
-    let first = parts.next()?;
-    parts.next()?; // the file itself must be below the folder
-    Some(first.as_os_str().to_string_lossy().into_owned())
+/// Image files under `root` with their labels, by the shared walker's rules (hidden entries
+/// skipped, links followed, label = top-level folder; see `intake::walk`), sorted.
+pub fn list_images(root: &Path) -> anyhow::Result<Vec<intake::ImageFile>> {
+    Ok(intake::walk_images(root)?)
 }
 
 /// Indexes the images under `root` not already in `gallery`, `batch` at a time.
@@ -90,7 +56,7 @@ pub fn scan_folder(
     for (chunk_no, chunk) in files.chunks(batch.max(1)).enumerate() {
         let mut images = Vec::new();
         let mut metas = Vec::new();
-        for path in chunk {
+        for intake::ImageFile { path, label } in chunk {
             let bytes = match std::fs::read(path) {
                 Ok(b) => b,
                 Err(e) => {
@@ -106,8 +72,8 @@ pub fn scan_folder(
             }
             match decode_image(&bytes, limits) {
                 Ok(img) => {
-                    images.push(img);
-                    metas.push((path.clone(), label_for(&root, path), sha));
+                    images.push(model.prepare(img));
+                    metas.push((path.clone(), label.clone(), sha));
                 }
                 Err(e) => {
                     tracing::warn!("skipping {}: {e}", path.display());
@@ -117,7 +83,7 @@ pub fn scan_folder(
         }
         if !images.is_empty() {
             let vectors = model
-                .embed(&images)
+                .embed_prepared(&images)
                 .with_context(|| format!("embedding gallery images from {}", root.display()))?;
             let items = metas
                 .into_iter()
@@ -148,6 +114,8 @@ pub fn scan_folder(
             );
         }
     }
+    // The scan's full-size decodes are gone: give their pages back (see trim_malloc).
+    trainer::ops::trim_malloc();
     Ok(report)
 }
 

@@ -7,16 +7,17 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use image::ImageFormat;
-use sha2::{Digest, Sha256};
 
-/// Hex SHA-256 of some bytes.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
+/// Hex SHA-256 of some bytes (the intake's, so the server and the indexer agree).
+pub use intake::sha256_hex;
 
 /// File extension for a stored image of this format.
 pub fn extension(format: ImageFormat) -> &'static str {
-    format.extensions_str().first().copied().unwrap_or("img")
+    match format {
+        // `extensions_str` starts with "pbm" (bitmaps); a PNM upload may be any of them.
+        ImageFormat::Pnm => "pnm",
+        _ => format.extensions_str().first().copied().unwrap_or("img"),
+    }
 }
 
 /// Where uploaded images live: `<data-dir>/uploads/<first two hex>/<sha256>.<ext>`.

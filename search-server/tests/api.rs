@@ -798,3 +798,199 @@ fn oversized_upload_over_a_real_socket_gets_413() {
     assert_eq!(r.json()["results"][0]["label"], "blue");
     assert_eq!(client.get("/healthz").unwrap().json()["status"], "ok");
 }
+
+/// Issue 12 (4): concurrent requests for a thumbnail not made yet decode the file once;
+/// the rest wait for that one (single flight), and later ones come from the cache.
+#[actix_web::test]
+async fn concurrent_thumbnail_requests_decode_once() {
+    let h = default_harness();
+    let app = service!(h);
+    let reqs = (0..16).map(|_| {
+        test::call_service(
+            &app,
+            test::TestRequest::get()
+                .uri("/api/images/3/thumb")
+                .to_request(),
+        )
+    });
+    let responses = futures_util::future::join_all(reqs).await;
+    let mut bodies = Vec::new();
+    for r in responses {
+        assert_eq!(r.status(), 200);
+        bodies.push(test::read_body(r).await);
+    }
+    assert!(bodies.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(h.state.thumbs.decodes(), 1, "one decode for 16 requests");
+    assert_eq!(h.state.thumbs.in_flight(), 0);
+    // And never again, even without the source file.
+    std::fs::remove_file(h.dir.path().join("yellow.png")).unwrap();
+    let (s, _) = call(&app, test::TestRequest::get().uri("/api/images/3/thumb")).await;
+    assert_eq!(s, 200);
+    assert_eq!(h.state.thumbs.decodes(), 1);
+}
+
+/// Issue 12 (3): an added image's thumbnail is made from the decode that embedded it and
+/// stored, so serving it never decodes the upload.
+#[actix_web::test]
+async fn added_images_get_their_thumbnail_at_add_time() {
+    let h = default_harness();
+    let app = service!(h);
+    let bytes = png([10, 120, 240], 300, 150);
+    let (s, body) = call(&app, image_form("/api/images", bytes.clone())).await;
+    assert_eq!(s, 200, "{body}");
+    let id = body["id"].as_u64().unwrap();
+    let stored = h
+        .dir
+        .path()
+        .join("thumbs")
+        .join(format!("{}-96.jpg", sha256_hex(&bytes)));
+    assert!(stored.is_file(), "thumbnail stored at add time");
+    let resp = test::call_service(
+        &app,
+        test::TestRequest::get()
+            .uri(&format!("/api/images/{id}/thumb"))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let thumb = image::load_from_memory(&test::read_body(resp).await).unwrap();
+    assert_eq!((thumb.width(), thumb.height()), (96, 48));
+    assert_eq!(h.state.thumbs.decodes(), 0, "no decode to serve it");
+}
+
+/// Issue 12 (3): decoding waits for the memory budget, then answers 503; the budget is
+/// whole again afterwards (nothing leaks on the error paths).
+#[actix_web::test]
+async fn decode_budget_waits_then_503() {
+    let budget = search_server::budget::DecodeBudget::new(8 << 20, Duration::from_millis(100));
+    let h = harness(
+        Settings {
+            budget: budget.clone(),
+            ..Settings::default()
+        },
+        Duration::ZERO,
+        BatchConfig::default(),
+    );
+    let app = service!(h);
+    let held = budget.acquire(8 << 20).await.unwrap();
+    let t = std::time::Instant::now();
+    assert_error(
+        call(&app, image_form("/api/search", png([200, 0, 0], 64, 64))).await,
+        503,
+        "memory budget",
+    );
+    assert!(t.elapsed() >= Duration::from_millis(90));
+    assert_error(
+        call(&app, test::TestRequest::get().uri("/api/images/0/thumb")).await,
+        503,
+        "retry",
+    );
+    drop(held);
+    let (s, body) = call(&app, image_form("/api/search", png([200, 0, 0], 64, 64))).await;
+    assert_eq!(s, 200, "{body}");
+    // A refused image (from its header) never waits for or holds the budget.
+    let held = budget.acquire(8 << 20).await.unwrap();
+    assert_error(
+        call(&app, image_form("/api/search", png([200, 0, 0], 2, 2))).await,
+        422,
+        "at least",
+    );
+    drop(held);
+    let (s, _) = call(&app, test::TestRequest::get().uri("/api/images/0/thumb")).await;
+    assert_eq!(s, 200);
+    assert_eq!(budget.available_bytes(), 8 << 20);
+}
+
+/// Issue 12 (5): the smaller defects, through the HTTP layer.
+#[actix_web::test]
+async fn truncated_jpegs_auth_scheme_paths_and_method_labels() {
+    let h = harness(
+        Settings {
+            api_key: Some("s3cret".into()),
+            ..Settings::default()
+        },
+        Duration::ZERO,
+        BatchConfig::default(),
+    );
+    let app = service!(h);
+    // A JPEG cut to 10-50 % of its length: 422, not a 200 with a grey-padded image.
+    let img = RgbImage::from_fn(160, 120, |x, y| Rgb([x as u8, y as u8, 60]));
+    let jpeg = encode(&img, ImageFormat::Jpeg);
+    for pct in [10, 25, 50] {
+        let cut = jpeg[..jpeg.len() * pct / 100].to_vec();
+        let got = call(&app, image_form("/api/search", cut)).await;
+        assert_eq!(got.0, 422, "{pct}%: {}", got.1);
+    }
+    // Authorization schemes are case-insensitive.
+    let r = multipart_req(
+        "/api/images",
+        vec![Field::new("image", png([1, 2, 3], 16, 16))],
+    )
+    .insert_header(("Authorization", "BEARER s3cret"));
+    let (s, body) = call(&app, r).await;
+    assert_eq!(s, 200, "{body}");
+    // Results name files without the server's folders.
+    let (_, body) = call(
+        &app,
+        image_form("/api/search?k=5", png([220, 20, 20], 16, 16)),
+    )
+    .await;
+    for r in body["results"].as_array().unwrap() {
+        let p = r["path"].as_str().unwrap();
+        assert!(
+            !p.starts_with('/') && !p.contains(h.dir.path().to_str().unwrap()),
+            "{p}"
+        );
+    }
+    assert_eq!(body["results"][0]["path"], "red.png");
+    // Invented methods share one metrics label.
+    for m in ["PURGE", "FOO", "BAR1"] {
+        let req = test::TestRequest::default()
+            .method(actix_web::http::Method::from_bytes(m.as_bytes()).unwrap())
+            .uri("/");
+        let _ = call(&app, req).await;
+    }
+    let resp =
+        test::call_service(&app, test::TestRequest::get().uri("/metrics").to_request()).await;
+    let text = String::from_utf8(test::read_body(resp).await.to_vec()).unwrap();
+    assert!(text.contains("method=\"OTHER\""), "{text}");
+    for m in ["PURGE", "FOO", "BAR1"] {
+        assert!(!text.contains(&format!("method=\"{m}\"")), "{text}");
+    }
+}
+
+/// Issue 12 (4): a GIF of a few bytes whose canvas is 10 MP is charged for its canvas (what
+/// the decoder allocates), not its file size; TIFF and PNM uploads are read.
+#[actix_web::test]
+async fn budget_charges_a_gif_for_its_canvas_and_new_formats_are_read() {
+    let budget = search_server::budget::DecodeBudget::new(100 << 20, Duration::from_millis(100));
+    let h = harness(
+        Settings {
+            budget: budget.clone(),
+            ..Settings::default()
+        },
+        Duration::ZERO,
+        BatchConfig::default(),
+    );
+    let app = service!(h);
+    let gif = intake::testing::gif_with_canvas(4000, 2500);
+    assert!(gif.len() < 100);
+    let held = budget.acquire(40 << 20).await.unwrap();
+    // 10 MP × (4 bytes RGBA + 3 bytes RGB) = 70 MB > the 60 MiB left.
+    assert_error(
+        call(&app, image_form("/api/search", gif.clone())).await,
+        503,
+        "memory budget",
+    );
+    let (s, _) = call(&app, image_form("/api/search", png([0, 0, 200], 64, 64))).await;
+    assert_eq!(s, 200, "small images still fit beside it");
+    drop(held);
+    let (s, body) = call(&app, image_form("/api/search", gif)).await;
+    assert_eq!(s, 200, "{body}");
+    for format in [ImageFormat::Tiff, ImageFormat::Pnm] {
+        let bytes = encode(&RgbImage::from_pixel(40, 30, Rgb([30, 40, 210])), format);
+        let (s, body) = call(&app, image_form("/api/search?k=1", bytes)).await;
+        assert_eq!(s, 200, "{format:?}: {body}");
+        assert_eq!(body["results"][0]["label"], "blue", "{format:?}");
+    }
+}

@@ -1,99 +1,47 @@
-//! Image decoding with limits, so a hostile or damaged file (a decompression bomb, a header
-//! claiming 100,000 × 100,000 pixels) is an error instead of exhausting memory. The same
-//! rules serve dataset files and the server's uploads.
+//! Image decoding for datasets, through the shared intake (`intake::decode`): the same
+//! limits, EXIF orientation and truncation rule as `indexer build` and the server's uploads,
+//! so an image gives the same pixels, and the same vector, whichever way it came in. This
+//! module only words the errors the trainer's way (naming the file).
 
-use std::io::{BufReader, Cursor};
 use std::path::Path;
 
-use image::{DynamicImage, ImageError, ImageReader, Limits};
+use image::DynamicImage;
 
 use crate::error::{Error, Result};
 
+pub use intake::IMAGE_EXTENSIONS;
+
+/// The limits every dataset and `indexer` image is decoded with: 20 000 px per side as
+/// before, and 120 MP, so the 108 MP photos of some phones (which the old 512 MiB decode cap
+/// let through) still load; the server keeps its own, tighter `--max-pixels`.
+pub const LIMITS: intake::Limits = intake::Limits {
+    max_pixels: 120_000_000,
+    max_side: 20_000,
+    min_side: 1,
+};
 /// Largest accepted width or height, in pixels.
-pub const MAX_IMAGE_SIDE: u32 = 20_000;
-/// Most memory a decoder may allocate for one image, in bytes.
-pub const MAX_DECODE_ALLOC: u64 = 512 << 20;
-/// File extensions of the formats this build decodes (matched case-insensitively when a
-/// dataset folder is listed; decoding itself looks at the content, not the name).
-pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp"];
+pub const MAX_IMAGE_SIDE: u32 = LIMITS.max_side;
+/// Largest accepted `width × height`.
+pub const MAX_IMAGE_PIXELS: u64 = LIMITS.max_pixels;
 
-fn limits() -> Limits {
-    let mut l = Limits::default();
-    l.max_image_width = Some(MAX_IMAGE_SIDE);
-    l.max_image_height = Some(MAX_IMAGE_SIDE);
-    l.max_alloc = Some(MAX_DECODE_ALLOC);
-    l
-}
-
-/// Turns an `image` error into a sentence a user can act on.
-fn describe(e: ImageError) -> String {
+fn describe(e: intake::DecodeError) -> String {
     match e {
-        ImageError::Limits(l) => format!(
-            "image is too large to decode ({l}); the limits are {MAX_IMAGE_SIDE} pixels per side and {} MiB",
-            MAX_DECODE_ALLOC >> 20
-        ),
-        ImageError::Unsupported(u) => format!("unsupported image ({u}); supported formats: {}", IMAGE_EXTENSIONS.join(", ")),
-        ImageError::Decoding(d) => format!("cannot decode image, the file is damaged or truncated ({d})"),
-        ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-            "cannot decode image, the file is truncated".to_string()
+        intake::DecodeError::Io(io) if io.kind() == std::io::ErrorKind::NotFound => {
+            "image file not found".to_string()
         }
-        other => format!("cannot decode image ({other})"),
+        intake::DecodeError::Io(io) => format!("cannot read image: {io}"),
+        other => other.to_string(),
     }
-}
-
-fn decode<R: std::io::BufRead + std::io::Seek>(
-    reader: ImageReader<R>,
-) -> std::result::Result<DynamicImage, String> {
-    use image::ImageDecoder;
-    let mut reader = reader;
-    if reader.format().is_none() {
-        return Err(format!(
-            "not an image in a supported format ({})",
-            IMAGE_EXTENSIONS.join(", ")
-        ));
-    }
-    let mut limits = limits();
-    reader.limits(limits.clone());
-    let mut decoder = reader.into_decoder().map_err(describe)?;
-    // Refuse before allocating: the size the header claims must fit the budget.
-    limits.reserve(decoder.total_bytes()).map_err(describe)?;
-    // Photos from phones are often stored sideways with an EXIF orientation tag: apply it,
-    // so the image is embedded the way people see it (a missing tag means upright).
-    let orientation = decoder
-        .orientation()
-        .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(describe)?;
-    img.apply_orientation(orientation);
-    Ok(img)
 }
 
 /// Decodes the image file at `path` (format from its content). Errors name the file.
 pub fn decode_image(path: &Path) -> Result<DynamicImage> {
-    let file = std::fs::File::open(path).map_err(|e| {
-        let why = if e.kind() == std::io::ErrorKind::NotFound {
-            "image file not found".to_string()
-        } else {
-            format!("cannot open image: {e}")
-        };
-        Error::file(path, why)
-    })?;
-    let reader = ImageReader::new(BufReader::new(file))
-        .with_guessed_format()
-        .map_err(|e| Error::file(path, format!("cannot read image: {e}")))?;
-    decode(reader).map_err(|msg| Error::file(path, msg))
+    intake::decode_file(path, LIMITS).map_err(|e| Error::file(path, describe(e)))
 }
 
-/// Decodes an image held in memory (an upload), with the same limits as [`decode_image`].
+/// Decodes an image held in memory, with the same limits as [`decode_image`].
 pub fn decode_image_bytes(bytes: &[u8]) -> Result<DynamicImage> {
-    if bytes.is_empty() {
-        return Err(Error::Invalid(
-            "empty image: no bytes were received".to_string(),
-        ));
-    }
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::Invalid(format!("cannot read image: {e}")))?;
-    decode(reader).map_err(Error::Invalid)
+    intake::decode(bytes, LIMITS).map_err(|e| Error::Invalid(describe(e)))
 }
 
 #[cfg(test)]
@@ -168,31 +116,9 @@ mod tests {
 
     #[test]
     fn exif_orientation_is_applied() {
-        use image::ImageEncoder;
-        // TIFF/EXIF block with one entry: Orientation (0x0112) = 6, "rotate 90° clockwise".
-        let exif: Vec<u8> = [
-            &b"II*\0"[..],
-            &8u32.to_le_bytes(),
-            &1u16.to_le_bytes(),
-            &0x0112u16.to_le_bytes(),
-            &3u16.to_le_bytes(),
-            &1u32.to_le_bytes(),
-            &[6, 0, 0, 0],
-            &0u32.to_le_bytes(),
-        ]
-        .concat();
-        let img = gradient(40, 30);
-        let mut jpeg = Vec::new();
-        let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 95);
-        enc.set_exif_metadata(exif).unwrap();
-        enc.write_image(img.as_raw(), 40, 30, image::ExtendedColorType::Rgb8)
-            .unwrap();
+        let jpeg = intake::testing::jpeg_with_orientation(&gradient(40, 30), 6);
         let decoded = decode_image_bytes(&jpeg).unwrap();
-        assert_eq!(
-            (decoded.width(), decoded.height()),
-            (30, 40),
-            "rotated upright"
-        );
+        assert_eq!((decoded.width(), decoded.height()), (30, 40), "upright");
     }
 
     /// CRC-32 (PNG chunk checksum), so the tampered header above is otherwise valid.

@@ -28,7 +28,8 @@ use crate::error::{Error, Result};
 
 pub use augment::{Augment, RandomResizedCrop};
 pub use decode::{
-    decode_image, decode_image_bytes, IMAGE_EXTENSIONS, MAX_DECODE_ALLOC, MAX_IMAGE_SIDE,
+    decode_image, decode_image_bytes, IMAGE_EXTENSIONS, LIMITS as DECODE_LIMITS, MAX_IMAGE_PIXELS,
+    MAX_IMAGE_SIDE,
 };
 pub use loader::{BadImage, BadImages, Batch, BatchLoader, LoaderOptions, LoaderProgress};
 pub use sampler::PkSampler;

@@ -30,6 +30,26 @@ pub fn tune_glibc_malloc() -> bool {
     }
 }
 
+/// Gives the heap's free pages back to the OS (glibc `malloc_trim`). With
+/// [`tune_glibc_malloc`] nothing is ever returned on its own, so a server that just decoded
+/// a 40 MP upload (hundreds of MiB, freed at once) would keep that size for good: call this
+/// after such one-off peaks, not after every model batch (whose buffers are worth keeping).
+/// Returns whether memory was released (always `false` on non-glibc targets).
+pub fn trim_malloc() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> std::os::raw::c_int;
+        }
+        // SAFETY: malloc_trim only returns free heap pages to the kernel.
+        unsafe { malloc_trim(0) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
 /// Makes every thread allocate from glibc's main arena. Call after [`tune_glibc_malloc`] in
 /// programs whose model runs on a thread other than `main` (the server's inference thread):
 /// such a thread allocates from its own arena, whose heaps are at most 64 MiB, so larger

@@ -46,7 +46,7 @@ mod cuda_tests;
 mod tests;
 
 pub(crate) use alloc::uninit_vec;
-pub use alloc::{single_malloc_arena, tune_glibc_malloc};
+pub use alloc::{single_malloc_arena, trim_malloc, tune_glibc_malloc};
 use candle_core::{bail, DType, Device, Result, Shape, Tensor};
 pub use conv_act::conv_bias_act;
 
