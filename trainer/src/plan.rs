@@ -293,14 +293,17 @@ impl Deadline {
 }
 
 /// The typical shorter side of the training images, read from the headers of up to 200
-/// files spread over the set (no pixel is decoded).
+/// files spread over the set (no pixel is decoded; EXIF rotation does not change it).
 pub fn median_side(paths: &[&std::path::Path]) -> Result<u32> {
     let step = (paths.len() / 200).max(1);
     let mut sides: Vec<u32> = paths
         .iter()
         .step_by(step)
-        .filter_map(|p| image::image_dimensions(p).ok())
-        .map(|(w, h)| w.min(h))
+        .filter_map(|p| {
+            let bytes = std::fs::read(p).ok()?;
+            intake::probe(&bytes, crate::data::DECODE_LIMITS).ok()
+        })
+        .map(|h| h.width.min(h.height))
         .collect();
     if sides.is_empty() {
         return Err(Error::Invalid(

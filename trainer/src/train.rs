@@ -954,7 +954,7 @@ impl Run {
             );
             self.keep_to_deadline(done, t0.elapsed().as_secs_f64());
             let last = done == self.args.epochs;
-            if (self.args.eval_every > 0 && done % self.args.eval_every == 0) || last {
+            if (self.args.eval_every > 0 && done.is_multiple_of(self.args.eval_every)) || last {
                 let m = self.evaluate(false).map_err(|e| match e {
                     Error::Invalid(what) if what.contains("non-finite") => {
                         diverged(&what, epoch, None, &self.args.out)
@@ -963,7 +963,9 @@ impl Run {
                 })?;
                 last_metrics = Some(self.record(done, mean_loss, ips, &m)?);
             }
-            if (self.args.checkpoint_every > 0 && done % self.args.checkpoint_every == 0) || last {
+            if (self.args.checkpoint_every > 0 && done.is_multiple_of(self.args.checkpoint_every))
+                || last
+            {
                 self.checkpoint(done)?;
             }
             epoch = done;

@@ -93,6 +93,9 @@ fn proxy_losses(proxies: &Var) -> Vec<(&'static str, Box<dyn MetricLoss>, Naive)
     ]
 }
 
+/// A named batch: embeddings and labels.
+type Case = (&'static str, Vec<Vec<f64>>, Vec<u32>);
+
 fn layouts() -> Vec<Vec<u32>> {
     vec![
         (0..12).map(|i| i % 3).collect(),
@@ -184,7 +187,7 @@ fn proxy_losses_on_degenerate_batches_are_finite() {
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     let p = unit_rows(CLASSES, 8, &mut rng);
     let same = unit_rows(1, 8, &mut rng)[0].clone();
-    let cases: Vec<(&str, Vec<Vec<f64>>, Vec<u32>)> = vec![
+    let cases: Vec<Case> = vec![
         ("n = 1", unit_rows(1, 8, &mut rng), vec![4]),
         ("single class", unit_rows(5, 8, &mut rng), vec![2; 5]),
         (
