@@ -290,7 +290,7 @@ pub fn info(index_dir: &Path) -> Result<()> {
     println!(
         "format       {} v{} (generation {})",
         crate::manifest::FORMAT,
-        crate::manifest::FORMAT_VERSION,
+        index.format_version(),
         index.generation()
     );
     println!(

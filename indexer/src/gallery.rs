@@ -419,6 +419,10 @@ impl GalleryIndex {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+    /// The on-disk format version (1 until the first write upgrades an old index).
+    pub fn format_version(&self) -> u32 {
+        self.manifest.format_version
+    }
     /// The committed generation number (bumped by every commit).
     pub fn generation(&self) -> u64 {
         self.manifest.generation
