@@ -326,6 +326,34 @@ pub fn info(index_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Makes an index with a missing or damaged write-ahead log usable again: keeps the
+/// acknowledged items before the damage, drops the rest (listed), and commits a new
+/// generation; the damaged log is kept aside. Refused while another process writes.
+pub fn recover(index_dir: &Path) -> Result<()> {
+    let mut index = GalleryIndex::open_salvaging_wal(index_dir)?;
+    index.lock_for_writing()?;
+    let generation = index.generation();
+    index.commit()?;
+    for w in index.warnings() {
+        println!("warning: {w}");
+    }
+    if index.generation() == generation {
+        println!(
+            "{}: nothing to recover ({} items)",
+            index_dir.display(),
+            index.len()
+        );
+    } else {
+        println!(
+            "{}: committed generation {} with {} items",
+            index_dir.display(),
+            index.generation(),
+            index.len()
+        );
+    }
+    Ok(())
+}
+
 pub fn query(
     index_dir: &Path,
     image: &Path,

@@ -53,6 +53,9 @@ pub struct GalleryIndex {
     warnings: Vec<String>,
     /// The graph on disk is missing or bad (rebuilt at open): the next commit must rewrite it.
     graph_stale: bool,
+    /// Opened by [`GalleryIndex::open_salvaging_wal`] over a missing or damaged WAL: the
+    /// next commit must replace it (keeping the damaged file aside).
+    wal_damaged: bool,
     #[cfg(test)]
     pub(crate) crash_at: Option<CrashPoint>,
 }
@@ -252,6 +255,7 @@ impl GalleryIndex {
             lock: Some(lock),
             warnings: Vec::new(),
             graph_stale: false,
+            wal_damaged: false,
             #[cfg(test)]
             crash_at: None,
         })
@@ -281,6 +285,18 @@ impl GalleryIndex {
     /// rebuilt from the vectors, with a warning (see [`GalleryIndex::warnings`]); a missing
     /// or damaged WAL is an error (it may hold acknowledged items).
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_inner(dir, false)
+    }
+
+    /// [`GalleryIndex::open`] for `indexer recover`: a missing or damaged WAL is not an
+    /// error but a warning, keeping the acknowledged items before the damage and losing
+    /// the rest; the next commit writes a new generation and keeps the damaged log aside
+    /// as `<name>.damaged-<unix time>`. Everything else is checked as by `open`.
+    pub fn open_salvaging_wal(dir: &Path) -> Result<Self> {
+        Self::open_inner(dir, true)
+    }
+
+    fn open_inner(dir: &Path, salvage: bool) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::Missing {
                 path: dir.to_path_buf(),
@@ -303,17 +319,28 @@ impl GalleryIndex {
         }
         // The log first: a missing or damaged one fails fast, before the big files are read.
         let wal_path = store.file(&m.wal);
-        let replay = if m.is_legacy() {
-            wal::replay_v1(&wal_path, dim, m.count as u64)?
-        } else {
-            wal::replay(
-                &wal_path,
-                wal::Expect {
-                    generation: m.generation,
-                    first_id: m.count as u64,
-                    dim,
-                },
-            )?
+        let expect = wal::Expect {
+            generation: m.generation,
+            first_id: m.count as u64,
+            dim,
+        };
+        let (replay, wal_damaged) = match (m.is_legacy(), salvage) {
+            (true, false) => (wal::replay_v1(&wal_path, dim, m.count as u64)?, false),
+            (true, true) => match wal::replay_v1(&wal_path, dim, m.count as u64) {
+                Ok(r) => (r, false),
+                Err(e) => (
+                    wal::Replay {
+                        torn_tail: Some(format!("{e}; dropped the whole log")),
+                        ..Default::default()
+                    },
+                    true,
+                ),
+            },
+            (false, false) => (wal::replay(&wal_path, expect)?, false),
+            (false, true) => {
+                let damaged = wal::replay(&wal_path, expect).is_err();
+                (wal::salvage(&wal_path, expect), damaged)
+            }
         };
         let vbytes = store.read_verified(&m.vectors)?;
         let mut vectors: Vec<f32> = vbytes
@@ -395,6 +422,7 @@ impl GalleryIndex {
             wal: None,
             lock: None,
             graph_stale,
+            wal_damaged,
             warnings,
             #[cfg(test)]
             crash_at: None,
@@ -567,9 +595,22 @@ impl GalleryIndex {
         self.ensure_writer()?;
         if self.items.len() == self.manifest.count
             && !self.graph_stale
+            && !self.wal_damaged
             && !self.manifest.is_legacy()
         {
             return Ok(());
+        }
+        if self.wal_damaged {
+            // Kept for inspection; not an index file name, so no cleanup deletes it.
+            let from = self.store.file(&self.manifest.wal);
+            if from.exists() {
+                let to = self
+                    .store
+                    .file(&format!("{}.damaged-{}", self.manifest.wal, now_unix()));
+                std::fs::rename(&from, &to)
+                    .map_err(|e| Error::io(&from, "cannot move the damaged log aside", e))?;
+                tracing::warn!("kept the damaged write-ahead log as {}", to.display());
+            }
         }
         self.remove_unreferenced()?;
         self.graph.refresh(&self.vectors, self.dim());
@@ -618,6 +659,7 @@ impl GalleryIndex {
         self.wal = None;
         self.wal_len = wal::HEADER_LEN;
         self.graph_stale = false;
+        self.wal_damaged = false;
         #[cfg(test)]
         if self.crash_at == Some(CrashPoint::BeforeCleanup) {
             return Err(Error::Invalid("injected crash before cleanup".into()));

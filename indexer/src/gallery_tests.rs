@@ -627,3 +627,43 @@ fn lock_for_writing_refuses_a_second_writer_at_once() {
     drop(idx);
     second.lock_for_writing().unwrap();
 }
+
+#[test]
+fn salvaging_a_damaged_or_missing_wal_keeps_what_came_before_and_sets_the_log_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    index_with_logged_items(d, 10);
+    let wal = d.join("wal.g1.log");
+    let mut bytes = std::fs::read(&wal).unwrap();
+    let at = bytes.len() - 32 - 40; // inside the third (last) record
+    bytes[at] ^= 0x01;
+    std::fs::write(&wal, &bytes).unwrap();
+    assert!(GalleryIndex::open(d).is_err());
+    let mut idx = GalleryIndex::open_salvaging_wal(d).unwrap();
+    assert_eq!((idx.len(), idx.logged()), (12, 2));
+    assert!(
+        idx.warnings()[0].contains("kept the 2 record(s)"),
+        "{:?}",
+        idx.warnings()
+    );
+    idx.lock_for_writing().unwrap();
+    idx.commit().unwrap();
+    drop(idx);
+    let names = files(d);
+    assert!(
+        names.iter().any(|f| f.starts_with("wal.g1.log.damaged-")),
+        "{names:?}"
+    );
+    let idx = GalleryIndex::open(d).unwrap();
+    assert_eq!((idx.len(), idx.generation()), (12, 2));
+    assert!(idx.warnings().is_empty());
+    drop(idx);
+
+    // A missing log: the committed items only.
+    std::fs::remove_file(d.join("wal.g2.log")).unwrap();
+    let mut idx = GalleryIndex::open_salvaging_wal(d).unwrap();
+    assert_eq!(idx.len(), 12);
+    idx.commit().unwrap();
+    drop(idx);
+    assert_eq!(GalleryIndex::open(d).unwrap().generation(), 3);
+}

@@ -207,14 +207,37 @@ fn read_log(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
 /// Replays a version-2 log, which must exist and match `expect` (see the module docs for
 /// what counts as torn and what as corrupt).
 pub fn replay(path: &Path, expect: Expect) -> Result<Replay> {
+    let mut salvaged = Replay::default();
+    replay_into(path, expect, &mut salvaged)
+}
+
+/// For `indexer recover`: the acknowledged records before the first damage of a log that
+/// [`replay`] refuses (none when it is missing or its header is bad), with the refusal in
+/// `torn_tail`. Unlike [`replay`] this loses acknowledged items, so it is never automatic.
+pub fn salvage(path: &Path, expect: Expect) -> Replay {
+    let mut salvaged = Replay::default();
+    match replay_into(path, expect, &mut salvaged) {
+        Ok(r) => r,
+        Err(e) => Replay {
+            torn_tail: Some(format!(
+                "{e}; kept the {} record(s) before the damage, dropped the rest",
+                salvaged.records.len()
+            )),
+            ..salvaged
+        },
+    }
+}
+
+/// [`replay`], leaving in `salvaged` what was acknowledged before an error.
+fn replay_into(path: &Path, expect: Expect, salvaged: &mut Replay) -> Result<Replay> {
     let bytes = read_log(path)
         .map_err(|e| StoreError::io(path, "cannot read write-ahead log", e))?
         .ok_or_else(|| StoreError::Missing {
             path: path.to_path_buf(),
             msg: format!(
                 "write-ahead log not found: the manifest of generation {} names it, and every item \
-                 acknowledged since that commit (ids from {}) is only there. Restore the file; opening \
-                 without it would silently lose those items",
+                 acknowledged since that commit (ids from {}) is only there. Restore the file, or run \
+                 `indexer recover` to go on without those items",
                 expect.generation, expect.first_id
             ),
         })?;
@@ -247,6 +270,15 @@ pub fn replay(path: &Path, expect: Expect) -> Result<Replay> {
         valid_len: HEADER_LEN,
         ..Default::default()
     };
+    // Keeps `salvaged` up to date with the acknowledged records before returning an error.
+    macro_rules! fail {
+        ($e:expr) => {{
+            let e = $e;
+            salvaged.records = std::mem::take(&mut out.records);
+            salvaged.valid_len = out.valid_len;
+            return Err(e);
+        }};
+    }
     let mut pending: Vec<WalRecord> = Vec::new();
     let mut batch_start = HEADER_LEN as usize;
     let mut pos = batch_start;
@@ -256,7 +288,10 @@ pub fn replay(path: &Path, expect: Expect) -> Result<Replay> {
     while pos < bytes.len() {
         if let Some((payload, len)) = record_at(&bytes[pos..], RECORD_MAGIC) {
             let id = next_id(&out, &pending);
-            pending.push(decode_payload(path, pos, payload, expect.dim, id)?);
+            match decode_payload(path, pos, payload, expect.dim, id) {
+                Ok(r) => pending.push(r),
+                Err(e) => fail!(e),
+            }
             pos += len;
             continue;
         }
@@ -270,7 +305,7 @@ pub fn replay(path: &Path, expect: Expect) -> Result<Replay> {
                     || next != next_id(&out, &pending)
                     || start != batch_start as u64
                 {
-                    return Err(corrupt(format!(
+                    fail!(corrupt(format!(
                         "write-ahead log commit record at byte {at} does not match the {} record(s) before it",
                         pending.len()
                     )));
@@ -291,9 +326,9 @@ pub fn replay(path: &Path, expect: Expect) -> Result<Replay> {
         .step_by(ALIGN)
         .find(|&at| commit_at(&bytes, at, expect.generation).is_some())
     {
-        return Err(corrupt(format!(
+        fail!(corrupt(format!(
             "write-ahead log is damaged at byte {pos} (a record there is cut short or fails its checksum), and the commit record at byte {at} after it \
-             shows it was acknowledged: restore the file from a backup (opening would lose acknowledged items)"
+             shows it was acknowledged: restore the file from a backup, or run `indexer recover` to keep the items before the damage"
         )));
     }
     if !pending.is_empty() {
@@ -302,9 +337,9 @@ pub fn replay(path: &Path, expect: Expect) -> Result<Replay> {
         let at = align_up(pos);
         if let Some(slot) = bytes.get(pos..at + COMMIT_LEN) {
             if slot.iter().any(|&b| b != 0) && !slot.starts_with(RECORD_MAGIC) {
-                return Err(corrupt(format!(
+                fail!(corrupt(format!(
                     "write-ahead log commit record at byte {at} (or the padding before it) is damaged; the {} \
-                     record(s) before it were acknowledged: restore the file from a backup",
+                     record(s) before it were acknowledged: restore the file from a backup, or run `indexer recover`",
                     pending.len()
                 )));
             }

@@ -339,4 +339,20 @@ fn killed_build_reruns_and_a_second_writer_is_refused() {
     );
     assert!(first.wait().unwrap().success());
     assert_eq!(item_count(&index), 60);
+
+    // A deleted write-ahead log is named, and `recover` is the explicit way past it.
+    let wal = entries(&index)
+        .into_iter()
+        .find(|e| e.starts_with("wal.g"))
+        .unwrap();
+    std::fs::remove_file(index.join(&wal)).unwrap();
+    let err = run_failing(&["info", "--index", idx]);
+    assert!(err.contains(&wal) && err.contains("not found"), "{err}");
+    let out = run(&["recover", "--index", idx]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("60 items"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(item_count(&index), 60);
 }
