@@ -28,7 +28,8 @@
 //! records to the generation's WAL, fsync, then a commit record, fsync; `open` replays the
 //! log into memory. A batch without its commit record was never acknowledged and is dropped
 //! with a warning; a damaged acknowledged record, or a missing or foreign log, is an error
-//! naming the file (see [`wal`]).
+//! naming the file (see [`wal`]); [`GalleryIndex::open_salvaging_wal`] (`indexer recover`)
+//! is the explicit way past it.
 //!
 //! **Open** ([`GalleryIndex::open`]) checks format/version and the manifest's own checksum,
 //! then every file's size and SHA-256 against the manifest: a bad vectors, items or WAL file
