@@ -12,7 +12,14 @@ use serde_json::{Map, Value};
 use trainer::error::{Error, Result};
 use trainer::metrics::{evaluate, knn_exact, RetrievalMetrics};
 
-use crate::{GalleryIndex, HnswParams, ModelIdentity, NewItem};
+use crate::{GalleryIndex, HnswParams, ModelIdentity, NewItem, StoreError};
+
+/// The benchmark reports through trainer's error (its metrics come from there).
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        Error::Invalid(e.to_string())
+    }
+}
 
 /// What to measure.
 #[derive(Debug, Clone)]

@@ -12,7 +12,6 @@ use trainer::embed::{Embedder, ModelSpec};
 use crate::bench::{self, BenchConfig};
 use crate::export::{self, VectorFormat};
 use crate::images::{self, Source};
-use crate::manifest::MANIFEST_FILE;
 use crate::{GalleryIndex, HnswParams, NewItem};
 
 /// Written next to the manifest by `build`: which model made the index, so `query` and `add`
@@ -53,7 +52,7 @@ impl ModelSource {
     }
     pub fn write(&self, index_dir: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self)?;
-        trainer::checkpoint::write_atomic(&index_dir.join(MODEL_FILE), text.as_bytes())?;
+        crate::store::write_atomic(&index_dir.join(MODEL_FILE), text.as_bytes())?;
         Ok(())
     }
     pub fn load(&self) -> Result<Embedder> {
@@ -122,12 +121,14 @@ fn sources_from(set: &ImageSet) -> Result<(Vec<Source>, Vec<u32>)> {
 
 pub fn build(args: BuildArgs) -> Result<()> {
     args.params.validate()?;
-    if args.out.join(MANIFEST_FILE).exists() {
-        bail!(
-            "{}: already holds an index; use `indexer add` to extend it, or choose a new --out",
+    // Before the (long) embedding; the index itself is written in a hidden sibling of
+    // --out and renamed at the end, so a killed build leaves nothing a rerun would refuse.
+    GalleryIndex::check_new_dir(&args.out).with_context(|| {
+        format!(
+            "cannot build into --out {} (use `indexer add` to extend an index)",
             args.out.display()
-        );
-    }
+        )
+    })?;
     let (sources, _) = sources_from(&args.images)?;
     if sources.is_empty() {
         bail!(
@@ -153,15 +154,19 @@ pub fn build(args: BuildArgs) -> Result<()> {
         bail!("no image could be read; nothing to index");
     }
     let t = Instant::now();
-    let mut index = GalleryIndex::create(
+    let mut report = crate::AddReport::default();
+    let index = GalleryIndex::create_with(
         &args.out,
         embedder.identity().clone(),
         embedder.dim(),
         args.params,
+        |index| -> Result<()> {
+            args.model.write(index.dir())?;
+            report = index.add(to_items(outcome.embedded))?;
+            index.commit()?;
+            Ok(())
+        },
     )?;
-    args.model.write(&args.out)?;
-    let report = index.add(to_items(outcome.embedded))?;
-    index.commit()?;
     println!(
         "indexed {} images into {} ({:.1} img/s embedding, {:.2} s HNSW build + commit, {:.1} MiB on disk)",
         report.added.len(),
@@ -221,6 +226,8 @@ pub fn add(
     skip_bad: bool,
 ) -> Result<()> {
     let mut index = GalleryIndex::open(index_dir)?;
+    // Refuse a concurrent writer now, not after embedding.
+    index.lock_for_writing()?;
     let mut files = Vec::new();
     for p in paths {
         if p.is_dir() {
@@ -286,7 +293,7 @@ pub fn info(index_dir: &Path) -> Result<()> {
     println!(
         "format       {} v{} (generation {})",
         crate::manifest::FORMAT,
-        crate::manifest::FORMAT_VERSION,
+        index.format_version(),
         index.generation()
     );
     println!(
@@ -318,6 +325,34 @@ pub fn info(index_dir: &Path) -> Result<()> {
     );
     for w in index.warnings() {
         println!("warning      {w}");
+    }
+    Ok(())
+}
+
+/// Makes an index with a missing or damaged write-ahead log usable again: keeps the
+/// acknowledged items before the damage, drops the rest (listed), and commits a new
+/// generation; the damaged log is kept aside. Refused while another process writes.
+pub fn recover(index_dir: &Path) -> Result<()> {
+    let mut index = GalleryIndex::open_salvaging_wal(index_dir)?;
+    index.lock_for_writing()?;
+    let generation = index.generation();
+    index.commit()?;
+    for w in index.warnings() {
+        println!("warning: {w}");
+    }
+    if index.generation() == generation {
+        println!(
+            "{}: nothing to recover ({} items)",
+            index_dir.display(),
+            index.len()
+        );
+    } else {
+        println!(
+            "{}: committed generation {} with {} items",
+            index_dir.display(),
+            index.generation(),
+            index.len()
+        );
     }
     Ok(())
 }
@@ -471,7 +506,7 @@ pub fn bench(mut args: BenchArgs) -> Result<()> {
         let mut j = report.to_json();
         j["dataset"] = format!("{} {}", args.kind, args.split).into();
         j["model"] = args.model.model.clone().into();
-        trainer::checkpoint::write_atomic(p, serde_json::to_string_pretty(&j)?.as_bytes())?;
+        crate::store::write_atomic(p, serde_json::to_string_pretty(&j)?.as_bytes())?;
         eprintln!("wrote {}", p.display());
     }
     if let Some(p) = &args.plot {
@@ -687,7 +722,7 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
             put(&format!("sweep.ef{ef}.hnsw_rs.recall@10"), (*r_rs).into());
             put(&format!("sweep.ef{ef}.hnsw_rs.qps"), (*q_rs).into());
         }
-        trainer::checkpoint::write_atomic(p, serde_json::to_string_pretty(&m)?.as_bytes())?;
+        crate::store::write_atomic(p, serde_json::to_string_pretty(&m)?.as_bytes())?;
     }
     Ok(())
 }

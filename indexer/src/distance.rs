@@ -5,8 +5,8 @@
 //! Euclidean distance ([`UnitL2`]) rather than hnsw_rs's `DistDot`, which panics when rounding
 //! pushes a unit-vector dot product above 1.
 
+use crate::store::{Result, StoreError as Error};
 use hnsw_rs::prelude::Distance;
-use trainer::error::{Error, Result};
 
 /// Euclidean distance, written with independent accumulators so the compiler vectorises it
 /// (hnsw_rs's scalar `DistL2` is a single sequential sum). Must implement `Default`: hnsw_rs

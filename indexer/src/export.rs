@@ -1,11 +1,9 @@
 //! Vector export for peers and external tools: NumPy `.npy` (float32, C order) or `.fvecs`
 //! (the ANN-benchmark format: per row an i32 LE dim then dim f32 LE).
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use trainer::error::{Error, Result};
+use crate::store::{write_atomic_with, Result, StoreError as Error};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VectorFormat {
@@ -24,10 +22,10 @@ impl VectorFormat {
         {
             Some("npy") => Ok(Self::Npy),
             Some("fvecs") => Ok(Self::Fvecs),
-            _ => Err(Error::file(
-                path,
-                "unknown vector format: the file name must end in .npy or .fvecs",
-            )),
+            _ => Err(Error::Invalid(format!(
+                "{}: unknown vector format: the file name must end in .npy or .fvecs",
+                path.display()
+            ))),
         }
     }
 }
@@ -47,7 +45,7 @@ pub fn npy_header(rows: usize, dim: usize) -> Vec<u8> {
     h
 }
 
-/// Writes `vectors` (row-major, `dim` per row) to `path` in `format`, atomically.
+/// Writes `vectors` (row-major, `dim` per row) to `path` in `format`, atomically and durably.
 pub fn write_vectors(path: &Path, format: VectorFormat, vectors: &[f32], dim: usize) -> Result<()> {
     if dim == 0 || !vectors.len().is_multiple_of(dim) {
         return Err(Error::Invalid(format!(
@@ -56,31 +54,25 @@ pub fn write_vectors(path: &Path, format: VectorFormat, vectors: &[f32], dim: us
         )));
     }
     let rows = vectors.len() / dim;
-    let tmp = trainer::checkpoint::tmp_sibling(path);
-    let f = File::create(&tmp).map_err(|e| Error::file(&tmp, e))?;
-    let mut w = BufWriter::with_capacity(1 << 20, f);
-    let io = |e: std::io::Error| Error::file(&tmp, e);
-    match format {
-        VectorFormat::Npy => {
-            w.write_all(&npy_header(rows, dim)).map_err(io)?;
-            for x in vectors {
-                w.write_all(&x.to_le_bytes()).map_err(io)?;
+    write_atomic_with(path, |w| {
+        match format {
+            VectorFormat::Npy => {
+                w.write_all(&npy_header(rows, dim))?;
+                for x in vectors {
+                    w.write_all(&x.to_le_bytes())?;
+                }
             }
-        }
-        VectorFormat::Fvecs => {
-            for row in vectors.chunks_exact(dim) {
-                w.write_all(&(dim as i32).to_le_bytes()).map_err(io)?;
-                for x in row {
-                    w.write_all(&x.to_le_bytes()).map_err(io)?;
+            VectorFormat::Fvecs => {
+                for row in vectors.chunks_exact(dim) {
+                    w.write_all(&(dim as i32).to_le_bytes())?;
+                    for x in row {
+                        w.write_all(&x.to_le_bytes())?;
+                    }
                 }
             }
         }
-    }
-    let f = w
-        .into_inner()
-        .map_err(|e| Error::file(&tmp, e.error().to_string()))?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e))
+        Ok(())
+    })
 }
 
 #[cfg(test)]

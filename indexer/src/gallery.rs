@@ -2,21 +2,17 @@
 //! HNSW graph — with atomic commits and a write-ahead log. See the crate docs for the layout.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
-use sha2::{Digest, Sha256};
 use trainer::checkpoint::ModelIdentity;
-use trainer::error::{Error, Result};
 
 use crate::distance::{self, cosine_from_distance, distance_from_cosine};
 use crate::graph::{Graph, DATA_SUFFIX, GRAPH_SUFFIX};
-use crate::manifest::{
-    self, FileEntry, GraphFiles, Manifest, FORMAT, FORMAT_VERSION, MANIFEST_FILE, METRIC,
-};
+use crate::manifest::{GraphFiles, Manifest, FORMAT, FORMAT_VERSION, MANIFEST_FILE, METRIC};
 use crate::params::HnswParams;
+use crate::store::{DirLock, Directory, FileEntry, Result, Staging, StoreError as Error};
 use crate::wal::{self, WalWriter};
 use crate::{AddReport, Hit, ItemMeta, NewItem};
 
@@ -38,6 +34,7 @@ pub(crate) enum CrashPoint {
 
 pub struct GalleryIndex {
     dir: PathBuf,
+    store: Directory,
     /// The last committed state.
     manifest: Manifest,
     items: Vec<ItemMeta>,
@@ -47,14 +44,18 @@ pub struct GalleryIndex {
     graph: Graph,
     /// Items that survive a crash: committed plus logged in the WAL.
     durable_len: usize,
-    /// Bytes of valid records in the current generation's WAL.
+    /// Bytes of the header and acknowledged batches of the current generation's WAL
+    /// (0 for a version-1 index whose log does not exist yet).
     wal_len: u64,
     wal: Option<WalWriter>,
     /// Held (exclusively) from the first write on; released on drop.
-    lock: Option<File>,
+    lock: Option<DirLock>,
     warnings: Vec<String>,
     /// The graph on disk is missing or bad (rebuilt at open): the next commit must rewrite it.
     graph_stale: bool,
+    /// Opened by [`GalleryIndex::open_salvaging_wal`] over a missing or damaged WAL: the
+    /// next commit must replace it (keeping the damaged file aside).
+    wal_damaged: bool,
     #[cfg(test)]
     pub(crate) crash_at: Option<CrashPoint>,
 }
@@ -75,8 +76,8 @@ fn gen_names(gen: u64) -> (String, String, String, String) {
     )
 }
 
-/// True for file names this module writes (so cleanup never touches anything else).
-fn is_index_file(name: &str) -> bool {
+/// True for the data files of a generation (what a manifest names).
+fn is_generation_file(name: &str) -> bool {
     let gen_file = |prefix: &str, suffix: &str| {
         name.strip_prefix(prefix)
             .and_then(|r| r.strip_suffix(suffix))
@@ -87,41 +88,142 @@ fn is_index_file(name: &str) -> bool {
         || gen_file("wal.g", ".log")
         || gen_file("graph.g", GRAPH_SUFFIX)
         || gen_file("graph.g", DATA_SUFFIX)
-        || name.starts_with(&format!("{MANIFEST_FILE}.tmp-"))
+}
+
+/// True for file names this module writes (so cleanup never touches anything else).
+fn is_index_file(name: &str) -> bool {
+    is_generation_file(name) || name.starts_with(&format!("{MANIFEST_FILE}.tmp-"))
+}
+
+/// What a staging directory of [`GalleryIndex::create_with`] may hold: the index, its lock,
+/// and the model record `indexer build` writes beside it.
+fn is_staged_file(name: &str) -> bool {
+    is_index_file(name)
+        || name == MANIFEST_FILE
+        || name == LOCK_FILE
+        || name.starts_with("model.json")
+}
+
+/// The generation files in `dir` (at most a few named), for messages.
+fn generation_files(store: &Directory) -> Result<Vec<String>> {
+    let mut found: Vec<String> = store
+        .names()?
+        .into_iter()
+        .filter(|n| is_generation_file(n))
+        .collect();
+    if found.len() > 6 {
+        let more = found.len() - 5;
+        found.truncate(5);
+        found.push(format!("and {more} more"));
+    }
+    Ok(found)
 }
 
 impl GalleryIndex {
-    /// Creates an empty index in `dir` (created if needed) and commits it, so the directory
-    /// is a valid, loadable index from the start. Refuses a directory that already holds one.
+    /// Whether `dir` holds an index. A directory with generation files but no manifest is
+    /// an error ([`Error::NoManifest`]): it is a damaged index, and treating it as "no
+    /// index" would let a new one delete those files.
+    pub fn exists(dir: &Path) -> Result<bool> {
+        let m = dir.join(MANIFEST_FILE);
+        if m.try_exists()
+            .map_err(|e| Error::io(&m, "cannot check for the manifest", e))?
+        {
+            return Ok(true);
+        }
+        if !dir.is_dir() {
+            return Ok(false);
+        }
+        let found = generation_files(&Directory::new(dir))?;
+        if found.is_empty() {
+            Ok(false)
+        } else {
+            Err(Error::NoManifest {
+                dir: dir.to_path_buf(),
+                found,
+                why: String::new(),
+            })
+        }
+    }
+
+    /// Creates an empty index in `dir` and commits it, so the directory is a valid, loadable
+    /// index from the start. See [`GalleryIndex::create_with`].
     pub fn create(
         dir: &Path,
         identity: ModelIdentity,
         dim: usize,
         params: HnswParams,
     ) -> Result<Self> {
+        Self::create_with(dir, identity, dim, params, |_| Ok::<(), Error>(()))
+    }
+
+    /// Creates an index in `dir` holding what `fill` adds (and commits). Everything is
+    /// written in a hidden sibling directory renamed onto `dir` at the end, so a crash
+    /// leaves no index at `dir` (a rerun starts clean) rather than an empty or partial one.
+    /// Refuses a `dir` that holds an index, index files, or anything else.
+    pub fn create_with<E: From<Error>>(
+        dir: &Path,
+        identity: ModelIdentity,
+        dim: usize,
+        params: HnswParams,
+        fill: impl FnOnce(&mut GalleryIndex) -> std::result::Result<(), E>,
+    ) -> std::result::Result<Self, E> {
         params.validate()?;
         if dim == 0 {
-            return Err(Error::Invalid("embedding dim must be positive".into()));
+            return Err(Error::Invalid("embedding dim must be positive".into()).into());
         }
         if identity.dim != dim {
             return Err(Error::Invalid(format!(
                 "index dim {dim} differs from the model's embedding dim {}",
                 identity.dim
-            )));
+            ))
+            .into());
         }
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::file(dir, format!("cannot create index directory: {e}")))?;
-        let mpath = dir.join(MANIFEST_FILE);
-        if mpath.exists() {
-            return Err(Error::file(
-                &mpath,
-                "this directory already holds an index; use `indexer add` to extend it, or choose a new directory",
-            ));
+        Self::check_new_dir(dir)?;
+        let staging = Staging::begin(dir, is_staged_file)?;
+        let mut idx = Self::create_in(staging.path(), identity, dim, params)?;
+        fill(&mut idx)?;
+        idx.commit()?;
+        // The writer's path points into the staging directory; reopened on the next append.
+        idx.wal = None;
+        let dir = staging.finish()?;
+        idx.store = Directory::new(&dir);
+        idx.dir = dir;
+        Ok(idx)
+    }
+
+    /// Errors unless `dir` is absent or an empty directory (checked again by the create).
+    pub fn check_new_dir(dir: &Path) -> Result<()> {
+        if Self::exists(dir)? {
+            return Err(Error::Exists {
+                path: dir.to_path_buf(),
+                msg: "this directory already holds an index; use `indexer add` to extend it, or choose a new directory".into(),
+            });
         }
-        let lock = Self::lock_dir(dir)?;
+        Staging::check_target(dir)
+    }
+
+    /// Writes generation 0 (empty files, WAL header, manifest) into `dir`.
+    fn create_in(
+        dir: &Path,
+        identity: ModelIdentity,
+        dim: usize,
+        params: HnswParams,
+    ) -> Result<Self> {
+        let store = Directory::new(dir);
+        let lock = DirLock::acquire(dir, LOCK_FILE, "the index")?;
         let (vname, iname, _, walname) = gen_names(0);
-        let vectors = manifest::write_file(dir, &vname, &[])?;
-        let items = manifest::write_file(dir, &iname, &[])?;
+        let vectors = store.write_bytes(&vname, &[])?;
+        let items = store.write_bytes(&iname, &[])?;
+        wal::create(
+            &store,
+            &walname,
+            wal::Expect {
+                generation: 0,
+                first_id: 0,
+                dim,
+            },
+        )?;
+        store.sync()?;
         let m = Manifest {
             format: FORMAT.into(),
             format_version: FORMAT_VERSION,
@@ -136,39 +238,78 @@ impl GalleryIndex {
             graph: None,
             wal: walname,
             committed_unix: now_unix(),
-        };
-        m.write(dir)?;
+            manifest_sha256: None,
+        }
+        .write(&store)?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            store,
             manifest: m,
             items: Vec::new(),
             vectors: Vec::new(),
             by_sha: HashMap::new(),
             graph: Graph::new(&params, 1024)?,
             durable_len: 0,
-            wal_len: 0,
+            wal_len: wal::HEADER_LEN,
             wal: None,
             lock: Some(lock),
             warnings: Vec::new(),
             graph_stale: false,
+            wal_damaged: false,
             #[cfg(test)]
             crash_at: None,
         })
     }
 
+    /// Reads the manifest; a missing one beside generation files is [`Error::NoManifest`].
+    fn read_manifest(store: &Directory) -> Result<Manifest> {
+        match Manifest::read(store.path()) {
+            Err(Error::Missing { path, msg }) => {
+                let found = generation_files(store)?;
+                if found.is_empty() {
+                    Err(Error::Missing { path, msg })
+                } else {
+                    Err(Error::NoManifest {
+                        dir: store.path().to_path_buf(),
+                        found,
+                        why: String::new(),
+                    })
+                }
+            }
+            other => other,
+        }
+    }
+
     /// Loads the last committed state plus its write-ahead log. Every file is checked against
     /// the manifest (size, SHA-256); errors name the file. A missing or corrupt graph is
-    /// rebuilt from the vectors, with a warning (see [`GalleryIndex::warnings`]).
+    /// rebuilt from the vectors, with a warning (see [`GalleryIndex::warnings`]); a missing
+    /// or damaged WAL is an error (it may hold acknowledged items).
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_inner(dir, false)
+    }
+
+    /// [`GalleryIndex::open`] for `indexer recover`: a missing or damaged WAL is not an
+    /// error but a warning, keeping the acknowledged items before the damage and losing
+    /// the rest; the next commit writes a new generation and keeps the damaged log aside
+    /// as `<name>.damaged-<unix time>`. Everything else is checked as by `open`.
+    pub fn open_salvaging_wal(dir: &Path) -> Result<Self> {
+        Self::open_inner(dir, true)
+    }
+
+    fn open_inner(dir: &Path, salvage: bool) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::file(dir, "index directory not found"));
+            return Err(Error::Missing {
+                path: dir.to_path_buf(),
+                msg: "index directory not found".into(),
+            });
         }
-        let m = Manifest::read(dir)?;
+        let store = Directory::new(dir);
+        let m = Self::read_manifest(&store)?;
         let dim = m.dim;
         let vpath = dir.join(&m.vectors.name);
         let expect_bytes = (m.count * dim * 4) as u64;
         if m.vectors.bytes != expect_bytes {
-            return Err(Error::file(
+            return Err(Error::corrupt(
                 dir.join(MANIFEST_FILE),
                 format!(
                     "manifest lists {} bytes of vectors for {} × {dim} floats",
@@ -176,27 +317,53 @@ impl GalleryIndex {
                 ),
             ));
         }
-        let vbytes = manifest::read_verified(dir, &m.vectors)?;
+        // The log first: a missing or damaged one fails fast, before the big files are read.
+        let wal_path = store.file(&m.wal);
+        let expect = wal::Expect {
+            generation: m.generation,
+            first_id: m.count as u64,
+            dim,
+        };
+        let (replay, wal_damaged) = match (m.is_legacy(), salvage) {
+            (true, false) => (wal::replay_v1(&wal_path, dim, m.count as u64)?, false),
+            (true, true) => match wal::replay_v1(&wal_path, dim, m.count as u64) {
+                Ok(r) => (r, false),
+                Err(e) => (
+                    wal::Replay {
+                        torn_tail: Some(format!("{e}; dropped the whole log")),
+                        ..Default::default()
+                    },
+                    true,
+                ),
+            },
+            (false, false) => (wal::replay(&wal_path, expect)?, false),
+            (false, true) => {
+                let damaged = wal::replay(&wal_path, expect).is_err();
+                (wal::salvage(&wal_path, expect), damaged)
+            }
+        };
+        let vbytes = store.read_verified(&m.vectors)?;
         let mut vectors: Vec<f32> = vbytes
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect();
         drop(vbytes);
         if let Some(i) = vectors.iter().position(|x| !x.is_finite()) {
-            return Err(Error::file(
+            return Err(Error::corrupt(
                 &vpath,
                 format!("vector {} holds a non-finite value", i / dim),
             ));
         }
-        let ibytes = manifest::read_verified(dir, &m.items)?;
+        let ibytes = store.read_verified(&m.items)?;
         let mut items = parse_items(&dir.join(&m.items.name), &ibytes, m.count)?;
         drop(ibytes);
 
         let mut warnings = Vec::new();
         let mut graph_stale = false;
         let mut graph = match &m.graph {
-            Some(g) => match manifest::verify_file(dir, &g.graph)
-                .and_then(|_| manifest::verify_file(dir, &g.data))
+            Some(g) => match store
+                .verify(&g.graph)
+                .and_then(|_| store.verify(&g.data))
                 .and_then(|_| Graph::load(dir, &g.basename, &vectors, dim))
             {
                 Ok(graph) => graph,
@@ -218,7 +385,6 @@ impl GalleryIndex {
             None => Graph::new(&m.params, 1024)?,
         };
 
-        let replay = wal::replay(&dir.join(&m.wal), dim, m.count as u64)?;
         if let Some(w) = &replay.torn_tail {
             warnings.push(w.clone());
         }
@@ -229,7 +395,7 @@ impl GalleryIndex {
                 dim,
                 &format!("{}: record for '{}'", m.wal, r.meta.path),
             )
-            .map_err(|e| Error::file(dir.join(&m.wal), e))?;
+            .map_err(|e| Error::corrupt(&wal_path, e))?;
             vectors.extend_from_slice(&v);
             items.push(r.meta.clone());
         }
@@ -245,6 +411,7 @@ impl GalleryIndex {
         let len = items.len();
         Ok(Self {
             dir: dir.to_path_buf(),
+            store,
             manifest: m,
             items,
             vectors,
@@ -255,6 +422,7 @@ impl GalleryIndex {
             wal: None,
             lock: None,
             graph_stale,
+            wal_damaged,
             warnings,
             #[cfg(test)]
             crash_at: None,
@@ -278,6 +446,10 @@ impl GalleryIndex {
     }
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+    /// The on-disk format version (1 until the first write upgrades an old index).
+    pub fn format_version(&self) -> u32 {
+        self.manifest.format_version
     }
     /// The committed generation number (bumped by every commit).
     pub fn generation(&self) -> u64 {
@@ -381,12 +553,16 @@ impl GalleryIndex {
         Ok(report)
     }
 
-    /// Appends all pending items to the write-ahead log and fsyncs it.
+    /// Appends all pending items to the write-ahead log as one batch (two fsyncs: records,
+    /// then their commit record; see [`crate::wal`]).
     pub fn make_durable(&mut self) -> Result<()> {
         if self.pending() == 0 {
             return Ok(());
         }
         self.ensure_writer()?;
+        if self.pending() == 0 {
+            return Ok(()); // upgrading a version-1 index committed them
+        }
         let mut buf = Vec::new();
         for it in &self.items[self.durable_len..] {
             let v = self.vector(it.id).expect("item has a vector");
@@ -394,46 +570,75 @@ impl GalleryIndex {
         }
         if self.wal.is_none() {
             self.wal = Some(WalWriter::open(
-                &self.dir.join(&self.manifest.wal),
+                &self.store.file(&self.manifest.wal),
+                self.manifest.generation,
                 self.wal_len,
             )?);
         }
-        self.wal.as_mut().expect("wal opened").append(&buf)?;
-        self.wal_len += buf.len() as u64;
+        let (count, next_id) = (self.pending() as u32, self.items.len() as u64);
+        let wal = self.wal.as_mut().expect("wal opened");
+        wal.append(&buf, count, next_id)?;
+        self.wal_len = wal.valid_len();
         self.durable_len = self.items.len();
         Ok(())
     }
 
     /// Writes the whole index as a new generation and switches to it atomically.
     ///
-    /// Steps: new generation files (vectors, items, graph) are written and fsynced; the
-    /// manifest is replaced by rename (the commit point) and the directory fsynced; then the
-    /// previous generation and its WAL are deleted. A crash before the rename leaves the
-    /// previous state (plus its WAL) loadable; after it, the new one. Leftovers of an
-    /// interrupted commit are ignored by `open` and deleted by the next commit.
+    /// Steps: new generation files (vectors, items, graph, and the new WAL holding only its
+    /// header) are written and fsynced, then the directory; the manifest is replaced by
+    /// rename (the commit point) and the directory fsynced; only then are the previous
+    /// generation and its WAL deleted. A crash before the rename leaves the previous state
+    /// (plus its WAL) loadable; after it, the new one. Leftovers of an interrupted commit
+    /// are ignored by `open` and deleted by the next commit.
     pub fn commit(&mut self) -> Result<()> {
         self.ensure_writer()?;
-        if self.items.len() == self.manifest.count && self.wal_len == 0 && !self.graph_stale {
+        if self.items.len() == self.manifest.count
+            && !self.graph_stale
+            && !self.wal_damaged
+            && !self.manifest.is_legacy()
+        {
             return Ok(());
+        }
+        if self.wal_damaged {
+            // Kept for inspection; not an index file name, so no cleanup deletes it.
+            let from = self.store.file(&self.manifest.wal);
+            if from.exists() {
+                let to = self
+                    .store
+                    .file(&format!("{}.damaged-{}", self.manifest.wal, now_unix()));
+                std::fs::rename(&from, &to)
+                    .map_err(|e| Error::io(&from, "cannot move the damaged log aside", e))?;
+                tracing::warn!("kept the damaged write-ahead log as {}", to.display());
+            }
         }
         self.remove_unreferenced()?;
         self.graph.refresh(&self.vectors, self.dim());
         let gen = self.manifest.generation + 1;
         let (vname, iname, gname, walname) = gen_names(gen);
-        let dir = self.dir.clone();
-        let vectors = write_vectors(&dir, &vname, &self.vectors)?;
-        let items = write_items(&dir, &iname, &self.items)?;
+        let store = self.store.clone();
+        let vectors = write_vectors(&store, &vname, &self.vectors)?;
+        let items = write_items(&store, &iname, &self.items)?;
         let graph = if self.items.is_empty() {
             None
         } else {
-            self.graph.dump(&dir, &gname)?;
+            self.graph.dump(store.path(), &gname)?;
             Some(GraphFiles {
-                graph: manifest::seal_file(&dir, &format!("{gname}{GRAPH_SUFFIX}"))?,
-                data: manifest::seal_file(&dir, &format!("{gname}{DATA_SUFFIX}"))?,
+                graph: store.seal(&format!("{gname}{GRAPH_SUFFIX}"))?,
+                data: store.seal(&format!("{gname}{DATA_SUFFIX}"))?,
                 basename: gname,
             })
         };
-        manifest::sync_dir(&dir)?;
+        wal::create(
+            &store,
+            &walname,
+            wal::Expect {
+                generation: gen,
+                first_id: self.items.len() as u64,
+                dim: self.dim(),
+            },
+        )?;
+        store.sync()?;
         #[cfg(test)]
         if self.crash_at == Some(CrashPoint::BeforeManifest) {
             return Err(Error::Invalid("injected crash before the manifest".into()));
@@ -447,13 +652,14 @@ impl GalleryIndex {
             wal: walname,
             committed_unix: now_unix(),
             ..self.manifest.clone()
-        };
-        m.write(&dir)?;
+        }
+        .write(&store)?;
         self.manifest = m;
         self.durable_len = self.items.len();
         self.wal = None;
-        self.wal_len = 0;
+        self.wal_len = wal::HEADER_LEN;
         self.graph_stale = false;
+        self.wal_damaged = false;
         #[cfg(test)]
         if self.crash_at == Some(CrashPoint::BeforeCleanup) {
             return Err(Error::Invalid("injected crash before cleanup".into()));
@@ -488,22 +694,11 @@ impl GalleryIndex {
         exact_top_k(&self.vectors, self.dim(), &q, k)
     }
 
-    fn lock_dir(dir: &Path) -> Result<File> {
-        let path = dir.join(LOCK_FILE);
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::file(&path, format!("cannot open lock file: {e}")))?;
-        match f.try_lock() {
-            Ok(()) => Ok(f),
-            Err(std::fs::TryLockError::WouldBlock) => Err(Error::file(
-                &path,
-                "another process is writing this index (e.g. a running search-server or `indexer add`); stop it first",
-            )),
-            Err(std::fs::TryLockError::Error(e)) => Err(Error::file(&path, format!("cannot lock: {e}"))),
-        }
+    /// Takes the index's writer lock now rather than at the first write, so a second
+    /// writer (another server, `indexer add`) is refused at start-up, not after work.
+    /// Upgrades a version-1 index to the current format (one commit).
+    pub fn lock_for_writing(&mut self) -> Result<()> {
+        self.ensure_writer()
     }
 
     /// Takes the writer lock on first use and checks nobody committed since `open`.
@@ -511,35 +706,39 @@ impl GalleryIndex {
         if self.lock.is_some() {
             return Ok(());
         }
-        let lock = Self::lock_dir(&self.dir)?;
+        let lock = DirLock::acquire(&self.dir, LOCK_FILE, "the index")?;
         let on_disk = Manifest::read(&self.dir)?;
-        let wal_on_disk = std::fs::metadata(self.dir.join(&on_disk.wal))
+        let wal_on_disk = std::fs::metadata(self.store.file(&on_disk.wal))
             .map(|m| m.len())
             .unwrap_or(0);
         if on_disk.generation != self.manifest.generation || wal_on_disk < self.wal_len {
-            return Err(Error::file(
-                self.dir.join(MANIFEST_FILE),
-                "the index was changed by another process since it was opened; open it again",
-            ));
+            return Err(Error::Stale {
+                path: self.dir.join(MANIFEST_FILE),
+            });
         }
         self.lock = Some(lock);
+        if self.manifest.is_legacy() {
+            tracing::info!(
+                "{}: upgrading the index from format version {} to {FORMAT_VERSION}",
+                self.dir.display(),
+                self.manifest.format_version
+            );
+            self.commit()?;
+        }
         Ok(())
     }
 
     /// Deletes index files the current manifest does not reference (an old generation, or
-    /// the leftovers of an interrupted commit). Never touches other files.
+    /// the leftovers of an interrupted commit). Never touches other files. Only called with
+    /// `self.manifest` durable on disk, so nothing it deletes is still needed.
     fn remove_unreferenced(&self) -> Result<()> {
         let keep = self.manifest.referenced_files();
-        let rd = std::fs::read_dir(&self.dir).map_err(|e| Error::file(&self.dir, e))?;
-        for entry in rd.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
+        for name in self.store.names()? {
             if is_index_file(&name) && !keep.contains(&name) {
-                let p = entry.path();
-                std::fs::remove_file(&p)
-                    .map_err(|e| Error::file(&p, format!("cannot delete stale index file: {e}")))?;
+                self.store.remove(&name)?;
             }
         }
-        manifest::sync_dir(&self.dir)
+        self.store.sync()
     }
 }
 
@@ -597,18 +796,18 @@ pub fn exact_top_k(vectors: &[f32], dim: usize, q: &[f32], k: usize) -> Vec<Hit>
 }
 
 fn parse_items(path: &Path, bytes: &[u8], count: usize) -> Result<Vec<ItemMeta>> {
-    let text =
-        std::str::from_utf8(bytes).map_err(|_| Error::file(path, "item metadata is not UTF-8"))?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| Error::corrupt(path, "item metadata is not UTF-8"))?;
     let mut items = Vec::with_capacity(count);
     for (line_no, line) in text.lines().enumerate() {
         let it: ItemMeta = serde_json::from_str(line).map_err(|e| {
-            Error::file(
+            Error::corrupt(
                 path,
                 format!("line {}: invalid item metadata: {e}", line_no + 1),
             )
         })?;
         if it.id != items.len() as u64 {
-            return Err(Error::file(
+            return Err(Error::corrupt(
                 path,
                 format!("line {}: item id {} out of order", line_no + 1, it.id),
             ));
@@ -616,7 +815,7 @@ fn parse_items(path: &Path, bytes: &[u8], count: usize) -> Result<Vec<ItemMeta>>
         items.push(it);
     }
     if items.len() != count {
-        return Err(Error::file(
+        return Err(Error::corrupt(
             path,
             format!("holds {} items, the manifest says {count}", items.len()),
         ));
@@ -625,38 +824,28 @@ fn parse_items(path: &Path, bytes: &[u8], count: usize) -> Result<Vec<ItemMeta>>
 }
 
 /// Streams vectors as little-endian f32 into a new file, hashing on the way.
-fn write_vectors(dir: &Path, name: &str, vectors: &[f32]) -> Result<FileEntry> {
-    let path = dir.join(name);
-    let f = File::create(&path).map_err(|e| Error::file(&path, e))?;
-    let mut w = BufWriter::with_capacity(1 << 20, f);
-    let mut h = Sha256::new();
-    let mut buf = Vec::with_capacity(1 << 16);
-    for chunk in vectors.chunks(1 << 14) {
-        buf.clear();
-        for x in chunk {
-            buf.extend_from_slice(&x.to_le_bytes());
+fn write_vectors(store: &Directory, name: &str, vectors: &[f32]) -> Result<FileEntry> {
+    store.write_new(name, |w| {
+        let mut buf = Vec::with_capacity(1 << 16);
+        for chunk in vectors.chunks(1 << 14) {
+            buf.clear();
+            for x in chunk {
+                buf.extend_from_slice(&x.to_le_bytes());
+            }
+            w.write_all(&buf)?;
         }
-        h.update(&buf);
-        w.write_all(&buf).map_err(|e| Error::file(&path, e))?;
-    }
-    let f = w
-        .into_inner()
-        .map_err(|e| Error::file(&path, e.error().to_string()))?;
-    f.sync_all().map_err(|e| Error::file(&path, e))?;
-    Ok(FileEntry {
-        name: name.into(),
-        bytes: vectors.len() as u64 * 4,
-        sha256: hex::encode(h.finalize()),
+        Ok(())
     })
 }
 
-fn write_items(dir: &Path, name: &str, items: &[ItemMeta]) -> Result<FileEntry> {
-    let mut bytes = Vec::with_capacity(items.len() * 128);
-    for it in items {
-        serde_json::to_writer(&mut bytes, it).map_err(|e| Error::Invalid(e.to_string()))?;
-        bytes.push(b'\n');
-    }
-    manifest::write_file(dir, name, &bytes)
+fn write_items(store: &Directory, name: &str, items: &[ItemMeta]) -> Result<FileEntry> {
+    store.write_new(name, |w| {
+        for it in items {
+            serde_json::to_writer(&mut *w, it)?;
+            w.write_all(b"\n")?;
+        }
+        Ok(())
+    })
 }
 
 /// The search server shares one index between worker threads (behind a lock).

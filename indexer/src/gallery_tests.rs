@@ -254,7 +254,7 @@ fn corrupt_truncated_and_foreign_files_are_clear_errors() {
     let good_manifest = std::fs::read_to_string(&mpath).unwrap();
     std::fs::write(
         &mpath,
-        good_manifest.replace("\"format_version\": 1", "\"format_version\": 7"),
+        good_manifest.replace("\"format_version\": 2", "\"format_version\": 7"),
     )
     .unwrap();
     let e = open_err();
@@ -265,16 +265,28 @@ fn corrupt_truncated_and_foreign_files_are_clear_errors() {
     std::fs::write(&mpath, &good_manifest[..good_manifest.len() / 2]).unwrap();
     let e = open_err();
     assert!(e.contains("manifest.json") && e.contains("JSON"), "{e}");
-    std::fs::write(
-        &mpath,
-        good_manifest.replacen("\n  \"dim\": 16,", "\n  \"dim\": 17,", 1),
-    )
-    .unwrap();
-    assert!(open_err().contains("dim"));
+    // A consistent (re-checksummed) manifest with a wrong dim.
+    let mut m: crate::manifest::Manifest = serde_json::from_str(&good_manifest).unwrap();
+    m.dim = 17;
+    m.write(&crate::store::Directory::new(d)).unwrap();
+    let e = open_err();
+    assert!(e.contains("dim 17"), "{e}");
     std::fs::write(&mpath, &good_manifest).unwrap();
+    GalleryIndex::open(d).unwrap();
 
     std::fs::remove_file(&mpath).unwrap();
-    assert!(open_err().contains("indexer build"));
+    let e = open_err();
+    assert!(
+        e.contains("no manifest.json") && e.contains("vectors.g1.f32") && e.contains("Restore"),
+        "{e}"
+    );
+    let empty = d.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    assert!(GalleryIndex::open(&empty)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("indexer build"));
     assert!(GalleryIndex::open(&d.join("nope"))
         .err()
         .unwrap()
@@ -425,4 +437,233 @@ fn hnsw_recall_on_clustered_data() {
     }
     let recall = hits as f64 / 1000.0;
     assert!(recall >= 0.95, "recall@10 {recall}");
+}
+
+/// Three items added with `append_durable` on top of a committed index of `n`: only the WAL
+/// holds them.
+fn index_with_logged_items(dir: &Path, n: usize) -> Vec<f32> {
+    let (mut idx, _) = small_index(dir, n);
+    let (v2, _) = clustered(3, 16, 3, 0.6, 8);
+    for it in items(&v2, 16, 700) {
+        idx.append_durable(it).unwrap();
+    }
+    v2
+}
+
+#[test]
+fn a_missing_manifest_beside_index_files_is_an_error_and_nothing_is_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    index_with_logged_items(d, 20);
+    std::fs::remove_file(d.join("manifest.json")).unwrap();
+    let before = files(d);
+    let err = GalleryIndex::exists(d).unwrap_err();
+    assert!(matches!(err, StoreError::NoManifest { .. }), "{err}");
+    let msg = err.to_string();
+    for f in [
+        "vectors.g1.f32",
+        "items.g1.jsonl",
+        "wal.g1.log",
+        "manifest.json",
+    ] {
+        assert!(msg.contains(f), "{f} not named in: {msg}");
+    }
+    let err = GalleryIndex::open(d).err().unwrap();
+    assert!(matches!(err, StoreError::NoManifest { .. }), "{err}");
+    let err = GalleryIndex::create(d, identity(16), 16, HnswParams::default())
+        .err()
+        .unwrap();
+    assert!(matches!(err, StoreError::NoManifest { .. }), "{err}");
+    assert_eq!(files(d), before, "nothing may be deleted or added");
+    // Absent, or an empty directory: no index, and one can be created there.
+    assert!(!GalleryIndex::exists(&d.join("new")).unwrap());
+    std::fs::create_dir(d.join("new")).unwrap();
+    assert!(!GalleryIndex::exists(&d.join("new")).unwrap());
+    GalleryIndex::create(&d.join("new"), identity(16), 16, HnswParams::default()).unwrap();
+    assert!(GalleryIndex::exists(&d.join("new")).unwrap());
+}
+
+#[test]
+fn a_deleted_wal_is_named_even_when_it_held_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    index_with_logged_items(d, 10);
+    std::fs::remove_file(d.join("wal.g1.log")).unwrap();
+    let err = GalleryIndex::open(d).err().unwrap();
+    assert!(matches!(err, StoreError::Missing { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("wal.g1.log") && msg.contains("not found") && msg.contains("ids from 10"),
+        "{msg}"
+    );
+    // A commit folds the log in and starts an empty one, which is required all the same.
+    let d2 = d.join("b");
+    let (idx, _) = small_index(&d2, 5);
+    drop(idx);
+    std::fs::remove_file(d2.join("wal.g1.log")).unwrap();
+    assert!(GalleryIndex::open(&d2)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("wal.g1.log"));
+}
+
+#[test]
+fn a_flipped_byte_in_the_last_wal_record_is_corruption_not_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    index_with_logged_items(d, 10);
+    let wal = d.join("wal.g1.log");
+    let mut bytes = std::fs::read(&wal).unwrap();
+    // Inside the last record's vector: 32 bytes of commit record, some padding, then floats.
+    let at = bytes.len() - 32 - 40;
+    bytes[at] ^= 0x01;
+    std::fs::write(&wal, &bytes).unwrap();
+    let msg = GalleryIndex::open(d).err().unwrap().to_string();
+    assert!(
+        msg.contains("wal.g1.log") && msg.contains("acknowledged") && !msg.contains("never"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_flipped_byte_in_the_manifest_is_reported_as_the_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    small_index(d, 10);
+    let mpath = d.join("manifest.json");
+    let text = std::fs::read_to_string(&mpath).unwrap();
+    let m: crate::manifest::Manifest = serde_json::from_str(&text).unwrap();
+    // A byte of the vectors file's sha256, as stored in the manifest.
+    let sha = &m.vectors.sha256;
+    let at = text.find(sha.as_str()).unwrap() + 10;
+    let mut bytes = text.into_bytes();
+    bytes[at] = if bytes[at] == b'0' { b'1' } else { b'0' };
+    std::fs::write(&mpath, &bytes).unwrap();
+    let msg = GalleryIndex::open(d).err().unwrap().to_string();
+    assert!(
+        msg.contains("manifest.json")
+            && msg.contains("own checksum")
+            && !msg.contains("vectors.g1"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_failed_create_leaves_nothing_and_a_rerun_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("out");
+    let (v, _) = clustered(20, 16, 3, 0.6, 2);
+    // Stands for `indexer build` killed after its first commit: the error stops it before
+    // the rename.
+    let r = GalleryIndex::create_with(&target, identity(16), 16, HnswParams::default(), |idx| {
+        idx.add(items(&v, 16, 0))?;
+        idx.commit()?;
+        Err(StoreError::Invalid("killed".into()))
+    });
+    assert!(r.is_err());
+    assert!(!target.exists(), "no index, not even an empty one");
+    let idx = GalleryIndex::create_with(&target, identity(16), 16, HnswParams::default(), |idx| {
+        idx.add(items(&v, 16, 0)).map(|_| ())
+    })
+    .unwrap();
+    assert_eq!(idx.dir(), target);
+    drop(idx);
+    assert_eq!(GalleryIndex::open(&target).unwrap().len(), 20);
+    let leftovers: Vec<String> = files(dir.path())
+        .into_iter()
+        .filter(|f| f != "out")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let e = GalleryIndex::create(&target, identity(16), 16, HnswParams::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("already holds an index"), "{e}");
+}
+
+#[test]
+fn a_version_1_index_opens_and_the_first_write_upgrades_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (idx, v) = small_index(d, 12);
+    drop(idx);
+    // Rewrite as version 1: no manifest checksum; a headerless log of DMW1 records.
+    let mpath = d.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
+    m["format_version"] = 1.into();
+    m.as_object_mut().unwrap().remove("manifest_sha256");
+    std::fs::write(&mpath, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+    let meta = ItemMeta {
+        id: 12,
+        path: "v1.jpg".into(),
+        label: None,
+        sha256: "v1".into(),
+    };
+    std::fs::write(d.join("wal.g1.log"), crate::wal::encode_v1(&meta, &v[..16])).unwrap();
+
+    let mut idx = GalleryIndex::open(d).unwrap();
+    assert_eq!((idx.len(), idx.logged()), (13, 1));
+    assert_eq!(idx.item(12).unwrap().path, "v1.jpg");
+    idx.append_durable(items(&v[16..32], 16, 900).pop().unwrap())
+        .unwrap();
+    drop(idx);
+    let text = std::fs::read_to_string(&mpath).unwrap();
+    assert!(text.contains("\"format_version\": 2") && text.contains("manifest_sha256"));
+    let idx = GalleryIndex::open(d).unwrap();
+    assert_eq!((idx.len(), idx.generation()), (14, 2));
+    assert_eq!(idx.item(12).unwrap().path, "v1.jpg");
+    assert!(idx.warnings().is_empty(), "{:?}", idx.warnings());
+}
+
+#[test]
+fn lock_for_writing_refuses_a_second_writer_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (idx, _) = small_index(dir.path(), 5);
+    let mut second = GalleryIndex::open(dir.path()).unwrap();
+    let err = second.lock_for_writing().unwrap_err();
+    assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    drop(idx);
+    second.lock_for_writing().unwrap();
+}
+
+#[test]
+fn salvaging_a_damaged_or_missing_wal_keeps_what_came_before_and_sets_the_log_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    index_with_logged_items(d, 10);
+    let wal = d.join("wal.g1.log");
+    let mut bytes = std::fs::read(&wal).unwrap();
+    let at = bytes.len() - 32 - 40; // inside the third (last) record
+    bytes[at] ^= 0x01;
+    std::fs::write(&wal, &bytes).unwrap();
+    assert!(GalleryIndex::open(d).is_err());
+    let mut idx = GalleryIndex::open_salvaging_wal(d).unwrap();
+    assert_eq!((idx.len(), idx.logged()), (12, 2));
+    assert!(
+        idx.warnings()[0].contains("kept the 2 record(s)"),
+        "{:?}",
+        idx.warnings()
+    );
+    idx.lock_for_writing().unwrap();
+    idx.commit().unwrap();
+    drop(idx);
+    let names = files(d);
+    assert!(
+        names.iter().any(|f| f.starts_with("wal.g1.log.damaged-")),
+        "{names:?}"
+    );
+    let idx = GalleryIndex::open(d).unwrap();
+    assert_eq!((idx.len(), idx.generation()), (12, 2));
+    assert!(idx.warnings().is_empty());
+    drop(idx);
+
+    // A missing log: the committed items only.
+    std::fs::remove_file(d.join("wal.g2.log")).unwrap();
+    let mut idx = GalleryIndex::open_salvaging_wal(d).unwrap();
+    assert_eq!(idx.len(), 12);
+    idx.commit().unwrap();
+    drop(idx);
+    assert_eq!(GalleryIndex::open(d).unwrap().generation(), 3);
 }

@@ -12,8 +12,8 @@
 
 use std::path::Path;
 
+use crate::store::{Result, StoreError};
 use hnsw_rs::prelude::{AnnT, Hnsw, HnswIo};
-use trainer::error::{Error, Result};
 
 use crate::distance::UnitL2;
 use crate::flat::FlatGraph;
@@ -164,14 +164,9 @@ impl Graph {
         }));
         let name = match dumped {
             Ok(Ok(name)) => name,
-            Ok(Err(e)) => {
-                return Err(Error::file(
-                    &graph_path,
-                    format!("cannot write HNSW graph: {e}"),
-                ))
-            }
+            Ok(Err(e)) => return Err(failed(&graph_path, format!("cannot write HNSW graph: {e}"))),
             Err(_) => {
-                return Err(Error::file(
+                return Err(failed(
                     &graph_path,
                     "cannot create the HNSW graph files (is the directory writable?)",
                 ))
@@ -179,7 +174,7 @@ impl Graph {
         };
         if name != basename {
             // hnsw_rs only renames when it must not overwrite a memory-mapped dump, which we never use.
-            return Err(Error::file(
+            return Err(failed(
                 dir,
                 format!("hnsw_rs wrote the graph as '{name}' instead of '{basename}'"),
             ));
@@ -201,20 +196,20 @@ impl Graph {
         let mut hnsw = match loaded {
             Ok(Ok(h)) => h,
             Ok(Err(e)) => {
-                return Err(Error::file(
+                return Err(StoreError::corrupt(
                     &graph_path,
                     format!("cannot load HNSW graph: {e}"),
                 ))
             }
             Err(_) => {
-                return Err(Error::file(
+                return Err(StoreError::corrupt(
                     &graph_path,
                     "malformed HNSW graph (the loader panicked)",
                 ))
             }
         };
         if hnsw.get_nb_point() != expect_len {
-            return Err(Error::file(
+            return Err(StoreError::corrupt(
                 &graph_path,
                 format!(
                     "graph holds {} points, the index has {expect_len} vectors",
@@ -223,7 +218,7 @@ impl Graph {
             ));
         }
         if expect_len > 0 && hnsw.get_point_indexation().get_data_dimension() != dim {
-            return Err(Error::file(
+            return Err(StoreError::corrupt(
                 &graph_path,
                 format!(
                     "graph holds {}-d points, the index is {dim}-d",
@@ -243,4 +238,11 @@ impl Graph {
 
 fn load_static(io: &'static mut HnswIo) -> anyhow::Result<Hnsw<'static, f32, UnitL2>> {
     io.load_hnsw::<f32, UnitL2>()
+}
+
+fn failed(path: &Path, msg: impl std::fmt::Display) -> StoreError {
+    StoreError::Failed {
+        path: path.to_path_buf(),
+        msg: msg.to_string(),
+    }
 }

@@ -6,29 +6,41 @@
 //!
 //! | file | content |
 //! |---|---|
-//! | `manifest.json` | format name + version, model identity, dim, metric, HNSW params, generation, item count, and name/size/SHA-256 of every file below |
+//! | `manifest.json` | format name + version, model identity, dim, metric, HNSW params, generation, item count, name/size/SHA-256 of every file below, and its own SHA-256 |
 //! | `vectors.g<N>.f32` | raw little-endian f32, `count × dim`, L2-normalised; row i = item id i |
 //! | `items.g<N>.jsonl` | one `ItemMeta` JSON per line (id, path, label, content sha256) |
 //! | `graph.g<N>.hnsw.graph` / `.hnsw.data` | the hnsw_rs dump of the graph |
-//! | `wal.g<N>.log` | write-ahead log of items added after generation N was committed |
-//! | `LOCK` | advisory lock held by the one process that writes |
+//! | `wal.g<N>.log` | write-ahead log of items added after generation N was committed (header written by the commit) |
+//! | `LOCK` | exclusive lock held by the one process that writes |
 //!
-//! **Commit** ([`GalleryIndex::commit`]) writes generation N+1's files under new names,
-//! fsyncs them, then replaces `manifest.json` by rename (the commit point), fsyncs the
-//! directory and deletes generation N. Whatever instant a process is killed, the manifest
-//! names a complete, checksummed generation; leftovers of the interrupted commit are ignored
-//! by `open` and deleted by the next commit. A commit rewrites everything (the hnsw_rs dump
-//! cannot be appended to), so it costs O(gallery).
+//! All file IO goes through [`store`] (atomic replace, fsync of file and directory, verified
+//! reads, the lock, staged creation); errors are [`StoreError`]s naming the file.
 //!
-//! **Single durable adds** ([`GalleryIndex::append_durable`]) append a checksummed record to
-//! the generation's WAL and fsync once; `open` replays the log into memory. A torn last
-//! record (the add was never acknowledged) is dropped with a warning.
+//! **Commit** ([`GalleryIndex::commit`]) writes generation N+1's files (and its empty WAL)
+//! under new names, fsyncs them and the directory, then replaces `manifest.json` by rename
+//! (the commit point), fsyncs the directory and only then deletes generation N. Whatever
+//! instant a process is killed, the manifest names a complete, checksummed generation;
+//! leftovers of the interrupted commit are ignored by `open` and deleted by the next commit.
+//! A commit rewrites everything (the hnsw_rs dump cannot be appended to), so it costs
+//! O(gallery).
 //!
-//! **Open** ([`GalleryIndex::open`]) checks format/version, then every file's size and
-//! SHA-256 against the manifest: a bad vectors or items file is an error naming it; a bad or
-//! missing graph is rebuilt from the vectors with a warning, because the vectors are the
-//! source of truth and the graph is derived. Loading the dump is much faster than
-//! rebuilding (see `bench/RESULTS-indexer.md`).
+//! **Single durable adds** ([`GalleryIndex::append_durable`]) append a batch of checksummed
+//! records to the generation's WAL, fsync, then a commit record, fsync; `open` replays the
+//! log into memory. A batch without its commit record was never acknowledged and is dropped
+//! with a warning; a damaged acknowledged record, or a missing or foreign log, is an error
+//! naming the file (see [`wal`]); [`GalleryIndex::open_salvaging_wal`] (`indexer recover`)
+//! is the explicit way past it.
+//!
+//! **Open** ([`GalleryIndex::open`]) checks format/version and the manifest's own checksum,
+//! then every file's size and SHA-256 against the manifest: a bad vectors, items or WAL file
+//! is an error naming it; a bad or missing graph is rebuilt from the vectors with a warning,
+//! because the vectors are the source of truth and the graph is derived. Loading the dump is
+//! much faster than rebuilding (see `bench/RESULTS-indexer.md`). Index files without a
+//! manifest are an error ([`StoreError::NoManifest`]), never an empty index.
+//!
+//! **Create** ([`GalleryIndex::create_with`], used by `indexer build`) writes the new index in
+//! a hidden sibling directory and renames it into place at the end, so an interrupted build
+//! leaves nothing that a rerun would refuse.
 //!
 //! Distances: vectors are L2-normalised on the way in; the graph uses Euclidean distance
 //! and [`Hit::score`] is the cosine similarity `1 − d²/2`.
@@ -43,6 +55,7 @@ pub mod graph;
 pub mod images;
 pub mod manifest;
 pub mod params;
+pub mod store;
 pub mod synthetic;
 pub mod wal;
 
@@ -51,6 +64,7 @@ mod gallery_tests;
 
 pub use gallery::GalleryIndex;
 pub use params::HnswParams;
+pub use store::StoreError;
 pub use trainer::checkpoint::ModelIdentity;
 
 use serde::{Deserialize, Serialize};

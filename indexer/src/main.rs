@@ -121,6 +121,12 @@ enum Command {
         #[arg(long)]
         index: PathBuf,
     },
+    /// Make an index with a missing or damaged write-ahead log usable again, losing the
+    /// items logged after the damage (the damaged log is kept aside).
+    Recover {
+        #[arg(long)]
+        index: PathBuf,
+    },
     /// Print the nearest gallery images of a query image.
     Query {
         #[arg(long)]
@@ -273,6 +279,7 @@ fn run(cli: Cli) -> Result<()> {
             skip_bad_images,
         } => commands::add(&index, &images, model.source(), batch_size, skip_bad_images),
         Command::Info { index } => commands::info(&index),
+        Command::Recover { index } => commands::recover(&index),
         Command::Query {
             index,
             image,

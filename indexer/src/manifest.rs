@@ -1,33 +1,37 @@
 //! `manifest.json`: the single file whose atomic replacement commits a new index state.
 //!
 //! It names the generation's data files with their sizes and SHA-256, so `open` can tell a
-//! complete generation from a torn or foreign one and name the file that is wrong.
+//! complete generation from a torn or foreign one and name the file that is wrong. Since
+//! format version 2 it also carries
+//!
+//! * its own checksum (`manifest_sha256`, over its canonical JSON without that field), so a
+//!   damaged manifest is reported as such rather than as a mismatch of an intact data file;
+//! * the expected WAL state: the generation's `wal` file is created (with a header naming
+//!   generation, first item id and dim) *before* the manifest that names it, so a missing
+//!   or foreign WAL is an error instead of "no items were logged".
+//!
+//! Version 1 (no checksum, WAL optional and headerless) is still read; the first write
+//! upgrades the index to version 2 with a commit.
 
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use trainer::checkpoint::ModelIdentity;
-use trainer::error::{Error, Result};
 
 use crate::params::HnswParams;
+use crate::store::{sha256_hex, Directory, Result, StoreError};
+
+pub use crate::store::FileEntry;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Written into every manifest; `open` refuses other values.
 pub const FORMAT: &str = "deep-metric-gallery-index";
 /// Bumped on any incompatible change of the directory layout or file encodings.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version `open` still reads (upgraded to [`FORMAT_VERSION`] by the next write).
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// How distances are measured; part of the manifest so a future metric cannot be misread.
 pub const METRIC: &str = "euclidean-on-l2-normalised";
-
-/// One data file of a generation, as it must be found on disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileEntry {
-    pub name: String,
-    pub bytes: u64,
-    pub sha256: String,
-}
 
 /// The hnsw_rs dump: `<basename>.hnsw.graph` + `<basename>.hnsw.data`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,61 +59,87 @@ pub struct Manifest {
     pub items: FileEntry,
     /// Absent when the gallery is empty (hnsw_rs cannot dump an empty graph).
     pub graph: Option<GraphFiles>,
-    /// The write-ahead log that extends this generation (may not exist yet).
+    /// The write-ahead log that extends this generation. Version 2: it exists, and its
+    /// header names this generation, `count` as its first id and `dim`. Version 1: it may
+    /// not exist yet.
     pub wal: String,
     /// Seconds since the Unix epoch of the commit.
     pub committed_unix: u64,
+    /// Version 2: hex SHA-256 of this manifest's canonical JSON (compact, keys sorted)
+    /// without this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_sha256: Option<String>,
+}
+
+/// The checksum a manifest carries: over its JSON value without `manifest_sha256`,
+/// serialised compactly with sorted keys (serde_json's map), so it does not depend on
+/// whitespace.
+fn canonical_sha256(value: &serde_json::Value) -> String {
+    let mut v = value.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("manifest_sha256");
+    }
+    sha256_hex(&serde_json::to_vec(&v).expect("a JSON value serialises"))
 }
 
 impl Manifest {
-    /// Reads and validates `dir/manifest.json` (format, version, dim, params).
+    /// Reads and validates `dir/manifest.json`: format, version, own checksum (version 2),
+    /// then dim, metric and params. A missing manifest is [`StoreError::Missing`].
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::file(
-                    &path,
-                    "no index manifest here; is this a directory written by `indexer build`?",
-                ))
+                return Err(StoreError::Missing {
+                    path,
+                    msg: "no index manifest here; is this a directory written by `indexer build`?"
+                        .into(),
+                })
             }
-            Err(e) => {
-                return Err(Error::file(
-                    &path,
-                    format!("cannot read index manifest: {e}"),
-                ))
-            }
+            Err(e) => return Err(StoreError::io(&path, "cannot read index manifest", e)),
         };
+        let corrupt = |msg: String| StoreError::corrupt(&path, msg);
         let probe: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-            Error::file(
-                &path,
-                format!("index manifest is not valid JSON (truncated or corrupt?): {e}"),
-            )
+            corrupt(format!(
+                "index manifest is not valid JSON (truncated or corrupt?): {e}"
+            ))
         })?;
         let format = probe.get("format").and_then(|v| v.as_str()).unwrap_or("");
         if format != FORMAT {
-            return Err(Error::file(
+            return Err(StoreError::unsupported(
                 &path,
                 format!("format is '{format}', expected '{FORMAT}'"),
             ));
         }
-        // Check the version before the full parse, so a newer layout gets a version error, not a field error.
+        // The version before anything else: a newer layout gets a version error, not a
+        // checksum or field error.
         let version = probe
             .get("format_version")
             .and_then(|v| v.as_u64())
             .unwrap_or(0);
-        if version != FORMAT_VERSION as u64 {
-            return Err(Error::file(
+        if !(OLDEST_FORMAT_VERSION as u64..=FORMAT_VERSION as u64).contains(&version) {
+            return Err(StoreError::unsupported(
                 &path,
                 format!(
-                    "index format version {version} is not supported (this build reads version {FORMAT_VERSION}); rebuild the index with this `indexer`"
+                    "index format version {version} is not supported (this build reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}); rebuild the index with this `indexer`"
                 ),
             ));
         }
+        if version >= 2 {
+            let stored = probe.get("manifest_sha256").and_then(|v| v.as_str());
+            let actual = canonical_sha256(&probe);
+            if stored != Some(actual.as_str()) {
+                return Err(corrupt(
+                    "the manifest fails its own checksum: manifest.json was damaged after it was written \
+                     (the data files it lists were not checked). Restore it from a backup, or rebuild the index"
+                        .into(),
+                ));
+            }
+        }
         let m: Manifest = serde_json::from_value(probe)
-            .map_err(|e| Error::file(&path, format!("invalid index manifest: {e}")))?;
+            .map_err(|e| corrupt(format!("invalid index manifest: {e}")))?;
         if m.metric != METRIC {
-            return Err(Error::file(
+            return Err(StoreError::unsupported(
                 &path,
                 format!(
                     "metric '{}' is not supported (expected '{METRIC}')",
@@ -118,22 +148,33 @@ impl Manifest {
             ));
         }
         if m.dim == 0 || m.dim != m.identity.dim {
-            return Err(Error::file(
-                &path,
-                format!(
-                    "index dim {} does not match its model's embedding dim {}",
-                    m.dim, m.identity.dim
-                ),
-            ));
+            return Err(corrupt(format!(
+                "index dim {} does not match its model's embedding dim {}",
+                m.dim, m.identity.dim
+            )));
         }
-        m.params.validate().map_err(|e| Error::file(&path, e))?;
+        m.params
+            .validate()
+            .map_err(|e| corrupt(format!("invalid HNSW parameters: {e}")))?;
         Ok(m)
     }
 
-    /// Writes `dir/manifest.json` atomically (temp file, fsync, rename, fsync of the directory).
-    pub fn write(&self, dir: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Invalid(e.to_string()))?;
-        trainer::checkpoint::write_atomic(&dir.join(MANIFEST_FILE), text.as_bytes())
+    /// True for a version-1 manifest (no checksum, headerless and optional WAL).
+    pub fn is_legacy(&self) -> bool {
+        self.format_version < 2
+    }
+
+    /// Writes `dir/manifest.json` atomically as the current format version, with its own
+    /// checksum, and returns the manifest as written.
+    pub fn write(mut self, dir: &Directory) -> Result<Self> {
+        self.format_version = FORMAT_VERSION;
+        self.manifest_sha256 = None;
+        let value = serde_json::to_value(&self).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        self.manifest_sha256 = Some(canonical_sha256(&value));
+        let text =
+            serde_json::to_string_pretty(&self).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        dir.atomic_write(MANIFEST_FILE, text.as_bytes())?;
+        Ok(self)
     }
 
     /// Every file name this manifest references (the WAL included).
@@ -149,83 +190,4 @@ impl Manifest {
         }
         v
     }
-}
-
-/// Reads a whole file and checks it against its manifest entry (size first: cheap and the
-/// usual symptom of truncation).
-pub fn read_verified(dir: &Path, entry: &FileEntry) -> Result<Vec<u8>> {
-    let path = dir.join(&entry.name);
-    let mut f = std::fs::File::open(&path)
-        .map_err(|e| Error::file(&path, format!("cannot open index file: {e}")))?;
-    let len = f.metadata().map_err(|e| Error::file(&path, e))?.len();
-    if len != entry.bytes {
-        return Err(Error::file(
-            &path,
-            format!(
-                "file is {len} bytes, the manifest says {} (truncated or overwritten)",
-                entry.bytes
-            ),
-        ));
-    }
-    let mut bytes = Vec::with_capacity(len as usize);
-    f.read_to_end(&mut bytes)
-        .map_err(|e| Error::file(&path, e))?;
-    let sha = hex::encode(Sha256::digest(&bytes));
-    if sha != entry.sha256 {
-        return Err(Error::file(&path, "checksum mismatch: the file is corrupt"));
-    }
-    Ok(bytes)
-}
-
-/// Checks a file's size and checksum without keeping its bytes.
-pub fn verify_file(dir: &Path, entry: &FileEntry) -> Result<()> {
-    let path = dir.join(&entry.name);
-    let len = std::fs::metadata(&path)
-        .map_err(|e| Error::file(&path, format!("cannot open index file: {e}")))?
-        .len();
-    if len != entry.bytes {
-        return Err(Error::file(
-            &path,
-            format!(
-                "file is {len} bytes, the manifest says {} (truncated or overwritten)",
-                entry.bytes
-            ),
-        ));
-    }
-    if trainer::checkpoint::sha256_file(&path)? != entry.sha256 {
-        return Err(Error::file(&path, "checksum mismatch: the file is corrupt"));
-    }
-    Ok(())
-}
-
-/// Writes `bytes` to a new file `dir/name`, fsyncs it, and returns its manifest entry.
-pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileEntry> {
-    let path = dir.join(name);
-    let mut f = std::fs::File::create(&path).map_err(|e| Error::file(&path, e))?;
-    f.write_all(bytes).map_err(|e| Error::file(&path, e))?;
-    f.sync_all().map_err(|e| Error::file(&path, e))?;
-    Ok(FileEntry {
-        name: name.to_string(),
-        bytes: bytes.len() as u64,
-        sha256: hex::encode(Sha256::digest(bytes)),
-    })
-}
-
-/// Fsyncs a file written by someone else (hnsw_rs) and returns its manifest entry.
-pub fn seal_file(dir: &Path, name: &str) -> Result<FileEntry> {
-    let path: PathBuf = dir.join(name);
-    let f = std::fs::File::open(&path).map_err(|e| Error::file(&path, e))?;
-    f.sync_all().map_err(|e| Error::file(&path, e))?;
-    let bytes = f.metadata().map_err(|e| Error::file(&path, e))?.len();
-    Ok(FileEntry {
-        name: name.to_string(),
-        bytes,
-        sha256: trainer::checkpoint::sha256_file(&path)?,
-    })
-}
-
-/// Fsyncs a directory so renames and new names in it are durable.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    let d = std::fs::File::open(dir).map_err(|e| Error::file(dir, e))?;
-    d.sync_all().map_err(|e| Error::file(dir, e))
 }

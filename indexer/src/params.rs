@@ -3,8 +3,8 @@
 //! hnsw_rs calls `process::exit(1)` when `max_nb_connection > 256` and silently clamps the
 //! layer count, so every value a user can type is checked here, before hnsw_rs sees it.
 
+use crate::store::{Result, StoreError as Error};
 use serde::{Deserialize, Serialize};
-use trainer::error::{Error, Result};
 
 /// The most neighbours per node hnsw_rs accepts (it stores the count in a `u8`-sized table).
 pub const MAX_M: usize = 256;

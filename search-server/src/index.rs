@@ -73,8 +73,10 @@ impl IndexGallery {
     }
 
     /// Opens the index in `dir`, creating an empty one for `model` when there is none.
+    /// Index files without a manifest are an error (naming them), never a new empty index
+    /// whose first commit would delete them.
     pub fn open_or_create(dir: &Path, model: &ModelIdentity, ef: usize) -> anyhow::Result<Self> {
-        if dir.join(indexer::manifest::MANIFEST_FILE).exists() {
+        if GalleryIndex::exists(dir)? {
             return Self::open(dir, model, ef, None);
         }
         tracing::info!("creating a new index in {}", dir.display());
@@ -94,6 +96,15 @@ impl IndexGallery {
 
     fn write(&self) -> RwLockWriteGuard<'_, GalleryIndex> {
         self.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the index's writer lock for the life of the server, so a second writer is
+    /// refused at start-up (not with a 500 at its first add).
+    pub fn lock_for_writing(&self) -> anyhow::Result<()> {
+        let mut g = self.write();
+        let dir = g.dir().to_path_buf();
+        g.lock_for_writing()
+            .with_context(|| format!("cannot write the index in {}", dir.display()))
     }
 
     /// Writes a new generation (start-up scan done, clean shutdown).
@@ -303,6 +314,51 @@ mod tests {
             err.contains("different model") && err.contains("--model"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn index_files_without_a_manifest_are_refused_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = dir.path().join("index");
+        let g = IndexGallery::open_or_create(&idx, &identity("a"), 16).unwrap();
+        g.add_durable(item("/x/r.png", "r", [1.0, 0.0, 0.0]))
+            .unwrap();
+        g.close().unwrap();
+        g.add_durable(item("/x/g.png", "g", [0.0, 1.0, 0.0]))
+            .unwrap();
+        drop(g);
+        std::fs::remove_file(idx.join("manifest.json")).unwrap();
+        let names = || {
+            let mut v: Vec<_> = std::fs::read_dir(&idx)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            v.sort();
+            v
+        };
+        let before = names();
+        let err = format!(
+            "{:#}",
+            IndexGallery::open_or_create(&idx, &identity("a"), 16)
+                .err()
+                .unwrap()
+        );
+        assert!(
+            err.contains("no manifest.json") && err.contains("vectors.g1.f32"),
+            "{err}"
+        );
+        assert_eq!(names(), before);
+    }
+
+    #[test]
+    fn a_second_writer_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = dir.path().join("index");
+        let g = IndexGallery::open_or_create(&idx, &identity("a"), 16).unwrap();
+        g.lock_for_writing().unwrap();
+        let second = IndexGallery::open(&idx, &identity("a"), 16, None).unwrap();
+        let err = format!("{:#}", second.lock_for_writing().unwrap_err());
+        assert!(err.contains("another process"), "{err}");
     }
 
     #[test]

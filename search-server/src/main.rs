@@ -93,6 +93,17 @@ fn prepare_data_dir(dir: &Path) -> Result<PathBuf, Failure> {
 fn run(args: Args) -> Result<(), Failure> {
     args.validate().map_err(usage)?;
     let data_dir = prepare_data_dir(&args.data_dir)?;
+    // One writing server per data directory for its whole life (the OS drops the lock on
+    // exit or crash), refused here rather than failing requests later. --read-only servers
+    // write nothing but atomically replaced thumbnails, so they may share it.
+    let _data_dir_lock = if args.read_only {
+        None
+    } else {
+        Some(
+            indexer::store::DirLock::acquire(&data_dir, "LOCK", "this data directory")
+                .map_err(|e| usage(format!("{e}, or choose another --data-dir")))?,
+        )
+    };
 
     tracing::info!("loading model {}", args.model);
     let model = ModelBackend::load(&args.model, args.weights.clone())
@@ -119,6 +130,11 @@ fn run(args: Args) -> Result<(), Failure> {
         None => IndexGallery::open_or_create(&data_dir.join("index"), model.identity(), args.ef)
             .map_err(|e| usage(format!("{e:#}")))?,
     };
+    if !args.read_only {
+        gallery
+            .lock_for_writing()
+            .map_err(|e| usage(format!("{e:#}")))?;
+    }
     let gallery = Arc::new(gallery);
     tracing::info!("index: {} items", gallery.len());
 

@@ -2,8 +2,6 @@
 //! SHA-256, so the same bytes are stored once and a path never depends on user input) and
 //! the on-disk thumbnail cache.
 
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use image::ImageFormat;
@@ -57,16 +55,12 @@ impl UploadStore {
     }
 }
 
-/// Writes `bytes` to `path` so a crash leaves the old file or the complete new one.
+/// Writes `bytes` to `path` so a crash leaves the old file or the complete new one
+/// (creating the folder; the write is the index store's atomic write).
 pub fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    File::open(dir)?.sync_all()?;
-    Ok(())
+    indexer::store::write_atomic(path, bytes).map_err(std::io::Error::other)
 }
 
 #[cfg(test)]

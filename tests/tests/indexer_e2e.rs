@@ -203,3 +203,156 @@ fn build_query_duplicate_and_kill_during_add() {
         }
     }
 }
+
+/// Runs `indexer` expecting failure; returns its stderr.
+fn run_failing(args: &[&str]) -> String {
+    let out = Command::new(indexer_bin())
+        .args(args)
+        .output()
+        .expect("run indexer");
+    assert!(
+        !out.status.success(),
+        "indexer {args:?} should have failed:\nstdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `dir`'s entries (names starting with `.` included), sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn killed_build_reruns_and_a_second_writer_is_refused() {
+    let Some(weights) = weights() else {
+        eprintln!("skipping: ../shared not found (EfficientNet-Lite0 weights)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("gallery");
+    write_images(&images, 0..20);
+    let w = weights.to_str().unwrap();
+    let build_args = |out: &Path| -> Vec<String> {
+        [
+            "build",
+            "--model",
+            "pretrained:efficientnet-lite0",
+            "--weights",
+            w,
+            "--images",
+            images.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--batch-size",
+            "8",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+
+    // kill -9 as soon as a manifest appears (the staged one, or the final one): the old
+    // build left a valid empty index there that made the rerun refuse.
+    let index = tmp.path().join("index");
+    let mut child = Command::new(indexer_bin())
+        .args(build_args(&index))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let mut seen = false;
+    while start.elapsed() < Duration::from_secs(120) {
+        seen = index.join("manifest.json").exists()
+            || entries(tmp.path()).iter().any(|e| {
+                e.starts_with(".index.staging-")
+                    && tmp.path().join(e).join("manifest.json").exists()
+            });
+        if seen || child.try_wait().unwrap().is_some() {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen, "no manifest appeared while the build ran");
+    if index.exists() {
+        // The kill came after the final rename: the index must be whole.
+        eprintln!("the build was killed after its final rename");
+        assert_eq!(item_count(&index), 20);
+    } else {
+        eprintln!("the build was killed before its final rename; rerunning it");
+        let idx = index.to_str().unwrap();
+        let args = build_args(&index);
+        run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(item_count(&index), 20);
+        let out = run(&["info", "--index", idx]);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("v2"));
+    }
+    assert_eq!(
+        entries(tmp.path()),
+        vec!["gallery".to_string(), "index".to_string()],
+        "the interrupted build's staging directory is removed"
+    );
+
+    // A second `indexer add` while one runs: refused at once, naming the lock.
+    let idx = index.to_str().unwrap();
+    let more = tmp.path().join("more");
+    write_images(&more, 100..140);
+    let mut first = Command::new(indexer_bin())
+        .args([
+            "add",
+            "--index",
+            idx,
+            more.to_str().unwrap(),
+            "--batch-size",
+            "4",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The holder writes its pid into LOCK once it holds the lock.
+    let pid = first.id().to_string();
+    let start = Instant::now();
+    while std::fs::read_to_string(index.join("LOCK"))
+        .unwrap_or_default()
+        .trim()
+        != pid
+    {
+        assert!(
+            first.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(60),
+            "the first add did not take the lock"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let copy = tmp.path().join("copy.png");
+    std::fs::copy(more.join("shape120.png"), &copy).unwrap();
+    let err = run_failing(&["add", "--index", idx, copy.to_str().unwrap()]);
+    assert!(
+        err.contains("LOCK") && err.contains("another process") && err.contains(&pid),
+        "{err}"
+    );
+    assert!(first.wait().unwrap().success());
+    assert_eq!(item_count(&index), 60);
+
+    // A deleted write-ahead log is named, and `recover` is the explicit way past it.
+    let wal = entries(&index)
+        .into_iter()
+        .find(|e| e.starts_with("wal.g"))
+        .unwrap();
+    std::fs::remove_file(index.join(&wal)).unwrap();
+    let err = run_failing(&["info", "--index", idx]);
+    assert!(err.contains(&wal) && err.contains("not found"), "{err}");
+    let out = run(&["recover", "--index", idx]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("60 items"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(item_count(&index), 60);
+}

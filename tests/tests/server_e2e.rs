@@ -390,3 +390,107 @@ fn missing_weights_exit_2_with_instructions() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Runs the server expecting it to exit by itself within two minutes (it is killed and the
+/// test fails otherwise); returns the exit code and stderr.
+fn run_to_exit(bin: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
+    use std::io::Read;
+    let mut child = std::process::Command::new(bin)
+        .args(args)
+        .args(["--bind", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if start.elapsed() > std::time::Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = status.unwrap_or_else(|| panic!("the server kept running; log:\n{err}"));
+    (status.code(), err)
+}
+
+/// Every file under `dir` with its size, except lock files (their content is the pid).
+fn tree(dir: &std::path::Path) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if e.file_name() != "LOCK" {
+                let rel = p.strip_prefix(dir).unwrap().display().to_string();
+                out.push((rel, e.metadata().unwrap().len()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn second_server_refused_and_no_restart_over_a_missing_manifest() {
+    let (Some(bin), Some(weights)) = (server_binary(), weights()) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let gallery = tmp.path().join("gallery");
+    let files = make_gallery(&gallery, &CLASSES, 1);
+    let data = tmp.path().join("data");
+    let (w, d, g) = (
+        weights.to_str().unwrap(),
+        data.to_str().unwrap(),
+        gallery.to_str().unwrap(),
+    );
+    let server = Server::start(&bin, &["--data-dir", d, "--weights", w, "--gallery", g]);
+    let mut c = server.client();
+    let upload = shape_png(2, [20, 200, 60], [250, 250, 250], 140);
+    let r = c
+        .post_form("/api/images", &form_image(&upload), &[])
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // A second server on the same data directory: refused at start-up, exit status 2.
+    let (code, err) = run_to_exit(&bin, &["--data-dir", d, "--weights", w]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("already in use") && err.contains("--data-dir"),
+        "{err}"
+    );
+    assert_eq!(
+        c.get("/healthz").unwrap().json()["gallery_items"],
+        files.len() + 1,
+        "the first server is unaffected"
+    );
+    server.kill9(); // the upload lives only in the WAL
+
+    // Without its manifest the index must not be replaced by a new, empty one.
+    std::fs::remove_file(data.join("index/manifest.json")).unwrap();
+    let before = tree(&data);
+    assert!(before.iter().any(|(f, _)| f.starts_with("uploads/")));
+    let (code, err) = run_to_exit(&bin, &["--data-dir", d, "--weights", w, "--gallery", g]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("no manifest.json") && err.contains("wal.g") && err.contains("vectors.g"),
+        "{err}"
+    );
+    assert!(!err.contains("creating a new index"), "{err}");
+    assert_eq!(tree(&data), before, "every file is still there, unchanged");
+}
