@@ -397,6 +397,13 @@ fn cached(
 pub fn train(args: TrainArgs, resume: bool) -> Result<TrainSummary> {
     let started = Instant::now();
     let (mut args, start_epoch, opt_steps) = open_run(args, resume)?;
+    // Checked before any data is read, so a mistyped budget fails at once.
+    let budget = args
+        .time_budget
+        .as_deref()
+        .map(crate::plan::parse_budget)
+        .transpose()
+        .map_err(|e| Error::Invalid(format!("--time-budget: {e}")))?;
     let out = args.out.clone();
     let device = Device::Cpu;
     let (train_set, eval_set) = load_splits(&args)?;
@@ -406,9 +413,8 @@ pub fn train(args: TrainArgs, resume: bool) -> Result<TrainSummary> {
 
     let mut deadline = None;
     let mut plan = None;
-    if let Some(budget) = args.time_budget.take() {
-        let budget = crate::plan::parse_budget(&budget)
-            .map_err(|e| Error::Invalid(format!("--time-budget: {e}")))?;
+    args.time_budget = None;
+    if let Some(budget) = budget {
         let d = crate::plan::Deadline {
             start: started,
             budget,

@@ -1,0 +1,274 @@
+"""PyTorch peer of a `trainer` run: the same recipe, re-run in PyTorch, for bench/RESULTS-learning.md.
+
+Reads the recipe a run recorded in RUN/config.json (`training`: loss and its constants, image
+size, frozen stages, epochs, cached views, P×K, learning rates, warm-up, crop scale — for a
+`--time-budget` run, the plan the trainer chose) and trains EfficientNet-Lite0 from the same
+weight file on the same data the same way: stages before the freeze point frozen and their
+outputs cached for the eval view plus (views − 1) augmented views, or, with nothing frozen,
+live random-resized-crop + flip views; BN frozen (eval mode); P×K batches; Adam with the
+backbone / head / proxy learning rates, L2 weight decay, linear warm-up then cosine.
+Reports Recall@1,2,4,8 on the held-out classes and the wall time as one JSON line.
+
+    python3 bench/peers/learn_peer.py --run runs/omniglot-30m --data ../shared/data/omniglot --dataset folder
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(__file__))
+from efficientnet_lite0 import EfficientNetLite0  # noqa: E402
+
+# The Rust backbone groups Lite0's 16 blocks into 7 stages: stem = 0, groups 1–7, head = 8.
+# Here every block is a stage (stem = 0, blocks 1–16, head = 17).
+GROUP_START = [0, 1, 2, 4, 6, 9, 12, 16, 17]
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
+
+
+def load_folder(root):
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    half = len(classes) // 2
+    out = {"train": ([], []), "test": ([], [])}
+    for ci, c in enumerate(classes):
+        split, label = ("train", ci) if ci < half else ("test", ci - half)
+        for f in sorted(os.listdir(os.path.join(root, c))):
+            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and not f.startswith("."):
+                out[split][0].append(os.path.join(root, c, f))
+                out[split][1].append(label)
+    return {k: (p, np.array(l)) for k, (p, l) in out.items()}
+
+
+def load_cub(root):
+    paths = dict(l.split() for l in open(os.path.join(root, "images.txt")))
+    labels = {i: int(c) for i, c in (l.split() for l in open(os.path.join(root, "image_class_labels.txt")))}
+    classes = sorted(set(labels.values()))
+    out = {}
+    for split, chosen in (("train", classes[: len(classes) // 2]), ("test", classes[len(classes) // 2:])):
+        dense = {c: i for i, c in enumerate(chosen)}
+        items = sorted((int(i), os.path.join(root, "images", p), dense[labels[i]]) for i, p in paths.items() if labels[i] in dense)
+        out[split] = ([p for _, p, _ in items], np.array([l for _, _, l in items]))
+    return out
+
+
+def to_tensor(img):
+    a = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
+    return ((a - 127.0) / 128.0).permute(2, 0, 1)
+
+
+def eval_view(path, size):
+    return to_tensor(Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR))
+
+
+def train_view(path, size, scale_min, rng):
+    """RandomResizedCrop (scale (scale_min, 1), ratio 3/4–4/3) + horizontal flip, as the trainer."""
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    area = w * h
+    box = (0, 0, w, h)
+    for _ in range(10):
+        target = area * rng.uniform(scale_min, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            box = (x, y, x + cw, y + ch)
+            break
+    view = img.resize((size, size), Image.BILINEAR, box=box)
+    if rng.random() < 0.5:
+        view = view.transpose(Image.FLIP_LEFT_RIGHT)
+    return to_tensor(view)
+
+
+def multi_similarity(x, y, alpha=2.0, beta=50.0, lam=0.5, eps=0.1):
+    s = x @ x.t()
+    n = x.shape[0]
+    same = y[:, None] == y[None, :]
+    pos = same & ~torch.eye(n, dtype=torch.bool)
+    neg = ~same
+    sd = s.detach()
+    min_pos = sd.masked_fill(~pos, float("inf")).min(1).values
+    max_neg = sd.masked_fill(~neg, -float("inf")).max(1).values
+    mp = pos & (sd - eps < max_neg[:, None])
+    mn = neg & (sd + eps > min_pos[:, None])
+    active = mp.any(1) & mn.any(1)
+    pull = torch.log1p((torch.exp(-alpha * (s - lam)) * mp).sum(1)) / alpha
+    push = torch.log1p((torch.exp(beta * (s - lam)) * mn).sum(1)) / beta
+    return ((pull + push) * active).sum() / n
+
+
+def proxy_anchor(x, y, proxies, alpha=32.0, delta=0.1):
+    s = x @ F.normalize(proxies, dim=1).t()  # [n, C]
+    onehot = F.one_hot(y, proxies.shape[0]).bool()
+    pos_exp = torch.exp(-alpha * (s - delta)) * onehot
+    neg_exp = torch.exp(alpha * (s + delta)) * ~onehot
+    with_pos = onehot.any(0)
+    pull = torch.log1p(pos_exp.sum(0))[with_pos].sum() / with_pos.sum()
+    push = torch.log1p(neg_exp.sum(0)).sum() / proxies.shape[0]
+    return pull + push
+
+
+def norm_softmax(x, y, proxies, scale=20.0, margin=0.0):
+    s = x @ F.normalize(proxies, dim=1).t()
+    logits = scale * (s - margin * F.one_hot(y, proxies.shape[0]))
+    return F.cross_entropy(logits, y)
+
+
+def fuzzy(x, y, margin=0.1):
+    n = x.shape[0]
+    sq = (x * x).sum(1)
+    d = (sq[:, None] + sq[None, :] - 2 * x @ x.t()).clamp_min(1e-12).sqrt()
+    same = y[:, None] == y[None, :]
+    pos = same & ~torch.eye(n, dtype=torch.bool)
+    p = d.masked_fill(~pos, float("inf")).min(1).values
+    sel = ~same & (d < (p.detach() + margin)[:, None])
+    cnt = sel.sum(1)
+    active = (cnt > 0) & torch.isfinite(p)
+    mean_neg = (d * sel).sum(1) / cnt.clamp_min(1)
+    return torch.where(active, p - mean_neg + margin, torch.zeros_like(p)).sum() / n
+
+
+def recall_at(emb, labels, ks):
+    sim = emb @ emb.t()
+    sim.fill_diagonal_(-float("inf"))
+    idx = sim.topk(max(ks), dim=1).indices
+    hit = labels[idx] == labels[:, None]
+    return {f"recall@{k}": hit[:, :k].any(1).float().mean().item() for k in ks}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="a trainer run directory (its config.json holds the recipe)")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--dataset", choices=["folder", "cub"], default="folder")
+    ap.add_argument("--weights", default=os.path.join(os.path.dirname(__file__), "../../../shared/models/efficientnet-lite0/efficientnet-lite0-57934424.pth"))
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    a = ap.parse_args()
+    t_start = time.time()
+    cfg = json.load(open(os.path.join(a.run, "config.json")))
+    tr = cfg["training"]
+    la = tr["loss_args"]
+    size = cfg["preprocess"]["crop"]
+    dim = cfg["embedding_dim"]
+    loss_name = tr["loss"]
+    frozen = GROUP_START[int(tr["freeze_until"])]
+    views = int(tr.get("cached_views") or 1)
+    epochs, p_cls, k_img = int(tr["epochs"]), int(tr["classes_per_batch"]), int(tr["images_per_class"])
+    lr = float(tr["lr"])
+    head_lr = float(tr["head_lr"] if tr["head_lr"] is not None else 10 * lr)
+    proxy_lr = float(tr["proxy_lr"] if tr.get("proxy_lr") is not None else 100 * lr)
+    warmup_epochs = float((tr.get("plan") or {}).get("warmup_epochs", 0.0))
+    crop_scale = float(tr.get("crop_scale", 0.16))
+    seed = int(tr.get("seed", 0))
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    torch.set_num_threads(a.threads)
+
+    data = load_folder(a.data) if a.dataset == "folder" else load_cub(a.data)
+    trp, trl = data["train"]
+    tep, tel = data["test"]
+    ytr, yte = torch.from_numpy(trl), torch.from_numpy(tel)
+    model = EfficientNetLite0().load_pth(a.weights).eval()
+    stages = model.stages()
+
+    @torch.no_grad()
+    def through(x, lo, hi):
+        for s in stages[lo:hi]:
+            x = s(x)
+        return x
+
+    t0 = time.time()
+    xte = xtr = None
+    if frozen > 0:
+        xte = torch.cat([through(torch.stack([eval_view(p, size) for p in tep[i:i + 32]]), 0, frozen) for i in range(0, len(tep), 32)])
+        per_view = []
+        for v in range(views):
+            def view(p, i=v):
+                return eval_view(p, size) if i == 0 else train_view(p, size, crop_scale, rng)
+            per_view.append(torch.cat([through(torch.stack([view(p) for p in trp[i:i + 32]]), 0, frozen) for i in range(0, len(trp), 32)]))
+        xtr = torch.stack(per_view)  # [views, n, ...]
+    cache_s = time.time() - t0
+
+    head = torch.nn.Linear(1280, dim)
+    train_stages = torch.nn.ModuleList(stages[frozen:])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    bb = [p for s in train_stages for p in s.parameters()]
+    for p in bb:
+        p.requires_grad_(True)
+    groups = [{"params": bb, "lr": lr, "base": lr}, {"params": list(head.parameters()), "lr": head_lr, "base": head_lr}]
+    classes = int(trl.max()) + 1
+    proxies = None
+    if loss_name in ("proxy-anchor", "norm-softmax"):
+        proxies = torch.nn.Parameter(torch.randn(classes, dim))
+        groups.append({"params": [proxies], "lr": proxy_lr, "base": proxy_lr})
+    opt = torch.optim.Adam(groups, weight_decay=5e-4)
+
+    def embed(x):
+        for s in train_stages:
+            x = s(x)
+        return F.normalize(head(x.mean((2, 3))), dim=1)
+
+    def loss_fn(e, y):
+        if loss_name == "multi-similarity":
+            return multi_similarity(e, y, la["ms_alpha"], la["ms_beta"], la["ms_lambda"], la["ms_epsilon"])
+        if loss_name == "proxy-anchor":
+            return proxy_anchor(e, y, proxies, la.get("pa_alpha", 32.0), la.get("pa_delta", 0.1))
+        if loss_name == "norm-softmax":
+            return norm_softmax(e, y, proxies, la.get("softmax_scale", 20.0), la.get("softmax_margin", 0.0))
+        if loss_name == "fuzzy":
+            return fuzzy(e, y, la["fuzzy_margin"])
+        sys.exit(f"learn_peer.py: loss {loss_name} is not implemented here")
+
+    by_class = {}
+    for i, l in enumerate(trl):
+        by_class.setdefault(int(l), []).append(i)
+    per_epoch = max(len(trl) // (p_cls * k_img), 1)
+    total = per_epoch * epochs
+    warmup = round(warmup_epochs * per_epoch)
+    step, t_train, r = 0, 0.0, {}
+    for epoch in range(epochs):
+        t1 = time.time()
+        losses = []
+        for _ in range(per_epoch):
+            idx = []
+            for c in rng.sample(sorted(by_class), p_cls):
+                pool = by_class[c]
+                idx += rng.sample(pool, k_img) if len(pool) >= k_img else rng.choices(pool, k=k_img)
+            f = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(total - warmup, 1))))
+            for g in opt.param_groups:
+                g["lr"] = g["base"] * f
+            if xtr is None:
+                x = torch.stack([train_view(trp[i], size, crop_scale, rng) for i in idx])
+            else:
+                x = xtr[torch.randint(0, views, (len(idx),)), torch.tensor(idx)]
+            loss = loss_fn(embed(x), ytr[idx])
+            opt.zero_grad()
+            if loss.requires_grad:
+                loss.backward()
+                opt.step()
+            losses.append(loss.item())
+            step += 1
+        t_train += time.time() - t1
+        print(f"epoch {epoch + 1}/{epochs}: loss {np.mean(losses):.4f}, {per_epoch * p_cls * k_img / (time.time() - t1):.1f} img/s", file=sys.stderr)
+    with torch.no_grad():
+        if xte is None:
+            e = torch.cat([embed(torch.stack([eval_view(p, size) for p in tep[i:i + 64]])) for i in range(0, len(tep), 64)])
+        else:
+            e = torch.cat([embed(xte[i:i + 256]) for i in range(0, len(xte), 256)])
+        r = recall_at(e, yte, [1, 2, 4, 8])
+    out = {"peer": f"pytorch {torch.__version__}", "run": a.run, "loss": loss_name, "image_size": size, "freeze_until_block": frozen,
+           "epochs": epochs, "cached_views": views, "cache_seconds": cache_s, "train_seconds": t_train,
+           "total_seconds": time.time() - t_start, **r}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
