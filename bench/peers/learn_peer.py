@@ -26,6 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
 from efficientnet_lite0 import EfficientNetLite0  # noqa: E402
+from train_peer import fuzzy_loss, recall_at  # noqa: E402
 
 # The Rust backbone groups Lite0's 16 blocks into 7 stages: stem = 0, groups 1–7, head = 8.
 # Here every block is a stage (stem = 0, blocks 1–16, head = 17).
@@ -121,28 +122,6 @@ def norm_softmax(x, y, proxies, scale=20.0, margin=0.0):
     return F.cross_entropy(logits, y)
 
 
-def fuzzy(x, y, margin=0.1):
-    n = x.shape[0]
-    sq = (x * x).sum(1)
-    d = (sq[:, None] + sq[None, :] - 2 * x @ x.t()).clamp_min(1e-12).sqrt()
-    same = y[:, None] == y[None, :]
-    pos = same & ~torch.eye(n, dtype=torch.bool)
-    p = d.masked_fill(~pos, float("inf")).min(1).values
-    sel = ~same & (d < (p.detach() + margin)[:, None])
-    cnt = sel.sum(1)
-    active = (cnt > 0) & torch.isfinite(p)
-    mean_neg = (d * sel).sum(1) / cnt.clamp_min(1)
-    return torch.where(active, p - mean_neg + margin, torch.zeros_like(p)).sum() / n
-
-
-def recall_at(emb, labels, ks):
-    sim = emb @ emb.t()
-    sim.fill_diagonal_(-float("inf"))
-    idx = sim.topk(max(ks), dim=1).indices
-    hit = labels[idx] == labels[:, None]
-    return {f"recall@{k}": hit[:, :k].any(1).float().mean().item() for k in ks}
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="a trainer run directory (its config.json holds the recipe)")
@@ -224,7 +203,7 @@ def main():
         if loss_name == "norm-softmax":
             return norm_softmax(e, y, proxies, la.get("softmax_scale", 20.0), la.get("softmax_margin", 0.0))
         if loss_name == "fuzzy":
-            return fuzzy(e, y, la["fuzzy_margin"])
+            return fuzzy_loss(e, y, la["fuzzy_margin"])
         sys.exit(f"learn_peer.py: loss {loss_name} is not implemented here")
 
     by_class = {}
