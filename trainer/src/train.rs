@@ -438,6 +438,11 @@ pub fn train(args: TrainArgs, resume: bool) -> Result<TrainSummary> {
     } else if let (Some(size), false) = (args.image_size, resume) {
         set_image_size(&mut model.config.preprocess, size);
     }
+    // A resumed budgeted run keeps recording the plan it was made with.
+    let plan = plan.or_else(|| {
+        let text = std::fs::read_to_string(out.join(PLAN_FILE)).ok()?;
+        serde_json::from_str::<crate::plan::Plan>(&text).ok()
+    });
     model.config.training = serde_json::json!({
         "dataset": args.dataset, "data": args.data, "split": args.split, "loss": args.loss,
         "loss_args": args.loss_args, "epochs": args.epochs, "lr": args.lr, "head_lr": args.head_lr,
