@@ -8,6 +8,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::reference::{naive, norm_softmax, proxy_anchor};
+// Rows drawn around their class's proxy, so some similarities are high and some low.
+use super::tests::{around, to_tensor};
 use super::{
     build, ClassSpace, CrossBatchMemory, LossArgs, LossKind, MetricLoss, NormSoftmax, ProxyAnchor,
 };
@@ -20,31 +22,6 @@ fn unit_rows(n: usize, d: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<f64>> {
             v.into_iter().map(|a| a / norm).collect()
         })
         .collect()
-}
-
-/// Rows drawn around their class's proxy, so some similarities are high and some low.
-fn near_proxies(
-    labels: &[u32],
-    proxies: &[Vec<f64>],
-    noise: f64,
-    rng: &mut ChaCha8Rng,
-) -> Vec<Vec<f64>> {
-    labels
-        .iter()
-        .map(|&y| {
-            let v: Vec<f64> = proxies[y as usize]
-                .iter()
-                .map(|c| c + noise * rng.gen_range(-1.0..1.0))
-                .collect();
-            let norm = v.iter().map(|a| a * a).sum::<f64>().sqrt();
-            v.into_iter().map(|a| a / norm).collect()
-        })
-        .collect()
-}
-
-fn tensor(x: &[Vec<f64>]) -> Tensor {
-    let (n, d) = (x.len(), x.first().map_or(0, Vec::len));
-    Tensor::from_vec(x.concat(), (n, d), &Device::Cpu).unwrap()
 }
 
 /// The two proxy losses (and the CosFace variant) over `proxies`, with their naive values.
@@ -117,10 +94,10 @@ fn proxy_losses_equal_naive_loops() {
     for labels in layouts() {
         for noise in [0.3, 1.0, 3.0] {
             let p = unit_rows(CLASSES, 8, &mut rng);
-            let x = near_proxies(&labels, &p, noise, &mut rng);
-            let pv = Var::from_tensor(&tensor(&p)).unwrap();
+            let x = around(&p, &labels, noise, &mut rng);
+            let pv = Var::from_tensor(&to_tensor(&p)).unwrap();
             for (name, loss, want) in proxy_losses(&pv) {
-                let got = loss.forward(&tensor(&x), &labels).unwrap();
+                let got = loss.forward(&to_tensor(&x), &labels).unwrap();
                 let got = got.loss.to_scalar::<f64>().unwrap();
                 let want = want(&x, &p, &labels);
                 assert!(close(got, want, 1e-9), "{name}: {got} vs naive {want}");
@@ -138,10 +115,10 @@ fn proxy_gradients_match_finite_differences_for_embeddings_and_proxies() {
             .into_iter()
             .map(|r| r.into_iter().map(|v| 1.7 * v).collect())
             .collect();
-        let x = near_proxies(&labels, &p, 1.0, &mut rng);
-        let pv = Var::from_tensor(&tensor(&p)).unwrap();
+        let x = around(&p, &labels, 1.0, &mut rng);
+        let pv = Var::from_tensor(&to_tensor(&p)).unwrap();
         for (name, loss, naive_fn) in proxy_losses(&pv) {
-            let xv = Var::from_tensor(&tensor(&x)).unwrap();
+            let xv = Var::from_tensor(&to_tensor(&x)).unwrap();
             let out = loss.forward(xv.as_tensor(), &labels).unwrap();
             let grads = out.loss.backward().unwrap();
             for (what, var, base) in [("x", &xv, &x), ("proxies", &pv, &p)] {
@@ -198,10 +175,10 @@ fn proxy_losses_on_degenerate_batches_are_finite() {
         ("all rows identical", vec![same; 4], vec![0, 0, 1, 1]),
     ];
     for dtype in [DType::F64, DType::F32] {
-        let pv = Var::from_tensor(&tensor(&p).to_dtype(dtype).unwrap()).unwrap();
+        let pv = Var::from_tensor(&to_tensor(&p).to_dtype(dtype).unwrap()).unwrap();
         for (case, x, labels) in &cases {
             for (name, loss, want) in proxy_losses(&pv) {
-                let xv = Var::from_tensor(&tensor(x).to_dtype(dtype).unwrap()).unwrap();
+                let xv = Var::from_tensor(&to_tensor(x).to_dtype(dtype).unwrap()).unwrap();
                 let out = loss.forward(xv.as_tensor(), labels).unwrap();
                 let got = out
                     .loss
@@ -267,7 +244,7 @@ fn proxy_losses_descend_in_embeddings_and_proxies() {
         assert_eq!(params[0].1.dims(), [4, 8]);
         let mut rng = ChaCha8Rng::seed_from_u64(2);
         let x = Var::from_tensor(
-            &tensor(&unit_rows(16, 8, &mut rng))
+            &to_tensor(&unit_rows(16, 8, &mut rng))
                 .to_dtype(DType::F32)
                 .unwrap(),
         )
@@ -342,7 +319,7 @@ fn cross_batch_memory_extends_a_pair_loss_with_past_batches() {
             .map(|r| r.into_iter().map(|v| v as f32 as f64).collect())
             .collect();
         // Empty memory: exactly the inner loss.
-        let out = xbm.forward(&tensor(&x1), &l1).unwrap();
+        let out = xbm.forward(&to_tensor(&x1), &l1).unwrap();
         let want = naive(kind, &args, &x1, &l1);
         assert!(
             close(out.loss.to_scalar::<f64>().unwrap(), want, 1e-9),
@@ -352,7 +329,7 @@ fn cross_batch_memory_extends_a_pair_loss_with_past_batches() {
         // Next batch: the inner loss over batch + memory, rescaled to the batch's anchors.
         let l2: Vec<u32> = vec![1, 1, 3, 3];
         let x2 = unit_rows(4, 5, &mut rng);
-        let v2 = Var::from_tensor(&tensor(&x2)).unwrap();
+        let v2 = Var::from_tensor(&to_tensor(&x2)).unwrap();
         let out = xbm.forward(v2.as_tensor(), &l2).unwrap();
         let all: Vec<Vec<f64>> = x2.iter().chain(&x1).cloned().collect();
         let all_labels: Vec<u32> = l2.iter().chain(&l1).copied().collect();
@@ -383,7 +360,7 @@ fn cross_batch_memory_extends_a_pair_loss_with_past_batches() {
         }
         // FIFO: 6 + 4 = 10 rows fit; the next batch evicts the oldest.
         assert_eq!(xbm.len(), 10);
-        xbm.forward(&tensor(&x2), &l2).unwrap();
+        xbm.forward(&to_tensor(&x2), &l2).unwrap();
         assert_eq!(xbm.len(), 10);
     }
     let space = ClassSpace {

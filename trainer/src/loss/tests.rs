@@ -78,6 +78,16 @@ fn clustered(labels: &[u32], dim: usize, noise: f64, rng: &mut ChaCha8Rng) -> Ve
     let centres: Vec<Vec<f64>> = (0..classes)
         .map(|_| (0..dim).map(|_| rng.gen_range(-1.0..1.0)).collect())
         .collect();
+    around(&centres, labels, noise, rng)
+}
+
+/// Unit vectors around each label's centre (`centres[label]` + uniform noise, normalised).
+pub(super) fn around(
+    centres: &[Vec<f64>],
+    labels: &[u32],
+    noise: f64,
+    rng: &mut ChaCha8Rng,
+) -> Vec<Vec<f64>> {
     labels
         .iter()
         .map(|&y| {
@@ -91,7 +101,7 @@ fn clustered(labels: &[u32], dim: usize, noise: f64, rng: &mut ChaCha8Rng) -> Ve
         .collect()
 }
 
-fn to_tensor(x: &[Vec<f64>]) -> Tensor {
+pub(super) fn to_tensor(x: &[Vec<f64>]) -> Tensor {
     let (n, d) = (x.len(), x.first().map_or(0, Vec::len));
     Tensor::from_vec(x.concat(), (n, d), &Device::Cpu).unwrap()
 }
