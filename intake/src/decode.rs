@@ -183,6 +183,15 @@ fn check(header: &Header, limits: Limits) -> Result<(), DecodeError> {
 pub fn probe(bytes: &[u8], limits: Limits) -> Result<Header, DecodeError> {
     let format = sniff(bytes)?;
     let decoder = open(bytes, format, limits)?;
+    checked_header(&decoder, format, limits)
+}
+
+/// The header a decoder read, checked against `limits` before any pixel is allocated.
+fn checked_header(
+    decoder: &impl ImageDecoder,
+    format: ImageFormat,
+    limits: Limits,
+) -> Result<Header, DecodeError> {
     let (width, height) = decoder.dimensions();
     let header = Header {
         format,
@@ -199,14 +208,7 @@ pub fn probe(bytes: &[u8], limits: Limits) -> Result<Header, DecodeError> {
 pub fn decode(bytes: &[u8], limits: Limits) -> Result<DynamicImage, DecodeError> {
     let format = sniff(bytes)?;
     let mut decoder = open(bytes, format, limits)?;
-    let (width, height) = decoder.dimensions();
-    let header = Header {
-        format,
-        width,
-        height,
-        decoded_bytes: decoder.total_bytes(),
-    };
-    check(&header, limits)?;
+    let header = checked_header(&decoder, format, limits)?;
     if format == ImageFormat::Jpeg && !jpeg_scan_is_complete(bytes) {
         return Err(DecodeError::Truncated {
             format: format_name(format),

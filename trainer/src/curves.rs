@@ -71,18 +71,7 @@ fn render(
             .filter_map(|p| p.loss.map(|l| (p.epoch, l)))
             .collect();
         let max_loss = losses.iter().map(|p| p.1).fold(1e-6, f64::max) * 1.1;
-        let mut chart = ChartBuilder::on(&left)
-            .caption("training loss", ("sans-serif", 15))
-            .margin(12)
-            .x_label_area_size(32)
-            .y_label_area_size(48)
-            .build_cartesian_2d(0.0..max_epoch, 0.0..max_loss)
-            .map_err(|e| e.to_string())?;
-        chart
-            .configure_mesh()
-            .x_desc("epoch")
-            .draw()
-            .map_err(|e| e.to_string())?;
+        let mut chart = panel(&left, "training loss", max_epoch, 0.0..max_loss)?;
         chart
             .draw_series(LineSeries::new(losses.iter().copied(), RED.stroke_width(2)))
             .map_err(|e| e.to_string())?;
@@ -100,18 +89,7 @@ fn render(
             .chain(baseline.map(|b| 100.0 * b))
             .fold(100.0, f64::min);
         let lo = (lo - 5.0).max(0.0).floor();
-        let mut chart = ChartBuilder::on(&right)
-            .caption("test Recall@1 (%)", ("sans-serif", 15))
-            .margin(12)
-            .x_label_area_size(32)
-            .y_label_area_size(48)
-            .build_cartesian_2d(0.0..max_epoch, lo..100.0)
-            .map_err(|e| e.to_string())?;
-        chart
-            .configure_mesh()
-            .x_desc("epoch")
-            .draw()
-            .map_err(|e| e.to_string())?;
+        let mut chart = panel(&right, "test Recall@1 (%)", max_epoch, lo..100.0)?;
         if let Some(b) = baseline {
             chart
                 .draw_series(LineSeries::new(
@@ -142,6 +120,35 @@ fn render(
         root.present().map_err(|e| e.to_string())?;
     }
     Ok(svg)
+}
+
+type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+type Chart<'a, 'b> = ChartContext<
+    'a,
+    SVGBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// One panel: epochs on x, `y` on y, captioned, with its grid drawn.
+fn panel<'a, 'b>(
+    area: &'a Area<'b>,
+    caption: &str,
+    max_epoch: f64,
+    y: std::ops::Range<f64>,
+) -> std::result::Result<Chart<'a, 'b>, String> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 15))
+        .margin(12)
+        .x_label_area_size(32)
+        .y_label_area_size(48)
+        .build_cartesian_2d(0.0..max_epoch, y)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("epoch")
+        .draw()
+        .map_err(|e| e.to_string())?;
+    Ok(chart)
 }
 
 #[cfg(test)]

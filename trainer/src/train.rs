@@ -896,10 +896,22 @@ impl Run {
         Ok((e, l))
     }
 
-    fn evaluate(&self, pretrained: bool) -> Result<metrics::RetrievalMetrics> {
+    /// Metrics of the eval split after `epoch` epochs (0 with `pretrained`: the bare features).
+    fn evaluate(&self, pretrained: bool, epoch: usize) -> Result<metrics::RetrievalMetrics> {
         let (emb, labels) = self.embed_eval(pretrained)?;
         if emb.iter().any(|v| !v.is_finite()) {
-            return Err(Error::Invalid("the embeddings became non-finite".into()));
+            return Err(if pretrained {
+                Error::Invalid(
+                    "the pretrained features are non-finite: check the weights file".into(),
+                )
+            } else {
+                diverged(
+                    "the embeddings became non-finite",
+                    epoch.saturating_sub(1),
+                    None,
+                    &self.args.out,
+                )
+            });
         }
         let dim = emb.len() / labels.len().max(1);
         let ks = metrics::default_ks(self.args.dataset == DatasetKind::Sop);
@@ -916,7 +928,7 @@ impl Run {
             let (b, _) = crate::curves::points(&lines);
             return Ok(b);
         }
-        let m = self.evaluate(true)?;
+        let m = self.evaluate(true, 0)?;
         let r1 = m.recall.first().map(|&(_, r)| r);
         eprintln!("pretrained features on the eval split:\n{}", m.table());
         let mut line = serde_json::Map::new();
@@ -966,12 +978,7 @@ impl Run {
             self.keep_to_deadline(done, t0.elapsed().as_secs_f64());
             let last = done == self.args.epochs;
             if (self.args.eval_every > 0 && done.is_multiple_of(self.args.eval_every)) || last {
-                let m = self.evaluate(false).map_err(|e| match e {
-                    Error::Invalid(what) if what.contains("non-finite") => {
-                        diverged(&what, epoch, None, &self.args.out)
-                    }
-                    e => e,
-                })?;
+                let m = self.evaluate(false, done)?;
                 last_metrics = Some(self.record(done, mean_loss, ips, &m)?);
             }
             if (self.args.checkpoint_every > 0 && done.is_multiple_of(self.args.checkpoint_every))
