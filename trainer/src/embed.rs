@@ -240,23 +240,7 @@ impl Embedder {
     /// Wraps a loaded model; folds its backbone for inference when the kind supports it.
     /// The fused copy is a snapshot: later changes to the model's variables are not seen.
     pub fn from_model(model: EmbeddingModel, identity: ModelIdentity) -> Result<Self> {
-        let fused = match model.config.backbone {
-            BackboneKind::EfficientnetLite0 if model.device.is_cpu() => {
-                let data = model.varmap.data().lock().expect("varmap lock");
-                let get = |name: &str| {
-                    let full = format!("{BACKBONE_PREFIX}.{name}");
-                    data.get(&full)
-                        .map(|v| v.as_tensor().detach())
-                        .ok_or_else(|| {
-                            candle_core::Error::Msg(format!(
-                                "variable {full} missing from the model"
-                            ))
-                        })
-                };
-                Some(FusedEfficientNetLite::from_vars(&LITE0_STAGES, get)?)
-            }
-            _ => None,
-        };
+        let fused = fused_backbone(&model)?;
         Ok(Self {
             model,
             identity,
@@ -328,6 +312,24 @@ impl Embedder {
         }
         Ok(out)
     }
+}
+
+/// A BN-folded inference copy of `model`'s backbone where one exists for its kind (CPU
+/// EfficientNet-Lite0): a snapshot, later changes to the model's variables are not seen.
+pub fn fused_backbone(model: &EmbeddingModel) -> Result<Option<FusedEfficientNetLite>> {
+    if model.config.backbone != BackboneKind::EfficientnetLite0 || !model.device.is_cpu() {
+        return Ok(None);
+    }
+    let data = model.varmap.data().lock().expect("varmap lock");
+    let get = |name: &str| {
+        let full = format!("{BACKBONE_PREFIX}.{name}");
+        data.get(&full)
+            .map(|v| v.as_tensor().detach())
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!("variable {full} missing from the model"))
+            })
+    };
+    Ok(Some(FusedEfficientNetLite::from_vars(&LITE0_STAGES, get)?))
 }
 
 /// Vectors of a whole dataset, in sample order.

@@ -63,6 +63,12 @@ pub struct Speeds {
     /// Floats per image of the activation entering each stage `f` in `0..=stages` (what
     /// the cache holds when stages `0..f` are frozen).
     pub activation_floats: Vec<usize>,
+    /// Evaluation forward from the activation entering stage `f` to the pooled features,
+    /// per image, for `f` in `0..=stages`: the folded inference network where the backbone
+    /// has one (several times faster than [`Speeds::forward`]), else the sum of `forward`.
+    /// Empty: the sums of `forward`.
+    #[serde(default)]
+    pub eval_from: Vec<f64>,
 }
 
 impl Speeds {
@@ -71,6 +77,13 @@ impl Speeds {
     }
     fn forward_range(&self, r: std::ops::Range<usize>) -> f64 {
         self.forward[r].iter().sum()
+    }
+    /// Evaluation cost per image from stage `f` on (see [`Speeds::eval_from`]).
+    fn eval_range(&self, f: usize) -> f64 {
+        match self.eval_from.get(f) {
+            Some(&t) => t,
+            None => self.forward_range(f..self.stages()),
+        }
     }
 }
 
@@ -171,20 +184,19 @@ fn cost(
 ) -> (f64, f64, f64) {
     let n = data.train_images as f64;
     let m = data.eval_images as f64;
-    let stages = s.stages();
     let (cache, per_epoch, per_eval) = if f == 0 {
         // Images are decoded and augmented live by the loader, which shares the cores.
         (
             0.0,
             n * (s.train[0] + s.decode),
-            m * (s.decode + s.forward_range(0..stages)),
+            m * (s.decode + s.eval_range(0)),
         )
     } else {
         let per_image = s.decode + s.forward_range(0..f);
         (
             (n * views as f64 + m) * per_image,
             n * s.train[f],
-            m * s.forward_range(f..stages),
+            m * s.eval_range(f),
         )
     };
     (cache, per_epoch * epochs as f64, per_eval * evals as f64)
@@ -292,6 +304,19 @@ impl Deadline {
     }
 }
 
+/// The new epoch total for a budgeted run that has done `done` epochs, planned `remaining`
+/// more, and has time for `fit` more at the speed measured: fewer when they do not fit; more
+/// when at least two more fit (one is kept spare for the machine slowing down), never past
+/// [`MAX_EPOCHS`] nor cutting a plan that was already longer. `None`: keep the plan.
+pub fn deadline_epochs(done: usize, remaining: usize, fit: usize) -> Option<usize> {
+    if fit < remaining {
+        return Some(done + fit);
+    }
+    let planned = done + remaining;
+    let longer = (done + fit - 1).min(MAX_EPOCHS.max(planned));
+    (fit >= remaining + 2 && longer > planned).then_some(longer)
+}
+
 /// The typical shorter side of the training images, read from the headers of up to 200
 /// files spread over the set (no pixel is decoded; EXIF rotation does not change it).
 pub fn median_side(paths: &[&std::path::Path]) -> Result<u32> {
@@ -350,6 +375,25 @@ pub fn measure(
         forward.push(best / batch as f64);
     }
 
+    // Evaluation from every depth, through the folded network where there is one.
+    let fused = crate::embed::fused_backbone(model)?;
+    let mut eval_from = vec![0.0; stages + 1];
+    for f in 0..stages {
+        eval_from[f] = match &fused {
+            Some(net) => {
+                let mut best = f64::INFINITY;
+                for _ in 0..2 {
+                    let t = Instant::now();
+                    std::hint::black_box(net.pooled_features_from_stage(&acts[f], f)?);
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                best / batch as f64
+            }
+            None => forward[f..].iter().sum(),
+        };
+    }
+    drop(fused);
+
     // A training step from every freeze depth (best of two; the first also warms the allocator).
     let mut train = vec![0.0; stages + 1];
     for f in 0..=stages {
@@ -394,6 +438,7 @@ pub fn measure(
         train,
         decode,
         activation_floats: floats,
+        eval_from,
     })
 }
 
@@ -419,6 +464,7 @@ mod tests {
             activation_floats: vec![
                 150_528, 401_408, 200_704, 75_264, 31_360, 15_680, 21_952, 9_408, 15_680, 62_720,
             ],
+            eval_from: Vec::new(),
         }
     }
 
@@ -466,6 +512,20 @@ mod tests {
     }
 
     #[test]
+    fn a_faster_evaluation_network_leaves_more_epochs() {
+        let graph = speeds(1.0);
+        let mut folded = speeds(1.0);
+        folded.eval_from = (0..=folded.stages())
+            .map(|f| 0.1 * folded.forward_range(f..folded.stages()))
+            .collect();
+        let a = plan(1800.0, &data(3000), &graph, false).unwrap();
+        let b = plan(1800.0, &data(3000), &folded, false).unwrap();
+        assert_eq!(a.freeze_until, b.freeze_until, "{a:?} {b:?}");
+        assert!(b.seconds_eval < 0.5 * a.seconds_eval, "{a:?} {b:?}");
+        assert!(b.epochs > a.epochs, "{a:?} {b:?}");
+    }
+
+    #[test]
     fn views_are_bounded_by_time_and_memory() {
         let p = plan(3600.0, &data(3000), &speeds(20.0), false).unwrap();
         assert!(p.freeze_until > 0, "{p:?}");
@@ -486,6 +546,21 @@ mod tests {
         let err = plan(1.0, &data(100_000), &speeds(1.0), false).unwrap_err();
         assert!(err.to_string().contains("larger --time-budget"), "{err}");
         assert!(plan(100.0, &data(0), &speeds(1.0), false).is_err());
+    }
+
+    #[test]
+    fn the_deadline_shortens_a_late_run_and_lengthens_an_early_one() {
+        // Behind: only what fits.
+        assert_eq!(deadline_epochs(5, 10, 3), Some(8));
+        assert_eq!(deadline_epochs(5, 10, 0), Some(5));
+        // On time, or one epoch spare: the plan stands.
+        assert_eq!(deadline_epochs(5, 10, 10), None);
+        assert_eq!(deadline_epochs(5, 10, 11), None);
+        // Ahead: more epochs, one kept spare, capped at MAX_EPOCHS.
+        assert_eq!(deadline_epochs(5, 10, 14), Some(18));
+        assert_eq!(deadline_epochs(5, 10, 500), Some(MAX_EPOCHS));
+        // A plan already past the cap is not cut because it is ahead.
+        assert_eq!(deadline_epochs(5, 70, 500), None);
     }
 
     #[test]

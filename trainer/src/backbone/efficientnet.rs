@@ -307,6 +307,8 @@ pub struct FusedEfficientNetLite {
     stem: FusedConv,
     /// Every block, all groups in order.
     blocks: Vec<Block>,
+    /// Index in `blocks` of each group's first block, so a run can start at a stage boundary.
+    group_starts: Vec<usize>,
     head: FusedConv,
 }
 
@@ -340,7 +342,9 @@ impl FusedEfficientNetLite {
         let stem = conv("stem", 2, false, Act::Relu6)?;
         let mut in_ch = STEM_CHANNELS;
         let mut blocks = Vec::new();
+        let mut group_starts = Vec::with_capacity(config.len());
         for (s, cfg) in config.iter().enumerate() {
+            group_starts.push(blocks.len());
             for b in 0..cfg.repeats {
                 let stride = if b == 0 { cfg.stride } else { 1 };
                 let p = format!("blocks.{s}.{b}");
@@ -361,7 +365,37 @@ impl FusedEfficientNetLite {
             }
         }
         let head = conv("head", 1, false, Act::Relu6)?;
-        Ok(Self { stem, blocks, head })
+        Ok(Self {
+            stem,
+            blocks,
+            group_starts,
+            head,
+        })
+    }
+
+    /// Pooled features `[B, 1280]` from the training network's activation entering stage
+    /// `stage` (numbered as [`EfficientNetLite`]'s: 0 = stem, so `x` is then the image batch;
+    /// the last = head). The trainer evaluates cached frozen-stage activations this way.
+    pub fn pooled_features_from_stage(&self, x: &Tensor, stage: usize) -> Result<Tensor> {
+        if stage == 0 {
+            return self.pooled_features(x);
+        }
+        let first_block = match stage - 1 {
+            g if g < self.group_starts.len() => self.group_starts[g],
+            g if g == self.group_starts.len() => self.blocks.len(),
+            _ => candle_core::bail!("stage {stage} is past the stages of efficientnet-lite0"),
+        };
+        let b = x.dim(0)?;
+        let pooled = rayon::scope(|_| {
+            let h = Activation::from_tensor(x)?.to_format(MemoryFormat::Nhwc);
+            let h = self.run_blocks(h, first_block..self.blocks.len(), Threads::Pool)?;
+            self.head_and_pool(&h, Threads::Pool)
+        })?;
+        Tensor::from_vec(
+            pooled,
+            (b, self.head.out_channels()),
+            &candle_core::Device::Cpu,
+        )
     }
 
     /// Pooled features `[B, 1280]` of a normalised image batch `[B, 3, H, W]` (f32, CPU), in
@@ -600,6 +634,32 @@ mod tests {
                 "{schedule:?}, batch {b}: fused differs by {diff} (scale {scale})"
             );
         }
+        // Starting at a stage boundary from the training network's activation (the trainer's
+        // cached frozen stages) gives the same features as the whole network.
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 65, 65), &Device::Cpu).unwrap();
+        let want = net
+            .pool(&net.forward_stages(&x, 0..net.num_stages()).unwrap())
+            .unwrap();
+        let scale = f64::from(
+            want.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+        );
+        for stage in 0..net.num_stages() {
+            let h = net.forward_stages(&x, 0..stage).unwrap();
+            let got = fused.pooled_features_from_stage(&h, stage).unwrap();
+            let diff = max_abs_diff(&got, &want).unwrap();
+            assert!(
+                diff <= 1e-5 * scale.max(1.0),
+                "from stage {stage}: differs by {diff} (scale {scale})"
+            );
+        }
+        assert!(fused
+            .pooled_features_from_stage(&x, net.num_stages())
+            .is_err());
         let missing =
             FusedEfficientNetLite::from_vars(&LITE0_STAGES, |n| candle_core::bail!("no {n}"));
         assert!(missing.unwrap_err().to_string().contains("stem.bn.weight"));
