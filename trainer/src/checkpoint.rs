@@ -31,6 +31,9 @@ pub struct ModelConfig {
     pub feature_dim: usize,
     /// Output dim of the linear embedding head; `None` = the pooled features themselves.
     pub embedding_dim: Option<usize>,
+    /// How the backbone's last feature map is pooled (older checkpoints: average).
+    #[serde(default)]
+    pub pooling: crate::backbone::Pooling,
     pub preprocess: Preprocess,
     /// Training provenance (dataset, loss, schedule); informative only.
     #[serde(default)]
@@ -56,6 +59,7 @@ impl ModelConfig {
             backbone,
             feature_dim,
             embedding_dim,
+            pooling: Default::default(),
             preprocess,
             training: serde_json::Value::Null,
             metrics: serde_json::Value::Null,

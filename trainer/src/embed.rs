@@ -164,9 +164,10 @@ impl EmbeddingModel {
     /// Embeds from an activation after stage `start - 1` (an image batch when `start == 0`).
     pub fn embed_from_stage(&self, x: &Tensor, start: usize) -> candle_core::Result<Tensor> {
         let n = self.backbone.num_stages();
-        let feats = self
-            .backbone
-            .pool(&self.backbone.forward_stages(x, start..n)?)?;
+        let feats = backbone::pool(
+            &self.backbone.forward_stages(x, start..n)?,
+            self.config.pooling,
+        )?;
         self.embed_pooled(&feats)
     }
 
@@ -329,7 +330,9 @@ pub fn fused_backbone(model: &EmbeddingModel) -> Result<Option<FusedEfficientNet
                 candle_core::Error::Msg(format!("variable {full} missing from the model"))
             })
     };
-    Ok(Some(FusedEfficientNetLite::from_vars(&LITE0_STAGES, get)?))
+    Ok(Some(
+        FusedEfficientNetLite::from_vars(&LITE0_STAGES, get)?.with_pooling(model.config.pooling),
+    ))
 }
 
 /// Vectors of a whole dataset, in sample order.

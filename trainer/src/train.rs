@@ -59,6 +59,10 @@ pub struct TrainArgs {
     /// Embedding dimension of the linear head (the seed: 512).
     #[arg(long, default_value_t = 512)]
     pub embedding_dim: usize,
+    /// Global pooling of the last feature map: `avg` (ImageNet's), `max`, or `avg-max` (their
+    /// sum, as Proxy-Anchor trains CUB and Cars). Recorded in the checkpoint.
+    #[arg(long, value_enum, default_value = "avg")]
+    pub pooling: crate::backbone::Pooling,
     /// Head initialisation: `identity` starts training from the pretrained metric itself
     /// (best with --embedding-dim equal to the backbone's feature dim, 1280 for EfficientNet-Lite0).
     #[arg(long, value_enum, default_value = "random")]
@@ -448,7 +452,7 @@ pub fn train(args: TrainArgs, resume: bool) -> Result<TrainSummary> {
         "loss_args": args.loss_args, "epochs": args.epochs, "lr": args.lr, "head_lr": args.head_lr,
         "proxy_lr": args.proxy_lr, "xbm": args.xbm, "accumulate": args.accumulate,
         "optimizer": args.optimizer, "classes_per_batch": args.classes_per_batch,
-        "images_per_class": args.images_per_class, "head_init": args.head_init,
+        "images_per_class": args.images_per_class, "head_init": args.head_init, "pooling": args.pooling,
         "freeze_until": args.freeze_until, "cached_views": args.cached_views,
         "crop_scale": args.crop_scale, "bn": args.bn, "seed": args.seed, "plan": plan,
     });
@@ -594,7 +598,9 @@ fn build_model(args: &TrainArgs, resume: bool, device: &Device) -> Result<Embedd
     }
     let weights = crate::weights::resolve_pretrained(args.backbone, args.weights.as_deref())?;
     seed_candle(args.seed);
-    let m = EmbeddingModel::pretrained(args.backbone, &weights, Some(args.embedding_dim), device)?;
+    let mut m =
+        EmbeddingModel::pretrained(args.backbone, &weights, Some(args.embedding_dim), device)?;
+    m.config.pooling = args.pooling;
     if args.head_init == HeadInit::Identity {
         m.init_head_identity()?;
     }

@@ -20,7 +20,7 @@ use candle_nn::VarBuilder;
 use super::bias_act::Activation::Relu6;
 use super::layers::{ConvBn, ConvSpec, Padding};
 use super::{Backbone, BackboneKind};
-use crate::ops::fused::{global_avg_pool, Act, Activation, BnParams, FusedConv};
+use crate::ops::fused::{global_avg_pool, global_max_pool, Act, Activation, BnParams, FusedConv};
 use crate::ops::MemoryFormat;
 use crate::ops::Threads;
 use rayon::prelude::*;
@@ -310,6 +310,7 @@ pub struct FusedEfficientNetLite {
     /// Index in `blocks` of each group's first block, so a run can start at a stage boundary.
     group_starts: Vec<usize>,
     head: FusedConv,
+    pooling: crate::backbone::Pooling,
 }
 
 impl FusedEfficientNetLite {
@@ -370,7 +371,14 @@ impl FusedEfficientNetLite {
             blocks,
             group_starts,
             head,
+            pooling: crate::backbone::Pooling::Avg,
         })
+    }
+
+    /// The same network pooling its last feature map as `pooling` (default: average).
+    pub fn with_pooling(mut self, pooling: crate::backbone::Pooling) -> Self {
+        self.pooling = pooling;
+        self
     }
 
     /// Pooled features `[B, 1280]` from the training network's activation entering stage
@@ -507,7 +515,15 @@ impl FusedEfficientNetLite {
 
     fn head_and_pool(&self, h: &Activation, threads: Threads) -> Result<Vec<f32>> {
         let f = self.head.forward_to(h, None, MemoryFormat::Nhwc, threads)?;
-        Ok(global_avg_pool(&f))
+        Ok(match self.pooling {
+            crate::backbone::Pooling::Avg => global_avg_pool(&f),
+            crate::backbone::Pooling::Max => global_max_pool(&f),
+            crate::backbone::Pooling::AvgMax => global_avg_pool(&f)
+                .into_iter()
+                .zip(global_max_pool(&f))
+                .map(|(a, m)| a + m)
+                .collect(),
+        })
     }
 }
 
@@ -660,6 +676,29 @@ mod tests {
         assert!(fused
             .pooled_features_from_stage(&x, net.num_stages())
             .is_err());
+        // The other poolings, from the images and from a cached stage.
+        for pooling in [
+            crate::backbone::Pooling::Max,
+            crate::backbone::Pooling::AvgMax,
+        ] {
+            let want = crate::backbone::pool(
+                &net.forward_stages(&x, 0..net.num_stages()).unwrap(),
+                pooling,
+            )
+            .unwrap();
+            let f = fused.clone().with_pooling(pooling);
+            let h = net.forward_stages(&x, 0..3).unwrap();
+            for got in [
+                f.pooled_features(&x).unwrap(),
+                f.pooled_features_from_stage(&h, 3).unwrap(),
+            ] {
+                let diff = max_abs_diff(&got, &want).unwrap();
+                assert!(
+                    diff <= 1e-5 * scale.max(1.0),
+                    "{pooling:?}: differs by {diff}"
+                );
+            }
+        }
         let missing =
             FusedEfficientNetLite::from_vars(&LITE0_STAGES, |n| candle_core::bail!("no {n}"));
         assert!(missing.unwrap_err().to_string().contains("stem.bn.weight"));

@@ -57,6 +57,35 @@ impl std::str::FromStr for BackboneKind {
     }
 }
 
+/// How the last feature map becomes one vector per image.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+#[value(rename_all = "kebab-case")]
+pub enum Pooling {
+    /// Global average (ImageNet's; what the pretrained features are).
+    #[default]
+    Avg,
+    /// Global maximum: where a pattern occurs does not dilute it (sparse images such as
+    /// strokes or products on a plain background).
+    Max,
+    /// Average + maximum, summed (Kim et al. 2020's Proxy-Anchor setting).
+    AvgMax,
+}
+
+/// Pools `[B, C, H, W]` → `[B, C]`.
+pub fn pool(x: &Tensor, pooling: Pooling) -> Result<Tensor> {
+    use candle_core::D;
+    let avg = || x.mean(D::Minus1)?.mean(D::Minus1);
+    let max = || x.max(D::Minus1)?.max(D::Minus1);
+    match pooling {
+        Pooling::Avg => avg(),
+        Pooling::Max => max(),
+        Pooling::AvgMax => avg()? + max()?,
+    }
+}
+
 /// A feature extractor split into stages (stem = 0, …, last = head conv).
 ///
 /// `features(x) == pool(forward_stages(x, 0..num_stages()))`. Training with

@@ -456,6 +456,30 @@ pub fn global_avg_pool(x: &Activation) -> Vec<f32> {
         .collect()
 }
 
+/// Global max pooling `[b, c, h, w]` → `[b, c]` (row-major), parallel over images.
+pub fn global_max_pool(x: &Activation) -> Vec<f32> {
+    let (c, hw) = (x.c, x.h * x.w);
+    x.data
+        .par_chunks(c * hw)
+        .flat_map_iter(|img| {
+            let mut max = vec![f32::NEG_INFINITY; c];
+            match x.format {
+                MemoryFormat::Nhwc => {
+                    for px in img.chunks(c) {
+                        max.iter_mut().zip(px).for_each(|(m, &v)| *m = m.max(v));
+                    }
+                }
+                MemoryFormat::Nchw => {
+                    for (m, plane) in max.iter_mut().zip(img.chunks(hw)) {
+                        *m = plane.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    }
+                }
+            }
+            max
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -515,6 +539,17 @@ mod tests {
             x.data[((img * 5 + ch) * 3 + y) * 4 + x_]
         );
         assert_eq!(global_avg_pool(&nhwc), global_avg_pool(&x));
+        assert_eq!(global_max_pool(&nhwc), global_max_pool(&x));
+        let want = crate::backbone::pool(
+            &x.clone().into_tensor().unwrap(),
+            crate::backbone::Pooling::Max,
+        )
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+        assert_eq!(global_max_pool(&x), want);
         assert_eq!(nhwc.to_format(MemoryFormat::Nchw).data, x.data);
     }
 
