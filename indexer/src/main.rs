@@ -49,7 +49,8 @@ struct ModelArgs {
     /// A training run directory, or `pretrained:efficientnet-lite0` (also resnet18, resnet50, bn-inception).
     #[arg(long)]
     model: String,
-    /// Weight file of a pretrained backbone (default: looked up by the trainer's weight resolution).
+    /// Weight file of a pretrained backbone (default: $DEEP_METRIC_WEIGHTS, else the Hugging Face
+    /// cache, else downloaded from the hub into it; bn-inception has no hub repo and needs this).
     #[arg(long)]
     weights: Option<PathBuf>,
 }
