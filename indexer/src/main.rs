@@ -235,7 +235,10 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // Warnings, and the weight download (a network fetch should never be silent).
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("warn,trainer::weights=info")
+                }),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -241,7 +241,7 @@ fn parse_range(r: &str, len: usize) -> Option<(usize, usize)> {
 fn hub_env<'a>(cmd: &'a mut Command, endpoint: &str, hf_home: &Path) -> &'a mut Command {
     cmd.env("HF_HOME", hf_home)
         .env("HF_ENDPOINT", endpoint)
-        .env("RUST_LOG", "info")
+        .env_remove("RUST_LOG")
         .env_remove("DEEP_METRIC_WEIGHTS")
         .env_remove("HF_HUB_CACHE")
         .env_remove("HF_HUB_OFFLINE")
@@ -266,12 +266,12 @@ fn read_fvecs(path: &Path) -> Vec<Vec<f32>> {
     rows
 }
 
-/// Builds an index of `images` and returns its vectors.
+/// Builds an index of `images`; returns its vectors and the indexer's log.
 fn embed(
     images: &Path,
     out: &Path,
     cmd: impl FnOnce(&mut Command) -> &mut Command,
-) -> Vec<Vec<f32>> {
+) -> (Vec<Vec<f32>>, String) {
     let mut c = Command::new(bin("indexer"));
     c.args([
         "build",
@@ -282,14 +282,14 @@ fn embed(
     .arg(images)
     .arg("--out")
     .arg(out);
-    ok(run(cmd(&mut c)));
+    let log = String::from_utf8_lossy(&ok(run(cmd(&mut c))).stderr).into_owned();
     let fvecs = out.with_extension("fvecs");
     ok(run(Command::new(bin("indexer"))
         .args(["export-vectors", "--index"])
         .arg(out)
         .arg("--out")
         .arg(&fvecs)));
-    read_fvecs(&fvecs)
+    (read_fvecs(&fvecs), log)
 }
 
 /// The reference photos beside the shared weights (a cat, an owl, …), copied to `dir`.
@@ -329,9 +329,11 @@ fn weights_download_into_hf_home_and_embed_like_the_pth() {
     let n = photos(&pth, &images);
     let hf_home = tmp.path().join("hf-home");
 
-    let from_hub = embed(&images, &tmp.path().join("idx-hub"), |c| {
+    let (from_hub, log) = embed(&images, &tmp.path().join("idx-hub"), |c| {
         hub_env(c, &hub.endpoint, &hf_home)
     });
+    // A network fetch is never silent, even at the indexer's default log level.
+    assert!(log.contains("downloading pretrained weights"), "{log}");
     // The standard cache layout, as huggingface_hub writes it.
     let repo_dir = hf_home.join("hub/models--timm--tf_efficientnet_lite0.in1k");
     assert_eq!(
@@ -368,7 +370,7 @@ fn weights_download_into_hf_home_and_embed_like_the_pth() {
     );
 
     // The timm-layout download embeds exactly like the original .pth.
-    let from_pth = embed(&images, &tmp.path().join("idx-pth"), |c| {
+    let (from_pth, _) = embed(&images, &tmp.path().join("idx-pth"), |c| {
         c.arg("--weights")
             .arg(&pth)
             .env_remove("DEEP_METRIC_WEIGHTS")
@@ -387,10 +389,11 @@ fn weights_download_into_hf_home_and_embed_like_the_pth() {
 
     // Second start: from the cache, without a single request.
     let before = hub.requests().len();
-    let again = embed(&images, &tmp.path().join("idx-hub-2"), |c| {
+    let (again, log) = embed(&images, &tmp.path().join("idx-hub-2"), |c| {
         hub_env(c, &hub.endpoint, &hf_home)
     });
     assert_eq!(hub.requests().len(), before, "{:?}", hub.requests());
+    assert!(!log.contains("downloading"), "{log}");
     assert_eq!(again, from_hub);
 }
 
