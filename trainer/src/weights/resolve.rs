@@ -198,7 +198,8 @@ pub fn download(
         .map_err(|e| match e {
             // ureq's message already names the URL.
             hf_hub::api::sync::ApiError::RequestError(e) => e.to_string(),
-            e => format!("{url}: {e}"),
+            // Reading the body or writing the cache: name both ends.
+            e => format!("{url} into {}: {e}", cache.display()),
         })?;
     verify_download(&path)?;
     let size = path.metadata().map(|m| m.len()).unwrap_or(0);
