@@ -44,6 +44,9 @@ async function loadConfig() {
     $("add-panel").hidden = cfg.read_only;
     $("key-row").hidden = !cfg.auth_required;
     $("status").textContent = `${cfg.gallery_items.toLocaleString()} images · ${cfg.model}`;
+    // An empty gallery says how to fill it (the upload route only where the server allows it).
+    $("empty-gallery").hidden = cfg.gallery_items > 0;
+    $("empty-upload").hidden = cfg.read_only;
   } catch (e) {
     $("status").textContent = "Server unreachable";
     showError(`Cannot reach the search server: ${e.message}`);

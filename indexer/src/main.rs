@@ -49,7 +49,8 @@ struct ModelArgs {
     /// A training run directory, or `pretrained:efficientnet-lite0` (also resnet18, resnet50, bn-inception).
     #[arg(long)]
     model: String,
-    /// Weight file of a pretrained backbone (default: looked up by the trainer's weight resolution).
+    /// Weight file of a pretrained backbone (default: $DEEP_METRIC_WEIGHTS, else the Hugging Face
+    /// cache, else downloaded from the hub into it; bn-inception has no hub repo and needs this).
     #[arg(long)]
     weights: Option<PathBuf>,
 }
@@ -234,7 +235,10 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // Warnings, and the weight download (a network fetch should never be silent).
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("warn,trainer::weights=info")
+                }),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -13,6 +13,10 @@ use crate::routes::Settings;
 
 /// Query-by-image search over a gallery: a JSON API and a web page.
 ///
+/// With no flags at all it serves the pretrained EfficientNet-Lite0 (downloaded into the
+/// Hugging Face cache on first start, see --weights) over an empty gallery in
+/// ./deep-metric-data, on http://127.0.0.1:8080; the page says how to add images.
+///
 /// With no --index, the server keeps its own index in --data-dir (created on first start)
 /// and --gallery DIR adds a folder of images to it at start-up (files already indexed are
 /// skipped by content hash). With --index DIR it serves an index built by `indexer build`
@@ -52,7 +56,8 @@ pub struct Args {
     #[arg(long, default_value = "pretrained:efficientnet-lite0")]
     pub model: String,
 
-    /// Pretrained weight file (else $DEEP_METRIC_WEIGHTS, else the Hugging Face cache).
+    /// Pretrained weight file (else $DEEP_METRIC_WEIGHTS, else the Hugging Face cache, else downloaded from the hub into it (efficientnet-lite0: timm/tf_efficientnet_lite0.in1k; resnet18/50: timm/resnet*.a1_in1k; bn-inception has no hub repo and needs this flag). $HF_HOME / $HF_HUB_CACHE
+    /// locate the cache, $HF_ENDPOINT the hub, and $HF_HUB_OFFLINE=1 forbids downloading.
     #[arg(long)]
     pub weights: Option<PathBuf>,
 

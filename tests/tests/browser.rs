@@ -202,19 +202,111 @@ fn base64_decode(s: &str) -> Vec<u8> {
     out
 }
 
-#[test]
-fn page_uploads_an_image_and_shows_result_thumbnails() {
-    let (Some(bin), Some(weights)) = (server_binary(), weights()) else {
-        return;
-    };
+/// chromedriver and chromium, or `None` with a message.
+fn browser_programs() -> Option<(PathBuf, PathBuf)> {
     let Some(chromedriver) = find_program(&["/usr/bin/chromedriver", "chromedriver"]) else {
         eprintln!("skipping: chromedriver not found (apt-get install chromium chromium-driver)");
-        return;
+        return None;
     };
     let Some(chromium) =
         find_program(&["/usr/bin/chromium", "chromium", "/usr/bin/chromium-browser"])
     else {
         eprintln!("skipping: chromium not found (apt-get install chromium chromium-driver)");
+        return None;
+    };
+    Some((chromedriver, chromium))
+}
+
+/// A fresh server has an empty gallery: the page says how to fill it, and the hint goes away
+/// once an image is added through the page (with the API key).
+#[test]
+fn empty_gallery_page_explains_how_to_add_images() {
+    let (Some(bin), Some(weights)) = (server_binary(), weights()) else {
+        return;
+    };
+    let Some((chromedriver, chromium)) = browser_programs() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(
+        &bin,
+        &[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--weights",
+            weights.to_str().unwrap(),
+            "--api-key",
+            "secret",
+        ],
+    );
+    let mut b = Browser::start(
+        &chromedriver,
+        &chromium,
+        &tmp.path().join("chromium-profile"),
+    );
+    b.cmd(
+        "POST",
+        "/url",
+        json!({"url": format!("http://{}/", server.addr)}),
+    );
+    b.wait_for(
+        "return document.getElementById('status').textContent.includes('images')",
+        "the page to load its config",
+        Duration::from_secs(20),
+    );
+    let visible = "const e = document.getElementById('empty-gallery'); \
+                   return !e.hidden && e.getBoundingClientRect().height > 0";
+    assert_eq!(b.script(visible), true, "empty-gallery hint shown");
+    let text = b.script("return document.getElementById('empty-gallery').innerText");
+    let text = text.as_str().unwrap();
+    for needle in ["Add this image to the gallery", "--gallery", "indexer add"] {
+        assert!(text.contains(needle), "missing {needle}: {text}");
+    }
+    assert_eq!(
+        b.script("return document.getElementById('empty-upload').hidden"),
+        false,
+        "uploading is allowed here"
+    );
+
+    // Add one image through the page with the key: the hint disappears.
+    let img = tmp.path().join("first.png");
+    std::fs::write(
+        &img,
+        server_support::shape_png(1, [230, 30, 30], [20, 90, 200], 128),
+    )
+    .unwrap();
+    b.upload(&img);
+    b.script(
+        "document.getElementById('add-panel').open = true; \
+         document.getElementById('api-key').value = 'secret';",
+    );
+    b.wait_for(
+        "return !document.getElementById('add-btn').disabled",
+        "the add button",
+        Duration::from_secs(20),
+    );
+    let add = b.element("#add-btn");
+    b.cmd("POST", &format!("/element/{add}/click"), json!({}));
+    b.wait_for(
+        "return document.getElementById('empty-gallery').hidden",
+        "the hint to go once the gallery has an image",
+        Duration::from_secs(60),
+    );
+    let notice = b.script("return document.getElementById('notice').textContent");
+    assert!(notice.as_str().unwrap().contains("Added"), "{notice}");
+    assert_eq!(
+        server.client().get("/api/config").unwrap().json()["gallery_items"],
+        1
+    );
+}
+
+#[test]
+fn page_uploads_an_image_and_shows_result_thumbnails() {
+    let (Some(bin), Some(weights)) = (server_binary(), weights()) else {
+        return;
+    };
+    let Some((chromedriver, chromium)) = browser_programs() else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -263,6 +355,11 @@ fn page_uploads_an_image_and_shows_result_thumbnails() {
         b.script("return document.getElementById('key-row').hidden"),
         false,
         "API key field shown"
+    );
+    assert_eq!(
+        b.script("return document.getElementById('empty-gallery').hidden"),
+        true,
+        "no empty-gallery hint over a gallery"
     );
 
     // Upload a gallery image: results appear, best first is the image itself.

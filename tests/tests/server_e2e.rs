@@ -371,6 +371,10 @@ fn concurrent_clients_auth_metrics_and_graceful_shutdown() {
 fn missing_weights_exit_2_with_instructions() {
     let Some(bin) = server_binary() else { return };
     let tmp = tempfile::tempdir().unwrap();
+    let endpoint = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
     let out = std::process::Command::new(bin)
         .args([
             "--data-dir",
@@ -380,12 +384,14 @@ fn missing_weights_exit_2_with_instructions() {
         ])
         .env_remove("DEEP_METRIC_WEIGHTS")
         .env("HF_HUB_CACHE", tmp.path().join("empty-cache"))
+        // A hub that cannot be reached (a port nothing listens on), never huggingface.co.
+        .env("HF_ENDPOINT", &endpoint)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("--weights") && err.contains("DEEP_METRIC_WEIGHTS"),
+        err.contains("--weights") && err.contains("DEEP_METRIC_WEIGHTS") && err.contains(&endpoint),
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");

@@ -37,7 +37,8 @@ const TRAIN_LR: (f64, f64) = (1e-4, 1e-3);
 /// Command-line options of `trainer bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// EfficientNet-Lite0 weights (default: $DEEP_METRIC_WEIGHTS or the HF cache).
+    /// EfficientNet-Lite0 weights (default: $DEEP_METRIC_WEIGHTS, else the Hugging Face cache,
+    /// else downloaded from timm/tf_efficientnet_lite0.in1k into it).
     #[arg(long)]
     pub weights: Option<PathBuf>,
     /// Threads for every engine (ours, PyTorch, ONNX Runtime); default: all cores.

@@ -53,7 +53,8 @@ pub struct TrainArgs {
     /// Backbone network.
     #[arg(long, value_enum, default_value = "efficientnet-lite0")]
     pub backbone: BackboneKind,
-    /// Pretrained backbone weights (.pth legacy/zip or .safetensors); default: $DEEP_METRIC_WEIGHTS or the HF cache.
+    /// Pretrained backbone weights (.pth legacy/zip or .safetensors); default: $DEEP_METRIC_WEIGHTS,
+    /// else the Hugging Face cache, else downloaded from the hub into it (efficientnet-lite0: timm/tf_efficientnet_lite0.in1k; resnet18/50: timm/resnet*.a1_in1k; bn-inception has no hub repo and needs this flag).
     #[arg(long)]
     pub weights: Option<PathBuf>,
     /// Embedding dimension of the linear head (the seed: 512).

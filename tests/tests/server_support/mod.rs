@@ -104,7 +104,12 @@ pub struct Server {
 impl Server {
     /// Starts the binary with `args` and waits until it listens (it logs its address).
     pub fn start(binary: &Path, args: &[&str]) -> Server {
-        let mut child = Command::new(binary)
+        Server::start_command(Command::new(binary), args)
+    }
+
+    /// [`Server::start`] for a prepared command (environment, working directory).
+    pub fn start_command(mut cmd: Command, args: &[&str]) -> Server {
+        let mut child = cmd
             .args(args)
             .args(["--bind", "127.0.0.1:0"])
             .env("RUST_LOG", "info")
