@@ -15,9 +15,13 @@
 #                     from the CPU build's, the `cuda` feature changes candle's features)
 #   CUDA_COMPUTE_CAP  GPU compute capability to build kernels for (default 90: H100/H200)
 #   PYTHON            python with pip (default python3)
+#   SHARED            the shared data folder (default: ../shared beside the repository)
 #
-# Output (stripped, gzipped):
-#   .cuda/dist/{trainer-cuda-tests,cuda-bench}.gz   what scripts/gpu-check.sh runs on a GPU
+# Output:
+#   .cuda/dist/  what scripts/gpu-check.sh needs on the GPU machine (carry this folder; it must
+#                stay under the device tool's 64 MiB with the repository):
+#                trainer-cuda-tests.gz, trainer.gz (stripped, gzipped), the EfficientNet-Lite0
+#                weights and cub100-mini.tar (every cub100 class, 12 images each, 256 px)
 #   .cuda/bin/{trainer,indexer,search-server}.gz    the programs
 set -euo pipefail
 
@@ -27,6 +31,7 @@ WHEELS="$CUDA_DIR/wheels"
 LINKDIR="$CUDA_DIR/link"
 DIST="$CUDA_DIR/dist"
 PYTHON="${PYTHON:-python3}"
+SHARED="${SHARED:-$ROOT/../shared}"
 export CARGO_TARGET_DIR="${CUDA_TARGET_DIR:-$CUDA_DIR/target}"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 
@@ -130,9 +135,9 @@ for l in sys.stdin:
     if m.get("reason")=="compiler-artifact" and m.get("profile",{}).get("test") and m.get("executable"):
         print(m["executable"])' | tail -n1)"
 [[ -n "$test_bin" ]] || die "could not build the trainer test binary (run: cargo test --release --features cuda -p trainer --no-run)"
-log "cargo: building the cuda_bench example and the programs"
-nice -n 19 cargo build --release --features cuda -p trainer --example cuda_bench
+log "cargo: building the programs and the cuda_bench example"
 nice -n 19 cargo build --release --features cuda -p trainer -p indexer -p search-server --bins
+nice -n 19 cargo build --release --features cuda -p trainer --example cuda_bench
 
 # --- 5. strip + gzip ----------------------------------------------------------------------------
 # .cuda/dist: what scripts/gpu-check.sh needs on the GPU machine (carry this folder; it must
@@ -146,8 +151,26 @@ pack() { # pack SRC DIR NAME
   log "$out: $(du -h "$out" | cut -f1)"
 }
 pack "$test_bin" "$DIST" trainer-cuda-tests
-pack "$CARGO_TARGET_DIR/release/examples/cuda_bench" "$DIST" cuda-bench
-pack "$CARGO_TARGET_DIR/release/trainer" "$CUDA_DIR/bin" trainer
+pack "$CARGO_TARGET_DIR/release/trainer" "$DIST" trainer
 pack "$CARGO_TARGET_DIR/release/indexer" "$CUDA_DIR/bin" indexer
 pack "$CARGO_TARGET_DIR/release/search-server" "$CUDA_DIR/bin" search-server
-log "done: $(du -sh "$DIST" | cut -f1) in $DIST (carry it to the GPU machine), binaries in $CUDA_DIR/bin"
+mkdir -p "$CUDA_DIR/bin" && cp -f "$DIST/trainer.gz" "$CUDA_DIR/bin/trainer.gz"
+
+# --- 6. the check's weights and data (the GPU machine has neither) ------------------------------
+W="$SHARED/models/efficientnet-lite0/efficientnet-lite0-57934424.pth"
+if [[ -f "$W" ]]; then
+  cp -f "$W" "$DIST/"
+else
+  log "warning: $W not found (set SHARED): gpu-check.sh then needs shared/ on the GPU machine"
+fi
+if [[ -f "$SHARED/data/cub100/CUB_200_2011/images.txt" ]]; then
+  if [[ ! -f "$DIST/cub100-mini.tar" ]]; then
+    nice -n 19 "$PYTHON" "$ROOT/scripts/cub-mini.py" "$SHARED/data/cub100/CUB_200_2011" \
+      "$DIST/cub100-mini.tar" --per-class 12 --side 256 --quality 75 >&2
+  fi
+else
+  log "warning: $SHARED/data/cub100 not found: gpu-check.sh then needs shared/ on the GPU machine"
+fi
+size_mib=$(($(du -sb "$DIST" | cut -f1) >> 20))
+((size_mib <= 60)) || log "warning: $DIST is $size_mib MiB: with the repository it may not fit the device tool's 64 MiB"
+log "done: $size_mib MiB in $DIST (carry it to the GPU machine), binaries in $CUDA_DIR/bin"

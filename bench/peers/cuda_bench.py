@@ -5,7 +5,10 @@ Train step: BatchNorm frozen (eval mode, the metric-learning protocol), forward,
 L2-normalised embedding, loss = sum(embedding * fixed random target), backward through the
 whole network, AdamW update. Weights are random, as in the Rust bench.
 
-    python3 bench/peers/cuda_bench.py --batch 128 [--channels-last] [--iters 10]
+--bf16: autocast to bfloat16 (the weights and AdamW state stay float32, as master weights),
+the reference the issue's speed goal is measured against.
+
+    python3 bench/peers/cuda_bench.py --batch 128 [--channels-last] [--bf16] [--iters 10]
 """
 import argparse
 import json
@@ -37,6 +40,7 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast, float32 master weights")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: PyTorch sees no CUDA device")
@@ -47,7 +51,8 @@ def main():
     x = torch.randn(a.batch, 3, a.size, a.size, device=dev).to(memory_format=fmt)
 
     def embed():
-        return F.normalize(model.features(x), dim=1)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.bf16):
+            return F.normalize(model.features(x), dim=1)
 
     with torch.no_grad():
         embed_ips = timed(embed, a.iters, a.batch)
@@ -57,12 +62,13 @@ def main():
 
     def step():
         opt.zero_grad(set_to_none=True)
-        (embed() * target).sum().backward()
+        (embed().float() * target).sum().backward()
         opt.step()
 
     train_ips = timed(step, a.iters, a.batch)
     print(json.dumps({
-        "impl": "pytorch-" + torch.__version__ + ("-channels-last" if a.channels_last else ""),
+        "impl": "pytorch-" + torch.__version__ + ("-channels-last" if a.channels_last else "")
+        + ("-bf16" if a.bf16 else ""),
         "device": torch.cuda.get_device_name(),
         "model": "efficientnet-lite0",
         "batch": a.batch,

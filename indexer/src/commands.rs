@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use trainer::data::{load_dataset, DatasetKind, SplitSpec};
 use trainer::embed::{Embedder, ModelSpec};
@@ -55,9 +56,11 @@ impl ModelSource {
         crate::store::write_atomic(&index_dir.join(MODEL_FILE), text.as_bytes())?;
         Ok(())
     }
-    pub fn load(&self) -> Result<Embedder> {
+    /// Loads the model onto `device` (`--device`; not recorded: an index built on a GPU is
+    /// queried on the CPU with the same vectors).
+    pub fn load(&self, device: &Device) -> Result<Embedder> {
         let spec = ModelSpec::parse(&self.model, self.weights.clone())?;
-        Embedder::load(&spec).with_context(|| format!("cannot load model {}", self.model))
+        Embedder::load(&spec, device).with_context(|| format!("cannot load model {}", self.model))
     }
 }
 
@@ -73,6 +76,7 @@ pub enum ImageSet {
 
 pub struct BuildArgs {
     pub model: ModelSource,
+    pub device: Device,
     pub images: ImageSet,
     pub out: PathBuf,
     pub params: HnswParams,
@@ -136,7 +140,7 @@ pub fn build(args: BuildArgs) -> Result<()> {
             trainer::data::IMAGE_EXTENSIONS.join(", ")
         );
     }
-    let embedder = args.model.load()?;
+    let embedder = args.model.load(&args.device)?;
     eprintln!(
         "embedding {} images with {} ({}-d)",
         sources.len(),
@@ -202,12 +206,16 @@ fn print_skips(duplicates: &[(String, u64)], skipped: &[(PathBuf, String)]) {
 
 /// Loads the model to use with an index: `--model` if given (refused when it does not match
 /// the index), else the one the index recorded.
-fn model_for(index: &GalleryIndex, model: Option<ModelSource>) -> Result<Embedder> {
+fn model_for(
+    index: &GalleryIndex,
+    model: Option<ModelSource>,
+    device: &Device,
+) -> Result<Embedder> {
     let source = match model {
         Some(m) => m,
         None => ModelSource::read(index.dir())?,
     };
-    let embedder = source.load()?;
+    let embedder = source.load(device)?;
     embedder.identity().ensure_matches(index.identity()).map_err(|e| {
         anyhow::anyhow!(
             "{e}: the index {} was built with another model, and its vectors are not comparable with this one's; use the index's model (omit --model) or build a new index",
@@ -222,6 +230,7 @@ pub fn add(
     index_dir: &Path,
     paths: &[PathBuf],
     model: Option<ModelSource>,
+    device: &Device,
     batch_size: usize,
     skip_bad: bool,
 ) -> Result<()> {
@@ -263,7 +272,7 @@ pub fn add(
     let mut report = crate::AddReport::default();
     let mut skipped = Vec::new();
     if !sources.is_empty() {
-        let embedder = model_for(&index, model)?;
+        let embedder = model_for(&index, model, device)?;
         let outcome = images::embed_sources(&embedder, sources, batch_size, skip_bad, true)?;
         skipped = outcome.skipped;
         report = index.add(to_items(outcome.embedded))?;
@@ -364,6 +373,7 @@ pub fn query(
     ef: usize,
     exact: bool,
     model: Option<ModelSource>,
+    device: &Device,
 ) -> Result<()> {
     let index = GalleryIndex::open(index_dir)?;
     if index.is_empty() {
@@ -372,7 +382,7 @@ pub fn query(
             index_dir.display()
         );
     }
-    let embedder = model_for(&index, model)?;
+    let embedder = model_for(&index, model, device)?;
     let (_, img) = images::read_image(image)?;
     let q = embedder
         .embed_images(&[img])?
@@ -425,6 +435,7 @@ pub fn export_vectors(index_dir: &Path, out: &Path) -> Result<()> {
 
 pub struct BenchArgs {
     pub model: ModelSource,
+    pub device: Device,
     pub kind: DatasetKind,
     pub data: PathBuf,
     pub split: SplitSpec,
@@ -450,7 +461,7 @@ pub fn bench(mut args: BenchArgs) -> Result<()> {
     if args.cfg.ks.is_empty() {
         args.cfg.ks = trainer::metrics::default_ks(args.kind == DatasetKind::Sop).to_vec();
     }
-    let embedder = args.model.load()?;
+    let embedder = args.model.load(&args.device)?;
     eprintln!(
         "embedding {} images of {} {} with {}",
         sources.len(),

@@ -9,6 +9,7 @@ use indexer::bench::BenchConfig;
 use indexer::commands::{self, BenchArgs, BuildArgs, ImageSet, ModelSource, SyntheticArgs};
 use indexer::HnswParams;
 use trainer::data::{DatasetKind, SplitSpec};
+use trainer::device::{DeviceArgs, DeviceError};
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +54,8 @@ struct ModelArgs {
     /// cache, else downloaded from the hub into it; bn-inception has no hub repo and needs this).
     #[arg(long)]
     weights: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 #[derive(Args, Clone)]
@@ -64,6 +67,8 @@ struct OptModelArgs {
     /// Weight file of a pretrained backbone given with --model.
     #[arg(long, requires = "model")]
     weights: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 impl OptModelArgs {
@@ -244,7 +249,13 @@ fn main() {
         .init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        // A device that cannot be used is a problem with the command line or the machine
+        // (status 2, as for bad arguments), not a failure while running.
+        std::process::exit(if e.downcast_ref::<DeviceError>().is_some() {
+            2
+        } else {
+            1
+        });
     }
 }
 
@@ -268,6 +279,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             commands::build(BuildArgs {
                 model: ModelSource::new(&model.model, model.weights.as_deref()),
+                device: model.device.open()?,
                 images,
                 out,
                 params: hnsw.params(),
@@ -281,7 +293,14 @@ fn run(cli: Cli) -> Result<()> {
             model,
             batch_size,
             skip_bad_images,
-        } => commands::add(&index, &images, model.source(), batch_size, skip_bad_images),
+        } => commands::add(
+            &index,
+            &images,
+            model.source(),
+            &model.device.open()?,
+            batch_size,
+            skip_bad_images,
+        ),
         Command::Info { index } => commands::info(&index),
         Command::Recover { index } => commands::recover(&index),
         Command::Query {
@@ -291,7 +310,15 @@ fn run(cli: Cli) -> Result<()> {
             ef,
             exact,
             model,
-        } => commands::query(&index, &image, k, ef, exact, model.source()),
+        } => commands::query(
+            &index,
+            &image,
+            k,
+            ef,
+            exact,
+            model.source(),
+            &model.device.open()?,
+        ),
         Command::Bench {
             model,
             dataset,
@@ -310,6 +337,7 @@ fn run(cli: Cli) -> Result<()> {
             seed,
         } => commands::bench(BenchArgs {
             model: ModelSource::new(&model.model, model.weights.as_deref()),
+            device: model.device.open()?,
             kind: dataset,
             data,
             split,

@@ -61,6 +61,9 @@ pub struct Args {
     #[arg(long)]
     pub weights: Option<PathBuf>,
 
+    #[command(flatten)]
+    pub device: trainer::device::DeviceArgs,
+
     /// Require this key for POST /api/images ('Authorization: Bearer KEY' or 'X-Api-Key').
     /// Also read from $DEEP_METRIC_API_KEY, which keeps it out of `ps` output.
     #[arg(long)]

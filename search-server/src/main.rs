@@ -105,8 +105,10 @@ fn run(args: Args) -> Result<(), Failure> {
         )
     };
 
+    let device = args.device.device.open().map_err(usage)?;
+    tracing::info!("{device}");
     tracing::info!("loading model {}", args.model);
-    let model = ModelBackend::load(&args.model, args.weights.clone())
+    let model = ModelBackend::load(&args.model, args.weights.clone(), &device.device)
         .map_err(|e| usage(format!("cannot load the model '{}': {e}", args.model)))?;
     tracing::info!("model ready: {}", model.describe());
 

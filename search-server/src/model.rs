@@ -13,11 +13,15 @@ pub struct ModelBackend {
 }
 
 impl ModelBackend {
-    /// Loads `spec` (`pretrained:BACKBONE` or a run directory). Errors say which file is
-    /// missing or wrong and, for pretrained weights, every way to provide them.
-    pub fn load(spec: &str, weights: Option<std::path::PathBuf>) -> trainer::error::Result<Self> {
+    /// Loads `spec` (`pretrained:BACKBONE` or a run directory) onto `device`. Errors say
+    /// which file is missing or wrong and, for pretrained weights, every way to provide them.
+    pub fn load(
+        spec: &str,
+        weights: Option<std::path::PathBuf>,
+        device: &candle_core::Device,
+    ) -> trainer::error::Result<Self> {
         let parsed = ModelSpec::parse(spec, weights)?;
-        let embedder = Embedder::load(&parsed)?;
+        let embedder = Embedder::load(&parsed, device)?;
         let description = format!("{} ({}-d)", spec, embedder.dim());
         Ok(Self {
             embedder,

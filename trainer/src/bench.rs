@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backbone::BackboneKind;
 use crate::checkpoint::ModelIdentity;
+use crate::device::{DeviceArgs, Precision};
 use crate::embed::{Embedder, EmbeddingModel};
 use crate::error::{Error, Result};
 use crate::loss::{self, LossArgs, LossKind};
@@ -68,6 +69,12 @@ pub struct BenchArgs {
     /// Write all figures as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Arithmetic precision of our phases (`bf16`: autocast with f32 master weights; see
+    /// `trainer train --help`).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: Precision,
     /// Internal: run one phase (`embed1`, `embed`, `train`) in this process and print its JSON.
     #[arg(long, hide = true)]
     pub phase: Option<String>,
@@ -146,16 +153,12 @@ fn time_median(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 /// A deterministic normalised-image batch `[batch, 3, size, size]` with values in [-1, 1].
-fn input_batch(batch: usize, size: usize) -> Result<Tensor> {
+fn input_batch(batch: usize, size: usize, device: &Device) -> Result<Tensor> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let data: Vec<f32> = (0..batch * 3 * size * size)
         .map(|_| rng.gen_range(-1f32..1f32))
         .collect();
-    Ok(Tensor::from_vec(
-        data,
-        (batch, 3, size, size),
-        &Device::Cpu,
-    )?)
+    Ok(Tensor::from_vec(data, (batch, 3, size, size), device)?)
 }
 
 fn weights_path(args: &BenchArgs) -> Result<PathBuf> {
@@ -163,13 +166,12 @@ fn weights_path(args: &BenchArgs) -> Result<PathBuf> {
 }
 
 /// Embedding phase: the [`Embedder`]'s network path on a ready tensor.
-fn run_embed(args: &BenchArgs, batch: usize) -> Result<f64> {
+fn run_embed(args: &BenchArgs, batch: usize, device: &Device) -> Result<f64> {
     let path = weights_path(args)?;
-    let model =
-        EmbeddingModel::pretrained(BackboneKind::EfficientnetLite0, &path, None, &Device::Cpu)?;
+    let model = EmbeddingModel::pretrained(BackboneKind::EfficientnetLite0, &path, None, device)?;
     let identity = ModelIdentity::new(&model.config, String::new());
     let embedder = Embedder::from_model(model, identity)?;
-    let x = input_batch(batch, args.size)?;
+    let x = input_batch(batch, args.size, device)?;
     time_median(args.iters, || {
         let y = embedder.embed_tensor(&x)?;
         std::hint::black_box(y.to_vec2::<f32>()?);
@@ -179,7 +181,7 @@ fn run_embed(args: &BenchArgs, batch: usize) -> Result<f64> {
 
 /// Training phase: forward, metric loss, backward and an Adam update of every trainable
 /// variable (all stages, frozen BN statistics, linear head).
-fn run_train(args: &BenchArgs) -> Result<f64> {
+fn run_train(args: &BenchArgs, device: &Device) -> Result<f64> {
     let path = weights_path(args)?;
     let batch = args.batch;
     if batch < 2 * TRAIN_CLASSES {
@@ -191,7 +193,7 @@ fn run_train(args: &BenchArgs) -> Result<f64> {
         BackboneKind::EfficientnetLite0,
         &path,
         Some(TRAIN_EMBEDDING_DIM),
-        &Device::Cpu,
+        device,
     )?;
     model.init_head_identity()?;
     let groups = {
@@ -226,22 +228,24 @@ fn run_train(args: &BenchArgs) -> Result<f64> {
     let mut opt = Adam::new(OptimizerKind::Adam, groups, 0.0)?;
     let loss_fn = loss::build(LossKind::Fuzzy, &LossArgs::default(), None)?;
     let labels: Vec<u32> = (0..batch).map(|i| (i % TRAIN_CLASSES) as u32).collect();
-    let x = input_batch(batch, args.size)?;
+    let x = input_batch(batch, args.size, device)?;
     time_median(args.iters, || {
         let emb = model.forward(&x)?;
         let out = loss_fn.forward(&emb, &labels)?;
         std::hint::black_box(out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?);
         let grads = out.loss.backward()?;
-        opt.step(&grads, 1.0)
+        opt.step(&grads, 1.0)?;
+        // A GPU runs the update asynchronously: the step is done when its kernels are.
+        Ok(device.synchronize()?)
     })
 }
 
 /// Runs one phase in this process and prints its [`PhaseResult`] as one JSON line.
-fn run_phase(args: &BenchArgs, phase: &str) -> Result<()> {
+fn run_phase(args: &BenchArgs, phase: &str, device: &Device) -> Result<()> {
     let (seconds, batch) = match phase {
-        "embed1" => (run_embed(args, 1)?, 1),
-        "embed" => (run_embed(args, args.batch)?, args.batch),
-        "train" => (run_train(args)?, args.batch),
+        "embed1" => (run_embed(args, 1, device)?, 1),
+        "embed" => (run_embed(args, args.batch, device)?, args.batch),
+        "train" => (run_train(args, device)?, args.batch),
         other => {
             return Err(Error::Invalid(format!(
                 "unknown bench phase '{other}' (embed1, embed, train)"
@@ -284,17 +288,23 @@ fn run_child(mut cmd: Command, what: &str) -> Result<Vec<u8>> {
 }
 
 /// Our figures, one child process per phase.
-fn measure_ours(args: &BenchArgs, threads: usize) -> Result<EngineFigures> {
+fn measure_ours(args: &BenchArgs, threads: usize, device: &Device) -> Result<EngineFigures> {
     let exe = std::env::current_exe()
         .map_err(|e| Error::Invalid(format!("cannot locate the trainer binary: {e}")))?;
+    let choice = crate::device::DeviceChoice::of(device);
     let mut fig = EngineFigures {
-        engine: "trainer (ours)".into(),
+        engine: if device.is_cpu() {
+            "trainer (ours)".into()
+        } else {
+            format!("trainer (ours, {choice})")
+        },
         threads,
         ..Default::default()
     };
     for phase in ["embed1", "embed", "train"] {
         let mut cmd = Command::new(&exe);
         cmd.args(["bench", "--phase", phase, "--threads", &threads.to_string()])
+            .args(["--device", &choice.to_string()])
             .args([
                 "--batch",
                 &args.batch.to_string(),
@@ -430,8 +440,10 @@ pub fn format_report(r: &BenchReport) -> String {
     s
 }
 
-/// Entry point of `trainer bench`.
-pub fn run(args: &BenchArgs) -> Result<()> {
+/// Entry point of `trainer bench`; our phases run on `device` (opened from `args.device`
+/// by the caller, which reports a device error with its own exit status).
+pub fn run(args: &BenchArgs, device: &Device) -> Result<()> {
+    args.precision.check(device)?;
     let threads = args.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -446,7 +458,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build_global();
-        return run_phase(args, phase);
+        return run_phase(args, phase, device);
     }
     if args.ops {
         let _ = rayon::ThreadPoolBuilder::new()
@@ -460,7 +472,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     let weights = weights_path(args)?;
     let load_before = load_average();
-    let mut engines = vec![measure_ours(args, threads)?];
+    let mut engines = vec![measure_ours(args, threads, device)?];
     if args.peers {
         for script in ["bench_ort.py", "bench_torch.py"] {
             engines.push(measure_peer(args, script, &weights, threads)?);

@@ -219,17 +219,17 @@ pub struct Embedder {
 }
 
 impl Embedder {
-    pub fn load(spec: &ModelSpec) -> Result<Self> {
-        let device = Device::Cpu;
+    /// Loads `spec` onto `device` (`--device`; see [`crate::device`]).
+    pub fn load(spec: &ModelSpec, device: &Device) -> Result<Self> {
         let (model, weights_file) = match spec {
             ModelSpec::Run(dir) => (
-                EmbeddingModel::load(dir, &device)?,
+                EmbeddingModel::load(dir, device)?,
                 dir.join(checkpoint::WEIGHTS_FILE),
             ),
             ModelSpec::Pretrained { backbone, weights } => {
                 let path = crate::weights::resolve_pretrained(*backbone, weights.as_deref())?;
                 (
-                    EmbeddingModel::pretrained(*backbone, &path, None, &device)?,
+                    EmbeddingModel::pretrained(*backbone, &path, None, device)?,
                     path,
                 )
             }

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use trainer::backbone::BackboneKind;
 use trainer::data::{self, DatasetKind};
+use trainer::device::{DeviceArgs, DeviceError, Precision};
 use trainer::embed::{Embedder, ModelSpec};
 use trainer::train::{self, TrainArgs};
 
@@ -36,6 +37,13 @@ enum Cmd {
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Arithmetic precision: `f32`, or `bf16` autocast (bf16 activations, f32 master
+        /// weights and optimiser state). bf16 is refused for now, with the reason
+        /// (docs/cuda.md).
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: Precision,
     },
     /// Evaluate a checkpoint, or a bare pretrained backbone, on a dataset split.
     Eval(EvalArgs),
@@ -89,6 +97,8 @@ struct EvalArgs {
     skip_bad_images: bool,
     #[arg(long)]
     threads: Option<usize>,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 fn set_threads(n: Option<usize>) {
@@ -108,7 +118,8 @@ fn eval(a: EvalArgs) -> Result<()> {
             weights: a.weights.clone(),
         },
     };
-    let mut embedder = Embedder::load(&spec).context("loading the model")?;
+    let device = a.device.open()?;
+    let mut embedder = Embedder::load(&spec, &device).context("loading the model")?;
     if let Some(size) = a.image_size {
         embedder = embedder.with_image_size(size);
     }
@@ -173,14 +184,22 @@ fn run(cli: Cli) -> Result<()> {
             args,
             resume,
             threads,
+            device,
+            precision,
         } => {
             set_threads(threads);
-            let s = train::train(args, resume)?;
+            let device = device.open()?;
+            precision.check(&device)?;
+            let s = train::train(args, resume, &device)?;
             eprintln!("done: {} epochs", s.epochs_done);
             Ok(())
         }
         Cmd::Eval(a) => eval(a),
-        Cmd::Bench(a) => Ok(trainer::bench::run(&a)?),
+        Cmd::Bench(a) => {
+            let device = a.device.open()?;
+            a.precision.check(&device)?;
+            Ok(trainer::bench::run(&a, &device)?)
+        }
         Cmd::Stages { backbone, weights } => {
             let w = trainer::weights::resolve_pretrained(backbone, weights.as_deref())?;
             let m = trainer::embed::EmbeddingModel::pretrained(
@@ -224,7 +243,13 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            // A device that cannot be used is a problem with the command line or the
+            // machine, not a failure while running.
+            ExitCode::from(if e.downcast_ref::<DeviceError>().is_some() {
+                2
+            } else {
+                1
+            })
         }
     }
 }

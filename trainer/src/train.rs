@@ -354,15 +354,17 @@ fn frozen_weights_digest(model: &EmbeddingModel, frozen: usize) -> Result<String
 }
 
 /// Loads `dir/key.safetensors` if present, else computes the activations and (with a
-/// directory) stores them atomically for the next run.
+/// directory) stores them atomically for the next run. Loaded onto `device` (the file is
+/// device-independent).
 fn cached(
     dir: Option<&Path>,
     key: &str,
+    device: &Device,
     compute: impl FnOnce() -> Result<(Vec<Tensor>, Vec<bool>)>,
 ) -> Result<(Tensor, Vec<bool>)> {
     let path = dir.map(|d| d.join(format!("{key}.safetensors")));
     if let Some(p) = path.as_ref().filter(|p| p.exists()) {
-        match candle_core::safetensors::load(p, &Device::Cpu) {
+        match candle_core::safetensors::load(p, device) {
             Ok(mut m) => {
                 if let (Some(x), Some(ok)) = (m.remove("x"), m.remove("ok")) {
                     let ok = ok.to_vec1::<u8>()?.into_iter().map(|b| b != 0).collect();
@@ -397,9 +399,10 @@ fn cached(
     Ok((x, ok))
 }
 
-/// Runs (or resumes) training. Returns after the last epoch; errors leave the last good
-/// checkpoint in `args.out`.
-pub fn train(args: TrainArgs, resume: bool) -> Result<TrainSummary> {
+/// Runs (or resumes) training on `device`. Returns after the last epoch; errors leave the
+/// last good checkpoint in `args.out`. The device is not part of the run: a run started on a
+/// GPU resumes on the CPU and vice versa.
+pub fn train(args: TrainArgs, resume: bool, device: &Device) -> Result<TrainSummary> {
     let started = Instant::now();
     let (mut args, start_epoch, opt_steps) = open_run(args, resume)?;
     // Checked before any data is read, so a mistyped budget fails at once.
@@ -410,9 +413,8 @@ pub fn train(args: TrainArgs, resume: bool) -> Result<TrainSummary> {
         .transpose()
         .map_err(|e| Error::Invalid(format!("--time-budget: {e}")))?;
     let out = args.out.clone();
-    let device = Device::Cpu;
     let (train_set, eval_set) = load_splits(&args)?;
-    let mut model = build_model(&args, resume, &device)?;
+    let mut model = build_model(&args, resume, device)?;
     args.loss_args.validate(args.loss)?;
     let loss_fn = build_loss(&args, &model, &train_set, resume)?;
 
@@ -598,7 +600,7 @@ fn build_model(args: &TrainArgs, resume: bool, device: &Device) -> Result<Embedd
         return EmbeddingModel::load(&args.out, device);
     }
     let weights = crate::weights::resolve_pretrained(args.backbone, args.weights.as_deref())?;
-    seed_candle(args.seed);
+    seed_candle(args.seed, device);
     let mut m =
         EmbeddingModel::pretrained(args.backbone, &weights, Some(args.embedding_dim), device)?;
     m.config.pooling = args.pooling;
@@ -783,37 +785,47 @@ fn build_caches(
     };
     let cache_dir = args.cache_dir.as_deref();
     // Eval views of the held-out classes never change: cache their frozen activations.
-    let eval = cached(cache_dir, &cache_key(eval_set, 1, "eval"), || {
-        encode_views(
-            model,
-            eval_set.samples.len(),
-            frozen,
-            args.eval_batch_size,
-            "cache eval",
-            &|i| Ok(images.load(eval_set, i)?.map(|im| pre.eval_view(&im))),
-        )
-    })?;
+    let eval = cached(
+        cache_dir,
+        &cache_key(eval_set, 1, "eval"),
+        &model.device,
+        || {
+            encode_views(
+                model,
+                eval_set.samples.len(),
+                frozen,
+                args.eval_batch_size,
+                "cache eval",
+                &|i| Ok(images.load(eval_set, i)?.map(|im| pre.eval_view(&im))),
+            )
+        },
+    )?;
     // Training views: view 0 = eval view, views 1.. = seeded augmentations.
     let n = train_set.samples.len();
-    let train = cached(cache_dir, &cache_key(train_set, views, "train"), || {
-        encode_views(
-            model,
-            n * views,
-            frozen,
-            args.eval_batch_size,
-            "cache train",
-            &|j| {
-                let (v, i) = (j / n, j % n);
-                Ok(images.load(train_set, i)?.map(|im| {
-                    if v == 0 {
-                        pre.eval_view(&im)
-                    } else {
-                        augment.train_view(&im, 0, i, v as u32)
-                    }
-                }))
-            },
-        )
-    })?;
+    let train = cached(
+        cache_dir,
+        &cache_key(train_set, views, "train"),
+        &model.device,
+        || {
+            encode_views(
+                model,
+                n * views,
+                frozen,
+                args.eval_batch_size,
+                "cache train",
+                &|j| {
+                    let (v, i) = (j / n, j % n);
+                    Ok(images.load(train_set, i)?.map(|im| {
+                        if v == 0 {
+                            pre.eval_view(&im)
+                        } else {
+                            augment.train_view(&im, 0, i, v as u32)
+                        }
+                    }))
+                },
+            )
+        },
+    )?;
     Ok(Caches {
         eval: Some(eval),
         train: Some(train),
@@ -1349,7 +1361,8 @@ pub fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
     f.sync_data().map_err(|e| Error::file(path, e))
 }
 
-/// candle's CPU RNG (used by the head initialiser) is global; seed it for reproducible runs.
-fn seed_candle(seed: u64) {
-    let _ = Device::Cpu.set_seed(seed);
+/// candle's RNG of `device` (used by the head initialiser) is global; seed it for
+/// reproducible runs.
+fn seed_candle(seed: u64, device: &Device) {
+    let _ = device.set_seed(seed);
 }

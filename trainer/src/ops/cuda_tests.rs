@@ -59,6 +59,12 @@ fn to_f64(t: &Tensor) -> Vec<f64> {
 }
 
 fn assert_parity(cpu: &Tensor, gpu: &Tensor, dtype: DType, what: &str) {
+    assert_within(cpu, gpu, tol(dtype), what)
+}
+
+/// `|cuda - cpu| <= tol · (1 + max|cpu|)` element-wise.
+fn assert_within(cpu: &Tensor, gpu: &Tensor, tol: f64, what: &str) {
+    let dtype = cpu.dtype();
     assert_eq!(cpu.dims(), gpu.dims(), "{what}: shapes differ");
     assert!(gpu.device().is_cuda(), "{what}: result left the GPU");
     let (c, g) = (to_f64(cpu), to_f64(gpu));
@@ -73,12 +79,12 @@ fn assert_parity(cpu: &Tensor, gpu: &Tensor, dtype: DType, what: &str) {
             |(m, mi), (i, d)| if d > m { (d, i) } else { (m, mi) },
         );
     assert!(
-        worst <= tol(dtype) * scale,
+        worst <= tol * scale,
         "{what} ({dtype:?}): max |cuda - cpu| = {worst:e} at {at} (cpu {}, cuda {}), \
          allowed {:e}",
         c[at],
         g[at],
-        tol(dtype) * scale
+        tol * scale
     );
 }
 
@@ -215,4 +221,67 @@ fn frozen_depthwise_weight_on_cuda_gets_no_gradient() {
     let grads = y.sum_all().unwrap().backward().unwrap();
     assert!(grads.get(&w).is_none(), "a constant filter got a gradient");
     assert!(grads.get(&x).is_some(), "the input got no gradient");
+}
+
+/// The whole training network on CUDA — EfficientNet-Lite0 forward (frozen BN), pooled and
+/// L2-normalised embedding, a loss, backward into every weight — agrees with the CPU: this is
+/// the device-generic path `trainer train --device cuda` runs (our kernels where we have them,
+/// stock candle ops elsewhere). f64 checks the maths tightly; f32 allows for the different
+/// summation orders accumulated over ~40 layers.
+#[test]
+fn lite0_training_step_on_cuda_matches_cpu() {
+    use crate::backbone::{self, BackboneKind};
+    use candle_nn::{VarBuilder, VarMap};
+    let Some(gpu) = cuda_device() else { return };
+    for (dtype, tol) in [(DType::F64, 1e-9), (DType::F32, 2e-3)] {
+        let maps = [VarMap::new(), VarMap::new()];
+        let devices = [Device::Cpu, gpu.clone()];
+        let nets: Vec<_> = maps
+            .iter()
+            .zip(&devices)
+            .map(|(vm, dev)| {
+                let vb = VarBuilder::from_varmap(vm, dtype, dev);
+                backbone::build(BackboneKind::EfficientnetLite0, vb).unwrap()
+            })
+            .collect();
+        // The same weights on both devices: the CPU's random initialisation, copied.
+        let cpu_vars = maps[0].data().lock().unwrap().clone();
+        let gpu_vars = maps[1].data().lock().unwrap().clone();
+        for (name, v) in &cpu_vars {
+            gpu_vars[name]
+                .set(&v.as_tensor().to_device(&gpu).unwrap())
+                .unwrap();
+        }
+        let (x, target) = (rand_vec(2 * 3 * 65 * 65, 11), rand_vec(2 * 1280, 12));
+        let runs: Vec<_> = nets
+            .iter()
+            .zip(&devices)
+            .map(|(net, dev)| {
+                let x = var(&x, &[2, 3, 65, 65], dtype, dev);
+                let t = var(&target, &[2, 1280], dtype, dev);
+                let n = net.num_stages();
+                let feats = net.forward_stages(x.as_tensor(), 0..n).unwrap();
+                let emb = crate::embed::l2_normalize(&net.pool(&feats).unwrap()).unwrap();
+                let grads = (&emb * t.as_tensor())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                (emb, grads)
+            })
+            .collect();
+        assert_within(&runs[0].0, &runs[1].0, tol, "Lite0 embedding");
+        let mut compared = 0;
+        for (name, v) in &cpu_vars {
+            let Some(gc) = runs[0].1.get(v.as_tensor()) else {
+                continue; // BN running statistics: not trained
+            };
+            let gg = runs[1].1.get(gpu_vars[name].as_tensor());
+            let gg = gg.unwrap_or_else(|| panic!("{name}: no gradient on CUDA"));
+            assert_within(gc, gg, tol, &format!("gradient of {name}"));
+            compared += 1;
+        }
+        assert!(compared > 100, "only {compared} weights got gradients");
+    }
 }
