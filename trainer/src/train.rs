@@ -869,11 +869,10 @@ impl Run {
             }
             if pretrained {
                 let n = model.backbone.num_stages();
-                crate::embed::l2_normalize(
-                    &model
-                        .backbone
-                        .pool(&model.backbone.forward_stages(x, start..n)?)?,
-                )
+                crate::embed::l2_normalize(&crate::backbone::pool(
+                    &model.backbone.forward_stages(x, start..n)?,
+                    model.config.pooling,
+                )?)
             } else {
                 model.embed_from_stage(x, start)
             }
