@@ -186,6 +186,7 @@ fn to_items(embedded: Vec<images::Embedded>) -> Vec<NewItem> {
             path: e.source.display,
             label: e.source.label,
             sha256: e.sha256,
+            metadata: None,
             vector: e.vector,
         })
         .collect()
@@ -584,6 +585,7 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
                 path: format!("#{i}"),
                 label: None,
                 sha256: format!("{i:016x}"),
+                metadata: None,
                 vector: v.to_vec(),
             })
             .collect();
