@@ -34,11 +34,31 @@ pub const LABEL_KEY: &str = "label";
 
 /// A filter or metadata that cannot be used; the message says what and where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct FilterError(pub String);
+#[error("{message}")]
+pub struct FilterError {
+    pub message: String,
+    /// Refused for its size alone (an HTTP server answers 413 rather than 400).
+    pub too_large: bool,
+}
+
+impl FilterError {
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            too_large: false,
+        }
+    }
+}
 
 fn err<T>(msg: impl Into<String>) -> Result<T, FilterError> {
-    Err(FilterError(msg.into()))
+    Err(FilterError::new(msg))
+}
+
+fn too_large<T>(msg: impl Into<String>) -> Result<T, FilterError> {
+    Err(FilterError {
+        message: msg.into(),
+        too_large: true,
+    })
 }
 
 /// Checks that `value` can be stored as an item's metadata: a JSON object of at most
@@ -59,7 +79,7 @@ pub fn validate_metadata(value: Value) -> Result<Metadata, FilterError> {
         .map(|v| v.len())
         .unwrap_or(usize::MAX);
     if bytes > MAX_METADATA_BYTES {
-        return err(format!(
+        return too_large(format!(
             "metadata is {bytes} bytes as JSON; the limit is {MAX_METADATA_BYTES}"
         ));
     }
@@ -69,13 +89,13 @@ pub fn validate_metadata(value: Value) -> Result<Metadata, FilterError> {
 /// Parses metadata sent as text (a form field, a JSONL line).
 pub fn parse_metadata(text: &str) -> Result<Metadata, FilterError> {
     if text.len() > MAX_METADATA_BYTES * 2 {
-        return err(format!(
+        return too_large(format!(
             "metadata is {} bytes; the limit is {MAX_METADATA_BYTES} (as compact JSON)",
             text.len()
         ));
     }
     let value: Value = serde_json::from_str(text)
-        .map_err(|e| FilterError(format!("metadata is not valid JSON: {e}")))?;
+        .map_err(|e| FilterError::new(format!("metadata is not valid JSON: {e}")))?;
     validate_metadata(value)
 }
 
@@ -104,7 +124,7 @@ impl Scalar {
             Value::String(s) => Ok(Scalar::Str(s.clone())),
             Value::Bool(b) => Ok(Scalar::Bool(*b)),
             Value::Number(n) => n.as_f64().map(Scalar::Num).ok_or_else(|| {
-                FilterError(format!("filter '{key}': the number {n} is out of range"))
+                FilterError::new(format!("filter '{key}': the number {n} is out of range"))
             }),
             other => err(format!(
                 "filter '{key}': values must be strings, numbers or booleans, got {}",
@@ -205,13 +225,13 @@ impl Filter {
     /// Parses a filter sent as JSON text (see the module docs for the grammar).
     pub fn parse(text: &str) -> Result<Self, FilterError> {
         if text.len() > MAX_FILTER_BYTES {
-            return err(format!(
+            return too_large(format!(
                 "the filter is {} bytes; the limit is {MAX_FILTER_BYTES}",
                 text.len()
             ));
         }
         let value: Value = serde_json::from_str(text).map_err(|e| {
-            FilterError(format!(
+            FilterError::new(format!(
                 "the filter is not valid JSON ({e}); send an object like {{\"label\": \"shoe\"}}"
             ))
         })?;
@@ -345,7 +365,7 @@ mod tests {
 
     #[test]
     fn bad_filters_say_what_is_wrong() {
-        let msg = |s: &str| Filter::parse(s).unwrap_err().0;
+        let msg = |s: &str| Filter::parse(s).unwrap_err().message;
         assert!(msg("{label:").contains("not valid JSON"));
         assert!(msg("[1]").contains("must be a JSON object"));
         assert!(msg(r#"{"price":{"gte":"ten"}}"#).contains("'gte' must be a number"));
@@ -373,6 +393,6 @@ mod tests {
             .0
             .contains("'label'"));
         let big = format!(r#"{{"d":"{}"}}"#, "x".repeat(MAX_METADATA_BYTES));
-        assert!(parse_metadata(&big).unwrap_err().0.contains("limit"));
+        assert!(parse_metadata(&big).unwrap_err().message.contains("limit"));
     }
 }

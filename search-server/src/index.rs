@@ -145,6 +145,7 @@ impl IndexGallery {
         let g = self.read();
         g.items()
             .iter()
+            .filter(|m| !m.deleted)
             .take(20)
             .map(|m| self.to_item(m).path)
             .find(|p| !p.is_file())
