@@ -382,15 +382,15 @@ mod tests {
         assert!(parse_metadata(r#"{"price": 3}"#).is_ok());
         assert!(parse_metadata("[1,2]")
             .unwrap_err()
-            .0
+            .message
             .contains("JSON object"));
         assert!(parse_metadata("{")
             .unwrap_err()
-            .0
+            .message
             .contains("not valid JSON"));
         assert!(parse_metadata(r#"{"label":"x"}"#)
             .unwrap_err()
-            .0
+            .message
             .contains("'label'"));
         let big = format!(r#"{{"d":"{}"}}"#, "x".repeat(MAX_METADATA_BYTES));
         assert!(parse_metadata(&big).unwrap_err().message.contains("limit"));
