@@ -784,11 +784,11 @@ fn a_version_2_index_opens_and_the_first_write_upgrades_it_to_3() {
     assert_eq!(idx.search(&v[3 * 16..4 * 16], 1, 32).len(), 1);
 }
 
-/// 4,000 clustered items, label `l{i % 100}` (1 % each), a price `i % 50`, `even` and
-/// `rare` (every 500th).
+/// 10,000 clustered items, label `l{i % 100}` (1 % each), a price `i % 50`, `even` and
+/// `rare` (every 1,500th).
 fn filtered_index(dir: &Path) -> (GalleryIndex, Vec<f32>) {
     let dim = 16;
-    let n = 4000;
+    let n = 10_000;
     let (v, _) = clustered(n, dim, 20, 0.6, 3);
     let mut idx = GalleryIndex::create(dir, identity(dim), dim, HnswParams::default()).unwrap();
     let its: Vec<NewItem> = items(&v, dim, 0)
@@ -798,7 +798,7 @@ fn filtered_index(dir: &Path) -> (GalleryIndex, Vec<f32>) {
             it.label = Some(format!("l{}", i % 100));
             with_meta(
                 it,
-                serde_json::json!({"price": i % 50, "even": i % 2 == 0, "rare": i % 500 == 0}),
+                serde_json::json!({"price": i % 50, "even": i % 2 == 0, "rare": i % 1500 == 0}),
             )
         })
         .collect();
@@ -813,7 +813,7 @@ fn filtered_search_keeps_recall_through_both_plans() {
     let (mut idx, v) = filtered_index(dir.path());
     idx.delete_durable(&[0, 2, 4]).unwrap();
     use gallery::FilterPlan::{Exact, FilteredGraph};
-    // (filter, plan chosen with 4,000 items and EXACT_FILTER_MAX 2,000)
+    // (filter, plan chosen with 10,000 items and EXACT_FILTER_MAX 7,500)
     let cases = [
         (r#"{"label": "l7"}"#, Exact),
         (r#"{"label": ["l1", "l2", "l3"]}"#, Exact),
@@ -828,7 +828,7 @@ fn filtered_search_keeps_recall_through_both_plans() {
     for ((text, _), plan) in cases.iter().flat_map(|c| [(c, Exact), (c, FilteredGraph)]) {
         let f = Filter::parse(text).unwrap();
         let (mut found, mut total) = (0usize, 0usize);
-        for qi in (0..4000).step_by(97) {
+        for qi in (0..10_000).step_by(250) {
             let q = &v[qi * 16..(qi + 1) * 16];
             let exact = idx.search_exact_filtered(q, 10, Some(&f));
             let got = idx.search_with_plan(q, 10, 64, Some(&f), plan).0;
@@ -854,7 +854,7 @@ fn filtered_search_keeps_recall_through_both_plans() {
         ids.sort();
         assert_eq!(
             ids,
-            vec![500, 1000, 1500, 2000, 2500, 3000, 3500],
+            vec![1500, 3000, 4500, 6000, 7500, 9000],
             "id 0 is deleted"
         );
     }
@@ -867,12 +867,12 @@ fn pages_list_live_matching_items_in_id_order() {
     idx.delete_durable(&[7]).unwrap();
     let f = Filter::parse(r#"{"label": "l7"}"#).unwrap();
     let p = idx.page(0, 3, Some(&f));
-    assert_eq!(p.total, 39);
+    assert_eq!(p.total, 99);
     let ids: Vec<u64> = p.items.iter().map(|i| i.id).collect();
     assert_eq!(ids, vec![107, 207, 307]);
-    let last = idx.page(38, 10, Some(&f));
+    let last = idx.page(98, 10, Some(&f));
     assert_eq!(last.items.len(), 1);
-    assert_eq!(last.items[0].id, 3907);
-    let all = idx.page(3990, 100, None);
-    assert_eq!((all.total, all.items.len()), (3999, 9));
+    assert_eq!(last.items[0].id, 9907);
+    let all = idx.page(9990, 100, None);
+    assert_eq!((all.total, all.items.len()), (9999, 9));
 }
