@@ -1,5 +1,7 @@
-// Deep Metric search page: pick or drop an image, search, show the nearest gallery images,
-// optionally add the image to the gallery. Plain DOM, no framework, no external requests.
+// Deep Metric search page: pick or drop an image, search (optionally filtered by label and
+// metadata), show the nearest gallery images with their metadata, ask for more like any of
+// them, add the image to the gallery or delete a result. Plain DOM, no framework, no
+// external requests.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -42,7 +44,7 @@ async function loadConfig() {
     $("k").max = cfg.max_k;
     $("k").value = Math.min(cfg.default_k, cfg.max_k);
     $("add-panel").hidden = cfg.read_only;
-    $("key-row").hidden = !cfg.auth_required;
+    $("key-row").hidden = !cfg.auth_required || cfg.read_only;
     $("status").textContent = `${cfg.gallery_items.toLocaleString()} images · ${cfg.model}`;
     // An empty gallery says how to fill it (the upload route only where the server allows it).
     $("empty-gallery").hidden = cfg.gallery_items > 0;
@@ -77,6 +79,34 @@ function setFile(file) {
   $("search-btn").disabled = false;
   $("add-btn").disabled = false;
   search();
+}
+
+// The filter box's text, or "" when empty (the server checks it and explains mistakes).
+function filterText() {
+  return $("filter").value.trim();
+}
+
+// Write requests carry the API key when one is typed.
+function authHeaders() {
+  const key = $("api-key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+// An item's metadata as "key: value" lines, for its card.
+function metadataText(md) {
+  if (!md) return "";
+  return Object.entries(md)
+    .map(([k, v]) => `${k}: ${typeof v === "string" ? v : JSON.stringify(v)}`)
+    .join(" · ");
+}
+
+function cardButton(text, cls, onClick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = cls;
+  b.textContent = text;
+  b.addEventListener("click", onClick);
+  return b;
 }
 
 function renderResults(body) {
@@ -119,7 +149,17 @@ function renderResults(body) {
     score.append(bar, num);
     score.setAttribute("aria-label", `similarity ${r.score.toFixed(3)}`);
     meta.append(rank, label, score);
-    li.append(a, meta);
+    const md = document.createElement("div");
+    md.className = "metadata";
+    md.textContent = metadataText(r.metadata);
+    md.hidden = !r.metadata;
+    const actions = document.createElement("div");
+    actions.className = "actions";
+    actions.append(cardButton("More like this", "similar", () => moreLike(r.id)));
+    if (state.config && !state.config.read_only) {
+      actions.append(cardButton("Delete", "delete", () => deleteItem(r.id, li)));
+    }
+    li.append(a, meta, md, actions);
     grid.append(li);
   });
 }
@@ -133,6 +173,8 @@ async function search() {
     const k = Math.max(1, parseInt($("k").value, 10) || 10);
     const form = new FormData();
     form.append("image", state.file);
+    const filter = filterText();
+    if (filter) form.append("filter", filter);
     const resp = await fetch(`/api/search?k=${k}`, { method: "POST", body: form });
     if (!resp.ok) throw new Error(await errorOf(resp));
     renderResults(await resp.json());
@@ -140,6 +182,38 @@ async function search() {
     showError(`Search failed: ${e.message}`);
   } finally {
     busy(btn, false);
+  }
+}
+
+// Results like gallery item `id` (the filter box applies), without an upload.
+async function moreLike(id) {
+  showError("");
+  showNotice("");
+  try {
+    const k = Math.max(1, parseInt($("k").value, 10) || 10);
+    const filter = filterText();
+    const q = filter ? `&filter=${encodeURIComponent(filter)}` : "";
+    const resp = await fetch(`/api/images/${id}/similar?k=${k}${q}`);
+    if (!resp.ok) throw new Error(await errorOf(resp));
+    renderResults(await resp.json());
+    showNotice(`More like image ${id}.`);
+  } catch (e) {
+    showError(`More like this failed: ${e.message}`);
+  }
+}
+
+// Deletes gallery item `id` (with the API key when the server needs one) and drops its card.
+async function deleteItem(id, card) {
+  showError("");
+  showNotice("");
+  try {
+    const resp = await fetch(`/api/images/${id}`, { method: "DELETE", headers: authHeaders() });
+    if (!resp.ok) throw new Error(await errorOf(resp));
+    card.remove();
+    showNotice(`Deleted image ${id} from the gallery.`);
+    await loadConfig();
+  } catch (e) {
+    showError(`Deleting failed: ${e.message}`);
   }
 }
 
@@ -154,10 +228,9 @@ async function addToGallery() {
     form.append("image", state.file);
     const label = $("label").value.trim();
     if (label) form.append("label", label);
-    const headers = {};
-    const key = $("api-key").value.trim();
-    if (key) headers["Authorization"] = `Bearer ${key}`;
-    const resp = await fetch("/api/images", { method: "POST", body: form, headers });
+    const metadata = $("metadata").value.trim();
+    if (metadata) form.append("metadata", metadata);
+    const resp = await fetch("/api/images", { method: "POST", body: form, headers: authHeaders() });
     if (!resp.ok) throw new Error(await errorOf(resp));
     const body = await resp.json();
     showNotice(body.duplicate

@@ -95,6 +95,7 @@ pub fn run(
             path: format!("#{i}"),
             label: Some(labels[i].to_string()),
             sha256: format!("row-{i}"),
+            metadata: None,
             vector: v.to_vec(),
         })
         .collect();

@@ -12,8 +12,10 @@ use trainer::embed::{Embedder, ModelSpec};
 
 use crate::bench::{self, BenchConfig};
 use crate::export::{self, VectorFormat};
+use crate::filter::{self, Filter, Metadata};
 use crate::images::{self, Source};
 use crate::{GalleryIndex, HnswParams, NewItem};
+use std::collections::HashMap;
 
 /// Written next to the manifest by `build`: which model made the index, so `query` and `add`
 /// (and the search server) can load it without being told.
@@ -190,6 +192,7 @@ fn to_items(embedded: Vec<images::Embedded>) -> Vec<NewItem> {
             path: e.source.display,
             label: e.source.label,
             sha256: e.sha256,
+            metadata: None,
             vector: e.vector,
         })
         .collect()
@@ -226,6 +229,63 @@ fn model_for(
 }
 
 /// `paths` may mix files and directories (searched recursively for images).
+/// Reads an `add --metadata` sidecar: JSONL, one `{"path": …, "metadata": {…}}` per line
+/// (blank lines skipped), `path` relative to the sidecar's folder. Keyed by the canonical
+/// path, so `./a.jpg` and `a.jpg` are one file. Errors name the line.
+pub fn read_metadata_sidecar(file: &Path) -> Result<HashMap<PathBuf, Metadata>> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Line {
+        path: PathBuf,
+        metadata: serde_json::Value,
+    }
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the metadata file {}", file.display()))?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    let mut out = HashMap::new();
+    for (i, raw) in text.lines().enumerate() {
+        let at = || format!("{} line {}", file.display(), i + 1);
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let line: Line = serde_json::from_str(raw).with_context(|| {
+            format!(
+                "{}: expected {{\"path\": \"…\", \"metadata\": {{…}}}}",
+                at()
+            )
+        })?;
+        let meta = filter::validate_metadata(line.metadata).with_context(at)?;
+        let path = base.join(&line.path);
+        let key = std::fs::canonicalize(&path)
+            .with_context(|| format!("{}: no file {}", at(), path.display()))?;
+        if out.insert(key, meta).is_some() {
+            bail!(
+                "{}: {} has metadata on an earlier line too",
+                at(),
+                line.path.display()
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// `indexer delete`: durable at once (one WAL batch), then compacted by a commit.
+pub fn delete(index_dir: &Path, ids: &[u64]) -> Result<()> {
+    let mut index = GalleryIndex::open(index_dir)?;
+    index.lock_for_writing()?;
+    index
+        .delete_durable(ids)
+        .with_context(|| format!("{}: nothing was deleted", index_dir.display()))?;
+    index.commit()?;
+    println!(
+        "deleted {} item(s) from {} (now {} items)",
+        ids.len(),
+        index_dir.display(),
+        index.live_len()
+    );
+    Ok(())
+}
+
 pub fn add(
     index_dir: &Path,
     paths: &[PathBuf],
@@ -233,7 +293,12 @@ pub fn add(
     device: &Device,
     batch_size: usize,
     skip_bad: bool,
+    metadata: Option<&Path>,
 ) -> Result<()> {
+    let mut metadata = match metadata {
+        Some(f) => read_metadata_sidecar(f)?,
+        None => HashMap::new(),
+    };
     let mut index = GalleryIndex::open(index_dir)?;
     // Refuse a concurrent writer now, not after embedding.
     index.lock_for_writing()?;
@@ -246,6 +311,18 @@ pub fn add(
                 path: p.clone(),
                 label: None,
             });
+        }
+    }
+    if !metadata.is_empty() {
+        let listed: std::collections::HashSet<PathBuf> = files
+            .iter()
+            .filter_map(|f| std::fs::canonicalize(&f.path).ok())
+            .collect();
+        if let Some(p) = metadata.keys().find(|p| !listed.contains(*p)) {
+            bail!(
+                "the metadata file names {}, which is not among the images to add",
+                p.display()
+            );
         }
     }
     // Hash first, so known content is reported without being decoded and embedded.
@@ -275,7 +352,16 @@ pub fn add(
         let embedder = model_for(&index, model, device)?;
         let outcome = images::embed_sources(&embedder, sources, batch_size, skip_bad, true)?;
         skipped = outcome.skipped;
-        report = index.add(to_items(outcome.embedded))?;
+        let mut items = Vec::with_capacity(outcome.embedded.len());
+        for e in outcome.embedded {
+            let meta = std::fs::canonicalize(&e.source.file)
+                .ok()
+                .and_then(|p| metadata.remove(&p));
+            let mut item = to_items(vec![e]).pop().expect("one item");
+            item.metadata = meta;
+            items.push(item);
+        }
+        report = index.add(items)?;
         index.commit()?;
     }
     report.duplicates.splice(0..0, known);
@@ -306,9 +392,10 @@ pub fn info(index_dir: &Path) -> Result<()> {
         index.generation()
     );
     println!(
-        "items        {} ({} only in the write-ahead log), {} labels",
-        index.len(),
+        "items        {} ({} only in the write-ahead log, {} deleted), {} labels",
+        index.live_len(),
         index.logged(),
+        index.deleted_len(),
         labels.len()
     );
     println!(
@@ -372,9 +459,11 @@ pub fn query(
     k: usize,
     ef: usize,
     exact: bool,
+    filter: Option<&str>,
     model: Option<ModelSource>,
     device: &Device,
 ) -> Result<()> {
+    let filter = filter.map(Filter::parse).transpose().context("--filter")?;
     let index = GalleryIndex::open(index_dir)?;
     if index.is_empty() {
         bail!(
@@ -390,15 +479,15 @@ pub fn query(
         .context("the model returned no embedding")?;
     let t = Instant::now();
     let hits = if exact {
-        index.search_exact(&q, k)
+        index.search_exact_filtered(&q, k, filter.as_ref())
     } else {
-        index.search(&q, k, ef.max(k))
+        index.search_filtered(&q, k, ef.max(k), filter.as_ref())
     };
     let ms = t.elapsed().as_secs_f64() * 1e3;
     println!(
         "{} nearest of {} items ({} search, {ms:.2} ms):",
         hits.len(),
-        index.len(),
+        index.live_len(),
         if exact { "exact" } else { "HNSW" }
     );
     println!(
@@ -408,13 +497,17 @@ pub fn query(
     for (rank, h) in hits.iter().enumerate() {
         let it = index.item(h.id).context("search returned an unknown id")?;
         println!(
-            "{:>4}  {:>8}  {:>8.4}  {:>7.4}  {:<20}  {}",
+            "{:>4}  {:>8}  {:>8.4}  {:>7.4}  {:<20}  {}{}",
             rank + 1,
             h.id,
             h.distance,
             h.score,
             it.label.as_deref().unwrap_or("-"),
-            it.path
+            it.path,
+            it.metadata
+                .as_ref()
+                .map(|m| format!("  {}", serde_json::Value::Object(m.clone())))
+                .unwrap_or_default()
         );
     }
     Ok(())
@@ -546,6 +639,8 @@ pub struct SyntheticArgs {
     /// Open the index in `dir` instead of building it.
     pub reuse: bool,
     pub json: Option<PathBuf>,
+    /// Fractions of the items that get one label each (see [`synthetic::selectivity_labels`]).
+    pub filter_selectivity: Vec<f64>,
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), in bytes.
@@ -564,6 +659,8 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
     if a.n == 0 || a.dim == 0 || a.queries == 0 {
         bail!("--n, --dim and --queries must be positive");
     }
+    let labels = crate::synthetic::selectivity_labels(a.n, &a.filter_selectivity, a.seed)
+        .map_err(anyhow::Error::msg)?;
     let t = Instant::now();
     let (all, _) = crate::synthetic::clustered(a.n + a.queries, a.dim, a.classes, a.noise, a.seed);
     let (base, queries) = all.split_at(a.n * a.dim);
@@ -593,8 +690,9 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
             .enumerate()
             .map(|(i, v)| NewItem {
                 path: format!("#{i}"),
-                label: None,
+                label: labels.as_ref().and_then(|l| l[i].clone()),
                 sha256: format!("{i:016x}"),
+                metadata: None,
                 vector: v.to_vec(),
             })
             .collect();
@@ -735,5 +833,79 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
         }
         crate::store::write_atomic(p, serde_json::to_string_pretty(&m)?.as_bytes())?;
     }
+    if labels.is_some() {
+        filtered_bench(&index, queries, &a, &rows);
+    }
     Ok(())
+}
+
+/// The filtered-search table of `bench-synthetic --filter-selectivity`: for each label,
+/// recall@10 against exact filtered search and single-thread QPS of the planner's choice,
+/// of the filtered graph walk and of the exact scan of the matches, beside the unfiltered
+/// QPS at the same ef (`unfiltered`: the sweep's rows).
+fn filtered_bench(
+    index: &GalleryIndex,
+    queries: &[f32],
+    a: &SyntheticArgs,
+    unfiltered: &[(usize, f64, f64)],
+) {
+    use crate::gallery::FilterPlan;
+    println!(
+        "\n## Filtered search: {} × {}-d, labels at random; exact-scan threshold {} matches\n",
+        a.n,
+        a.dim,
+        crate::gallery::EXACT_FILTER_MAX
+    );
+    println!("| selectivity | matches | ef | planner | recall@10 | QPS | filtered walk recall@10 | walk QPS | exact scan QPS | unfiltered QPS |");
+    println!("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|");
+    let queries: Vec<&[f32]> = queries.chunks_exact(a.dim).collect();
+    for (i, s) in a.filter_selectivity.iter().enumerate() {
+        let label = crate::synthetic::selectivity_label(i);
+        let f = Filter::parse(&serde_json::json!({ "label": label }).to_string())
+            .expect("a label filter parses");
+        let matches = index.page(0, 0, Some(&f)).total;
+        let truth: Vec<Vec<u64>> = queries
+            .iter()
+            .map(|q| ids_of(index.search_exact_filtered(q, 10, Some(&f))))
+            .collect();
+        // (recall@10, QPS) of one way of answering.
+        let measure = |search: &dyn Fn(&[f32]) -> Vec<u64>| {
+            let t = Instant::now();
+            let found: usize = queries
+                .iter()
+                .zip(&truth)
+                .map(|(q, tr)| search(q).iter().filter(|id| tr.contains(id)).count())
+                .sum();
+            let total: usize = truth.iter().map(Vec::len).sum();
+            (
+                found as f64 / total.max(1) as f64,
+                queries.len() as f64 / t.elapsed().as_secs_f64(),
+            )
+        };
+        let (_, exact_qps) = measure(&|q| {
+            ids_of(
+                index
+                    .search_with_plan(q, 10, 10, Some(&f), FilterPlan::Exact)
+                    .0,
+            )
+        });
+        for &(ef, _, unfiltered_qps) in unfiltered {
+            let plan = index.plan(Some(&f));
+            let (r, q) = measure(&|q| ids_of(index.search_filtered(q, 10, ef, Some(&f))));
+            let (rw, qw) = measure(&|q| {
+                ids_of(
+                    index
+                        .search_with_plan(q, 10, ef, Some(&f), FilterPlan::FilteredGraph)
+                        .0,
+                )
+            });
+            println!(
+                "| {s} | {matches} | {ef} | {plan:?} | {r:.4} | {q:.0} | {rw:.4} | {qw:.0} | {exact_qps:.0} | {unfiltered_qps:.0} |"
+            );
+        }
+    }
+}
+
+fn ids_of(hits: Vec<crate::Hit>) -> Vec<u64> {
+    hits.into_iter().map(|h| h.id).collect()
 }

@@ -273,6 +273,35 @@ impl FlatGraph {
     /// (nearest first), searching layer 0 with `ef` (≥ k) candidates. `vectors` holds the
     /// graph's points as rows of `query.len()` values, row i = node i.
     pub fn search(&self, vectors: &[f32], query: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {
+        self.search_with(vectors, query, k, ef, |_| true, false)
+    }
+
+    /// [`FlatGraph::search`] returning only nodes `accept` takes, walking through the others
+    /// (they stay candidates, so a selective filter does not cut the graph into islands).
+    /// As in hnswlib's filtered search, the beam only stops once it holds `ef` accepted
+    /// nodes, so the more selective the filter, the further it walks.
+    pub fn search_filtered(
+        &self,
+        vectors: &[f32],
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        accept: impl Fn(u32) -> bool,
+    ) -> Vec<(usize, f32)> {
+        self.search_with(vectors, query, k, ef, accept, true)
+    }
+
+    /// The beam search behind both: `filtered` false keeps the plain algorithm's stopping
+    /// rule (stop at the first candidate farther than the worst result) exactly.
+    fn search_with(
+        &self,
+        vectors: &[f32],
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        accept: impl Fn(u32) -> bool,
+        filtered: bool,
+    ) -> Vec<(usize, f32)> {
         let dim = query.len();
         if k == 0 || dim == 0 || vectors.len() < self.n * dim {
             return Vec::new();
@@ -309,10 +338,13 @@ impl FlatGraph {
             let mut results: BinaryHeap<Scored> = BinaryHeap::with_capacity(ef + 1);
             s.visit(cur);
             candidates.push(Reverse(Scored(cur_d, cur)));
-            results.push(Scored(cur_d, cur));
+            if accept(cur) {
+                results.push(Scored(cur_d, cur));
+            }
             while let Some(Reverse(Scored(c_d, c))) = candidates.pop() {
+                let full = !filtered || results.len() >= ef;
                 let worst = results.peek().map_or(f32::INFINITY, |w| w.0);
-                if c_d > worst {
+                if full && c_d > worst {
                     break;
                 }
                 // Unvisited neighbours first, their vectors prefetched, then the distances:
@@ -329,9 +361,11 @@ impl FlatGraph {
                     let worst = results.peek().map_or(f32::INFINITY, |w| w.0);
                     if results.len() < ef || d < worst {
                         candidates.push(Reverse(Scored(d, nb)));
-                        results.push(Scored(d, nb));
-                        if results.len() > ef {
-                            results.pop();
+                        if accept(nb) {
+                            results.push(Scored(d, nb));
+                            if results.len() > ef {
+                                results.pop();
+                            }
                         }
                     }
                 }

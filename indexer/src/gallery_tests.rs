@@ -25,6 +25,7 @@ fn items(vectors: &[f32], dim: usize, start: usize) -> Vec<NewItem> {
             path: format!("img/{:05}.jpg", start + i),
             label: Some(format!("class{}", (start + i) % 7)),
             sha256: format!("{:064x}", start + i),
+            metadata: None,
             vector: v.to_vec(),
         })
         .collect()
@@ -254,7 +255,7 @@ fn corrupt_truncated_and_foreign_files_are_clear_errors() {
     let good_manifest = std::fs::read_to_string(&mpath).unwrap();
     std::fs::write(
         &mpath,
-        good_manifest.replace("\"format_version\": 2", "\"format_version\": 7"),
+        good_manifest.replace("\"format_version\": 3", "\"format_version\": 7"),
     )
     .unwrap();
     let e = open_err();
@@ -370,6 +371,7 @@ fn invalid_input_is_rejected_without_changing_the_index() {
         path: "short.jpg".into(),
         label: None,
         sha256: "x".into(),
+        metadata: None,
         vector: vec![1.0; 15],
     });
     let e = idx.add(batch).unwrap_err().to_string();
@@ -600,6 +602,8 @@ fn a_version_1_index_opens_and_the_first_write_upgrades_it() {
         path: "v1.jpg".into(),
         label: None,
         sha256: "v1".into(),
+        metadata: None,
+        deleted: false,
     };
     std::fs::write(d.join("wal.g1.log"), crate::wal::encode_v1(&meta, &v[..16])).unwrap();
 
@@ -610,7 +614,7 @@ fn a_version_1_index_opens_and_the_first_write_upgrades_it() {
         .unwrap();
     drop(idx);
     let text = std::fs::read_to_string(&mpath).unwrap();
-    assert!(text.contains("\"format_version\": 2") && text.contains("manifest_sha256"));
+    assert!(text.contains("\"format_version\": 3") && text.contains("manifest_sha256"));
     let idx = GalleryIndex::open(d).unwrap();
     assert_eq!((idx.len(), idx.generation()), (14, 2));
     assert_eq!(idx.item(12).unwrap().path, "v1.jpg");
@@ -666,4 +670,209 @@ fn salvaging_a_damaged_or_missing_wal_keeps_what_came_before_and_sets_the_log_as
     idx.commit().unwrap();
     drop(idx);
     assert_eq!(GalleryIndex::open(d).unwrap().generation(), 3);
+}
+
+fn with_meta(mut it: NewItem, meta: serde_json::Value) -> NewItem {
+    it.metadata = meta.as_object().cloned();
+    it
+}
+
+#[test]
+fn deletes_are_durable_excluded_at_once_and_compacted_by_the_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (mut idx, v) = small_index(d, 200);
+    let q = |i: usize| v[i * 16..(i + 1) * 16].to_vec();
+    assert_eq!(idx.search(&q(5), 1, 64)[0].id, 5);
+    idx.delete_durable(&[5, 7]).unwrap();
+    assert!(idx.item(5).is_none() && idx.item(6).is_some());
+    assert_eq!((idx.len(), idx.live_len()), (200, 198));
+    for i in [5, 7] {
+        let hits = idx.search(&q(i), 10, 64);
+        assert!(hits.iter().all(|h| h.id != 5 && h.id != 7), "{hits:?}");
+        assert_eq!(hits.len(), 10);
+        assert!(idx
+            .search_exact(&q(i), 10)
+            .iter()
+            .all(|h| h.id != 5 && h.id != 7));
+    }
+    // Unknown and already-deleted ids are refused and nothing changes.
+    for bad in [[5u64, 8], [1000, 8]] {
+        assert!(matches!(
+            idx.delete_durable(&bad),
+            Err(StoreError::NoSuchItem(_))
+        ));
+    }
+    assert!(idx.item(8).is_some());
+    let sha5 = idx.items()[5].sha256.clone();
+    assert!(idx.was_deleted(&sha5) && idx.find_sha256(&sha5).is_none());
+    // Dropped without a commit (as by kill -9): the WAL brings the delete back.
+    drop(idx);
+    let mut idx = GalleryIndex::open(d).unwrap();
+    assert!(idx.item(5).is_none() && idx.item(7).is_none());
+    assert_eq!(idx.live_len(), 198);
+    assert!(idx.search(&q(5), 10, 64).iter().all(|h| h.id != 5));
+    assert!(idx.was_deleted(&sha5));
+    // The commit writes the tombstone without label, path or metadata.
+    idx.commit().unwrap();
+    let items_file =
+        std::fs::read_to_string(d.join(format!("items.g{}.jsonl", idx.generation()))).unwrap();
+    let line5 = items_file.lines().nth(5).unwrap();
+    assert!(
+        line5.contains("\"deleted\":true") && !line5.contains("class"),
+        "{line5}"
+    );
+    drop(idx);
+    let mut idx = GalleryIndex::open(d).unwrap();
+    assert_eq!((idx.live_len(), idx.deleted_len()), (198, 2));
+    // The same content added again is a new item with a new id.
+    let mut again = items(&q(5), 16, 5).pop().unwrap();
+    again.path = "again.jpg".into();
+    let report = idx.append_durable(again).unwrap();
+    assert_eq!(report.added, vec![200]);
+    assert!(!idx.was_deleted(&sha5));
+    assert_eq!(idx.search(&q(5), 1, 64)[0].id, 200);
+}
+
+#[test]
+fn metadata_is_stored_in_the_wal_and_the_commit_and_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (mut idx, v) = small_index(d, 20);
+    let meta = serde_json::json!({"price": 12.5, "tags": ["a", "b"]});
+    let it = with_meta(items(&v[..16], 16, 500).pop().unwrap(), meta.clone());
+    idx.append_durable(it).unwrap();
+    let big = serde_json::json!({"x": "y".repeat(filter::MAX_METADATA_BYTES)});
+    let too_big = with_meta(items(&v[16..32], 16, 501).pop().unwrap(), big);
+    let e = idx.append_durable(too_big).unwrap_err().to_string();
+    assert!(e.contains("limit") && e.contains("img/00501.jpg"), "{e}");
+    assert_eq!(idx.len(), 21, "a refused add changes nothing");
+    drop(idx);
+    let mut idx = GalleryIndex::open(d).unwrap();
+    assert_eq!(idx.item(20).unwrap().metadata.as_ref(), meta.as_object());
+    idx.commit().unwrap();
+    drop(idx);
+    let idx = GalleryIndex::open(d).unwrap();
+    assert_eq!(idx.item(20).unwrap().metadata.as_ref(), meta.as_object());
+    assert_eq!(idx.logged(), 0);
+}
+
+#[test]
+fn a_version_2_index_opens_and_the_first_write_upgrades_it_to_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (idx, v) = small_index(d, 12);
+    drop(idx);
+    // A version-2 manifest is this one with its version (and so its checksum) changed.
+    let mpath = d.join("manifest.json");
+    let mut m = crate::manifest::Manifest::read(d).unwrap();
+    m.format_version = 2;
+    m.manifest_sha256 = None;
+    let mut value = serde_json::to_value(&m).unwrap();
+    let mut canon = value.clone();
+    canon.as_object_mut().unwrap().remove("manifest_sha256");
+    value["manifest_sha256"] =
+        crate::store::sha256_hex(&serde_json::to_vec(&canon).unwrap()).into();
+    std::fs::write(&mpath, serde_json::to_string_pretty(&value).unwrap()).unwrap();
+    let mut idx = GalleryIndex::open(d).unwrap();
+    assert_eq!((idx.format_version(), idx.live_len()), (2, 12));
+    idx.delete_durable(&[3]).unwrap();
+    assert_eq!(idx.format_version(), 3);
+    drop(idx);
+    let idx = GalleryIndex::open(d).unwrap();
+    assert!(idx.item(3).is_none());
+    assert_eq!(idx.search(&v[3 * 16..4 * 16], 1, 32).len(), 1);
+}
+
+/// 10,000 clustered items, label `l{i % 100}` (1 % each), a price `i % 50`, `even` and
+/// `rare` (every 1,500th).
+fn filtered_index(dir: &Path) -> (GalleryIndex, Vec<f32>) {
+    let dim = 16;
+    let n = 10_000;
+    let (v, _) = clustered(n, dim, 20, 0.6, 3);
+    let mut idx = GalleryIndex::create(dir, identity(dim), dim, HnswParams::default()).unwrap();
+    let its: Vec<NewItem> = items(&v, dim, 0)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut it)| {
+            it.label = Some(format!("l{}", i % 100));
+            with_meta(
+                it,
+                serde_json::json!({"price": i % 50, "even": i % 2 == 0, "rare": i % 1500 == 0}),
+            )
+        })
+        .collect();
+    idx.add(its).unwrap();
+    idx.commit().unwrap();
+    (idx, v)
+}
+
+#[test]
+fn filtered_search_keeps_recall_through_both_plans() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut idx, v) = filtered_index(dir.path());
+    idx.delete_durable(&[0, 2, 4]).unwrap();
+    use gallery::FilterPlan::{Exact, FilteredGraph};
+    // (filter, plan chosen with 10,000 items and EXACT_FILTER_MAX 7,500)
+    let cases = [
+        (r#"{"label": "l7"}"#, Exact),
+        (r#"{"label": ["l1", "l2", "l3"]}"#, Exact),
+        (r#"{"even": true, "price": {"lt": 10}}"#, Exact),
+        (r#"{"price": {"gte": 5}}"#, FilteredGraph),
+    ];
+    for (text, plan) in cases {
+        let f = Filter::parse(text).unwrap();
+        assert_eq!(idx.plan(Some(&f)), plan, "{text}");
+    }
+    // Every filter through both plans, whichever the planner picks.
+    for ((text, _), plan) in cases.iter().flat_map(|c| [(c, Exact), (c, FilteredGraph)]) {
+        let f = Filter::parse(text).unwrap();
+        let (mut found, mut total) = (0usize, 0usize);
+        for qi in (0..10_000).step_by(250) {
+            let q = &v[qi * 16..(qi + 1) * 16];
+            let exact = idx.search_exact_filtered(q, 10, Some(&f));
+            let got = idx.search_with_plan(q, 10, 64, Some(&f), plan).0;
+            assert!(
+                got.iter().all(|h| f.matches(&idx.items()[h.id as usize])),
+                "{text}"
+            );
+            assert_eq!(got.len(), exact.len());
+            total += exact.len();
+            found += got
+                .iter()
+                .filter(|h| exact.iter().any(|e| e.id == h.id))
+                .count();
+        }
+        let recall = found as f64 / total as f64;
+        assert!(recall >= 0.98, "{text} {plan:?}: recall {recall}");
+    }
+    // A filter matching fewer than k items returns all of them.
+    let few = Filter::parse(r#"{"rare": true}"#).unwrap();
+    for plan in [Exact, FilteredGraph] {
+        let hits = idx.search_with_plan(&v[..16], 10, 64, Some(&few), plan).0;
+        let mut ids: Vec<u64> = hits.iter().map(|h| h.id).collect();
+        ids.sort();
+        assert_eq!(
+            ids,
+            vec![1500, 3000, 4500, 6000, 7500, 9000],
+            "id 0 is deleted"
+        );
+    }
+}
+
+#[test]
+fn pages_list_live_matching_items_in_id_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut idx, _) = filtered_index(dir.path());
+    idx.delete_durable(&[7]).unwrap();
+    let f = Filter::parse(r#"{"label": "l7"}"#).unwrap();
+    let p = idx.page(0, 3, Some(&f));
+    assert_eq!(p.total, 99);
+    let ids: Vec<u64> = p.items.iter().map(|i| i.id).collect();
+    assert_eq!(ids, vec![107, 207, 307]);
+    let last = idx.page(98, 10, Some(&f));
+    assert_eq!(last.items.len(), 1);
+    assert_eq!(last.items[0].id, 9907);
+    let all = idx.page(9990, 100, None);
+    assert_eq!((all.total, all.items.len()), (9999, 9));
 }

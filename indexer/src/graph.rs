@@ -141,6 +141,30 @@ impl Graph {
         self.search_hnsw_rs(query, k, ef)
     }
 
+    /// [`Graph::search`] returning only ids `accept` takes, walking through the others
+    /// (see [`FlatGraph::search_filtered`]; hnsw_rs's `search_filter` while the copy is stale).
+    pub fn search_filtered(
+        &self,
+        vectors: &[f32],
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        accept: &(dyn Fn(usize) -> bool + Sync),
+    ) -> Vec<(usize, f32)> {
+        if self.is_empty() || k == 0 {
+            return Vec::new();
+        }
+        if let Some(flat) = self.flat_copy() {
+            return flat.search_filtered(vectors, query, k, ef, |v| accept(v as usize));
+        }
+        let filter = |id: &usize| accept(*id);
+        self.hnsw
+            .search_filter(query, k, ef.max(k), Some(&filter))
+            .into_iter()
+            .map(|n| (n.d_id, n.distance))
+            .collect()
+    }
+
     /// The same search through hnsw_rs's own implementation (the reference the flat search
     /// is tested and benchmarked against).
     pub fn search_hnsw_rs(&self, query: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {

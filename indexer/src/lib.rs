@@ -49,6 +49,7 @@ pub mod bench;
 pub mod commands;
 pub mod distance;
 pub mod export;
+pub mod filter;
 pub mod flat;
 pub mod gallery;
 pub mod graph;
@@ -62,7 +63,8 @@ pub mod wal;
 #[cfg(test)]
 mod gallery_tests;
 
-pub use gallery::GalleryIndex;
+pub use filter::{Filter, FilterError, Metadata};
+pub use gallery::{GalleryIndex, Page};
 pub use params::HnswParams;
 pub use store::StoreError;
 pub use trainer::checkpoint::ModelIdentity;
@@ -79,6 +81,15 @@ pub struct ItemMeta {
     pub label: Option<String>,
     /// SHA-256 of the image file's bytes; duplicates are detected by it.
     pub sha256: String,
+    /// The item's metadata (a JSON object, see [`filter`]); absent in indexes written
+    /// before metadata existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Metadata>,
+    /// Deleted: a tombstone kept so ids stay dense (row i = id i). Its label, path and
+    /// metadata are gone; its vector stays in the graph as a waypoint that is never
+    /// returned, and its sha256 stays so a folder scan does not bring it back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
 }
 
 /// An item to add: its metadata and embedding (any length-`dim` non-zero vector; it is
@@ -88,6 +99,8 @@ pub struct NewItem {
     pub path: String,
     pub label: Option<String>,
     pub sha256: String,
+    /// Checked by [`filter::validate_metadata`] on add.
+    pub metadata: Option<Metadata>,
     pub vector: Vec<f32>,
 }
 

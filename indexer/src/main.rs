@@ -121,6 +121,19 @@ enum Command {
         batch_size: usize,
         #[arg(long)]
         skip_bad_images: bool,
+        /// Metadata for the added images: a JSONL file, one `{"path": …, "metadata": {…}}`
+        /// per line, `path` relative to this file's folder (or absolute). Content that is
+        /// already indexed keeps its metadata.
+        #[arg(long)]
+        metadata: Option<PathBuf>,
+    },
+    /// Delete items by id (durable at once; the index is then compacted by a commit).
+    Delete {
+        #[arg(long)]
+        index: PathBuf,
+        /// Ids to delete (as `query` prints them).
+        #[arg(required = true)]
+        ids: Vec<u64>,
     },
     /// Describe an index: size, model, parameters, disk use.
     Info {
@@ -148,6 +161,9 @@ enum Command {
         /// Brute-force search instead of HNSW.
         #[arg(long)]
         exact: bool,
+        /// Only items matching this JSON filter, e.g. '{"label": "shoe", "price": {"lt": 50}}'.
+        #[arg(long)]
+        filter: Option<String>,
         #[command(flatten)]
         model: OptModelArgs,
     },
@@ -230,6 +246,11 @@ enum Command {
         reuse: bool,
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Also measure filtered search: one label per listed fraction of the items (given
+        /// at random, independent of the clusters), e.g. 0.01,0.1; recall@10 against exact
+        /// filtered search and QPS of each plan.
+        #[arg(long, value_delimiter = ',', conflicts_with = "reuse")]
+        filter_selectivity: Vec<f64>,
     },
 }
 
@@ -293,6 +314,7 @@ fn run(cli: Cli) -> Result<()> {
             model,
             batch_size,
             skip_bad_images,
+            metadata,
         } => commands::add(
             &index,
             &images,
@@ -300,7 +322,9 @@ fn run(cli: Cli) -> Result<()> {
             &model.device.open()?,
             batch_size,
             skip_bad_images,
+            metadata.as_deref(),
         ),
+        Command::Delete { index, ids } => commands::delete(&index, &ids),
         Command::Info { index } => commands::info(&index),
         Command::Recover { index } => commands::recover(&index),
         Command::Query {
@@ -309,6 +333,7 @@ fn run(cli: Cli) -> Result<()> {
             k,
             ef,
             exact,
+            filter,
             model,
         } => commands::query(
             &index,
@@ -316,6 +341,7 @@ fn run(cli: Cli) -> Result<()> {
             k,
             ef,
             exact,
+            filter.as_deref(),
             model.source(),
             &model.device.open()?,
         ),
@@ -369,6 +395,7 @@ fn run(cli: Cli) -> Result<()> {
             dir,
             reuse,
             json,
+            filter_selectivity,
         } => commands::bench_synthetic(SyntheticArgs {
             n,
             dim,
@@ -382,6 +409,7 @@ fn run(cli: Cli) -> Result<()> {
             dir,
             reuse,
             json,
+            filter_selectivity,
         }),
     }
 }

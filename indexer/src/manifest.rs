@@ -27,7 +27,9 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 /// Written into every manifest; `open` refuses other values.
 pub const FORMAT: &str = "deep-metric-gallery-index";
 /// Bumped on any incompatible change of the directory layout or file encodings.
-pub const FORMAT_VERSION: u32 = 2;
+/// Version 3 added item metadata and deletes (tombstones): an older build would ignore
+/// both and bring deleted items back, so it must refuse the index instead.
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest version `open` still reads (upgraded to [`FORMAT_VERSION`] by the next write).
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// How distances are measured; part of the manifest so a future metric cannot be misread.
@@ -162,6 +164,12 @@ impl Manifest {
     /// True for a version-1 manifest (no checksum, headerless and optional WAL).
     pub fn is_legacy(&self) -> bool {
         self.format_version < 2
+    }
+
+    /// True when the first write must commit to move the index to [`FORMAT_VERSION`]
+    /// (so an older build refuses it instead of misreading what the write adds).
+    pub fn needs_upgrade(&self) -> bool {
+        self.format_version < FORMAT_VERSION
     }
 
     /// Writes `dir/manifest.json` atomically as the current format version, with its own

@@ -58,9 +58,55 @@ pub fn clustered(
     (vectors, labels)
 }
 
+/// The label `selectivity_labels` gives the items of fraction `i`.
+pub fn selectivity_label(i: usize) -> String {
+    format!("sel{i}")
+}
+
+/// Labels for a filtered-search benchmark: fraction `fractions[i]` of the `n` items (drawn
+/// at random, so matches are spread over every cluster: the hard case for a graph walk)
+/// gets [`selectivity_label`]`(i)`, the rest none. `None` when no fractions are given.
+pub fn selectivity_labels(
+    n: usize,
+    fractions: &[f64],
+    seed: u64,
+) -> Result<Option<Vec<Option<String>>>, String> {
+    if fractions.is_empty() {
+        return Ok(None);
+    }
+    if fractions.iter().any(|f| !(*f > 0.0 && *f <= 1.0)) || fractions.iter().sum::<f64>() > 1.0 {
+        return Err(format!(
+            "--filter-selectivity: each fraction must be in (0, 1] and together at most 1, got {fractions:?}"
+        ));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5e1e_c7ed);
+    let mut order: Vec<usize> = (0..n).collect();
+    rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut rng);
+    let mut labels = vec![None; n];
+    let mut next = order.into_iter();
+    for (i, f) in fractions.iter().enumerate() {
+        let count = (f * n as f64).round() as usize;
+        for id in next.by_ref().take(count) {
+            labels[id] = Some(selectivity_label(i));
+        }
+    }
+    Ok(Some(labels))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn selectivity_labels_have_the_asked_fractions() {
+        let l = selectivity_labels(10_000, &[0.01, 0.1], 3)
+            .unwrap()
+            .unwrap();
+        let count = |s: &str| l.iter().filter(|x| x.as_deref() == Some(s)).count();
+        assert_eq!((count("sel0"), count("sel1")), (100, 1000));
+        assert!(selectivity_labels(10, &[], 1).unwrap().is_none());
+        assert!(selectivity_labels(10, &[0.7, 0.7], 1).is_err());
+    }
 
     #[test]
     fn rows_are_unit_and_deterministic() {

@@ -8,9 +8,10 @@
 //!   "DMW2" | dim: u32 | generation: u64 | first id: u64 | check: u64
 //! then per append, one batch:
 //!   record*  = "DMR2" | payload length: u32 | SHA-256 of payload (32 B) | payload
+//!            | "DMD2" | 8 | SHA-256 of payload | id: u64            (a delete: tombstone)
 //!   padding  = zeros up to a multiple of 32 bytes
 //!   commit   = "DMC2" | records in batch: u32 | next id: u64 | batch start: u64 | check: u64
-//! payload  = id: u64 | meta length: u32 | meta JSON {path,label,sha256} | dim × f32, all LE
+//! payload  = id: u64 | meta length: u32 | meta JSON {path,label,sha256[,metadata]} | dim × f32, all LE
 //! check    = first 8 bytes of SHA-256(generation | own offset | the 24 bytes before it)
 //! ```
 //!
@@ -32,6 +33,12 @@
 //! The header ties the log to the manifest (generation, first id, dim); since the commit
 //! creates it before writing the manifest, a missing log is an error, not an empty log.
 //!
+//! A batch's commit record counts adds and tombstones together; its next id counts adds
+//! only. A tombstone names an id added before it (committed or earlier in the log), so
+//! replaying every add and then every tombstone gives the state the writer had. Metadata
+//! and tombstones arrived with index format version 3; the log encoding is unchanged
+//! otherwise, so a version-2 log replays as it is.
+//!
 //! Version-1 logs (`"DMW1"` records, no header, no commit records, file optional) are still
 //! replayed with the old rule: a bad last record is a torn tail.
 
@@ -48,6 +55,7 @@ const V1_MAGIC: &[u8; 4] = b"DMW1";
 const HEADER_MAGIC: &[u8; 4] = b"DMW2";
 const RECORD_MAGIC: &[u8; 4] = b"DMR2";
 const COMMIT_MAGIC: &[u8; 4] = b"DMC2";
+const DELETE_MAGIC: &[u8; 4] = b"DMD2";
 /// Bytes of the log header.
 pub const HEADER_LEN: u64 = 32;
 /// Record header: magic, payload length, payload SHA-256.
@@ -67,6 +75,8 @@ struct RecordMeta {
     path: String,
     label: Option<String>,
     sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    metadata: Option<crate::Metadata>,
 }
 
 /// What a log held.
@@ -74,6 +84,8 @@ struct RecordMeta {
 pub struct Replay {
     /// Acknowledged records, in id order.
     pub records: Vec<WalRecord>,
+    /// Ids deleted by acknowledged tombstones, in log order.
+    pub deleted: Vec<u64>,
     /// Bytes of the header and acknowledged batches; anything after is a torn tail.
     pub valid_len: u64,
     /// Set when a torn tail was dropped.
@@ -141,6 +153,7 @@ fn encode_with(magic: &[u8; 4], meta: &ItemMeta, vector: &[f32]) -> Vec<u8> {
         path: meta.path.clone(),
         label: meta.label.clone(),
         sha256: meta.sha256.clone(),
+        metadata: meta.metadata.clone(),
     };
     let json = serde_json::to_vec(&rm).expect("record meta serialises");
     let mut payload = Vec::with_capacity(12 + json.len() + 4 * vector.len());
@@ -154,6 +167,17 @@ fn encode_with(magic: &[u8; 4], meta: &ItemMeta, vector: &[f32]) -> Vec<u8> {
     out.extend_from_slice(magic);
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&Sha256::digest(&payload));
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// A tombstone record deleting `id`.
+pub fn encode_delete(id: u64) -> Vec<u8> {
+    let payload = id.to_le_bytes();
+    let mut out = Vec::with_capacity(RECORD_HEADER + payload.len());
+    out.extend_from_slice(DELETE_MAGIC);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&Sha256::digest(payload));
     out.extend_from_slice(&payload);
     out
 }
@@ -275,11 +299,13 @@ fn replay_into(path: &Path, expect: Expect, salvaged: &mut Replay) -> Result<Rep
         ($e:expr) => {{
             let e = $e;
             salvaged.records = std::mem::take(&mut out.records);
+            salvaged.deleted = std::mem::take(&mut out.deleted);
             salvaged.valid_len = out.valid_len;
             return Err(e);
         }};
     }
     let mut pending: Vec<WalRecord> = Vec::new();
+    let mut pending_deletes: Vec<u64> = Vec::new();
     let mut batch_start = HEADER_LEN as usize;
     let mut pos = batch_start;
     let next_id = |out: &Replay, pending: &Vec<WalRecord>| {
@@ -295,22 +321,31 @@ fn replay_into(path: &Path, expect: Expect, salvaged: &mut Replay) -> Result<Rep
             pos += len;
             continue;
         }
+        if let Some((payload, len)) = record_at(&bytes[pos..], DELETE_MAGIC) {
+            match decode_delete(path, pos, payload, next_id(&out, &pending)) {
+                Ok(id) => pending_deletes.push(id),
+                Err(e) => fail!(e),
+            }
+            pos += len;
+            continue;
+        }
         let at = align_up(pos);
         let padding_ok = bytes
             .get(pos..at)
             .is_some_and(|p| p.iter().all(|&b| b == 0));
+        let entries = pending.len() + pending_deletes.len();
         match commit_at(&bytes, at, expect.generation) {
-            Some((n, next, start)) if padding_ok && !pending.is_empty() => {
-                if n as usize != pending.len()
+            Some((n, next, start)) if padding_ok && entries > 0 => {
+                if n as usize != entries
                     || next != next_id(&out, &pending)
                     || start != batch_start as u64
                 {
                     fail!(corrupt(format!(
-                        "write-ahead log commit record at byte {at} does not match the {} record(s) before it",
-                        pending.len()
+                        "write-ahead log commit record at byte {at} does not match the {entries} record(s) before it"
                     )));
                 }
                 out.records.append(&mut pending);
+                out.deleted.append(&mut pending_deletes);
                 pos = at + COMMIT_LEN;
                 batch_start = pos;
                 out.valid_len = pos as u64;
@@ -318,7 +353,8 @@ fn replay_into(path: &Path, expect: Expect, salvaged: &mut Replay) -> Result<Rep
             _ => break,
         }
     }
-    if pos >= bytes.len() && pending.is_empty() {
+    let pending_entries = pending.len() + pending_deletes.len();
+    if pos >= bytes.len() && pending_entries == 0 {
         return Ok(out);
     }
     // Everything from `batch_start` on was not confirmed by a commit record.
@@ -331,16 +367,18 @@ fn replay_into(path: &Path, expect: Expect, salvaged: &mut Replay) -> Result<Rep
              shows it was acknowledged: restore the file from a backup, or run `indexer recover` to keep the items before the damage"
         )));
     }
-    if !pending.is_empty() {
+    if pending_entries > 0 {
         // The batch's records are whole; what follows them must be padding and its commit
         // record, or nothing (crash before the commit record was written).
         let at = align_up(pos);
         if let Some(slot) = bytes.get(pos..at + COMMIT_LEN) {
-            if slot.iter().any(|&b| b != 0) && !slot.starts_with(RECORD_MAGIC) {
+            if slot.iter().any(|&b| b != 0)
+                && !slot.starts_with(RECORD_MAGIC)
+                && !slot.starts_with(DELETE_MAGIC)
+            {
                 fail!(corrupt(format!(
-                    "write-ahead log commit record at byte {at} (or the padding before it) is damaged; the {} \
-                     record(s) before it were acknowledged: restore the file from a backup, or run `indexer recover`",
-                    pending.len()
+                    "write-ahead log commit record at byte {at} (or the padding before it) is damaged; the {pending_entries} \
+                     record(s) before it were acknowledged: restore the file from a backup, or run `indexer recover`"
                 )));
             }
         }
@@ -350,7 +388,7 @@ fn replay_into(path: &Path, expect: Expect, salvaged: &mut Replay) -> Result<Rep
          an add was interrupted before it was acknowledged",
         path.display(),
         bytes.len() - batch_start,
-        pending.len()
+        pending_entries
     ));
     Ok(out)
 }
@@ -452,9 +490,31 @@ fn decode_payload(
             path: rm.path,
             label: rm.label,
             sha256: rm.sha256,
+            metadata: rm.metadata,
+            deleted: false,
         },
         vector,
     })
+}
+
+/// The id a tombstone deletes; it must name an item added before it (below `next_id`).
+fn decode_delete(path: &Path, pos: usize, p: &[u8], next_id: u64) -> Result<u64> {
+    let bad = |why: String| {
+        StoreError::corrupt(
+            path,
+            format!("write-ahead log tombstone at byte {pos}: {why}"),
+        )
+    };
+    if p.len() != 8 {
+        return Err(bad(format!("payload of {} bytes, expected 8", p.len())));
+    }
+    let id = u64_at(p, 0);
+    if id >= next_id {
+        return Err(bad(format!(
+            "deletes id {id}, which was not added before it (next id {next_id})"
+        )));
+    }
+    Ok(id)
 }
 
 /// An open version-2 log, positioned after its last acknowledged batch.
@@ -548,6 +608,8 @@ mod tests {
             path: format!("p{id}"),
             label: None,
             sha256: format!("s{id}"),
+            metadata: None,
+            deleted: false,
         }
     }
 
@@ -588,6 +650,36 @@ mod tests {
         assert_eq!(r.records[4].vector, vec![14.0, 1.0]);
         assert_eq!(r.valid_len, std::fs::metadata(&path).unwrap().len());
         assert_eq!(r.valid_len % ALIGN as u64, 0);
+    }
+
+    #[test]
+    fn tombstones_and_metadata_replay_and_a_torn_tombstone_is_dropped() {
+        let (_d, path, _) = log(&[2]);
+        let mut w =
+            WalWriter::open(&path, E.generation, replay(&path, E).unwrap().valid_len).unwrap();
+        let mut m = meta(12);
+        m.metadata = serde_json::json!({"price": 3}).as_object().cloned();
+        let mut buf = encode(&m, &[1.0, 2.0]);
+        buf.extend(encode_delete(10));
+        buf.extend(encode_delete(12));
+        w.append(&buf, 3, 13).unwrap();
+        let acknowledged = w.valid_len();
+        let r = replay(&path, E).unwrap();
+        assert_eq!(r.records.len(), 3);
+        assert_eq!(r.records[2].meta.metadata, m.metadata);
+        assert_eq!(r.deleted, vec![10, 12]);
+        // A tombstone whose commit record never came: not acknowledged, dropped.
+        w.write_at(acknowledged, &encode_delete(11)).unwrap();
+        let r = replay(&path, E).unwrap();
+        assert_eq!(r.deleted, vec![10, 12]);
+        assert!(r.torn_tail.is_some());
+        // A tombstone for an id not added before it is corruption.
+        let (_d2, path2, _) = log(&[1]);
+        let mut w2 =
+            WalWriter::open(&path2, E.generation, replay(&path2, E).unwrap().valid_len).unwrap();
+        w2.append(&encode_delete(11), 1, 11).unwrap();
+        let e = replay(&path2, E).unwrap_err().to_string();
+        assert!(e.contains("not added before it"), "{e}");
     }
 
     #[test]

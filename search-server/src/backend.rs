@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 
 use image::DynamicImage;
+use indexer::{Filter, Metadata};
 use serde::Serialize;
 
 /// Turns decoded images into L2-normalised embeddings. Called only from the inference
@@ -40,6 +41,8 @@ pub struct GalleryItem {
     pub label: Option<String>,
     /// SHA-256 of the file's bytes, hex.
     pub sha256: String,
+    /// The JSON object stored with the item, if any.
+    pub metadata: Option<Metadata>,
 }
 
 /// A search result: the item and its similarity (higher is closer; cosine for unit vectors).
@@ -55,6 +58,8 @@ pub struct NewGalleryItem {
     pub path: PathBuf,
     pub label: Option<String>,
     pub sha256: String,
+    /// Checked by the index ([`indexer::filter::validate_metadata`]).
+    pub metadata: Option<Metadata>,
     pub embedding: Vec<f32>,
 }
 
@@ -69,17 +74,44 @@ pub struct AddOutcome {
 /// The gallery index. Implementations do their own locking: searches run concurrently
 /// from the blocking pool while adds come in.
 pub trait SearchBackend: Send + Sync + 'static {
-    /// The `k` nearest items to `query`, best first.
-    fn search(&self, query: &[f32], k: usize) -> anyhow::Result<Vec<SearchHit>>;
+    /// The `k` nearest items to `query` among those `filter` matches (all when `None`),
+    /// best first. Deleted items are never returned.
+    fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        filter: Option<&Filter>,
+    ) -> anyhow::Result<Vec<SearchHit>>;
+    /// The live item with this id (`None` when unknown or deleted).
     fn item(&self, id: u64) -> Option<GalleryItem>;
+    /// The stored (unit) embedding of a live item, for "more like this".
+    fn vector(&self, id: u64) -> Option<Vec<f32>>;
+    /// Deletes an item; returns only once the delete is durable (a deleted item never
+    /// comes back after `kill -9`) and the item has left every search. `Ok(false)` when
+    /// there is no live item with this id.
+    fn delete(&self, id: u64) -> anyhow::Result<bool>;
+    /// Live items matching `filter` in id order from `offset`, at most `limit`, with the
+    /// total that match.
+    fn page(
+        &self,
+        offset: usize,
+        limit: usize,
+        filter: Option<&Filter>,
+    ) -> (usize, Vec<GalleryItem>);
+    /// Whether content with this hash was deleted (and not added again): the start-up
+    /// folder scan leaves such files out, so a delete sticks across restarts.
+    fn was_deleted(&self, _sha256: &str) -> bool {
+        false
+    }
     /// The id of the item whose file has this SHA-256, if any.
     fn find_sha256(&self, sha256: &str) -> Option<u64>;
     /// Adds an item; returns only once the item is durable (survives `kill -9`) and is
     /// visible to [`SearchBackend::search`]. Adding bytes already present is a no-op that
     /// returns the existing id.
     fn add_durable(&self, item: NewGalleryItem) -> anyhow::Result<AddOutcome>;
-    /// Adds many items (the start-up folder scan), durable when it returns. The default
-    /// adds them one by one; an index with a cheaper bulk path overrides it.
+    /// Adds many items (the start-up folder scan, a batch upload), durable when it returns.
+    /// All are checked before any is added, so an invalid one adds none. The default adds
+    /// them one by one; an index with a cheaper bulk path overrides it.
     fn add_batch(&self, items: Vec<NewGalleryItem>) -> anyhow::Result<Vec<AddOutcome>> {
         items.into_iter().map(|i| self.add_durable(i)).collect()
     }
@@ -87,6 +119,7 @@ pub trait SearchBackend: Send + Sync + 'static {
     fn close(&self) -> anyhow::Result<()> {
         Ok(())
     }
+    /// Live (not deleted) items.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0

@@ -22,9 +22,14 @@ use crate::routes::Settings;
 /// skipped by content hash). With --index DIR it serves an index built by `indexer build`
 /// and refuses one built with a different model.
 ///
-/// API: POST /api/search?k=10 (multipart field 'image' or a raw image/* body);
-/// POST /api/images (multipart 'image' + optional 'label'; needs --api-key when set);
-/// GET /api/images/{id}[/thumb]; GET /healthz; GET /metrics (Prometheus). Errors are JSON
+/// API: POST /api/search?k=10&filter=JSON (multipart field 'image' [+ 'filter'] or a raw
+/// image/* body); POST /api/images (multipart 'image' parts, each with optional 'label' and
+/// 'metadata' (a JSON object) paired by order; all or nothing; needs --api-key when set);
+/// DELETE /api/images/{id} (needs --api-key); GET /api/images?offset=&limit=&filter=;
+/// GET /api/images/{id} (the file, or its record with 'Accept: application/json');
+/// GET /api/images/{id}/similar?k=&filter=; GET /api/images/{id}/thumb; GET /healthz;
+/// GET /metrics (Prometheus). A filter is a JSON object, keys ANDed: {"label":"shoe"},
+/// {"color":["red","blue"]} (any of), {"price":{"gte":10,"lt":50}}. Errors are JSON
 /// {"error": "..."} with a 4xx/5xx status. k must be 1 or more; values above --max-k are
 /// clamped to --max-k.
 #[derive(Parser, Debug, Clone)]
@@ -64,12 +69,13 @@ pub struct Args {
     #[command(flatten)]
     pub device: trainer::device::DeviceArgs,
 
-    /// Require this key for POST /api/images ('Authorization: Bearer KEY' or 'X-Api-Key').
+    /// Require this key for writes, POST /api/images and DELETE /api/images/{id}
+    /// ('Authorization: Bearer KEY' or 'X-Api-Key').
     /// Also read from $DEEP_METRIC_API_KEY, which keeps it out of `ps` output.
     #[arg(long)]
     pub api_key: Option<String>,
 
-    /// Disable POST /api/images (403).
+    /// Disable writes: POST /api/images and DELETE /api/images/{id} answer 403.
     #[arg(long)]
     pub read_only: bool,
 

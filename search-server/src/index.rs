@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use anyhow::{anyhow, Context};
-use indexer::{GalleryIndex, HnswParams, ItemMeta, NewItem};
+use indexer::{Filter, GalleryIndex, HnswParams, ItemMeta, NewItem, StoreError};
 use trainer::checkpoint::ModelIdentity;
 
 use crate::backend::{AddOutcome, GalleryItem, NewGalleryItem, SearchBackend, SearchHit};
@@ -126,6 +126,7 @@ impl IndexGallery {
             path,
             label: m.label.clone(),
             sha256: m.sha256.clone(),
+            metadata: m.metadata.clone(),
         }
     }
 
@@ -134,6 +135,7 @@ impl IndexGallery {
             path: item.path.to_string_lossy().into_owned(),
             label: item.label,
             sha256: item.sha256,
+            metadata: item.metadata,
             vector: item.embedding,
         }
     }
@@ -143,6 +145,7 @@ impl IndexGallery {
         let g = self.read();
         g.items()
             .iter()
+            .filter(|m| !m.deleted)
             .take(20)
             .map(|m| self.to_item(m).path)
             .find(|p| !p.is_file())
@@ -150,13 +153,18 @@ impl IndexGallery {
 }
 
 impl SearchBackend for IndexGallery {
-    fn search(&self, query: &[f32], k: usize) -> anyhow::Result<Vec<SearchHit>> {
+    fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        filter: Option<&Filter>,
+    ) -> anyhow::Result<Vec<SearchHit>> {
         let g = self.read();
         if g.is_empty() {
             return Ok(Vec::new());
         }
         g.validate_query(query)?;
-        let hits = g.search(query, k, self.ef.max(k));
+        let hits = g.search_filtered(query, k, self.ef.max(k), filter);
         Ok(hits
             .into_iter()
             .filter_map(|h| {
@@ -174,6 +182,39 @@ impl SearchBackend for IndexGallery {
 
     fn find_sha256(&self, sha256: &str) -> Option<u64> {
         self.read().find_sha256(sha256)
+    }
+
+    fn vector(&self, id: u64) -> Option<Vec<f32>> {
+        let g = self.read();
+        g.item(id)?;
+        g.vector(id).map(<[f32]>::to_vec)
+    }
+
+    fn delete(&self, id: u64) -> anyhow::Result<bool> {
+        let mut g = self.write();
+        match g.delete_durable(&[id]) {
+            Ok(()) => Ok(true),
+            Err(StoreError::NoSuchItem(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn page(
+        &self,
+        offset: usize,
+        limit: usize,
+        filter: Option<&Filter>,
+    ) -> (usize, Vec<GalleryItem>) {
+        let g = self.read();
+        let page = g.page(offset, limit, filter);
+        (
+            page.total,
+            page.items.into_iter().map(|m| self.to_item(m)).collect(),
+        )
+    }
+
+    fn was_deleted(&self, sha256: &str) -> bool {
+        self.read().was_deleted(sha256)
     }
 
     fn add_durable(&self, item: NewGalleryItem) -> anyhow::Result<AddOutcome> {
@@ -218,7 +259,7 @@ impl SearchBackend for IndexGallery {
     }
 
     fn len(&self) -> usize {
-        self.read().len()
+        self.read().live_len()
     }
 
     fn close(&self) -> anyhow::Result<()> {
@@ -245,6 +286,7 @@ mod tests {
             path: PathBuf::from(path),
             label: Some("l".into()),
             sha256: sha.into(),
+            metadata: None,
             embedding: v.to_vec(),
         }
     }
@@ -256,7 +298,7 @@ mod tests {
         {
             let g = IndexGallery::open_or_create(&idx, &identity("a"), 16).unwrap();
             assert!(
-                g.search(&[1.0, 0.0, 0.0], 3).unwrap().is_empty(),
+                g.search(&[1.0, 0.0, 0.0], 3, None).unwrap().is_empty(),
                 "empty index searches fine"
             );
             let out = g
@@ -294,7 +336,7 @@ mod tests {
                     duplicate: true
                 }
             );
-            let hits = g.search(&[0.1, 0.0, 0.9], 2).unwrap();
+            let hits = g.search(&[0.1, 0.0, 0.9], 2, None).unwrap();
             assert_eq!(hits[0].item.id, 2);
             assert!(hits[0].score > hits[1].score);
             // Dropped without commit: the WAL must carry the adds.

@@ -13,10 +13,11 @@ use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::http::header;
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpRequest, HttpResponse};
+use indexer::{Filter, Metadata};
 use serde::Serialize;
 
 use crate::assets;
-use crate::backend::{GalleryItem, NewGalleryItem, SearchBackend};
+use crate::backend::{AddOutcome, GalleryItem, NewGalleryItem, SearchBackend};
 use crate::batcher::{Batcher, EmbedRequest};
 use crate::budget::DecodeBudget;
 use crate::decode::{self, DecodeLimits};
@@ -24,14 +25,14 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::store::{sha256_hex, UploadStore};
 use crate::thumbs::{self, Thumbnails};
-use crate::upload::{read_upload, Fields};
+use crate::upload::{read_upload, Fields, Part};
 
 /// Request-independent settings of the HTTP layer.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Required for `POST /api/images` when set.
+    /// Required for writes (`POST /api/images`, `DELETE /api/images/{id}`) when set.
     pub api_key: Option<String>,
-    /// `POST /api/images` answers 403.
+    /// Writes answer 403.
     pub read_only: bool,
     pub max_upload_bytes: usize,
     pub limits: DecodeLimits,
@@ -108,8 +109,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/api/config", web::get().to(config))
         .route("/api/search", web::post().to(search))
         .route("/api/images", web::post().to(add_image))
+        .route("/api/images", web::get().to(list_images))
         .route("/api/images/{id}", web::get().to(image))
+        .route("/api/images/{id}", web::delete().to(delete_image))
         .route("/api/images/{id}/thumb", web::get().to(thumbnail))
+        .route("/api/images/{id}/similar", web::get().to(similar))
         .default_service(web::to(not_found));
 }
 
@@ -200,15 +204,36 @@ async fn config(state: web::Data<AppState>) -> HttpResponse {
     }))
 }
 
-/// One search result as returned to clients.
+/// One gallery item as returned to clients (`GET /api/images/{id}` as JSON, listings).
 #[derive(Debug, Serialize)]
-pub struct ResultJson {
+pub struct ItemJson {
     pub id: u64,
-    pub score: f32,
     pub label: Option<String>,
+    pub metadata: Option<Metadata>,
     pub path: String,
     pub url: String,
     pub thumb_url: String,
+}
+
+impl ItemJson {
+    fn new(item: &GalleryItem, roots: &[PathBuf]) -> Self {
+        Self {
+            id: item.id,
+            label: item.label.clone(),
+            metadata: item.metadata.clone(),
+            path: public_path(&item.path, roots),
+            url: format!("/api/images/{}", item.id),
+            thumb_url: format!("/api/images/{}/thumb", item.id),
+        }
+    }
+}
+
+/// One search result as returned to clients: the item and its score.
+#[derive(Debug, Serialize)]
+pub struct ResultJson {
+    pub score: f32,
+    #[serde(flatten)]
+    pub item: ItemJson,
 }
 
 /// `path` as shown to clients: relative to the first of `roots` that holds it, else the
@@ -228,14 +253,59 @@ pub fn public_path(path: &Path, roots: &[PathBuf]) -> String {
 impl ResultJson {
     fn new(item: &GalleryItem, score: f32, roots: &[PathBuf]) -> Self {
         Self {
-            id: item.id,
             score,
-            label: item.label.clone(),
-            path: public_path(&item.path, roots),
-            url: format!("/api/images/{}", item.id),
-            thumb_url: format!("/api/images/{}/thumb", item.id),
+            item: ItemJson::new(item, roots),
         }
     }
+}
+
+/// The query string as `(key, value)` pairs.
+fn query_pairs(query: &str) -> Result<Vec<(String, String)>, ApiError> {
+    web::Query::<Vec<(String, String)>>::from_query(query)
+        .map(web::Query::into_inner)
+        .map_err(|e| ApiError::BadRequest(format!("malformed query string: {e}")))
+}
+
+/// The last value of `key` in the query string.
+fn query_value<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// A filter sent as JSON text (see [`indexer::filter`]); empty text = no filter.
+pub fn parse_filter(text: Option<&str>) -> Result<Option<Filter>, ApiError> {
+    let Some(text) = text.filter(|t| !t.trim().is_empty()) else {
+        return Ok(None);
+    };
+    match Filter::parse(text) {
+        Ok(f) => Ok(Some(f).filter(|f| !f.is_empty())),
+        Err(e) if e.too_large => Err(ApiError::TooLarge(e.message)),
+        Err(e) => Err(ApiError::BadRequest(e.message)),
+    }
+}
+
+/// A whole-number query parameter: absent → `default`; not a number → 400; above `max`
+/// → `max`.
+fn parse_count(
+    pairs: &[(String, String)],
+    key: &str,
+    default: usize,
+    max: usize,
+) -> Result<usize, ApiError> {
+    let Some(raw) = query_value(pairs, key) else {
+        return Ok(default.min(max));
+    };
+    let digits = raw.trim();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::BadRequest(format!(
+            "{key} must be a whole number from 0 to {max}, got '{}'",
+            raw.chars().take(64).collect::<String>()
+        )));
+    }
+    Ok(digits.parse::<usize>().map_or(max, |v| v.min(max)))
 }
 
 /// `k` from the query string: absent → default; 0, negative or not a number → 400; above
@@ -272,30 +342,143 @@ async fn search(
 ) -> Result<HttpResponse, ApiError> {
     let start = Instant::now();
     let k = parse_k(req.query_string(), &state.settings)?;
+    let pairs = query_pairs(req.query_string())?;
+    let url_filter = parse_filter(query_value(&pairs, "filter"))?;
     let arriving = state.batcher.arriving();
     let upload = read_upload(
         &req,
         payload,
         state.settings.max_upload_bytes,
-        Fields::ImageOnly,
+        Fields::Search,
     )
     .await?;
-    let query = embed_upload(&state, arriving, upload.image, None)
+    let filter = match (url_filter, parse_filter(upload.filter.as_deref())?) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "the filter was sent twice (URL parameter and form field); send it once".into(),
+            ))
+        }
+        (a, b) => a.or(b),
+    };
+    let query = embed_upload(&state, arriving, upload.image(), None)
         .await?
         .vector;
-    let gallery = state.gallery.clone();
-    let hits = web::block(move || gallery.search(&query, k))
-        .await?
-        .map_err(|e| ApiError::internal("searching the index failed", format!("{e:#}")))?;
-    let results: Vec<ResultJson> = hits
-        .iter()
-        .map(|h| ResultJson::new(&h.item, h.score, &state.settings.public_roots))
-        .collect();
+    let results = search_results(&state, query, k, filter, None).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "results": results,
         "k": k,
         "took_ms": start.elapsed().as_secs_f64() * 1e3,
     })))
+}
+
+/// Searches off the async workers and shapes the results; `exclude` (the query item of
+/// "more like this") is left out of them.
+async fn search_results(
+    state: &AppState,
+    query: Vec<f32>,
+    k: usize,
+    filter: Option<Filter>,
+    exclude: Option<u64>,
+) -> Result<Vec<ResultJson>, ApiError> {
+    let gallery = state.gallery.clone();
+    let want = k + usize::from(exclude.is_some());
+    let hits = web::block(move || gallery.search(&query, want, filter.as_ref()))
+        .await?
+        .map_err(|e| ApiError::internal("searching the index failed", format!("{e:#}")))?;
+    Ok(hits
+        .iter()
+        .filter(|h| Some(h.item.id) != exclude)
+        .take(k)
+        .map(|h| ResultJson::new(&h.item, h.score, &state.settings.public_roots))
+        .collect())
+}
+
+/// `GET /api/images/{id}/similar?k=10&filter=…`: more like a gallery item, without an
+/// upload (its stored embedding is the query; the item itself is left out).
+async fn similar(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let start = Instant::now();
+    let k = parse_k(req.query_string(), &state.settings)?;
+    let pairs = query_pairs(req.query_string())?;
+    let filter = parse_filter(query_value(&pairs, "filter"))?;
+    let item = lookup(&state, &path)?;
+    let query = state
+        .gallery
+        .vector(item.id)
+        .ok_or_else(|| not_found_id(&path))?;
+    let results = search_results(&state, query, k, filter, Some(item.id)).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "id": item.id,
+        "results": results,
+        "k": k,
+        "took_ms": start.elapsed().as_secs_f64() * 1e3,
+    })))
+}
+
+/// Most items one page of `GET /api/images` returns.
+pub const MAX_PAGE: usize = 1000;
+
+/// `GET /api/images?offset=0&limit=50&filter=…`: the gallery in id order, one page at a time.
+async fn list_images(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let pairs = query_pairs(req.query_string())?;
+    let offset = parse_count(&pairs, "offset", 0, usize::MAX)?;
+    let limit = parse_count(&pairs, "limit", 50, MAX_PAGE)?;
+    let filter = parse_filter(query_value(&pairs, "filter"))?;
+    let gallery = state.gallery.clone();
+    let (total, items) = web::block(move || gallery.page(offset, limit, filter.as_ref())).await?;
+    let items: Vec<ItemJson> = items
+        .iter()
+        .map(|it| ItemJson::new(it, &state.settings.public_roots))
+        .collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "total": total,
+        "offset": offset,
+        "limit": limit,
+        "items": items,
+    })))
+}
+
+/// Refuses a write on a read-only server or without the right API key.
+fn check_write(req: &HttpRequest, state: &AppState, what: &str) -> Result<(), ApiError> {
+    if state.settings.read_only {
+        return Err(ApiError::Forbidden(format!(
+            "this server is read-only (--read-only): {what} is disabled"
+        )));
+    }
+    if let Some(key) = &state.settings.api_key {
+        check_api_key(req, key)?;
+    }
+    Ok(())
+}
+
+/// `DELETE /api/images/{id}`: 200 once the delete is durable and the item has left every
+/// search; 404 for an unknown (or already deleted) id. The uploaded file goes too (files
+/// of a `--gallery` folder are the user's and stay; the scan leaves them out from then on).
+async fn delete_image(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    check_write(&req, &state, "deleting images")?;
+    let item = lookup(&state, &path)?;
+    let (gallery, id) = (state.gallery.clone(), item.id);
+    let deleted = web::block(move || gallery.delete(id)).await?.map_err(|e| {
+        ApiError::internal("deleting the image from the index failed", format!("{e:#}"))
+    })?;
+    if !deleted {
+        return Err(not_found_id(&path));
+    }
+    let uploads = state.uploads.clone();
+    let file = item.path.clone();
+    web::block(move || uploads.remove_if_stored(&file)).await?;
+    tracing::info!(id, "image deleted");
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "id": id, "deleted": true })))
 }
 
 /// Checks `Authorization: Bearer KEY` or `X-Api-Key: KEY` against the configured key.
@@ -312,7 +495,7 @@ fn check_api_key(req: &HttpRequest, expected: &str) -> Result<(), ApiError> {
         .map(str::trim);
     match bearer.or(x_key) {
         None => Err(ApiError::Unauthorized(
-            "adding images needs an API key on this server: send 'Authorization: Bearer KEY' or 'X-Api-Key: KEY'".into(),
+            "writing (adding or deleting images) needs an API key on this server: send 'Authorization: Bearer KEY' or 'X-Api-Key: KEY'".into(),
         )),
         Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Ok(()),
         Some(_) => Err(ApiError::Unauthorized("the API key is wrong".into())),
@@ -359,86 +542,197 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-/// `POST /api/images`: adds an image (multipart `image`, optional `label`) to the live index.
-/// Answers 200 only once the item is durable and searchable.
+/// `POST /api/images`: adds one image or a batch (multipart `image` parts, each with its
+/// own `label` / `metadata`, paired by order; see [`crate::upload`]). All or nothing: every
+/// part is checked, decoded and embedded before any is stored, and the new items go into
+/// the index as one WAL batch. Answers 200 only once they are durable and searchable.
 async fn add_image(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let start = Instant::now();
-    if state.settings.read_only {
-        return Err(ApiError::Forbidden(
-            "this server is read-only (--read-only): adding images is disabled".into(),
-        ));
-    }
-    if let Some(key) = &state.settings.api_key {
-        check_api_key(&req, key)?;
-    }
+    check_write(&req, &state, "adding images")?;
     let arriving = state.batcher.arriving();
-    let upload = read_upload(
-        &req,
-        payload,
-        state.settings.max_upload_bytes,
-        Fields::ImageAndLabel,
-    )
-    .await?;
-    let bytes = upload.image;
-    let sha = sha256_hex(&bytes);
-    let respond = |id: u64, duplicate: bool, label: Option<String>| {
-        HttpResponse::Ok().json(serde_json::json!({
-            "id": id,
-            "duplicate": duplicate,
-            "label": label,
-            "url": format!("/api/images/{id}"),
-            "thumb_url": format!("/api/images/{id}/thumb"),
-            "took_ms": start.elapsed().as_secs_f64() * 1e3,
-        }))
+    let upload = read_upload(&req, payload, state.settings.max_upload_bytes, Fields::Add).await?;
+    let total = upload.parts.len();
+    let prepared = prepare_parts(&state, arriving, upload.parts).await?;
+    let sent: Vec<(Option<String>, Option<Metadata>)> = prepared
+        .iter()
+        .map(|p| (p.part.label.clone(), p.part.metadata.clone()))
+        .collect();
+    let outcomes = store_parts(&state, prepared).await?;
+    let items: Vec<serde_json::Value> = sent
+        .into_iter()
+        .zip(&outcomes)
+        .map(|(sent, o)| {
+            // A duplicate keeps what the gallery holds, not what this request sent.
+            let (label, metadata) = match o.duplicate {
+                true => state
+                    .gallery
+                    .item(o.id)
+                    .map(|i| (i.label, i.metadata))
+                    .unwrap_or_default(),
+                false => sent,
+            };
+            serde_json::json!({
+                "id": o.id,
+                "duplicate": o.duplicate,
+                "label": label,
+                "metadata": metadata,
+                "url": format!("/api/images/{}", o.id),
+                "thumb_url": format!("/api/images/{}/thumb", o.id),
+            })
+        })
+        .collect();
+    tracing::info!(
+        images = total,
+        added = outcomes.iter().filter(|o| !o.duplicate).count(),
+        "images added"
+    );
+    // One image: its fields at the top level (as before batches existed), plus `items`.
+    let mut body = match (total, items.first()) {
+        (1, Some(first)) => first.clone(),
+        _ => serde_json::json!({}),
     };
-    if let Some(id) = state.gallery.find_sha256(&sha) {
-        let label = state.gallery.item(id).and_then(|i| i.label);
-        return Ok(respond(id, true, label));
+    body["items"] = items.into();
+    body["took_ms"] = (start.elapsed().as_secs_f64() * 1e3).into();
+    Ok(HttpResponse::Ok().json(body))
+}
+
+/// One uploaded image, checked and (unless its content is already in the gallery) embedded.
+struct Prepared {
+    part: Part,
+    sha: String,
+    format: image::ImageFormat,
+    embedded: Option<crate::batcher::Embedded>,
+}
+
+/// Checks and embeds every part before anything is stored; an error names the part
+/// ("image 2: …") when there are several.
+async fn prepare_parts(
+    state: &AppState,
+    arriving: crate::batcher::Arriving,
+    parts: Vec<Part>,
+) -> Result<Vec<Prepared>, ApiError> {
+    let total = parts.len();
+    let mut arriving = Some(arriving);
+    let mut out: Vec<Prepared> = Vec::with_capacity(total);
+    for (i, part) in parts.into_iter().enumerate() {
+        let name = |e: ApiError| name_part(e, i, total);
+        let sha = sha256_hex(&part.image);
+        let format = decode::sniff_format(&part.image).map_err(|e| name(e.into()))?;
+        let known = state.gallery.find_sha256(&sha).is_some() || out.iter().any(|p| p.sha == sha);
+        let embedded = if known {
+            None
+        } else {
+            let arriving = arriving.take().unwrap_or_else(|| state.batcher.arriving());
+            let thumb = Some(state.thumbs.size());
+            Some(
+                embed_upload(state, arriving, part.image.clone(), thumb)
+                    .await
+                    .map_err(name)?,
+            )
+        };
+        out.push(Prepared {
+            part,
+            sha,
+            format,
+            embedded,
+        });
     }
-    let format = decode::sniff_format(&bytes)?;
-    let embedded = embed_upload(&state, arriving, bytes.clone(), Some(state.thumbs.size())).await?;
+    Ok(out)
+}
+
+/// `e` with "image N: " in front when the request carried several images.
+fn name_part(e: ApiError, i: usize, total: usize) -> ApiError {
+    if total < 2 {
+        return e;
+    }
+    let prefix = |m: String| format!("image {} of {total}: {m}", i + 1);
+    match e {
+        ApiError::BadRequest(m) => ApiError::BadRequest(prefix(m)),
+        ApiError::TooLarge(m) => ApiError::TooLarge(prefix(m)),
+        ApiError::UnsupportedMediaType(m) => ApiError::UnsupportedMediaType(prefix(m)),
+        ApiError::Unprocessable(m) => ApiError::Unprocessable(prefix(m)),
+        other => other,
+    }
+}
+
+/// Stores the files and thumbnails of the new parts, then adds them all to the index in
+/// one durable batch; returns each part's outcome, in order.
+async fn store_parts(
+    state: &AppState,
+    prepared: Vec<Prepared>,
+) -> Result<Vec<AddOutcome>, ApiError> {
     let (gallery, uploads, thumbs) = (
         state.gallery.clone(),
         state.uploads.clone(),
         state.thumbs.clone(),
     );
-    let label = upload.label.clone();
-    let outcome = web::block(move || -> Result<_, ApiError> {
-        let path = uploads
-            .save(&bytes, &sha, format)
-            .map_err(|e| ApiError::internal("storing the uploaded image failed", e))?;
-        // The thumbnail from the decode that embedded it, stored before the item is
-        // visible: serving it never decodes the upload again.
-        if let Some(thumb) = embedded.thumb {
-            thumbs.store(&sha, thumb);
-        }
-        gallery
-            .add_durable(NewGalleryItem {
+    web::block(move || -> Result<Vec<AddOutcome>, ApiError> {
+        let mut items = Vec::with_capacity(prepared.len());
+        for p in prepared {
+            // A duplicate is not stored again: it only needs its hash for the outcome.
+            let (path, embedding) = match p.embedded {
+                None => (PathBuf::new(), Vec::new()),
+                Some(embedded) => {
+                    let path = uploads
+                        .save(&p.part.image, &p.sha, p.format)
+                        .map_err(|e| ApiError::internal("storing the uploaded image failed", e))?;
+                    // The thumbnail from the decode that embedded it, stored before the
+                    // item is visible: serving it never decodes the upload again.
+                    if let Some(thumb) = embedded.thumb {
+                        thumbs.store(&p.sha, thumb);
+                    }
+                    (path, embedded.vector)
+                }
+            };
+            items.push(NewGalleryItem {
                 path,
-                label,
-                sha256: sha,
-                embedding: embedded.vector,
-            })
-            .map_err(|e| {
-                ApiError::internal("adding the image to the index failed", format!("{e:#}"))
-            })
+                label: p.part.label,
+                sha256: p.sha,
+                metadata: p.part.metadata,
+                embedding,
+            });
+        }
+        add_all(gallery.as_ref(), items)
     })
-    .await??;
-    let label = if outcome.duplicate {
-        state.gallery.item(outcome.id).and_then(|i| i.label)
-    } else {
-        upload.label
-    };
-    tracing::info!(
-        id = outcome.id,
-        duplicate = outcome.duplicate,
-        "image added"
-    );
-    Ok(respond(outcome.id, outcome.duplicate, label))
+    .await?
+}
+
+/// Adds the items that are new (those with an embedding) as one batch; the others are
+/// duplicates of live items (or of an earlier part of the same request).
+fn add_all(
+    gallery: &dyn SearchBackend,
+    items: Vec<NewGalleryItem>,
+) -> Result<Vec<AddOutcome>, ApiError> {
+    let shas: Vec<String> = items.iter().map(|i| i.sha256.clone()).collect();
+    let new: Vec<NewGalleryItem> = items
+        .into_iter()
+        .filter(|i| !i.embedding.is_empty())
+        .collect();
+    let added = gallery.add_batch(new).map_err(|e| {
+        ApiError::internal("adding the images to the index failed", format!("{e:#}"))
+    })?;
+    let mut fresh: std::collections::HashSet<u64> = added
+        .iter()
+        .filter(|o| !o.duplicate)
+        .map(|o| o.id)
+        .collect();
+    shas.iter()
+        .map(|sha| {
+            let id = gallery.find_sha256(sha).ok_or_else(|| {
+                ApiError::internal(
+                    "adding the images to the index failed",
+                    format!("item {sha} missing after add"),
+                )
+            })?;
+            // The first part with this content is the add; a repeat is a duplicate.
+            let duplicate = !fresh.remove(&id);
+            Ok(AddOutcome { id, duplicate })
+        })
+        .collect()
 }
 
 /// The gallery item named by the `{id}` path segment. Anything but a known numeric id is
@@ -447,12 +741,14 @@ fn lookup(state: &AppState, raw: &str) -> Result<GalleryItem, ApiError> {
     raw.parse::<u64>()
         .ok()
         .and_then(|id| state.gallery.item(id))
-        .ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "no gallery image with id '{}'",
-                raw.chars().take(64).collect::<String>()
-            ))
-        })
+        .ok_or_else(|| not_found_id(raw))
+}
+
+fn not_found_id(raw: &str) -> ApiError {
+    ApiError::NotFound(format!(
+        "no gallery image with id '{}' (never added, or deleted)",
+        raw.chars().take(64).collect::<String>()
+    ))
 }
 
 fn missing_file(item: &GalleryItem, e: impl std::fmt::Display) -> ApiError {
@@ -463,12 +759,20 @@ fn missing_file(item: &GalleryItem, e: impl std::fmt::Display) -> ApiError {
     ))
 }
 
-/// `GET /api/images/{id}`: the original file.
+/// `GET /api/images/{id}`: the original file, or, for a client that asks for JSON
+/// (`Accept: application/json`), the item's record with its label and metadata. One URL
+/// for both keeps `<img src>` and existing clients working.
 async fn image(
+    req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let item = lookup(&state, &path)?;
+    if wants_json(&req) {
+        return Ok(HttpResponse::Ok()
+            .insert_header((header::VARY, "Accept"))
+            .json(ItemJson::new(&item, &state.settings.public_roots)));
+    }
     let p = item.path.clone();
     let bytes = web::block(move || std::fs::read(p))
         .await?
@@ -478,6 +782,19 @@ async fn image(
         .insert_header((header::CACHE_CONTROL, "public, max-age=3600"))
         .insert_header(("X-Content-Type-Options", "nosniff"))
         .body(bytes))
+}
+
+/// Whether the `Accept` header names JSON (browsers' image requests never do).
+fn wants_json(req: &HttpRequest) -> bool {
+    req.headers()
+        .get_all(header::ACCEPT)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.trim()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        })
 }
 
 /// `GET /api/images/{id}/thumb`: a small JPEG. Cached ones are served as they are; a

@@ -24,6 +24,8 @@ pub struct ScanReport {
     pub found: usize,
     pub added: usize,
     pub already_indexed: usize,
+    /// Files whose content was deleted through the API: left out, so the delete sticks.
+    pub deleted: usize,
     pub unreadable: usize,
 }
 
@@ -70,6 +72,11 @@ pub fn scan_folder(
                 report.already_indexed += 1;
                 continue;
             }
+            if gallery.was_deleted(&sha) {
+                // Deleted through the API: a delete must stick across restarts.
+                report.deleted += 1;
+                continue;
+            }
             match decode_image(&bytes, limits) {
                 Ok(img) => {
                     images.push(model.prepare(img));
@@ -92,6 +99,7 @@ pub fn scan_folder(
                     path,
                     label,
                     sha256,
+                    metadata: None,
                     embedding,
                 })
                 .collect();
@@ -106,10 +114,11 @@ pub fn scan_folder(
             last_log = Instant::now();
             let rate = report.added as f64 / start.elapsed().as_secs_f64().max(1e-3);
             tracing::info!(
-                "gallery: {done}/{} files, {} added, {} already indexed, {} unreadable ({rate:.1} img/s)",
+                "gallery: {done}/{} files, {} added, {} already indexed, {} deleted earlier (left out), {} unreadable ({rate:.1} img/s)",
                 files.len(),
                 report.added,
                 report.already_indexed,
+                report.deleted,
                 report.unreadable
             );
         }
@@ -152,6 +161,7 @@ mod tests {
                 found: 6,
                 added: 4,
                 already_indexed: 1,
+                deleted: 0,
                 unreadable: 1
             }
         );
@@ -164,6 +174,12 @@ mod tests {
         let again = scan_folder(root, &model, &gallery, DecodeLimits::default(), 4).unwrap();
         assert_eq!((again.added, again.already_indexed), (0, 5));
         assert_eq!(gallery.len(), 4);
+
+        // A file deleted through the API is not scanned back in.
+        assert!(gallery.delete(0).unwrap());
+        let third = scan_folder(root, &model, &gallery, DecodeLimits::default(), 4).unwrap();
+        assert_eq!((third.added, third.deleted), (0, 1));
+        assert_eq!(gallery.len(), 3);
     }
 
     #[test]

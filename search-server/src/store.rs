@@ -55,6 +55,25 @@ impl UploadStore {
     }
 }
 
+impl UploadStore {
+    /// Removes `path` if it is one of the stored uploads (a deleted item's file); files
+    /// elsewhere (a `--gallery` folder) are the user's and are left alone. Best effort: a
+    /// file that cannot be removed is only logged, since the item is already gone.
+    pub fn remove_if_stored(&self, path: &Path) {
+        if !path.starts_with(&self.root) {
+            return;
+        }
+        if let Err(e) = std::fs::remove_file(path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(
+                    "cannot remove the deleted image's file {}: {e}",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
 /// Writes `bytes` to `path` so a crash leaves the old file or the complete new one
 /// (creating the folder; the write is the index store's atomic write).
 pub fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

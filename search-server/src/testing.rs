@@ -4,12 +4,13 @@
 //! They make the HTTP layer (routes, limits, batching, auth) testable in milliseconds with
 //! results that can be predicted: a red query's nearest neighbour is the red gallery image.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use image::DynamicImage;
+use indexer::Filter;
 
 use crate::backend::{
     AddOutcome, EmbedBackend, GalleryItem, NewGalleryItem, SearchBackend, SearchHit,
@@ -68,6 +69,20 @@ impl EmbedBackend for ColorEmbedder {
 struct Items {
     items: Vec<(GalleryItem, Vec<f32>)>,
     by_sha: HashMap<String, u64>,
+    deleted: HashSet<u64>,
+    deleted_shas: HashSet<String>,
+}
+
+impl Items {
+    fn live(&self) -> impl Iterator<Item = &(GalleryItem, Vec<f32>)> {
+        self.items
+            .iter()
+            .filter(|(it, _)| !self.deleted.contains(&it.id))
+    }
+}
+
+fn matches(filter: Option<&Filter>, item: &GalleryItem) -> bool {
+    filter.is_none_or(|f| f.matches_parts(item.label.as_deref(), item.metadata.as_ref()))
 }
 
 /// Exact cosine search over vectors held in memory. Not durable: for tests only.
@@ -89,6 +104,7 @@ impl MemoryGallery {
             path,
             label: label.map(str::to_string),
             sha256: sha256.into(),
+            metadata: None,
             embedding,
         })
         .expect("in-memory add cannot fail")
@@ -97,11 +113,16 @@ impl MemoryGallery {
 }
 
 impl SearchBackend for MemoryGallery {
-    fn search(&self, query: &[f32], k: usize) -> anyhow::Result<Vec<SearchHit>> {
+    fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        filter: Option<&Filter>,
+    ) -> anyhow::Result<Vec<SearchHit>> {
         let g = self.inner.read().unwrap();
         let mut hits: Vec<SearchHit> = g
-            .items
-            .iter()
+            .live()
+            .filter(|(item, _)| matches(filter, item))
             .map(|(item, v)| SearchHit {
                 item: item.clone(),
                 score: v.iter().zip(query).map(|(a, b)| a * b).sum(),
@@ -117,7 +138,54 @@ impl SearchBackend for MemoryGallery {
         usize::try_from(id)
             .ok()
             .and_then(|i| g.items.get(i))
+            .filter(|_| !g.deleted.contains(&id))
             .map(|(item, _)| item.clone())
+    }
+
+    fn vector(&self, id: u64) -> Option<Vec<f32>> {
+        let g = self.inner.read().unwrap();
+        let found = g.live().find(|(it, _)| it.id == id).map(|(_, v)| v.clone());
+        found
+    }
+
+    fn delete(&self, id: u64) -> anyhow::Result<bool> {
+        let mut g = self.inner.write().unwrap();
+        let Some(sha) = g
+            .live()
+            .find(|(it, _)| it.id == id)
+            .map(|(it, _)| it.sha256.clone())
+        else {
+            return Ok(false);
+        };
+        g.deleted.insert(id);
+        g.by_sha.remove(&sha);
+        g.deleted_shas.insert(sha);
+        Ok(true)
+    }
+
+    fn page(
+        &self,
+        offset: usize,
+        limit: usize,
+        filter: Option<&Filter>,
+    ) -> (usize, Vec<GalleryItem>) {
+        let g = self.inner.read().unwrap();
+        let matching: Vec<&GalleryItem> = g
+            .live()
+            .map(|(it, _)| it)
+            .filter(|it| matches(filter, it))
+            .collect();
+        let items = matching
+            .iter()
+            .skip(offset)
+            .take(limit)
+            .map(|&it| it.clone())
+            .collect();
+        (matching.len(), items)
+    }
+
+    fn was_deleted(&self, sha256: &str) -> bool {
+        self.inner.read().unwrap().deleted_shas.contains(sha256)
     }
 
     fn find_sha256(&self, sha256: &str) -> Option<u64> {
@@ -132,14 +200,19 @@ impl SearchBackend for MemoryGallery {
                 duplicate: true,
             });
         }
+        if let Some(m) = &new.metadata {
+            indexer::filter::validate_metadata(serde_json::Value::Object(m.clone()))?;
+        }
         let id = g.items.len() as u64;
         g.by_sha.insert(new.sha256.clone(), id);
+        g.deleted_shas.remove(&new.sha256);
         g.items.push((
             GalleryItem {
                 id,
                 path: new.path,
                 label: new.label,
                 sha256: new.sha256,
+                metadata: new.metadata,
             },
             new.embedding,
         ));
@@ -150,7 +223,8 @@ impl SearchBackend for MemoryGallery {
     }
 
     fn len(&self) -> usize {
-        self.inner.read().unwrap().items.len()
+        let g = self.inner.read().unwrap();
+        g.items.len() - g.deleted.len()
     }
 }
 

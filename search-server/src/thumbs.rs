@@ -223,6 +223,7 @@ mod tests {
             path: src.clone(),
             label: None,
             sha256: "ab".repeat(32),
+            metadata: None,
         };
         let t = Thumbnails::new(
             128,

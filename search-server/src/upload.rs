@@ -1,5 +1,11 @@
-//! Reading an uploaded image from a request: a multipart form (field `image`, plus `label`
-//! where the endpoint takes one) or a raw body with an `image/*` content type.
+//! Reading uploaded images from a request: a multipart form or a raw body with an `image/*`
+//! content type.
+//!
+//! Search takes one `image` and an optional `filter`. Add takes one or more `image` parts
+//! (a batch), each with its own `label` and `metadata`, paired **by order**: the n-th
+//! `label` field belongs to the n-th `image`, and likewise `metadata`. So a form either
+//! sends no `label` field at all or one per image (an empty one = no label); the same for
+//! `metadata`. Anything else is a 400 naming the counts.
 //!
 //! Size limits are enforced while streaming, never by buffering first. When a body is over
 //! the limit the rest of it is read and discarded (up to a bound) before answering 413, so
@@ -13,24 +19,49 @@ use actix_web::HttpRequest;
 use futures_util::{Stream, StreamExt};
 
 use crate::error::ApiError;
+use indexer::filter::{parse_metadata, Metadata, MAX_FILTER_BYTES, MAX_METADATA_BYTES};
 
 /// Longest accepted label, in characters.
 pub const MAX_LABEL_CHARS: usize = 200;
+/// Most images one add request may carry.
+pub const MAX_BATCH_IMAGES: usize = 64;
 /// Bodies this many times over the limit are not drained: the connection is dropped.
 const DRAIN_FACTOR: usize = 4;
+
+/// One uploaded image with what came with it.
+#[derive(Debug, Default)]
+pub struct Part {
+    pub image: Bytes,
+    pub label: Option<String>,
+    pub metadata: Option<Metadata>,
+}
 
 /// What the client sent.
 #[derive(Debug, Default)]
 pub struct Upload {
-    pub image: Bytes,
-    pub label: Option<String>,
+    /// One for a search; one or more (in form order) for an add.
+    pub parts: Vec<Part>,
+    /// The search's `filter` field, as sent (parsed by the route).
+    pub filter: Option<String>,
 }
 
-/// Which form fields an endpoint takes besides `image`.
+impl Upload {
+    /// The single image of a search.
+    pub fn image(&self) -> Bytes {
+        self.parts
+            .first()
+            .map(|p| p.image.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Which form fields an endpoint takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fields {
-    ImageOnly,
-    ImageAndLabel,
+    /// One `image`, optional `filter`.
+    Search,
+    /// `image` parts with `label` / `metadata` paired by order.
+    Add,
 }
 
 fn too_large(max: usize) -> ApiError {
@@ -94,7 +125,13 @@ pub async fn read_upload(
                 "the request body is empty; send the image bytes as the body or as the multipart field 'image'".into(),
             ));
         }
-        Ok(Upload { image, label: None })
+        Ok(Upload {
+            parts: vec![Part {
+                image,
+                ..Part::default()
+            }],
+            filter: None,
+        })
     } else {
         drain(&mut payload, (max_bytes * DRAIN_FACTOR) as u64).await;
         let ct = content_type.split(';').next().unwrap_or_default();
@@ -112,36 +149,68 @@ async fn read_multipart(
     fields: Fields,
 ) -> Result<Upload, ApiError> {
     let mut form = Multipart::new(req.headers(), payload);
-    let mut upload = Upload::default();
-    let mut saw_image = false;
+    let mut images: Vec<Bytes> = Vec::new();
+    let mut labels: Vec<Option<String>> = Vec::new();
+    let mut metadata: Vec<Option<Metadata>> = Vec::new();
+    let mut filter: Option<String> = None;
+    // The images of a batch share the request's byte limit.
+    let mut image_bytes = 0usize;
     while let Some(field) = form.next().await {
         let mut field =
             field.map_err(|e| ApiError::BadRequest(format!("malformed multipart form: {e}")))?;
         let name = field.name().unwrap_or_default().to_string();
-        match name.as_str() {
-            "image" if saw_image => {
+        match (name.as_str(), fields) {
+            ("image", Fields::Search) if !images.is_empty() => {
                 return Err(ApiError::BadRequest(
-                    "the form has more than one 'image' field; send one image".into(),
+                    "the form has more than one 'image' field; a search takes one image".into(),
                 ))
             }
-            "image" => {
-                upload.image = read_limited(&mut field, max_bytes).await?;
-                saw_image = true;
+            ("image", _) if images.len() == MAX_BATCH_IMAGES => {
+                return Err(ApiError::BadRequest(format!(
+                    "the form has more than {MAX_BATCH_IMAGES} images; send them in several requests"
+                )))
             }
-            "label" if fields == Fields::ImageAndLabel => {
+            ("image", _) => {
+                let bytes = read_limited(&mut field, max_bytes - image_bytes).await?;
+                image_bytes += bytes.len();
+                images.push(bytes);
+            }
+            ("label", Fields::Add) => {
                 let raw = read_limited(&mut field, MAX_LABEL_CHARS * 4)
                     .await
                     .map_err(|_| {
                         ApiError::BadRequest(format!(
-                            "the label is longer than {MAX_LABEL_CHARS} characters"
+                            "label {}: longer than {MAX_LABEL_CHARS} characters",
+                            labels.len() + 1
                         ))
                     })?;
-                upload.label = parse_label(&raw)?;
+                labels.push(
+                    parse_label(&raw)
+                        .map_err(|e| ApiError::BadRequest(format!("label {}: {e}", labels.len() + 1)))?,
+                );
             }
-            other => {
+            ("metadata", Fields::Add) => {
+                let n = metadata.len() + 1;
+                let raw = read_limited(&mut field, MAX_METADATA_BYTES * 2)
+                    .await
+                    .map_err(|_| metadata_too_large(n))?;
+                metadata.push(parse_metadata_field(&raw, n)?);
+            }
+            ("filter", Fields::Search) if filter.is_none() => {
+                let raw = read_limited(&mut field, MAX_FILTER_BYTES).await.map_err(|_| {
+                    ApiError::BadRequest(format!(
+                        "the filter is larger than {MAX_FILTER_BYTES} bytes"
+                    ))
+                })?;
+                let text = std::str::from_utf8(&raw).map_err(|_| {
+                    ApiError::BadRequest("the filter is not valid UTF-8 text".into())
+                })?;
+                filter = Some(text.to_string());
+            }
+            (other, _) => {
                 let accepted = match fields {
-                    Fields::ImageOnly => "'image'",
-                    Fields::ImageAndLabel => "'image' and 'label'",
+                    Fields::Search => "'image' and 'filter' (one each)",
+                    Fields::Add => "'image', 'label' and 'metadata'",
                 };
                 return Err(ApiError::BadRequest(format!(
                     "unexpected form field '{other}'; this endpoint takes {accepted} (the image goes in 'image')"
@@ -149,17 +218,66 @@ async fn read_multipart(
             }
         }
     }
-    if !saw_image {
+    if images.is_empty() {
         return Err(ApiError::BadRequest(
             "the form has no field named 'image'; send the image file in it".into(),
         ));
     }
-    if upload.image.is_empty() {
-        return Err(ApiError::BadRequest(
-            "the 'image' field is empty; choose an image file".into(),
-        ));
+    if let Some(i) = images.iter().position(|b| b.is_empty()) {
+        return Err(ApiError::BadRequest(format!(
+            "'image' field {} is empty; choose an image file",
+            i + 1
+        )));
     }
-    Ok(upload)
+    let labels = paired("label", labels, images.len())?;
+    let metadata = paired("metadata", metadata, images.len())?;
+    let parts = images
+        .into_iter()
+        .zip(labels)
+        .zip(metadata)
+        .map(|((image, label), metadata)| Part {
+            image,
+            label,
+            metadata,
+        })
+        .collect();
+    Ok(Upload { parts, filter })
+}
+
+/// `values` of a per-image field, one per image: none sent = none for every image.
+fn paired<T>(
+    what: &str,
+    values: Vec<Option<T>>,
+    images: usize,
+) -> Result<Vec<Option<T>>, ApiError> {
+    match values.len() {
+        0 => Ok((0..images).map(|_| None).collect()),
+        n if n == images => Ok(values),
+        n => Err(ApiError::BadRequest(format!(
+            "the form has {images} 'image' field(s) but {n} '{what}' field(s): '{what}' fields pair with images \
+             by order, so send none or one per image (an empty one for an image without)"
+        ))),
+    }
+}
+
+fn metadata_too_large(n: usize) -> ApiError {
+    ApiError::TooLarge(format!(
+        "metadata {n}: larger than the limit of {MAX_METADATA_BYTES} bytes of JSON"
+    ))
+}
+
+/// A `metadata` field: a JSON object (see [`indexer::filter::validate_metadata`]); empty = none.
+fn parse_metadata_field(raw: &[u8], n: usize) -> Result<Option<Metadata>, ApiError> {
+    let text = std::str::from_utf8(raw)
+        .map_err(|_| ApiError::BadRequest(format!("metadata {n}: not valid UTF-8 text")))?;
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    match parse_metadata(text) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.too_large => Err(ApiError::TooLarge(format!("metadata {n}: {e}"))),
+        Err(e) => Err(ApiError::BadRequest(format!("metadata {n}: {e}"))),
+    }
 }
 
 /// A label: UTF-8, trimmed, no control characters, at most [`MAX_LABEL_CHARS`]; empty = none.

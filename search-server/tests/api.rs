@@ -994,3 +994,311 @@ async fn budget_charges_a_gif_for_its_canvas_and_new_formats_are_read() {
         assert_eq!(body["results"][0]["label"], "blue", "{format:?}");
     }
 }
+
+fn get_req(uri: &str) -> test::TestRequest {
+    test::TestRequest::get().uri(uri)
+}
+
+fn url(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn ids(body: &serde_json::Value, key: &str) -> Vec<u64> {
+    body[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {key} in {body}"))
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect()
+}
+
+#[actix_web::test]
+async fn batch_add_with_metadata_then_filter_similar_list_and_delete() {
+    let h = harness(
+        Settings {
+            api_key: Some("k1".into()),
+            ..Settings::default()
+        },
+        Duration::ZERO,
+        BatchConfig::default(),
+    );
+    let app = service!(h);
+    // Three images, labels and metadata paired by order; the third has none of either.
+    let mut req = multipart_req(
+        "/api/images",
+        vec![
+            Field::new("image", png([200, 30, 30], 32, 32)).filename("a.png"),
+            Field::new("image", png([190, 40, 40], 32, 32)).filename("b.png"),
+            Field::new("image", png([30, 30, 200], 32, 32)).filename("c.png"),
+            Field::new("label", "shoe"),
+            Field::new("label", "shoe"),
+            Field::new("label", ""),
+            Field::new("metadata", r#"{"color": "red", "price": 20}"#),
+            Field::new("metadata", r#"{"color": "red", "price": 80}"#),
+            Field::new("metadata", ""),
+        ],
+    );
+    req = req.insert_header(("X-Api-Key", "k1"));
+    let (s, body) = call(&app, req).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(ids(&body, "items"), vec![4, 5, 6]);
+    assert_eq!(body["items"][1]["metadata"]["price"], 80);
+    assert!(body["items"][2]["label"].is_null() && body["items"][2]["metadata"].is_null());
+    assert_eq!(h.gallery.len(), 7);
+
+    // GET as JSON returns the record with its metadata; without Accept: JSON, the file.
+    let (s, rec) = call(
+        &app,
+        get_req("/api/images/5").insert_header(("Accept", "application/json")),
+    )
+    .await;
+    assert_eq!(
+        (s.as_u16(), rec["metadata"]["color"].as_str()),
+        (200, Some("red")),
+        "{rec}"
+    );
+    let file = test::call_service(&app, get_req("/api/images/5").to_request()).await;
+    assert_eq!(file.headers().get("content-type").unwrap(), "image/png");
+
+    // Filtered search: URL parameter or form field; results carry metadata.
+    let q = png([200, 30, 30], 16, 16);
+    let f = url(r#"{"label":"shoe","price":{"gte":10,"lt":50}}"#);
+    let (s, r) = call(
+        &app,
+        image_form(&format!("/api/search?k=5&filter={f}"), q.clone()),
+    )
+    .await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(ids(&r, "results"), vec![4]);
+    assert_eq!(r["results"][0]["metadata"]["price"], 20);
+    let form_filter = multipart_req(
+        "/api/search?k=5",
+        vec![
+            Field::new("image", q.clone()).filename("q.png"),
+            Field::new("filter", r#"{"color":["red","green"]}"#),
+        ],
+    );
+    let (_, r) = call(&app, form_filter).await;
+    assert_eq!(ids(&r, "results"), vec![4, 5]);
+
+    // More like this: the item itself left out, the filter applies.
+    let (s, r) = call(&app, get_req("/api/images/4/similar?k=2")).await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(ids(&r, "results")[0], 5);
+    assert!(!ids(&r, "results").contains(&4));
+    let (_, r) = call(
+        &app,
+        get_req(&format!(
+            "/api/images/4/similar?k=3&filter={}",
+            url(r#"{"label":"red"}"#)
+        )),
+    )
+    .await;
+    assert_eq!(ids(&r, "results"), vec![0]);
+
+    // Paging.
+    let (s, page) = call(&app, get_req("/api/images?offset=2&limit=3")).await;
+    assert_eq!(s, 200, "{page}");
+    assert_eq!(
+        (page["total"].as_u64(), ids(&page, "items")),
+        (Some(7), vec![2, 3, 4])
+    );
+    let (_, page) = call(
+        &app,
+        get_req(&format!(
+            "/api/images?filter={}",
+            url(r#"{"label":"shoe"}"#)
+        )),
+    )
+    .await;
+    assert_eq!(ids(&page, "items"), vec![4, 5]);
+
+    // Delete: needs the key; 200, then 404; gone from search, similar, listing and GET.
+    assert_error(
+        call(&app, test::TestRequest::delete().uri("/api/images/4")).await,
+        401,
+        "API key",
+    );
+    let del = || {
+        test::TestRequest::delete()
+            .uri("/api/images/4")
+            .insert_header(("X-Api-Key", "k1"))
+    };
+    let (s, d) = call(&app, del()).await;
+    assert_eq!(
+        (s.as_u16(), d["deleted"].as_bool()),
+        (200, Some(true)),
+        "{d}"
+    );
+    assert_error(call(&app, del()).await, 404, "no gallery image with id '4'");
+    let (_, r) = call(&app, image_form("/api/search?k=10", q.clone())).await;
+    assert!(!ids(&r, "results").contains(&4));
+    assert_error(call(&app, get_req("/api/images/4")).await, 404, "id '4'");
+    assert_error(
+        call(&app, get_req("/api/images/4/similar")).await,
+        404,
+        "id '4'",
+    );
+    let (_, page) = call(&app, get_req("/api/images?limit=100")).await;
+    assert_eq!(page["total"], 6);
+    let stored = h.dir.path().join("uploads");
+    let sha = sha256_hex(&png([200, 30, 30], 32, 32));
+    assert!(
+        !stored.join(&sha[..2]).join(format!("{sha}.png")).exists(),
+        "the upload's file goes too"
+    );
+    assert_eq!(h.gallery.len(), 6);
+}
+
+#[actix_web::test]
+async fn bad_filters_metadata_batches_and_ids_get_clear_4xx() {
+    let h = default_harness();
+    let app = service!(h);
+    let q = || png([200, 30, 30], 16, 16);
+    for (filter, status, needle) in [
+        ("{label:", 400, "not valid JSON"),
+        (r#"["shoe"]"#, 400, "JSON object"),
+        (r#"{"price":{"gte":"ten"}}"#, 400, "'gte' must be a number"),
+        (r#"{"price":{"around":3}}"#, 400, "unknown range operator"),
+        (r#"{"color":[]}"#, 400, "1 to"),
+        (r#"{"color":{"gte":[1]}}"#, 400, "must be a number"),
+    ] {
+        let uri = format!("/api/search?filter={}", url(filter));
+        assert_error(call(&app, image_form(&uri, q())).await, status, needle);
+        let uri = format!("/api/images/0/similar?filter={}", url(filter));
+        assert_error(call(&app, get_req(&uri)).await, status, needle);
+        let uri = format!("/api/images?filter={}", url(filter));
+        assert_error(call(&app, get_req(&uri)).await, status, needle);
+    }
+    let twice = multipart_req(
+        "/api/search?filter=%7B%7D",
+        vec![
+            Field::new("image", q()),
+            Field::new("filter", r#"{"label":"x"}"#),
+        ],
+    );
+    let (s, _) = call(&app, twice).await;
+    assert_eq!(s, 200, "an empty URL filter counts as none");
+    let twice = multipart_req(
+        &format!("/api/search?filter={}", url(r#"{"label":"y"}"#)),
+        vec![
+            Field::new("image", q()),
+            Field::new("filter", r#"{"label":"x"}"#),
+        ],
+    );
+    assert_error(call(&app, twice).await, 400, "sent twice");
+    assert_error(
+        call(&app, get_req("/api/images?limit=-1")).await,
+        400,
+        "limit",
+    );
+    assert_error(
+        call(&app, get_req("/api/images?offset=x")).await,
+        400,
+        "offset",
+    );
+    assert_error(
+        call(&app, get_req("/api/images/x/similar")).await,
+        404,
+        "id 'x'",
+    );
+    assert_error(
+        call(&app, get_req("/api/images/99/similar")).await,
+        404,
+        "id '99'",
+    );
+    assert_error(
+        call(&app, get_req("/api/images/0/similar?k=0")).await,
+        400,
+        "k must be",
+    );
+    assert_error(
+        call(&app, test::TestRequest::delete().uri("/api/images/99")).await,
+        404,
+        "id '99'",
+    );
+    assert_error(
+        call(&app, test::TestRequest::delete().uri("/api/images/-1")).await,
+        404,
+        "id '-1'",
+    );
+
+    let add = |fields: Vec<Field<'static>>| multipart_req("/api/images", fields);
+    let img = |c: u8| Field::new("image", png([c, 90, 90], 16, 16)).filename("x.png");
+    let big = format!(
+        r#"{{"d":"{}"}}"#,
+        "x".repeat(indexer::filter::MAX_METADATA_BYTES)
+    );
+    for (fields, status, needle) in [
+        (
+            vec![img(1), Field::new("metadata", "[1]")],
+            400,
+            "JSON object",
+        ),
+        (
+            vec![img(1), Field::new("metadata", "{")],
+            400,
+            "not valid JSON",
+        ),
+        (
+            vec![img(1), Field::new("metadata", r#"{"label":"x"}"#)],
+            400,
+            "'label'",
+        ),
+        (vec![img(1), Field::new("metadata", big)], 413, "limit"),
+        (
+            vec![img(1), img(2), Field::new("label", "a")],
+            400,
+            "pair with images by order",
+        ),
+        (
+            vec![
+                img(1),
+                img(2),
+                Field::new("metadata", "{}"),
+                Field::new("metadata", "{}"),
+                Field::new("metadata", "{}"),
+            ],
+            400,
+            "3 'metadata'",
+        ),
+        // All or nothing: the second image is broken, so the first is not added either.
+        (
+            vec![img(1), Field::new("image", b"not an image".to_vec())],
+            422,
+            "image 2 of 2",
+        ),
+        (
+            vec![img(1), Field::new("filter", "{}")],
+            400,
+            "unexpected form field 'filter'",
+        ),
+    ] {
+        assert_error(call(&app, add(fields)).await, status, needle);
+    }
+    assert_eq!(h.gallery.len(), 4, "no refused request added anything");
+}
+
+#[actix_web::test]
+async fn deletes_are_refused_on_a_read_only_server() {
+    let h = harness(
+        Settings {
+            read_only: true,
+            ..Settings::default()
+        },
+        Duration::ZERO,
+        BatchConfig::default(),
+    );
+    let app = service!(h);
+    assert_error(
+        call(&app, test::TestRequest::delete().uri("/api/images/0")).await,
+        403,
+        "read-only",
+    );
+    assert_eq!(h.gallery.len(), 4);
+}

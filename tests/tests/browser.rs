@@ -1,7 +1,8 @@
 //! The web page in a real browser: headless Chromium driven through chromedriver's
 //! WebDriver protocol (plain HTTP + JSON with the server crate's small client). Loads the
-//! page, uploads an image through the file input, waits for the result thumbnails, checks
-//! that a server error is shown to the user, and saves a screenshot.
+//! page, uploads an image through the file input, waits for the result thumbnails, narrows
+//! them with the filter box, asks for more like a result, deletes one with the API key,
+//! checks that a server error is shown to the user, and saves a screenshot.
 //!
 //! Needs `chromium` and `chromedriver` (Debian: `apt-get install chromium chromium-driver`);
 //! skipped with a message when they are absent.
@@ -158,6 +159,17 @@ impl Browser {
             "POST",
             &format!("/element/{input}/value"),
             json!({"text": file.to_str().unwrap()}),
+        );
+    }
+
+    /// Types `text` into the input `css` (replacing what it holds).
+    fn type_into(&mut self, css: &str, text: &str) {
+        let el = self.element(css);
+        self.cmd("POST", &format!("/element/{el}/clear"), json!({}));
+        self.cmd(
+            "POST",
+            &format!("/element/{el}/value"),
+            json!({ "text": text }),
         );
     }
 
@@ -384,6 +396,87 @@ fn page_uploads_an_image_and_shows_result_thumbnails() {
         false,
         "preview shown"
     );
+
+    // The filter box narrows the results to one label.
+    b.type_into("#filter", r#"{"label": "red"}"#);
+    b.script("document.getElementById('search-btn').click()");
+    b.wait_for(
+        "const ls = [...document.querySelectorAll('#grid li .label')].map(l => l.textContent); \
+         return ls.length === 3 && ls.every(l => l === 'red')",
+        "only the red results",
+        Duration::from_secs(60),
+    );
+    // A malformed filter is explained, not ignored.
+    b.script("document.getElementById('filter').value = '{label'");
+    b.script("document.getElementById('search-btn').click()");
+    b.wait_for(
+        "return !document.getElementById('error').hidden && \
+         document.getElementById('error').textContent.includes('not valid JSON')",
+        "the filter error",
+        Duration::from_secs(20),
+    );
+    b.script("document.getElementById('filter').value = ''");
+
+    // More like this: the clicked item leaves the results, the others of its class lead.
+    let first = b.script("return document.querySelector('#grid li').dataset.id");
+    b.script("document.getElementById('search-btn').click()");
+    b.wait_for(
+        "return document.querySelectorAll('#grid li').length === 9",
+        "all results again",
+        Duration::from_secs(60),
+    );
+    let target = b.script("return document.querySelectorAll('#grid li')[1].dataset.id");
+    b.script("document.querySelectorAll('#grid li')[1].querySelector('button.similar').click()");
+    b.wait_for(
+        &format!(
+            "return document.getElementById('notice').textContent.includes('More like image {}')",
+            target.as_str().unwrap()
+        ),
+        "the more-like-this results",
+        Duration::from_secs(30),
+    );
+    let ids = b.script("return [...document.querySelectorAll('#grid li')].map(l => l.dataset.id)");
+    assert!(!ids.as_array().unwrap().contains(&target), "{ids}");
+    assert_eq!(
+        b.script("return document.querySelector('#grid li .label').textContent"),
+        "blue"
+    );
+
+    // Delete a result with the API key: its card goes, and it is gone from the server.
+    b.type_into("#api-key", "secret");
+    let victim = first.as_str().unwrap().to_string();
+    b.script(&format!(
+        "[...document.querySelectorAll('#grid li')].find(l => l.dataset.id === '{victim}') \
+         ?.querySelector('button.delete')?.click() ?? \
+         document.querySelector('#grid li button.delete').click()"
+    ));
+    b.wait_for(
+        "return document.getElementById('notice').textContent.startsWith('Deleted image')",
+        "the delete",
+        Duration::from_secs(30),
+    );
+    let deleted = b
+        .script("return document.getElementById('notice').textContent.match(/\\d+/)[0]")
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut c = server.client();
+    assert_eq!(
+        c.get(&format!("/api/images/{deleted}")).unwrap().status,
+        404
+    );
+    b.wait_for(
+        "return document.getElementById('status').textContent.startsWith('8 images')",
+        "the gallery count to drop",
+        Duration::from_secs(20),
+    );
+    b.script("document.getElementById('search-btn').click()");
+    b.wait_for(
+        "return document.querySelectorAll('#grid li').length === 8",
+        "results without the deleted image",
+        Duration::from_secs(60),
+    );
+
     let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("search-page-results.png");
     b.screenshot(&shot);
     eprintln!("screenshot: {}", shot.display());

@@ -291,7 +291,7 @@ fn killed_build_reruns_and_a_second_writer_is_refused() {
         run(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert_eq!(item_count(&index), 20);
         let out = run(&["info", "--index", idx]);
-        assert!(String::from_utf8_lossy(&out.stdout).contains("v2"));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("v3"));
     }
     assert_eq!(
         entries(tmp.path()),
@@ -355,4 +355,132 @@ fn killed_build_reruns_and_a_second_writer_is_refused() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert_eq!(item_count(&index), 60);
+}
+
+/// `indexer add --metadata`, `query --filter` and `delete`, as a user runs them.
+#[test]
+fn metadata_sidecar_filtered_query_and_delete() {
+    let Some(weights) = weights() else {
+        eprintln!("skipping: ../shared not found (EfficientNet-Lite0 weights)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("gallery");
+    write_images(&images, 0..6);
+    let index = tmp.path().join("index");
+    let (w, idx, img) = (
+        weights.to_str().unwrap(),
+        index.to_str().unwrap(),
+        images.to_str().unwrap(),
+    );
+    run(&[
+        "build",
+        "--model",
+        "pretrained:efficientnet-lite0",
+        "--weights",
+        w,
+        "--images",
+        img,
+        "--out",
+        idx,
+    ]);
+    let extra = tmp.path().join("extra");
+    write_images(&extra, 6..9);
+    let sidecar = extra.join("meta.jsonl");
+    std::fs::write(
+        &sidecar,
+        "{\"path\": \"shape006.png\", \"metadata\": {\"price\": 12, \"color\": \"red\"}}\n\n\
+         {\"path\": \"shape007.png\", \"metadata\": {\"price\": 70}}\n",
+    )
+    .unwrap();
+    let sc = sidecar.to_str().unwrap();
+    run(&[
+        "add",
+        "--index",
+        idx,
+        "--metadata",
+        sc,
+        extra.to_str().unwrap(),
+    ]);
+    assert_eq!(item_count(&index), 9);
+
+    let q = extra.join("shape006.png");
+    let query = |extra_args: &[&str]| {
+        let mut args = vec!["query", "--index", idx, q.to_str().unwrap(), "-k", "5"];
+        args.extend_from_slice(extra_args);
+        String::from_utf8_lossy(&run(&args).stdout).into_owned()
+    };
+    let out = query(&["--filter", r#"{"price": {"lt": 50}}"#]);
+    let rows: Vec<&str> = out.lines().skip(2).collect();
+    assert_eq!(rows.len(), 1, "{out}");
+    assert!(
+        rows[0].contains("shape006.png") && rows[0].contains("\"color\":\"red\""),
+        "{out}"
+    );
+    let out = query(&["--filter", r#"{"price": {"gte": 0}}"#, "--exact"]);
+    assert_eq!(out.lines().skip(2).count(), 2, "{out}");
+    let bad = run_failing(&[
+        "query",
+        "--index",
+        idx,
+        q.to_str().unwrap(),
+        "--filter",
+        "{price",
+    ]);
+    assert!(
+        bad.contains("--filter") && bad.contains("not valid JSON"),
+        "{bad}"
+    );
+
+    // Delete the top hit: gone from queries and from the count; an unknown id changes nothing.
+    let top_id = query(&[])
+        .lines()
+        .nth(2)
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    run(&["delete", "--index", idx, &top_id]);
+    assert_eq!(item_count(&index), 8);
+    let after = query(&[]);
+    assert!(
+        after
+            .lines()
+            .skip(2)
+            .all(|l| l.split_whitespace().nth(1) != Some(top_id.as_str())),
+        "{after}"
+    );
+    let err = run_failing(&["delete", "--index", idx, "0", "4242"]);
+    assert!(
+        err.contains("4242") && err.contains("nothing was deleted"),
+        "{err}"
+    );
+    assert_eq!(item_count(&index), 8);
+
+    // A sidecar line for a file that is not being added is refused before any work.
+    std::fs::write(
+        &sidecar,
+        "{\"path\": \"shape006.png\", \"metadata\": {\"a\": 1}}\n",
+    )
+    .unwrap();
+    let err = run_failing(&[
+        "add",
+        "--index",
+        idx,
+        "--metadata",
+        sc,
+        q.to_str().unwrap().replace("006", "000").as_str(),
+    ]);
+    assert!(err.contains("not among the images"), "{err}");
+    std::fs::write(
+        &sidecar,
+        "{\"path\": \"shape006.png\", \"metadata\": [1]}\n",
+    )
+    .unwrap();
+    let err = run_failing(&["add", "--index", idx, "--metadata", sc, q.to_str().unwrap()]);
+    assert!(
+        err.contains("line 1") && err.contains("JSON object"),
+        "{err}"
+    );
 }

@@ -52,6 +52,9 @@ pub enum StoreError {
     /// An operation failed without an OS error to show (e.g. inside hnsw_rs).
     #[error("{}: {msg}", path.display())]
     Failed { path: PathBuf, msg: String },
+    /// No live item has this id (never added, or deleted).
+    #[error("no item with id {0} in the index (never added, or deleted)")]
+    NoSuchItem(u64),
     /// Arguments or data that cannot be stored (bad dim, non-finite vector, bad parameters).
     #[error("invalid input: {0}")]
     Invalid(String),
