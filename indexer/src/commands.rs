@@ -453,16 +453,30 @@ pub fn recover(index_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What `indexer query` asks of the index.
+pub struct QueryOptions<'a> {
+    pub k: usize,
+    /// HNSW search breadth (raised to `k` when smaller).
+    pub ef: usize,
+    /// Exact search over every vector instead of the graph.
+    pub exact: bool,
+    /// A filter as JSON (`--filter`), parsed here so its errors name the flag.
+    pub filter: Option<&'a str>,
+}
+
 pub fn query(
     index_dir: &Path,
     image: &Path,
-    k: usize,
-    ef: usize,
-    exact: bool,
-    filter: Option<&str>,
+    options: QueryOptions,
     model: Option<ModelSource>,
     device: &Device,
 ) -> Result<()> {
+    let QueryOptions {
+        k,
+        ef,
+        exact,
+        filter,
+    } = options;
     let filter = filter.map(Filter::parse).transpose().context("--filter")?;
     let index = GalleryIndex::open(index_dir)?;
     if index.is_empty() {

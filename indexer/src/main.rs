@@ -338,10 +338,12 @@ fn run(cli: Cli) -> Result<()> {
         } => commands::query(
             &index,
             &image,
-            k,
-            ef,
-            exact,
-            filter.as_deref(),
+            commands::QueryOptions {
+                k,
+                ef,
+                exact,
+                filter: filter.as_deref(),
+            },
             model.source(),
             &model.device.open()?,
         ),
