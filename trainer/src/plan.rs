@@ -306,15 +306,16 @@ impl Deadline {
 
 /// The new epoch total for a budgeted run that has done `done` epochs, planned `remaining`
 /// more, and has time for `fit` more at the speed measured: fewer when they do not fit; more
-/// when at least two more fit (one is kept spare for the machine slowing down), never past
-/// [`MAX_EPOCHS`] nor cutting a plan that was already longer. `None`: keep the plan.
+/// when at least three more fit, keeping two spare, so an epoch a little slower than the
+/// last does not take back what was just added; never past [`MAX_EPOCHS`] nor cutting a
+/// plan that was already longer. `None`: keep the plan.
 pub fn deadline_epochs(done: usize, remaining: usize, fit: usize) -> Option<usize> {
     if fit < remaining {
         return Some(done + fit);
     }
     let planned = done + remaining;
-    let longer = (done + fit - 1).min(MAX_EPOCHS.max(planned));
-    (fit >= remaining + 2 && longer > planned).then_some(longer)
+    let longer = (done + fit - 2).min(MAX_EPOCHS.max(planned));
+    (fit >= remaining + 3 && longer > planned).then_some(longer)
 }
 
 /// The typical shorter side of the training images, read from the headers of up to 200
@@ -553,11 +554,14 @@ mod tests {
         // Behind: only what fits.
         assert_eq!(deadline_epochs(5, 10, 3), Some(8));
         assert_eq!(deadline_epochs(5, 10, 0), Some(5));
-        // On time, or one epoch spare: the plan stands.
+        // On time, or up to two epochs spare: the plan stands.
         assert_eq!(deadline_epochs(5, 10, 10), None);
-        assert_eq!(deadline_epochs(5, 10, 11), None);
-        // Ahead: more epochs, one kept spare, capped at MAX_EPOCHS.
-        assert_eq!(deadline_epochs(5, 10, 14), Some(18));
+        assert_eq!(deadline_epochs(5, 10, 12), None);
+        // Ahead: more epochs, two kept spare, capped at MAX_EPOCHS.
+        assert_eq!(deadline_epochs(5, 10, 13), Some(16));
+        assert_eq!(deadline_epochs(5, 10, 14), Some(17));
+        // Lengthened to 17 with 12 left to do, the next epoch a little slower (11 fit) keeps it.
+        assert_eq!(deadline_epochs(5, 12, 13), None);
         assert_eq!(deadline_epochs(5, 10, 500), Some(MAX_EPOCHS));
         // A plan already past the cap is not cut because it is ahead.
         assert_eq!(deadline_epochs(5, 70, 500), None);

@@ -995,8 +995,10 @@ impl Run {
             ChaCha8Rng::seed_from_u64(self.args.seed ^ 0x5eed_u64.wrapping_mul(start as u64 + 1));
         let mut last_metrics = None;
         let mut epoch = start;
+        // The deadline guard judges the mean pace of this run's epochs (evaluations and
+        // checkpoints included), not one epoch's, so a single slow or fast one does not move it.
+        let since = Instant::now();
         while epoch < self.args.epochs {
-            let t0 = Instant::now();
             let plan: Vec<Vec<usize>> = (0..per_epoch).map(|_| batches.next()).collect();
             let (mean_loss, ips) = self.train_epoch(epoch, plan, &labels, &mut view_rng)?;
             let done = epoch + 1;
@@ -1004,7 +1006,7 @@ impl Run {
                 "epoch {done}/{}: loss {mean_loss:.4}, {ips:.1} img/s",
                 self.args.epochs
             );
-            self.keep_to_deadline(done, t0.elapsed().as_secs_f64());
+            self.keep_to_deadline(done, since.elapsed().as_secs_f64() / (done - start) as f64);
             let last = done == self.args.epochs;
             if (self.args.eval_every > 0 && done.is_multiple_of(self.args.eval_every)) || last {
                 let m = self.evaluate(false, done)?;
@@ -1021,9 +1023,8 @@ impl Run {
     }
 
     /// With `--time-budget`: if the epochs left would overrun the deadline at the speed just
-    /// measured, train fewer; if the machine turned out faster than measured, train more, up
-    /// to [`plan::MAX_EPOCHS`], keeping one epoch's time spare. The schedule follows the new
-    /// total either way.
+    /// measured, train fewer; if the machine turned out faster than measured, train more
+    /// (see [`crate::plan::deadline_epochs`]). The schedule follows the new total either way.
     fn keep_to_deadline(&mut self, done: usize, epoch_seconds: f64) {
         let Some(deadline) = self.deadline else {
             return;
