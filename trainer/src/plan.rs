@@ -376,24 +376,21 @@ pub fn measure(
         forward.push(best / batch as f64);
     }
 
-    // Evaluation from every depth, through the folded network where there is one.
-    let fused = crate::embed::fused_backbone(model)?;
-    let mut eval_from = vec![0.0; stages + 1];
-    for f in 0..stages {
-        eval_from[f] = match &fused {
-            Some(net) => {
-                let mut best = f64::INFINITY;
-                for _ in 0..2 {
-                    let t = Instant::now();
-                    std::hint::black_box(net.pooled_features_from_stage(&acts[f], f)?);
-                    best = best.min(t.elapsed().as_secs_f64());
-                }
-                best / batch as f64
+    // Evaluation from every depth through the folded network, where there is one (without
+    // it, `eval_from` stays empty and the planner sums `forward`).
+    let mut eval_from = Vec::new();
+    if let Some(net) = crate::embed::fused_backbone(model)? {
+        eval_from = vec![0.0; stages + 1];
+        for (f, t) in eval_from.iter_mut().enumerate().take(stages) {
+            let mut best = f64::INFINITY;
+            for _ in 0..2 {
+                let start = Instant::now();
+                std::hint::black_box(net.pooled_features_from_stage(&acts[f], f)?);
+                best = best.min(start.elapsed().as_secs_f64());
             }
-            None => forward[f..].iter().sum(),
-        };
+            *t = best / batch as f64;
+        }
     }
-    drop(fused);
 
     // A training step from every freeze depth (best of two; the first also warms the allocator).
     let mut train = vec![0.0; stages + 1];
