@@ -31,6 +31,15 @@ from train_peer import fuzzy_loss, recall_at  # noqa: E402
 # The Rust backbone groups Lite0's 16 blocks into 7 stages: stem = 0, groups 1–7, head = 8.
 # Here every block is a stage (stem = 0, blocks 1–16, head = 17).
 GROUP_START = [0, 1, 2, 4, 6, 9, 12, 16, 17]
+STAGE_NAMES = ["stem"] + [f"blocks{i}" for i in range(1, 8)] + ["head"]
+
+
+def stage_index(freeze_until):
+    """`--freeze-until` as the run recorded it: an index or a stage name (`trainer stages`)."""
+    s = str(freeze_until)
+    return int(s) if s.isdigit() else STAGE_NAMES.index(s)
+
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
 
 
@@ -105,6 +114,63 @@ def multi_similarity(x, y, alpha=2.0, beta=50.0, lam=0.5, eps=0.1):
     return ((pull + push) * active).sum() / n
 
 
+def pairwise_distance(x):
+    """Euclidean distances as the trainer computes them: sqrt(max(|a|² + |b|² − 2ab, 1e-12))."""
+    sq = (x * x).sum(1)
+    return (sq[:, None] + sq[None, :] - 2 * x @ x.t()).clamp_min(1e-12).sqrt()
+
+
+def pair_masks(y):
+    n = y.shape[0]
+    same = y[:, None] == y[None, :]
+    return same & ~torch.eye(n, dtype=torch.bool), ~same
+
+
+def contrastive(x, y, pos_margin=0.6, neg_margin=1.2):
+    """Seed form (../shared/docs/protocol.md): per anchor, mean hinge over positives + over negatives, / n."""
+    d = pairwise_distance(x)
+    pos, neg = pair_masks(y)
+    lp = (F.relu(d - pos_margin) * pos).sum(1) / pos.sum(1).clamp_min(1)
+    ln = (F.relu(neg_margin - d) * neg).sum(1) / neg.sum(1).clamp_min(1)
+    return (lp + ln).sum() / x.shape[0]
+
+
+def lifted(x, y, alpha=1.0):
+    """Song et al. 2016: J_ij = log(Σ_neg(i) e^(α−d) + Σ_neg(j) e^(α−d)) + d_ij over positive pairs i<j."""
+    d = pairwise_distance(x)
+    pos, neg = pair_masks(y)
+    e = torch.exp(alpha - d) * neg
+    row = e.sum(1)
+    i, j = torch.triu(pos, 1).nonzero(as_tuple=True)
+    if len(i) == 0:
+        return (x * 0).sum()
+    s = row[i] + row[j]
+    ok = s > 0
+    big_j = torch.log(s[ok]) + d[i[ok], j[ok]]
+    return (F.relu(big_j) ** 2).sum() / (2 * len(i))
+
+
+def batch_all(x, y, margin=0.2, nonzero=False):
+    d = pairwise_distance(x)
+    pos, neg = pair_masks(y)
+    t = F.relu(d[:, :, None] - d[:, None, :] + margin)
+    valid = pos[:, :, None] & neg[:, None, :]
+    t = t * valid
+    count = (t > 0).sum() if nonzero else valid.sum()
+    return t.sum() / count.clamp_min(1)
+
+
+def batch_hard(x, y, margin=0.2, soft=False):
+    d = pairwise_distance(x)
+    pos, neg = pair_masks(y)
+    hp = d.masked_fill(~pos, -float("inf")).max(1).values
+    hn = d.masked_fill(~neg, float("inf")).min(1).values
+    ok = pos.any(1) & neg.any(1)
+    gap = hp[ok] - hn[ok]
+    terms = F.softplus(gap) if soft else F.relu(gap + margin)
+    return terms.sum() / ok.sum().clamp_min(1)
+
+
 def proxy_anchor(x, y, proxies, alpha=32.0, delta=0.1):
     s = x @ F.normalize(proxies, dim=1).t()  # [n, C]
     onehot = F.one_hot(y, proxies.shape[0]).bool()
@@ -134,10 +200,14 @@ def main():
     cfg = json.load(open(os.path.join(a.run, "config.json")))
     tr = cfg["training"]
     la = tr["loss_args"]
-    size = cfg["preprocess"]["crop"]
+    # Training views at the training size, evaluation at the size the model embeds at (they
+    # differ when the trainer enlarged the inference size for its random-resized crops).
+    size_eval = cfg["preprocess"]["crop"]
+    size = int(tr.get("image_size") or size_eval)
+    pooling = cfg.get("pooling", "avg")
     dim = cfg["embedding_dim"]
     loss_name = tr["loss"]
-    frozen = GROUP_START[int(tr["freeze_until"])]
+    frozen = GROUP_START[stage_index(tr["freeze_until"])]
     views = int(tr.get("cached_views") or 1)
     epochs, p_cls, k_img = int(tr["epochs"]), int(tr["classes_per_batch"]), int(tr["images_per_class"])
     lr = float(tr["lr"])
@@ -166,7 +236,7 @@ def main():
     t0 = time.time()
     xte = xtr = None
     if frozen > 0:
-        xte = torch.cat([through(torch.stack([eval_view(p, size) for p in tep[i:i + 32]]), 0, frozen) for i in range(0, len(tep), 32)])
+        xte = torch.cat([through(torch.stack([eval_view(p, size_eval) for p in tep[i:i + 32]]), 0, frozen) for i in range(0, len(tep), 32)])
         per_view = []
         for v in range(views):
             def view(p, i=v):
@@ -176,6 +246,10 @@ def main():
     cache_s = time.time() - t0
 
     head = torch.nn.Linear(1280, dim)
+    if tr.get("head_init") == "identity":
+        with torch.no_grad():
+            head.weight.copy_(torch.eye(dim, 1280))
+            head.bias.zero_()
     train_stages = torch.nn.ModuleList(stages[frozen:])
     for p in model.parameters():
         p.requires_grad_(False)
@@ -190,10 +264,17 @@ def main():
         groups.append({"params": [proxies], "lr": proxy_lr, "base": proxy_lr})
     opt = torch.optim.Adam(groups, weight_decay=5e-4)
 
+    def pool(x):
+        if pooling == "max":
+            return x.amax((2, 3))
+        if pooling == "avg-max":
+            return x.mean((2, 3)) + x.amax((2, 3))
+        return x.mean((2, 3))
+
     def embed(x):
         for s in train_stages:
             x = s(x)
-        return F.normalize(head(x.mean((2, 3))), dim=1)
+        return F.normalize(head(pool(x)), dim=1)
 
     def loss_fn(e, y):
         if loss_name == "multi-similarity":
@@ -204,6 +285,14 @@ def main():
             return norm_softmax(e, y, proxies, la.get("softmax_scale", 20.0), la.get("softmax_margin", 0.0))
         if loss_name == "fuzzy":
             return fuzzy_loss(e, y, la["fuzzy_margin"])
+        if loss_name == "contrastive":
+            return contrastive(e, y, la["contrastive_pos_margin"], la["contrastive_neg_margin"])
+        if loss_name == "lifted":
+            return lifted(e, y, la["lifted_margin"])
+        if loss_name == "batch-all":
+            return batch_all(e, y, la["triplet_margin"], la["batch_all_nonzero"])
+        if loss_name == "batch-hard":
+            return batch_hard(e, y, la["triplet_margin"], la["batch_hard_soft"])
         sys.exit(f"learn_peer.py: loss {loss_name} is not implemented here")
 
     by_class = {}
@@ -239,11 +328,11 @@ def main():
         print(f"epoch {epoch + 1}/{epochs}: loss {np.mean(losses):.4f}, {per_epoch * p_cls * k_img / (time.time() - t1):.1f} img/s", file=sys.stderr)
     with torch.no_grad():
         if xte is None:
-            e = torch.cat([embed(torch.stack([eval_view(p, size) for p in tep[i:i + 64]])) for i in range(0, len(tep), 64)])
+            e = torch.cat([embed(torch.stack([eval_view(p, size_eval) for p in tep[i:i + 64]])) for i in range(0, len(tep), 64)])
         else:
             e = torch.cat([embed(xte[i:i + 256]) for i in range(0, len(xte), 256)])
         r = recall_at(e, yte, [1, 2, 4, 8])
-    out = {"peer": f"pytorch {torch.__version__}", "run": a.run, "loss": loss_name, "image_size": size, "freeze_until_block": frozen,
+    out = {"peer": f"pytorch {torch.__version__}", "run": a.run, "loss": loss_name, "image_size": size, "inference_size": size_eval, "pooling": pooling, "freeze_until_block": frozen,
            "epochs": epochs, "cached_views": views, "cache_seconds": cache_s, "train_seconds": t_train,
            "total_seconds": time.time() - t_start, **r}
     print(json.dumps(out))

@@ -244,12 +244,15 @@ fn a_time_budget_plans_and_keeps_to_it() {
     assert!(wall < 75.0, "a 1m budget took {wall:.0} s:\n{err}");
     let plan: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("plan.json")).unwrap()).unwrap();
-    // 48-px images run at 64 px, not at the backbone's 224.
+    // 48-px images train at 64 px, not at the backbone's 224, and the model embeds at
+    // 64 × 1.43 (the crops' mean magnification) rounded to 32 px.
     assert_eq!(plan["image_size"], 64);
+    assert_eq!(plan["inference_size"], 96);
     assert!(plan["epochs"].as_u64().unwrap() >= 1);
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
-    assert_eq!(cfg["preprocess"]["crop"], 64);
+    assert_eq!(cfg["preprocess"]["crop"], 96);
+    assert_eq!(cfg["training"]["image_size"], 64);
     // The proxies are saved with the run (resumable).
     assert!(out.join("loss.safetensors").exists());
     let lines = read_jsonl(&out.join("metrics.jsonl"));
@@ -295,7 +298,8 @@ fn cross_batch_memory_and_accumulation_train() {
         .args(["--dataset", "folder", "--loss", "multi-similarity"])
         .args(["--classes-per-batch", "2", "--images-per-class", "2"])
         .args(["--embedding-dim", "16", "--freeze-until", "head"])
-        .args(["--image-size", "64", "--xbm", "24", "--accumulate", "2"])
+        .args(["--image-size", "64", "--inference-size", "80"])
+        .args(["--xbm", "24", "--accumulate", "2"])
         .args([
             "--epochs",
             "2",
@@ -316,4 +320,23 @@ fn cross_batch_memory_and_accumulation_train() {
     // 2 epochs × 4 batches, one optimiser step per 2 batches.
     assert_eq!(st["optimizer_steps"], 4);
     assert_eq!(st["args"]["xbm"], 24);
+    // An explicit --inference-size is what the checkpoint embeds at.
+    assert_eq!(st["args"]["inference_size"], 80);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["preprocess"]["crop"], 80);
+}
+
+/// `trainer stages` names the stages from the architecture alone: no weights, no network.
+#[test]
+fn stages_are_listed_without_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = ok(run(Command::new(bin("trainer"))
+        .arg("stages")
+        .env_remove("DEEP_METRIC_WEIGHTS")
+        .env("HF_HOME", tmp.path())
+        .env("HF_HUB_OFFLINE", "1")));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("  4  blocks4"), "{out}");
+    assert!(out.contains("  8  head"), "{out}");
 }

@@ -51,8 +51,6 @@ enum Cmd {
     Stages {
         #[arg(long, value_enum, default_value = "efficientnet-lite0")]
         backbone: BackboneKind,
-        #[arg(long)]
-        weights: Option<PathBuf>,
     },
     /// Time embedding (batch 1 and 32) and a training step of the real EfficientNet-Lite0;
     /// with --peers, against PyTorch and ONNX Runtime in the same run.
@@ -200,20 +198,17 @@ fn run(cli: Cli) -> Result<()> {
             a.precision.check(&device)?;
             Ok(trainer::bench::run(&a, &device)?)
         }
-        Cmd::Stages { backbone, weights } => {
-            let w = trainer::weights::resolve_pretrained(backbone, weights.as_deref())?;
-            let m = trainer::embed::EmbeddingModel::pretrained(
-                backbone,
-                &w,
-                None,
-                &candle_core::Device::Cpu,
-            )?;
-            for (i, name) in m.backbone.stage_names().iter().enumerate() {
+        Cmd::Stages { backbone } => {
+            // The architecture alone names the stages: no weights needed (zeros stand in).
+            let vb =
+                candle_nn::VarBuilder::zeros(candle_core::DType::F32, &candle_core::Device::Cpu);
+            let net = trainer::backbone::build(backbone, vb)?;
+            for (i, name) in net.stage_names().iter().enumerate() {
                 println!("{i:>3}  {name}");
             }
             println!(
                 "{:>3}  (everything frozen but the embedding head)",
-                m.backbone.num_stages()
+                net.num_stages()
             );
             Ok(())
         }

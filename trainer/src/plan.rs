@@ -69,6 +69,10 @@ pub struct Speeds {
     /// Empty: the sums of `forward`.
     #[serde(default)]
     pub eval_from: Vec<f64>,
+    /// The size evaluations embed at (the model's inference size); 0 = [`Speeds::image_size`].
+    /// Their measured costs scale with its area.
+    #[serde(default)]
+    pub eval_size: u32,
 }
 
 impl Speeds {
@@ -80,17 +84,28 @@ impl Speeds {
     }
     /// Evaluation cost per image from stage `f` on (see [`Speeds::eval_from`]).
     fn eval_range(&self, f: usize) -> f64 {
-        match self.eval_from.get(f) {
+        let at_train_size = match self.eval_from.get(f) {
             Some(&t) => t,
             None => self.forward_range(f..self.stages()),
+        };
+        at_train_size * self.eval_area_ratio()
+    }
+    fn eval_area_ratio(&self) -> f64 {
+        if self.eval_size == 0 || self.image_size == 0 {
+            return 1.0;
         }
+        (self.eval_size as f64 / self.image_size as f64).powi(2)
     }
 }
 
 /// The chosen recipe, printed before training and stored with the run.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Plan {
+    /// Training views' size.
     pub image_size: u32,
+    /// The size the model embeds at (evaluations, indexer, server); 0 in older plans.
+    #[serde(default)]
+    pub inference_size: u32,
     /// Stages `0..freeze_until` are frozen (0 = the whole network trains).
     pub freeze_until: usize,
     pub epochs: usize,
@@ -127,7 +142,7 @@ impl Plan {
             String::new()
         };
         format!(
-            "plan for a {} budget: train {depth} at {}×{} px for {} epochs ({views}); \
+            "plan for a {} budget: train {depth} at {}×{} px for {} epochs ({views}), embed at {e}×{e} px; \
              lr {:.0e} backbone / {:.0e} head{proxies}, {} warm-up epoch(s), evaluate every {} epoch(s)\n\
              predicted: caching {:.0} s, {:.1} s per epoch, evaluations {:.0} s, total {:.0} s",
             fmt_duration(budget),
@@ -141,7 +156,12 @@ impl Plan {
             self.seconds_cache,
             self.seconds_per_epoch,
             self.seconds_eval,
-            self.seconds_total
+            self.seconds_total,
+            e = if self.inference_size == 0 {
+                self.image_size
+            } else {
+                self.inference_size
+            },
         )
     }
 }
@@ -261,6 +281,11 @@ pub fn plan(budget: f64, data: &DataStats, s: &Speeds, has_proxies: bool) -> Res
         let (cache, train, eval) = cost(data, s, f, views, epochs, evals);
         let candidate = Plan {
             image_size: s.image_size,
+            inference_size: if s.eval_size == 0 {
+                s.image_size
+            } else {
+                s.eval_size
+            },
             freeze_until: f,
             epochs,
             cached_views: views,
@@ -437,6 +462,7 @@ pub fn measure(
         decode,
         activation_floats: floats,
         eval_from,
+        eval_size: 0,
     })
 }
 
@@ -463,6 +489,7 @@ mod tests {
                 150_528, 401_408, 200_704, 75_264, 31_360, 15_680, 21_952, 9_408, 15_680, 62_720,
             ],
             eval_from: Vec::new(),
+            eval_size: 0,
         }
     }
 
@@ -521,6 +548,24 @@ mod tests {
         assert_eq!(a.freeze_until, b.freeze_until, "{a:?} {b:?}");
         assert!(b.seconds_eval < 0.5 * a.seconds_eval, "{a:?} {b:?}");
         assert!(b.epochs > a.epochs, "{a:?} {b:?}");
+    }
+
+    #[test]
+    fn evaluating_at_a_larger_inference_size_costs_its_area() {
+        let same = speeds(1.0);
+        let mut larger = speeds(1.0);
+        larger.eval_size = 2 * larger.image_size;
+        let a = plan(1800.0, &data(3000), &same, false).unwrap();
+        let b = plan(1800.0, &data(3000), &larger, false).unwrap();
+        assert_eq!((a.inference_size, b.inference_size), (224, 448));
+        assert_eq!(b.image_size, 224);
+        // One evaluation from the full network: decoding as before, the forward 4×.
+        let decode = 3000.0 * same.decode;
+        let (_, _, eval_a) = cost(&data(3000), &same, 0, 1, 1, 1);
+        let (_, _, eval_b) = cost(&data(3000), &larger, 0, 1, 1, 1);
+        assert!(((eval_b - decode) / (eval_a - decode) - 4.0).abs() < 1e-9);
+        // Costlier evaluations leave less for training.
+        assert!(b.seconds_total <= 1800.0 * (1.0 - SAFETY), "{b:?}");
     }
 
     #[test]

@@ -61,8 +61,9 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 512)]
     pub embedding_dim: usize,
     /// Global pooling of the last feature map: `avg` (ImageNet's), `max`, or `avg-max` (their
-    /// sum, as Proxy-Anchor trains CUB and Cars). Recorded in the checkpoint.
-    #[arg(long, value_enum, default_value = "avg")]
+    /// sum, as Proxy-Anchor trains CUB and Cars; the default: it beat average pooling on
+    /// photos and on characters, see bench/RESULTS-learning.md). Recorded in the checkpoint.
+    #[arg(long, value_enum, default_value = "avg-max")]
     pub pooling: crate::backbone::Pooling,
     /// Head initialisation: `identity` starts training from the pretrained metric itself
     /// (best with --embedding-dim equal to the backbone's feature dim, 1280 for EfficientNet-Lite0).
@@ -141,6 +142,14 @@ pub struct TrainArgs {
     /// own size.
     #[arg(long, value_parser = clap::value_parser!(u32).range(32..=1024), conflicts_with = "time_budget")]
     pub image_size: Option<u32>,
+    /// Square input size the trained model embeds at (evaluations, `indexer`, the server),
+    /// recorded in the checkpoint. Default: the training size times the mean magnification of
+    /// the random-resized crops (about 1.5× at the default --crop-scale 0.16), rounded to 32 px,
+    /// never below the training size nor above the backbone's own (224) — a network trained
+    /// on crops that enlarge the objects recognises them best enlarged (FixRes, Touvron et
+    /// al. 2019). So a model trained at 128 px embeds at 192 px.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(32..=1024))]
+    pub inference_size: Option<u32>,
     /// Smallest area fraction of the random-resized-crop augmentation (the seed: 0.16; raise
     /// it when a small crop loses what identifies the class, e.g. characters or logos).
     #[arg(long, default_value_t = 0.16)]
@@ -284,6 +293,7 @@ fn bar(len: u64, what: &str) -> ProgressBar {
 /// `view(i)` produces the network-sized RGB view of item `i`.
 fn encode_views(
     model: &EmbeddingModel,
+    pre: &crate::preprocess::Preprocess,
     count: usize,
     upto: usize,
     batch: usize,
@@ -291,7 +301,6 @@ fn encode_views(
     view: &(dyn Fn(usize) -> Result<Option<image::RgbImage>> + Sync),
 ) -> Result<(Vec<Tensor>, Vec<bool>)> {
     use rayon::prelude::*;
-    let pre = &model.config.preprocess;
     let side = pre.crop as usize;
 
     let pb = bar(count as u64, what);
@@ -442,9 +451,8 @@ pub fn train(args: TrainArgs, resume: bool, device: &Device) -> Result<TrainSumm
         )?;
         plan = Some(p);
         deadline = Some(d);
-    } else if let (Some(size), false) = (args.image_size, resume) {
-        set_image_size(&mut model.config.preprocess, size);
     }
+    let train_pre = resolve_sizes(&mut args, &mut model, resume);
     // A resumed budgeted run keeps recording the plan it was made with.
     let plan = plan.or_else(|| {
         let text = std::fs::read_to_string(out.join(PLAN_FILE)).ok()?;
@@ -457,7 +465,8 @@ pub fn train(args: TrainArgs, resume: bool, device: &Device) -> Result<TrainSumm
         "optimizer": args.optimizer, "classes_per_batch": args.classes_per_batch,
         "images_per_class": args.images_per_class, "head_init": args.head_init, "pooling": args.pooling,
         "freeze_until": args.freeze_until, "cached_views": args.cached_views,
-        "crop_scale": args.crop_scale, "bn": args.bn, "seed": args.seed, "plan": plan,
+        "crop_scale": args.crop_scale, "image_size": train_pre.crop,
+        "inference_size": model.config.preprocess.crop, "bn": args.bn, "seed": args.seed, "plan": plan,
     });
     let frozen = resolve_stage(&model, &args.freeze_until)?;
     let mut groups = param_groups(&model, frozen, &args);
@@ -474,13 +483,13 @@ pub fn train(args: TrainArgs, resume: bool, device: &Device) -> Result<TrainSumm
         opt.load(&out.join(OPTIMIZER_FILE), opt_steps)?;
     }
     tracing::info!(
-        "{} trainable parameters; stages 0..{frozen} frozen; {}×{} px input",
+        "{} trainable parameters; stages 0..{frozen} frozen; training views {s}×{s} px, embedding at {e}×{e} px",
         opt.num_params(),
-        model.config.preprocess.crop,
-        model.config.preprocess.crop
+        s = train_pre.crop,
+        e = model.config.preprocess.crop
     );
 
-    let mut augment = data::Augment::new(model.config.preprocess.clone(), args.seed);
+    let mut augment = data::Augment::new(train_pre, args.seed);
     augment.crop.scale.0 = args.crop_scale;
     let images = Images {
         skip_bad: args.skip_bad_images,
@@ -661,6 +670,47 @@ fn build_loss(
     Ok(l)
 }
 
+/// The training views' preprocessing, and the model's (what it embeds at and the checkpoint
+/// records) set to the inference size: `--inference-size`, else [`inference_size`] of the
+/// training size. A resumed run keeps both as they were.
+fn resolve_sizes(
+    args: &mut TrainArgs,
+    model: &mut EmbeddingModel,
+    resume: bool,
+) -> crate::preprocess::Preprocess {
+    let mut train_pre = model.config.preprocess.clone();
+    if let Some(size) = args.image_size {
+        set_image_size(&mut train_pre, size);
+    }
+    if resume {
+        return train_pre;
+    }
+    let native = crate::backbone::default_preprocess(model.config.backbone).crop;
+    let size = *args
+        .inference_size
+        .get_or_insert_with(|| inference_size(&train_pre, args.crop_scale, native));
+    set_image_size(&mut model.config.preprocess, size);
+    train_pre
+}
+
+/// The default inference size for a model trained on `train`-sized random-resized crops of
+/// smallest area `crop_scale`: where objects appear as large as in the training views on
+/// average (see [`data::RandomResizedCrop::mean_magnification`]), rounded to 32 px, at least
+/// the training size and at most the backbone's `native` size (embedding stays as cheap as
+/// the backbone was designed for).
+pub fn inference_size(train: &crate::preprocess::Preprocess, crop_scale: f64, native: u32) -> u32 {
+    let crop = data::RandomResizedCrop {
+        scale: (crop_scale, 1.0),
+        ..Default::default()
+    };
+    // The eval view resizes the shorter side to `resize` (then center-crops), the training
+    // crop is drawn on that image and resized to `crop`.
+    let apparent =
+        train.crop as f64 * crop.mean_magnification() * train.crop as f64 / train.resize as f64;
+    let rounded = ((apparent / 32.0).round() as u32).max(1) * 32;
+    rounded.min(native).max(train.crop)
+}
+
 /// Sets the network input to `size`×`size`, keeping the backbone's resize-to-crop ratio.
 pub fn set_image_size(pre: &mut crate::preprocess::Preprocess, size: u32) {
     let ratio = pre.resize as f64 / pre.crop as f64;
@@ -683,11 +733,16 @@ fn plan_run(
     let native = model.config.preprocess.crop;
     let size = plan::image_size_for(plan::median_side(&paths)?, native);
     set_image_size(&mut model.config.preprocess, size);
+    let inference = args
+        .inference_size
+        .unwrap_or_else(|| inference_size(&model.config.preprocess, args.crop_scale, native));
+    args.inference_size = Some(inference);
     eprintln!("measuring this machine at {size}×{size} px …");
     let labels: Vec<u32> = (0..args.classes_per_batch * args.images_per_class)
         .map(|i| (i % args.classes_per_batch) as u32)
         .collect();
-    let speeds = plan::measure(model, loss_fn, &labels, &paths, args.bn == BnMode::Train)?;
+    let mut speeds = plan::measure(model, loss_fn, &labels, &paths, args.bn == BnMode::Train)?;
+    speeds.eval_size = inference;
     let data = plan::DataStats {
         train_images: train_set.len(),
         eval_images: eval_set.len(),
@@ -769,7 +824,10 @@ fn build_caches(
     }
     let pre = &model.config.preprocess;
     let frozen_digest = frozen_weights_digest(model, frozen)?;
+    // Eval views at the inference size, training views at the training size.
+    let train_pre = &augment.preprocess;
     let cache_key = |set: &Dataset, views: usize, what: &str| -> String {
+        let pre = if what == "eval" { pre } else { train_pre };
         let mut h = Sha256::new();
         h.update(format!(
             "{what}|{}|{frozen}|{views}|{}|{}|",
@@ -792,6 +850,7 @@ fn build_caches(
         || {
             encode_views(
                 model,
+                pre,
                 eval_set.samples.len(),
                 frozen,
                 args.eval_batch_size,
@@ -809,6 +868,7 @@ fn build_caches(
         || {
             encode_views(
                 model,
+                train_pre,
                 n * views,
                 frozen,
                 args.eval_batch_size,
@@ -817,7 +877,7 @@ fn build_caches(
                     let (v, i) = (j / n, j % n);
                     Ok(images.load(train_set, i)?.map(|im| {
                         if v == 0 {
-                            pre.eval_view(&im)
+                            augment.eval_view(&im)
                         } else {
                             augment.train_view(&im, 0, i, v as u32)
                         }
@@ -895,6 +955,7 @@ impl Run {
                 let pre = &model.config.preprocess;
                 let (chunks, ok) = encode_views(
                     model,
+                    pre,
                     self.eval_set.samples.len(),
                     0,
                     step,
@@ -1365,4 +1426,31 @@ pub fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
 /// reproducible runs.
 fn seed_candle(seed: u64, device: &Device) {
     let _ = device.set_seed(seed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::preprocess::Preprocess;
+
+    #[test]
+    fn inference_size_follows_the_crops_magnification_within_bounds() {
+        let lite = |size| {
+            let mut p = Preprocess::efficientnet_lite();
+            set_image_size(&mut p, size);
+            p
+        };
+        // 128 × 1.5 = 192; 64 → 96.
+        assert_eq!(inference_size(&lite(128), 0.16, 224), 192);
+        assert_eq!(inference_size(&lite(64), 0.16, 224), 96);
+        // Never above the backbone's own size, never below the training size.
+        assert_eq!(inference_size(&lite(224), 0.16, 224), 224);
+        assert_eq!(inference_size(&lite(320), 0.16, 224), 320);
+        // Whole-image crops magnify nothing.
+        assert_eq!(inference_size(&lite(128), 1.0, 224), 128);
+        // A center-cropping backbone (resize 256, crop 224) already enlarges its eval view.
+        let mut resnet = Preprocess::imagenet(256, 224);
+        set_image_size(&mut resnet, 112);
+        assert_eq!(inference_size(&resnet, 0.16, 224), 160);
+    }
 }

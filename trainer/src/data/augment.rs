@@ -36,6 +36,34 @@ impl Default for RandomResizedCrop {
 }
 
 impl RandomResizedCrop {
+    /// Mean linear magnification of a crop resized to the output size, relative to the whole
+    /// (square) image: E[1/√area] over the boxes [`RandomResizedCrop::sample`] accepts — area
+    /// uniform in `scale`, log-aspect uniform in `ratio`, a box kept only if it fits (area ≤
+    /// min(r, 1/r)), which favours small areas. Objects look this much larger in training
+    /// views than in a whole-image eval view, so a network trained on such crops sees them best
+    /// when embedding at a larger size (the train–test resolution discrepancy, Touvron et al.
+    /// 2019). Integrated over the aspect by the midpoint rule; 1 when no box fits.
+    pub fn mean_magnification(&self) -> f64 {
+        const STEPS: usize = 256;
+        let lo = self.scale.0.clamp(1e-6, 1.0);
+        let hi = self.scale.1.clamp(lo, 1.0);
+        let (t0, t1) = (self.ratio.0.ln(), self.ratio.1.ln());
+        let (mut num, mut den) = (0.0, 0.0);
+        for k in 0..STEPS {
+            let t = t0 + (t1 - t0) * (k as f64 + 0.5) / STEPS as f64;
+            let top = hi.min((-t.abs()).exp());
+            if top > lo {
+                num += 2.0 * (top.sqrt() - lo.sqrt());
+                den += top - lo;
+            }
+        }
+        if den <= 0.0 {
+            1.0
+        } else {
+            num / den
+        }
+    }
+
     /// A crop box `[left, top, width, height]` (whole pixels) inside a `w`×`h` image: up to
     /// ten tries at a random area and aspect ratio, then a center crop with the ratio clamped.
     pub fn sample(&self, w: u32, h: u32, rng: &mut impl Rng) -> [u32; 4] {
@@ -148,6 +176,34 @@ impl Augment {
 mod tests {
     use super::*;
     use crate::data::test_util::gradient;
+
+    #[test]
+    fn mean_magnification_matches_sampled_crops() {
+        for lo in [0.16, 0.5, 1.0] {
+            let rrc = RandomResizedCrop {
+                scale: (lo, 1.0),
+                ..Default::default()
+            };
+            let mut rng = ChaCha8Rng::seed_from_u64(3);
+            let (w, h) = (1000u32, 1000u32);
+            let n = 20_000;
+            let mean: f64 = (0..n)
+                .map(|_| {
+                    let [_, _, cw, ch] = rrc.sample(w, h, &mut rng);
+                    ((w * h) as f64 / (cw * ch) as f64).sqrt()
+                })
+                .sum::<f64>()
+                / n as f64;
+            let predicted = rrc.mean_magnification();
+            assert!(
+                (mean / predicted - 1.0).abs() < 0.01,
+                "scale ({lo}, 1): sampled {mean:.4}, predicted {predicted:.4}"
+            );
+        }
+        // Without the redraws it would be 2 / (1 + √0.16) = 1.43.
+        let m = RandomResizedCrop::default().mean_magnification();
+        assert!((m - 1.499).abs() < 0.002, "{m}");
+    }
 
     #[test]
     fn crop_boxes_respect_scale_ratio_and_bounds() {
