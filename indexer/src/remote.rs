@@ -36,7 +36,7 @@ use trainer::checkpoint::ModelIdentity;
 
 use crate::distance::{self, cosine_from_distance};
 use crate::filter::{self, Condition, Filter, Scalar, LABEL_KEY};
-use crate::{AddReport, HnswParams, Hit, ItemMeta, NewItem};
+use crate::{AddReport, Hit, HnswParams, ItemMeta, NewItem};
 
 /// The table that records every collection's model identity.
 const COLLECTIONS: &str = "deep_metric_collections";
@@ -338,8 +338,7 @@ impl PgStore {
                 name: store.url.collection.clone(),
             });
         }
-        tx.batch_execute(&store.schema_sql())
-            .map_err(store.err())?;
+        tx.batch_execute(&store.schema_sql()).map_err(store.err())?;
         let (report, _) = store.insert_rows(&mut tx, rows)?;
         tx.batch_execute(&store.index_sql(&params))
             .map_err(store.err())?;
@@ -486,8 +485,9 @@ impl PgStore {
         items
             .into_iter()
             .map(|it| {
-                let v = distance::normalized(&it.vector, self.dim(), &format!("item '{}'", it.path))
-                    .map_err(|e| RemoteError::Invalid(e.to_string()))?;
+                let v =
+                    distance::normalized(&it.vector, self.dim(), &format!("item '{}'", it.path))
+                        .map_err(|e| RemoteError::Invalid(e.to_string()))?;
                 if let Some(m) = &it.metadata {
                     filter::validate_metadata(Value::Object(m.clone()))
                         .map_err(|e| RemoteError::Invalid(format!("item '{}': {e}", it.path)))?;
@@ -855,7 +855,10 @@ fn classify(at: &str, e: postgres::Error) -> RemoteError {
 /// `params` (placeholders are numbered after those already there). Semantics are
 /// [`Filter::matches_parts`]'s: exact values by jsonb containment (of the value, or of a
 /// one-element array for tags), ranges by a strict jsonpath on the value or each element.
-pub(crate) fn filter_sql(filter: Option<&Filter>, params: &mut Vec<Box<dyn ToSql + Sync>>) -> String {
+pub(crate) fn filter_sql(
+    filter: Option<&Filter>,
+    params: &mut Vec<Box<dyn ToSql + Sync>>,
+) -> String {
     let Some(filter) = filter else {
         return "TRUE".into();
     };
@@ -958,8 +961,9 @@ mod tests {
 
     #[test]
     fn store_urls_keep_our_parameters_and_hide_the_password() {
-        let u = StoreUrl::parse("postgres://me:secret@db.example:5433/vec?collection=shoes&shards=3")
-            .unwrap();
+        let u =
+            StoreUrl::parse("postgres://me:secret@db.example:5433/vec?collection=shoes&shards=3")
+                .unwrap();
         assert_eq!(u.collection, "shoes");
         assert_eq!(u.shards, 3);
         assert_eq!(u.at, "db.example:5433/vec");

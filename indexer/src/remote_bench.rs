@@ -113,7 +113,8 @@ pub fn run(
     eprintln!("remote store: exact k-NN of {n} queries through the engine");
     let exact = RetrievalMetrics::from_neighbors(&lists(true, k + 1)?, labels, &cfg.ks)?;
     eprintln!("remote store: HNSW k-NN of {n} queries through the engine");
-    let hnsw = RetrievalMetrics::from_neighbors(&lists(false, cfg.ef.max(k + 1))?, labels, &cfg.ks)?;
+    let hnsw =
+        RetrievalMetrics::from_neighbors(&lists(false, cfg.ef.max(k + 1))?, labels, &cfg.ks)?;
 
     let exact10 = knn_exact(vectors, dim, 10)?;
     let mut lat = Vec::with_capacity(n);
@@ -222,13 +223,18 @@ impl RemoteReport {
             "hnsw.recall_of_exact_top10",
             self.recall_of_exact_top10.into(),
         );
-        put("exact_matches_embedded", self.exact_matches(embedded).into());
+        put(
+            "exact_matches_embedded",
+            self.exact_matches(embedded).into(),
+        );
         m
     }
 
     /// The side-by-side table printed after the embedded report.
     pub fn markdown(&self, embedded: &BenchReport) -> String {
-        let r1 = |m: &RetrievalMetrics| recall_at(m, 1).map_or("-".into(), |r| format!("{:.2}", 100.0 * r));
+        let r1 = |m: &RetrievalMetrics| {
+            recall_at(m, 1).map_or("-".into(), |r| format!("{:.2}", 100.0 * r))
+        };
         format!(
             "### Embedded store vs remote store ({}, {} hash partitions)\n\n\
              | store | exact R@1 | HNSW R@1 | recall of exact top-10 | build (s) | p50 / p99 (ms) | QPS, 1 thread | QPS, all cores |\n\

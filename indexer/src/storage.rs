@@ -33,7 +33,9 @@ impl Location {
             (Some(dir), None) => Ok(Location::Index(dir)),
             (None, Some(url)) => Ok(Location::Remote(url)),
             (Some(_), Some(_)) => bail!("give --index DIR or --store URL, not both"),
-            (None, None) => bail!("give --index DIR (an index on disk) or --store URL (a remote store)"),
+            (None, None) => {
+                bail!("give --index DIR (an index on disk) or --store URL (a remote store)")
+            }
         }
     }
 

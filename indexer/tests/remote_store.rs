@@ -46,13 +46,33 @@ fn item(i: usize, label: Option<&str>, metadata: Value) -> NewItem {
 /// booleans, arrays (tags, mixed), nested arrays, missing keys, no metadata.
 fn catalogue() -> Vec<NewItem> {
     vec![
-        item(0, Some("shoe"), json!({"price": 25, "color": "red", "tags": ["sale", "new"]})),
-        item(1, Some("shoe"), json!({"price": 70.5, "color": "blue", "tags": ["new"]})),
-        item(2, Some("hat"), json!({"price": 10, "color": "red", "stock": true})),
-        item(3, Some("hat"), json!({"price": "10", "color": ["red", "green"]})),
+        item(
+            0,
+            Some("shoe"),
+            json!({"price": 25, "color": "red", "tags": ["sale", "new"]}),
+        ),
+        item(
+            1,
+            Some("shoe"),
+            json!({"price": 70.5, "color": "blue", "tags": ["new"]}),
+        ),
+        item(
+            2,
+            Some("hat"),
+            json!({"price": 10, "color": "red", "stock": true}),
+        ),
+        item(
+            3,
+            Some("hat"),
+            json!({"price": "10", "color": ["red", "green"]}),
+        ),
         item(4, None, json!({"price": [5, 50], "tags": [["sale"]]})),
         item(5, Some("bag"), Value::Null),
-        item(6, Some("bag"), json!({"price": 49.999, "stock": false, "tags": "sale"})),
+        item(
+            6,
+            Some("bag"),
+            json!({"price": 49.999, "stock": false, "tags": "sale"}),
+        ),
         item(7, Some("10"), json!({"size": 10, "price": [true, 30]})),
     ]
 }
@@ -141,12 +161,18 @@ fn filters_match_the_embedded_semantics_and_writes_keep_their_promises() {
         ])
         .unwrap();
     assert_eq!(each, vec![(8, false), (2, true), (8, true)]);
-    assert_eq!(store.item(2).unwrap().unwrap().label.as_deref(), Some("hat"));
+    assert_eq!(
+        store.item(2).unwrap().unwrap().label.as_deref(),
+        Some("hat")
+    );
 
     // Deletes: all or nothing, remembered by content, visible at once.
     let err = store.delete(&[1, 4242]).unwrap_err();
     assert!(matches!(err, RemoteError::NoSuchItem(4242)), "{err}");
-    assert!(store.item(1).unwrap().is_some(), "a failed delete deletes nothing");
+    assert!(
+        store.item(1).unwrap().is_some(),
+        "a failed delete deletes nothing"
+    );
     store.delete(&[1, 8]).unwrap();
     assert!(store.item(1).unwrap().is_none() && store.vector(8).unwrap().is_none());
     assert!(store.was_deleted("sha1").unwrap() && !store.was_deleted("sha2").unwrap());
@@ -161,24 +187,46 @@ fn filters_match_the_embedded_semantics_and_writes_keep_their_promises() {
     // Bad input is refused before anything is written.
     let mut bad = item(200, None, Value::Null);
     bad.vector = vec![1.0, 2.0];
-    assert!(matches!(store.add(vec![item(201, None, Value::Null), bad]), Err(RemoteError::Invalid(_))));
+    assert!(matches!(
+        store.add(vec![item(201, None, Value::Null), bad]),
+        Err(RemoteError::Invalid(_))
+    ));
     assert_eq!(store.find_sha256("sha201").unwrap(), None);
     let mut meta = Metadata::new();
     meta.insert("label".into(), json!("x"));
     let mut with_label = item(202, None, Value::Null);
     with_label.metadata = Some(meta);
-    assert!(store.add(vec![with_label]).is_err(), "metadata may not hold 'label'");
+    assert!(
+        store.add(vec![with_label]).is_err(),
+        "metadata may not hold 'label'"
+    );
 
     // The model identity: the same model opens it, another is refused; names are unique.
     PgStore::open_for(&url, &identity("a"), 1).unwrap();
-    let err = PgStore::open_for(&url, &identity("b"), 1).err().unwrap().to_string();
-    assert!(err.contains("different model") && err.contains("it_store_"), "{err}");
-    let err = PgStore::create(&url, identity("a"), HnswParams::default(), None, Vec::new(), 1)
+    let err = PgStore::open_for(&url, &identity("b"), 1)
         .err()
-        .unwrap();
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("different model") && err.contains("it_store_"),
+        "{err}"
+    );
+    let err = PgStore::create(
+        &url,
+        identity("a"),
+        HnswParams::default(),
+        None,
+        Vec::new(),
+        1,
+    )
+    .err()
+    .unwrap();
     assert!(matches!(err, RemoteError::Exists { .. }), "{err}");
     assert!(PgStore::drop_collection(&url).unwrap());
-    assert!(matches!(PgStore::open(&url, 1), Err(RemoteError::NoCollection { .. })));
+    assert!(matches!(
+        PgStore::open(&url, 1),
+        Err(RemoteError::NoCollection { .. })
+    ));
 }
 
 #[test]
@@ -188,5 +236,8 @@ fn an_unreachable_engine_is_unavailable_not_a_crash() {
     let err = PgStore::open(url, 1).err().unwrap();
     assert!(matches!(err, RemoteError::Unavailable { .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("127.0.0.1:9/postgres") && msg.contains("PostgreSQL"), "{msg}");
+    assert!(
+        msg.contains("127.0.0.1:9/postgres") && msg.contains("PostgreSQL"),
+        "{msg}"
+    );
 }
