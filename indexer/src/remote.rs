@@ -629,7 +629,7 @@ impl PgStore {
         );
         let k = k.clamp(1, MAX_EF) as i64;
         let ef = (ef.max(k as usize)).min(MAX_EF).to_string();
-        let mut params: Vec<Box<dyn ToSql + Sync>> = vec![Box::new(q), Box::new(k)];
+        let mut params: Params = vec![Box::new(q), Box::new(k)];
         let cond = filter_sql(filter, &mut params);
         let sql = format!(
             "SELECT id, path, label, sha256, metadata, (embedding <-> $1)::real AS d \
@@ -725,10 +725,9 @@ impl PgStore {
         limit: usize,
         filter: Option<&Filter>,
     ) -> Result<(usize, Vec<ItemMeta>)> {
-        let mut count_params: Vec<Box<dyn ToSql + Sync>> = Vec::new();
+        let mut count_params: Params = Vec::new();
         let count_cond = filter_sql(filter, &mut count_params);
-        let mut params: Vec<Box<dyn ToSql + Sync>> =
-            vec![Box::new(offset as i64), Box::new(limit as i64)];
+        let mut params: Params = vec![Box::new(offset as i64), Box::new(limit as i64)];
         let cond = filter_sql(filter, &mut params);
         let mut c = self.conn()?;
         // One snapshot for the total and the page.
@@ -855,10 +854,7 @@ fn classify(at: &str, e: postgres::Error) -> RemoteError {
 /// `params` (placeholders are numbered after those already there). Semantics are
 /// [`Filter::matches_parts`]'s: exact values by jsonb containment (of the value, or of a
 /// one-element array for tags), ranges by a strict jsonpath on the value or each element.
-pub(crate) fn filter_sql(
-    filter: Option<&Filter>,
-    params: &mut Vec<Box<dyn ToSql + Sync>>,
-) -> String {
+pub(crate) fn filter_sql(filter: Option<&Filter>, params: &mut Params) -> String {
     let Some(filter) = filter else {
         return "TRUE".into();
     };
@@ -873,6 +869,9 @@ pub(crate) fn filter_sql(
     parts.join(" AND ")
 }
 
+/// A query's parameters, built up with its SQL.
+type Params = Vec<Box<dyn ToSql + Sync>>;
+
 /// The parameters as the client takes them.
 fn refs(params: &[Box<dyn ToSql + Sync>]) -> Vec<&(dyn ToSql + Sync)> {
     params.iter().map(|p| p.as_ref()).collect()
@@ -885,7 +884,7 @@ fn object(key: &str, value: Value) -> Value {
     Value::Object(m)
 }
 
-fn push(params: &mut Vec<Box<dyn ToSql + Sync>>, v: impl ToSql + Sync + 'static) -> usize {
+fn push(params: &mut Params, v: impl ToSql + Sync + 'static) -> usize {
     params.push(Box::new(v));
     params.len()
 }
@@ -898,7 +897,7 @@ fn scalar_json(s: &Scalar) -> Value {
     }
 }
 
-fn label_sql(cond: &Condition, params: &mut Vec<Box<dyn ToSql + Sync>>) -> String {
+fn label_sql(cond: &Condition, params: &mut Params) -> String {
     let Condition::AnyOf(options) = cond else {
         return "FALSE".into(); // a label is text: no range matches it
     };
@@ -916,7 +915,7 @@ fn label_sql(cond: &Condition, params: &mut Vec<Box<dyn ToSql + Sync>>) -> Strin
     format!("label = ANY(${n})")
 }
 
-fn metadata_sql(key: &str, cond: &Condition, params: &mut Vec<Box<dyn ToSql + Sync>>) -> String {
+fn metadata_sql(key: &str, cond: &Condition, params: &mut Params) -> String {
     match cond {
         Condition::AnyOf(options) => {
             let mut alts = Vec::new();
@@ -990,7 +989,7 @@ mod tests {
             r#"{"label": ["a", "b"], "color": "red", "price": {"gte": 10, "lt": 50}}"#,
         )
         .unwrap();
-        let mut params: Vec<Box<dyn ToSql + Sync>> = vec![Box::new(1i64)];
+        let mut params: Params = vec![Box::new(1i64)];
         let sql = filter_sql(Some(&f), &mut params);
         assert!(sql.contains("label = ANY($"), "{sql}");
         assert!(sql.contains("metadata @> $"), "{sql}");

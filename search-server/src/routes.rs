@@ -608,11 +608,11 @@ async fn add_image(
     Ok(HttpResponse::Ok().json(body))
 }
 
+/// Label and metadata of gallery items, by id.
+type Held = std::collections::HashMap<u64, (Option<String>, Option<Metadata>)>;
+
 /// Label and metadata the gallery holds for each duplicate among `outcomes`.
-async fn duplicates_as_held(
-    state: &AppState,
-    outcomes: &[AddOutcome],
-) -> Result<std::collections::HashMap<u64, (Option<String>, Option<Metadata>)>, ApiError> {
+async fn duplicates_as_held(state: &AppState, outcomes: &[AddOutcome]) -> Result<Held, ApiError> {
     let ids: Vec<u64> = outcomes
         .iter()
         .filter(|o| o.duplicate)
