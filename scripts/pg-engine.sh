@@ -58,6 +58,10 @@ start() {
     chmod 700 "$DIR/data"
     as_pg "$BIN/initdb" -D "$DIR/data" --auth=trust -U postgres --encoding=UTF8 >"$DIR/initdb.log"
   fi
+  if as_pg "$BIN/pg_ctl" -D "$DIR/data" status >/dev/null 2>&1; then
+    echo "pg-engine: already running on 127.0.0.1:$PORT (data in $DIR/data)"
+    return 0
+  fi
   as_pg "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/data/server.log" -w -t 60 \
     -o "-h 127.0.0.1 -p $PORT -k $DIR/data" start >/dev/null
   echo "pg-engine: PostgreSQL on 127.0.0.1:$PORT (data in $DIR/data)"
