@@ -14,6 +14,8 @@ use crate::bench::{self, BenchConfig};
 use crate::export::{self, VectorFormat};
 use crate::filter::{self, Filter, Metadata};
 use crate::images::{self, Source};
+use crate::remote::PgStore;
+use crate::storage::{self, GalleryStore, Location};
 use crate::{GalleryIndex, HnswParams, NewItem};
 use std::collections::HashMap;
 
@@ -80,7 +82,8 @@ pub struct BuildArgs {
     pub model: ModelSource,
     pub device: Device,
     pub images: ImageSet,
-    pub out: PathBuf,
+    /// The index directory to create, or the remote collection.
+    pub out: Location,
     pub params: HnswParams,
     pub batch_size: usize,
     pub skip_bad_images: bool,
@@ -129,12 +132,16 @@ pub fn build(args: BuildArgs) -> Result<()> {
     args.params.validate()?;
     // Before the (long) embedding; the index itself is written in a hidden sibling of
     // --out and renamed at the end, so a killed build leaves nothing a rerun would refuse.
-    GalleryIndex::check_new_dir(&args.out).with_context(|| {
-        format!(
-            "cannot build into --out {} (use `indexer add` to extend an index)",
-            args.out.display()
-        )
-    })?;
+    // (A remote collection is created in one transaction, so the same holds.)
+    match &args.out {
+        Location::Index(out) => GalleryIndex::check_new_dir(out).with_context(|| {
+            format!(
+                "cannot build into --out {} (use `indexer add` to extend an index)",
+                out.display()
+            )
+        })?,
+        Location::Remote(url) => PgStore::check_new(url)?,
+    }
     let (sources, _) = sources_from(&args.images)?;
     if sources.is_empty() {
         bail!(
@@ -160,26 +167,42 @@ pub fn build(args: BuildArgs) -> Result<()> {
         bail!("no image could be read; nothing to index");
     }
     let t = Instant::now();
-    let mut report = crate::AddReport::default();
-    let index = GalleryIndex::create_with(
-        &args.out,
-        embedder.identity().clone(),
-        embedder.dim(),
-        args.params,
-        |index| -> Result<()> {
-            args.model.write(index.dir())?;
-            report = index.add(to_items(outcome.embedded))?;
-            index.commit()?;
-            Ok(())
-        },
-    )?;
+    let (report, stored) = match &args.out {
+        Location::Index(out) => {
+            let mut report = crate::AddReport::default();
+            let index = GalleryIndex::create_with(
+                out,
+                embedder.identity().clone(),
+                embedder.dim(),
+                args.params,
+                |index| -> Result<()> {
+                    args.model.write(index.dir())?;
+                    report = index.add(to_items(outcome.embedded))?;
+                    index.commit()?;
+                    Ok(())
+                },
+            )?;
+            let mib = index.disk_bytes() as f64 / (1 << 20) as f64;
+            (report, format!("{:.1} MiB on disk", mib))
+        }
+        Location::Remote(url) => {
+            let (store, report) = PgStore::create(
+                url,
+                embedder.identity().clone(),
+                args.params,
+                Some(serde_json::to_value(&args.model)?),
+                to_items(outcome.embedded),
+                1,
+            )?;
+            (report, format!("{} hash partitions", store.shards()))
+        }
+    };
     println!(
-        "indexed {} images into {} ({:.1} img/s embedding, {:.2} s HNSW build + commit, {:.1} MiB on disk)",
+        "indexed {} images into {} ({:.1} img/s embedding, {:.2} s HNSW build + commit, {stored})",
         report.added.len(),
-        args.out.display(),
+        args.out.describe(),
         outcome.images_per_second,
         t.elapsed().as_secs_f64(),
-        index.disk_bytes() as f64 / (1 << 20) as f64
     );
     print_skips(&report.duplicates, &outcome.skipped);
     Ok(())
@@ -207,24 +230,19 @@ fn print_skips(duplicates: &[(String, u64)], skipped: &[(PathBuf, String)]) {
     }
 }
 
-/// Loads the model to use with an index: `--model` if given (refused when it does not match
-/// the index), else the one the index recorded.
+/// Loads the model to use with a gallery: `--model` if given (refused when it does not
+/// match the gallery), else the one the gallery recorded.
 fn model_for(
-    index: &GalleryIndex,
+    store: &dyn GalleryStore,
     model: Option<ModelSource>,
     device: &Device,
 ) -> Result<Embedder> {
     let source = match model {
         Some(m) => m,
-        None => ModelSource::read(index.dir())?,
+        None => store.model_source()?,
     };
     let embedder = source.load(device)?;
-    embedder.identity().ensure_matches(index.identity()).map_err(|e| {
-        anyhow::anyhow!(
-            "{e}: the index {} was built with another model, and its vectors are not comparable with this one's; use the index's model (omit --model) or build a new index",
-            index.dir().display()
-        )
-    })?;
+    storage::ensure_model(store, embedder.identity())?;
     Ok(embedder)
 }
 
@@ -269,25 +287,22 @@ pub fn read_metadata_sidecar(file: &Path) -> Result<HashMap<PathBuf, Metadata>> 
     Ok(out)
 }
 
-/// `indexer delete`: durable at once (one WAL batch), then compacted by a commit.
-pub fn delete(index_dir: &Path, ids: &[u64]) -> Result<()> {
-    let mut index = GalleryIndex::open(index_dir)?;
-    index.lock_for_writing()?;
-    index
-        .delete_durable(ids)
-        .with_context(|| format!("{}: nothing was deleted", index_dir.display()))?;
-    index.commit()?;
+/// `indexer delete`: durable at once (embedded: a WAL batch, then compacted by a commit;
+/// remote: one committed transaction).
+pub fn delete(location: &Location, ids: &[u64]) -> Result<()> {
+    let mut store = storage::open(location, true)?;
+    store.delete(ids)?;
     println!(
         "deleted {} item(s) from {} (now {} items)",
         ids.len(),
-        index_dir.display(),
-        index.live_len()
+        location.describe(),
+        store.count()?
     );
     Ok(())
 }
 
 pub fn add(
-    index_dir: &Path,
+    location: &Location,
     paths: &[PathBuf],
     model: Option<ModelSource>,
     device: &Device,
@@ -299,9 +314,8 @@ pub fn add(
         Some(f) => read_metadata_sidecar(f)?,
         None => HashMap::new(),
     };
-    let mut index = GalleryIndex::open(index_dir)?;
     // Refuse a concurrent writer now, not after embedding.
-    index.lock_for_writing()?;
+    let mut index = storage::open(location, true)?;
     let mut files = Vec::new();
     for p in paths {
         if p.is_dir() {
@@ -337,7 +351,7 @@ pub fn add(
             }
             Err(e) => return Err(e.into()),
         };
-        match index.find_sha256(&sha) {
+        match index.find_sha256(&sha)? {
             Some(id) => known.push((f.display().to_string(), id)),
             None => sources.push(Source {
                 display: f.display().to_string(),
@@ -349,7 +363,7 @@ pub fn add(
     let mut report = crate::AddReport::default();
     let mut skipped = Vec::new();
     if !sources.is_empty() {
-        let embedder = model_for(&index, model, device)?;
+        let embedder = model_for(index.as_ref(), model, device)?;
         let outcome = images::embed_sources(&embedder, sources, batch_size, skip_bad, true)?;
         skipped = outcome.skipped;
         let mut items = Vec::with_capacity(outcome.embedded.len());
@@ -362,20 +376,23 @@ pub fn add(
             items.push(item);
         }
         report = index.add(items)?;
-        index.commit()?;
     }
     report.duplicates.splice(0..0, known);
     println!(
         "added {} images to {} (now {} items)",
         report.added.len(),
-        index_dir.display(),
-        index.len()
+        location.describe(),
+        index.count()?
     );
     print_skips(&report.duplicates, &skipped);
     Ok(())
 }
 
-pub fn info(index_dir: &Path) -> Result<()> {
+pub fn info(location: &Location) -> Result<()> {
+    let index_dir = match location {
+        Location::Index(dir) => dir,
+        Location::Remote(url) => return info_remote(url),
+    };
     let index = GalleryIndex::open(index_dir)?;
     let id = index.identity();
     let p = index.params();
@@ -425,6 +442,31 @@ pub fn info(index_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+fn info_remote(url: &str) -> Result<()> {
+    let store = PgStore::open(url, 1)?;
+    let id = store.identity();
+    println!("store        {}", store.describe());
+    println!(
+        "items        {} in {} hash partitions",
+        store.count()?,
+        store.shards()
+    );
+    println!(
+        "model        {} → {}-d, weights sha256 {}",
+        id.backbone, id.dim, &id.weights_sha256
+    );
+    if let Ok(src) = GalleryStore::model_source(&store) {
+        println!(
+            "model source {}{}",
+            src.model,
+            src.weights
+                .map(|w| format!(" (weights {})", w.display()))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
 /// Makes an index with a missing or damaged write-ahead log usable again: keeps the
 /// acknowledged items before the damage, drops the rest (listed), and commits a new
 /// generation; the damaged log is kept aside. Refused while another process writes.
@@ -465,7 +507,7 @@ pub struct QueryOptions<'a> {
 }
 
 pub fn query(
-    index_dir: &Path,
+    location: &Location,
     image: &Path,
     options: QueryOptions,
     model: Option<ModelSource>,
@@ -478,38 +520,33 @@ pub fn query(
         filter,
     } = options;
     let filter = filter.map(Filter::parse).transpose().context("--filter")?;
-    let index = GalleryIndex::open(index_dir)?;
-    if index.is_empty() {
+    let index = storage::open(location, false)?;
+    let live = index.count()?;
+    if live == 0 {
         bail!(
-            "{}: the index is empty; add images with `indexer add`",
-            index_dir.display()
+            "{}: the gallery is empty; add images with `indexer add`",
+            location.describe()
         );
     }
-    let embedder = model_for(&index, model, device)?;
+    let embedder = model_for(index.as_ref(), model, device)?;
     let (_, img) = images::read_image(image)?;
     let q = embedder
         .embed_images(&[img])?
         .pop()
         .context("the model returned no embedding")?;
     let t = Instant::now();
-    let hits = if exact {
-        index.search_exact_filtered(&q, k, filter.as_ref())
-    } else {
-        index.search_filtered(&q, k, ef.max(k), filter.as_ref())
-    };
+    let hits = index.search(&q, k, ef.max(k), filter.as_ref(), exact)?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
     println!(
-        "{} nearest of {} items ({} search, {ms:.2} ms):",
+        "{} nearest of {live} items ({} search, {ms:.2} ms):",
         hits.len(),
-        index.live_len(),
         if exact { "exact" } else { "HNSW" }
     );
     println!(
         "{:>4}  {:>8}  {:>8}  {:>7}  {:<20}  path",
         "rank", "id", "distance", "cosine", "label"
     );
-    for (rank, h) in hits.iter().enumerate() {
-        let it = index.item(h.id).context("search returned an unknown id")?;
+    for (rank, (h, it)) in hits.iter().enumerate() {
         println!(
             "{:>4}  {:>8}  {:>8.4}  {:>7.4}  {:<20}  {}{}",
             rank + 1,
@@ -525,6 +562,17 @@ pub fn query(
         );
     }
     Ok(())
+}
+
+/// `indexer drop --store URL`: removes a remote collection.
+pub fn drop_collection(url: &str) -> Result<()> {
+    let at = crate::remote::redact(url);
+    if PgStore::drop_collection(url)? {
+        println!("dropped the collection of {at}");
+        Ok(())
+    } else {
+        bail!("{at}: no such collection; nothing was dropped")
+    }
 }
 
 pub fn export_vectors(index_dir: &Path, out: &Path) -> Result<()> {
@@ -553,6 +601,8 @@ pub struct BenchArgs {
     pub json: Option<PathBuf>,
     pub plot: Option<PathBuf>,
     pub index_out: Option<PathBuf>,
+    /// A remote store to measure beside the embedded one (`--store`).
+    pub store: Option<String>,
 }
 
 pub fn bench(mut args: BenchArgs) -> Result<()> {
@@ -620,8 +670,26 @@ pub fn bench(mut args: BenchArgs) -> Result<()> {
     }
     report.embed_images_per_second = Some(outcome.images_per_second);
     println!("{}", report.markdown());
+    let remote = match &args.store {
+        Some(url) => {
+            let r = crate::remote_bench::run(
+                url,
+                &vectors,
+                embedder.dim(),
+                &labels,
+                embedder.identity().clone(),
+                &args.cfg,
+            )?;
+            println!("{}", r.markdown(&report));
+            Some(r)
+        }
+        None => None,
+    };
     if let Some(p) = &args.json {
         let mut j = report.to_json();
+        if let (Some(r), Some(obj)) = (&remote, j.as_object_mut()) {
+            obj.extend(r.to_json(&report));
+        }
         j["dataset"] = format!("{} {}", args.kind, args.split).into();
         j["model"] = args.model.model.clone().into();
         crate::store::write_atomic(p, serde_json::to_string_pretty(&j)?.as_bytes())?;

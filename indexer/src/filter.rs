@@ -112,7 +112,7 @@ fn kind(v: &Value) -> &'static str {
 
 /// A scalar a condition compares with.
 #[derive(Debug, Clone, PartialEq)]
-enum Scalar {
+pub(crate) enum Scalar {
     Str(String),
     Num(f64),
     Bool(bool),
@@ -145,11 +145,11 @@ impl Scalar {
 
 /// Bounds of a numeric range; `None` = open.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
-struct Range {
-    gt: Option<f64>,
-    gte: Option<f64>,
-    lt: Option<f64>,
-    lte: Option<f64>,
+pub(crate) struct Range {
+    pub(crate) gt: Option<f64>,
+    pub(crate) gte: Option<f64>,
+    pub(crate) lt: Option<f64>,
+    pub(crate) lte: Option<f64>,
 }
 
 impl Range {
@@ -193,7 +193,7 @@ impl Range {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-enum Condition {
+pub(crate) enum Condition {
     AnyOf(Vec<Scalar>),
     Range(Range),
 }
@@ -277,6 +277,12 @@ impl Filter {
             Value::Object(m) => Ok(Condition::Range(Range::parse(key, m)?)),
             other => Ok(Condition::AnyOf(vec![Scalar::from_json(key, other)?])),
         }
+    }
+
+    /// The conditions, for stores that translate a filter into their engine's own
+    /// filtering ([`crate::remote`]).
+    pub(crate) fn conditions(&self) -> &[(String, Condition)] {
+        &self.conditions
     }
 
     /// Whether the filter tests nothing (every item matches).

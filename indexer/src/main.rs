@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use indexer::bench::BenchConfig;
 use indexer::commands::{self, BenchArgs, BuildArgs, ImageSet, ModelSource, SyntheticArgs};
+use indexer::storage::Location;
 use indexer::HnswParams;
 use trainer::data::{DatasetKind, SplitSpec};
 use trainer::device::{DeviceArgs, DeviceError};
@@ -98,8 +99,13 @@ enum Command {
         #[arg(long, default_value = "test")]
         split: SplitSpec,
         /// Index directory to create.
-        #[arg(long)]
-        out: PathBuf,
+        #[arg(long, required_unless_present = "store")]
+        out: Option<PathBuf>,
+        /// Create a collection in a remote store instead:
+        /// postgres://USER@HOST:PORT/DB?collection=NAME&shards=N (PostgreSQL with pgvector;
+        /// N hash partitions, default 4).
+        #[arg(long, conflicts_with = "out")]
+        store: Option<String>,
         #[command(flatten)]
         hnsw: HnswArgs,
         /// Images per embedding batch.
@@ -112,7 +118,11 @@ enum Command {
     /// Add images (files or folders) to an index; content already indexed is reported, not re-added.
     Add {
         #[arg(long)]
-        index: PathBuf,
+        index: Option<PathBuf>,
+        /// A remote store instead of an index directory:
+        /// postgres://USER@HOST:PORT/DB?collection=NAME (PostgreSQL with pgvector).
+        #[arg(long, conflicts_with = "index", required_unless_present = "index")]
+        store: Option<String>,
         #[arg(required = true)]
         images: Vec<PathBuf>,
         #[command(flatten)]
@@ -130,7 +140,11 @@ enum Command {
     /// Delete items by id (durable at once; the index is then compacted by a commit).
     Delete {
         #[arg(long)]
-        index: PathBuf,
+        index: Option<PathBuf>,
+        /// A remote store instead of an index directory:
+        /// postgres://USER@HOST:PORT/DB?collection=NAME (PostgreSQL with pgvector).
+        #[arg(long, conflicts_with = "index", required_unless_present = "index")]
+        store: Option<String>,
         /// Ids to delete (as `query` prints them).
         #[arg(required = true)]
         ids: Vec<u64>,
@@ -138,7 +152,11 @@ enum Command {
     /// Describe an index: size, model, parameters, disk use.
     Info {
         #[arg(long)]
-        index: PathBuf,
+        index: Option<PathBuf>,
+        /// A remote store instead of an index directory:
+        /// postgres://USER@HOST:PORT/DB?collection=NAME (PostgreSQL with pgvector).
+        #[arg(long, conflicts_with = "index", required_unless_present = "index")]
+        store: Option<String>,
     },
     /// Make an index with a missing or damaged write-ahead log usable again, losing the
     /// items logged after the damage (the damaged log is kept aside).
@@ -149,7 +167,11 @@ enum Command {
     /// Print the nearest gallery images of a query image.
     Query {
         #[arg(long)]
-        index: PathBuf,
+        index: Option<PathBuf>,
+        /// A remote store instead of an index directory:
+        /// postgres://USER@HOST:PORT/DB?collection=NAME (PostgreSQL with pgvector).
+        #[arg(long, conflicts_with = "index", required_unless_present = "index")]
+        store: Option<String>,
         image: PathBuf,
         /// Neighbours to print (at least 1).
         #[arg(short, long, default_value_t = 10,
@@ -200,6 +222,11 @@ enum Command {
         /// Keep the benchmark's index here (default: a temporary directory).
         #[arg(long)]
         index_out: Option<PathBuf>,
+        /// Also measure a remote store on the same vectors (postgres://…; a temporary
+        /// collection, dropped afterwards): exact and HNSW Recall@K through the engine, its
+        /// QPS and latency beside the embedded store's.
+        #[arg(long)]
+        store: Option<String>,
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
         #[arg(long)]
@@ -207,6 +234,12 @@ enum Command {
         /// k-means seed of NMI.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+    /// Remove a collection from a remote store (its items, vectors and model record).
+    Drop {
+        /// postgres://USER@HOST:PORT/DB?collection=NAME
+        #[arg(long)]
+        store: String,
     },
     /// Write an index's vectors to FILE.npy or FILE.fvecs (row i = item id i).
     ExportVectors {
@@ -289,6 +322,7 @@ fn run(cli: Cli) -> Result<()> {
             data,
             split,
             out,
+            store,
             hnsw,
             batch_size,
             skip_bad_images,
@@ -302,7 +336,7 @@ fn run(cli: Cli) -> Result<()> {
                 model: ModelSource::new(&model.model, model.weights.as_deref()),
                 device: model.device.open()?,
                 images,
-                out,
+                out: Location::from_args(out, store)?,
                 params: hnsw.params(),
                 batch_size,
                 skip_bad_images,
@@ -310,13 +344,14 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Add {
             index,
+            store,
             images,
             model,
             batch_size,
             skip_bad_images,
             metadata,
         } => commands::add(
-            &index,
+            &Location::from_args(index, store)?,
             &images,
             model.source(),
             &model.device.open()?,
@@ -324,11 +359,15 @@ fn run(cli: Cli) -> Result<()> {
             skip_bad_images,
             metadata.as_deref(),
         ),
-        Command::Delete { index, ids } => commands::delete(&index, &ids),
-        Command::Info { index } => commands::info(&index),
+        Command::Delete { index, store, ids } => {
+            commands::delete(&Location::from_args(index, store)?, &ids)
+        }
+        Command::Info { index, store } => commands::info(&Location::from_args(index, store)?),
+        Command::Drop { store } => commands::drop_collection(&store),
         Command::Recover { index } => commands::recover(&index),
         Command::Query {
             index,
+            store,
             image,
             k,
             ef,
@@ -336,7 +375,7 @@ fn run(cli: Cli) -> Result<()> {
             filter,
             model,
         } => commands::query(
-            &index,
+            &Location::from_args(index, store)?,
             &image,
             commands::QueryOptions {
                 k,
@@ -360,6 +399,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
             plot,
             index_out,
+            store,
             batch_size,
             skip_bad_images,
             seed,
@@ -382,6 +422,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
             plot,
             index_out,
+            store,
         }),
         Command::ExportVectors { index, out } => commands::export_vectors(&index, &out),
         Command::BenchSynthetic {

@@ -72,7 +72,9 @@ pub struct AddOutcome {
 }
 
 /// The gallery index. Implementations do their own locking: searches run concurrently
-/// from the blocking pool while adds come in.
+/// from the blocking pool while adds come in. Every method may block (a remote store waits
+/// on the network), so the routes call them through `web::block`; an engine that cannot be
+/// reached is an error [`is_unavailable`] recognises (answered 503).
 pub trait SearchBackend: Send + Sync + 'static {
     /// The `k` nearest items to `query` among those `filter` matches (all when `None`),
     /// best first. Deleted items are never returned.
@@ -83,9 +85,9 @@ pub trait SearchBackend: Send + Sync + 'static {
         filter: Option<&Filter>,
     ) -> anyhow::Result<Vec<SearchHit>>;
     /// The live item with this id (`None` when unknown or deleted).
-    fn item(&self, id: u64) -> Option<GalleryItem>;
+    fn item(&self, id: u64) -> anyhow::Result<Option<GalleryItem>>;
     /// The stored (unit) embedding of a live item, for "more like this".
-    fn vector(&self, id: u64) -> Option<Vec<f32>>;
+    fn vector(&self, id: u64) -> anyhow::Result<Option<Vec<f32>>>;
     /// Deletes an item; returns only once the delete is durable (a deleted item never
     /// comes back after `kill -9`) and the item has left every search. `Ok(false)` when
     /// there is no live item with this id.
@@ -97,14 +99,14 @@ pub trait SearchBackend: Send + Sync + 'static {
         offset: usize,
         limit: usize,
         filter: Option<&Filter>,
-    ) -> (usize, Vec<GalleryItem>);
+    ) -> anyhow::Result<(usize, Vec<GalleryItem>)>;
     /// Whether content with this hash was deleted (and not added again): the start-up
     /// folder scan leaves such files out, so a delete sticks across restarts.
-    fn was_deleted(&self, _sha256: &str) -> bool {
-        false
+    fn was_deleted(&self, _sha256: &str) -> anyhow::Result<bool> {
+        Ok(false)
     }
     /// The id of the item whose file has this SHA-256, if any.
-    fn find_sha256(&self, sha256: &str) -> Option<u64>;
+    fn find_sha256(&self, sha256: &str) -> anyhow::Result<Option<u64>>;
     /// Adds an item; returns only once the item is durable (survives `kill -9`) and is
     /// visible to [`SearchBackend::search`]. Adding bytes already present is a no-op that
     /// returns the existing id.
@@ -120,8 +122,19 @@ pub trait SearchBackend: Send + Sync + 'static {
         Ok(())
     }
     /// Live (not deleted) items.
-    fn len(&self) -> usize;
-    fn is_empty(&self) -> bool {
-        self.len() == 0
+    fn len(&self) -> anyhow::Result<usize>;
+    fn is_empty(&self) -> anyhow::Result<bool> {
+        Ok(self.len()? == 0)
     }
+}
+
+/// Whether `e` says the gallery's engine cannot be reached right now (a remote store that
+/// is down or restarting): the client should retry, and the server recovers by itself.
+pub fn is_unavailable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<indexer::remote::RemoteError>(),
+            Some(indexer::remote::RemoteError::Unavailable { .. })
+        )
+    })
 }

@@ -20,7 +20,8 @@ use crate::routes::Settings;
 /// With no --index, the server keeps its own index in --data-dir (created on first start)
 /// and --gallery DIR adds a folder of images to it at start-up (files already indexed are
 /// skipped by content hash). With --index DIR it serves an index built by `indexer build`
-/// and refuses one built with a different model.
+/// and refuses one built with a different model. With --store URL the gallery lives in a
+/// remote vector engine (PostgreSQL + pgvector); uploads still go to --data-dir.
 ///
 /// API: POST /api/search?k=10&filter=JSON (multipart field 'image' [+ 'filter'] or a raw
 /// image/* body); POST /api/images (multipart 'image' parts, each with optional 'label' and
@@ -46,6 +47,12 @@ pub struct Args {
     /// Serve this index (built by `indexer build`) instead of the one in --data-dir.
     #[arg(long)]
     pub index: Option<PathBuf>,
+
+    /// Keep the gallery in a remote vector engine instead of an index on disk:
+    /// postgres://USER@HOST:PORT/DB?collection=NAME (PostgreSQL with pgvector; the
+    /// collection is created, empty, when missing). Several servers may share one.
+    #[arg(long, conflicts_with = "index")]
+    pub store: Option<String>,
 
     /// Base folder for relative image paths of an --index (the folder it was built from;
     /// default: the index directory's parent).

@@ -32,6 +32,10 @@ pub enum ApiError {
     /// The inference queue is full; the client should retry shortly.
     #[error("{0}")]
     Busy(String),
+    /// The gallery's engine (a remote store) cannot be reached; the client should retry
+    /// (the server reconnects by itself once the engine is back).
+    #[error("{0}")]
+    Unavailable(String),
     /// A server-side failure (I/O, model); logged with details.
     #[error("{0}")]
     Internal(String),
@@ -56,7 +60,7 @@ impl ResponseError for ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Busy(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -66,7 +70,7 @@ impl ResponseError for ApiError {
         if let ApiError::Unauthorized(_) = self {
             resp.insert_header(("WWW-Authenticate", "Bearer"));
         }
-        if let ApiError::Busy(_) = self {
+        if let ApiError::Busy(_) | ApiError::Unavailable(_) = self {
             resp.insert_header(("Retry-After", "1"));
         }
         resp.json(serde_json::json!({ "error": self.to_string() }))
@@ -77,5 +81,18 @@ impl ResponseError for ApiError {
 impl From<actix_web::error::BlockingError> for ApiError {
     fn from(e: actix_web::error::BlockingError) -> Self {
         ApiError::internal("a background task failed", e)
+    }
+}
+
+impl ApiError {
+    /// A gallery failure: 503 with the engine's message when its engine is unreachable
+    /// (see [`crate::backend::is_unavailable`]), else an internal error about `what`.
+    pub fn gallery(what: &str, e: anyhow::Error) -> Self {
+        if crate::backend::is_unavailable(&e) {
+            tracing::warn!("{what}: {e:#}");
+            ApiError::Unavailable(format!("{what}: {e}"))
+        } else {
+            ApiError::internal(what, format!("{e:#}"))
+        }
     }
 }

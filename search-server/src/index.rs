@@ -160,7 +160,7 @@ impl SearchBackend for IndexGallery {
         filter: Option<&Filter>,
     ) -> anyhow::Result<Vec<SearchHit>> {
         let g = self.read();
-        if g.is_empty() {
+        if GalleryIndex::is_empty(&g) {
             return Ok(Vec::new());
         }
         g.validate_query(query)?;
@@ -176,18 +176,20 @@ impl SearchBackend for IndexGallery {
             .collect())
     }
 
-    fn item(&self, id: u64) -> Option<GalleryItem> {
-        self.read().item(id).map(|m| self.to_item(m))
+    fn item(&self, id: u64) -> anyhow::Result<Option<GalleryItem>> {
+        Ok(self.read().item(id).map(|m| self.to_item(m)))
     }
 
-    fn find_sha256(&self, sha256: &str) -> Option<u64> {
-        self.read().find_sha256(sha256)
+    fn find_sha256(&self, sha256: &str) -> anyhow::Result<Option<u64>> {
+        Ok(self.read().find_sha256(sha256))
     }
 
-    fn vector(&self, id: u64) -> Option<Vec<f32>> {
+    fn vector(&self, id: u64) -> anyhow::Result<Option<Vec<f32>>> {
         let g = self.read();
-        g.item(id)?;
-        g.vector(id).map(<[f32]>::to_vec)
+        if g.item(id).is_none() {
+            return Ok(None);
+        }
+        Ok(g.vector(id).map(<[f32]>::to_vec))
     }
 
     fn delete(&self, id: u64) -> anyhow::Result<bool> {
@@ -204,17 +206,17 @@ impl SearchBackend for IndexGallery {
         offset: usize,
         limit: usize,
         filter: Option<&Filter>,
-    ) -> (usize, Vec<GalleryItem>) {
+    ) -> anyhow::Result<(usize, Vec<GalleryItem>)> {
         let g = self.read();
         let page = g.page(offset, limit, filter);
-        (
+        Ok((
             page.total,
             page.items.into_iter().map(|m| self.to_item(m)).collect(),
-        )
+        ))
     }
 
-    fn was_deleted(&self, sha256: &str) -> bool {
-        self.read().was_deleted(sha256)
+    fn was_deleted(&self, sha256: &str) -> anyhow::Result<bool> {
+        Ok(self.read().was_deleted(sha256))
     }
 
     fn add_durable(&self, item: NewGalleryItem) -> anyhow::Result<AddOutcome> {
@@ -258,8 +260,8 @@ impl SearchBackend for IndexGallery {
             .collect()
     }
 
-    fn len(&self) -> usize {
-        self.read().live_len()
+    fn len(&self) -> anyhow::Result<usize> {
+        Ok(self.read().live_len())
     }
 
     fn close(&self) -> anyhow::Result<()> {
@@ -342,9 +344,9 @@ mod tests {
             // Dropped without commit: the WAL must carry the adds.
         }
         let g = IndexGallery::open_or_create(&idx, &identity("a"), 16).unwrap();
-        assert_eq!(g.len(), 3);
-        assert_eq!(g.find_sha256("g"), Some(1));
-        assert_eq!(g.item(2).unwrap().path, PathBuf::from("/x/b.png"));
+        assert_eq!(g.len().unwrap(), 3);
+        assert_eq!(g.find_sha256("g").unwrap(), Some(1));
+        assert_eq!(g.item(2).unwrap().unwrap().path, PathBuf::from("/x/b.png"));
         g.close().unwrap();
         drop(g);
 
@@ -415,7 +417,7 @@ mod tests {
         let g =
             IndexGallery::open(&idx, &identity("a"), 16, Some(PathBuf::from("/data/cub"))).unwrap();
         assert_eq!(
-            g.item(0).unwrap().path,
+            g.item(0).unwrap().unwrap().path,
             PathBuf::from("/data/cub/birds/1.jpg")
         );
         assert_eq!(

@@ -22,6 +22,7 @@ pub mod error;
 pub mod index;
 pub mod metrics;
 pub mod model;
+pub mod remote;
 pub mod routes;
 pub mod scan;
 pub mod store;

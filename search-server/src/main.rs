@@ -17,6 +17,7 @@ use search_server::config::Args;
 use search_server::index::IndexGallery;
 use search_server::metrics::Metrics;
 use search_server::model::ModelBackend;
+use search_server::remote::RemoteGallery;
 use search_server::routes::{app, AppState};
 use search_server::scan::scan_folder;
 use search_server::store::UploadStore;
@@ -90,28 +91,21 @@ fn prepare_data_dir(dir: &Path) -> Result<PathBuf, Failure> {
     })
 }
 
-fn run(args: Args) -> Result<(), Failure> {
-    args.validate().map_err(usage)?;
-    let data_dir = prepare_data_dir(&args.data_dir)?;
-    // One writing server per data directory for its whole life (the OS drops the lock on
-    // exit or crash), refused here rather than failing requests later. --read-only servers
-    // write nothing but atomically replaced thumbnails, so they may share it.
-    let _data_dir_lock = if args.read_only {
-        None
-    } else {
-        Some(
-            indexer::store::DirLock::acquire(&data_dir, "LOCK", "this data directory")
-                .map_err(|e| usage(format!("{e}, or choose another --data-dir")))?,
-        )
-    };
-
-    let device = args.device.device.open().map_err(usage)?;
-    tracing::info!("{device}");
-    tracing::info!("loading model {}", args.model);
-    let model = ModelBackend::load(&args.model, args.weights.clone(), &device.device)
-        .map_err(|e| usage(format!("cannot load the model '{}': {e}", args.model)))?;
-    tracing::info!("model ready: {}", model.describe());
-
+/// The gallery: a remote store (`--store`), an index built by `indexer build` (`--index`),
+/// or the server's own index in the data directory. Opened before the HTTP runtime starts
+/// (the remote store's client blocks).
+fn open_gallery(
+    args: &Args,
+    data_dir: &Path,
+    model: &ModelBackend,
+) -> Result<Arc<dyn SearchBackend>, Failure> {
+    if let Some(url) = &args.store {
+        let g =
+            RemoteGallery::open_or_create(url, model.identity(), args.ef, args.images_root.clone())
+                .map_err(|e| usage(format!("{e:#}")))?;
+        tracing::info!("gallery: {}", g.describe());
+        return Ok(Arc::new(g));
+    }
     let gallery = match &args.index {
         Some(dir) => {
             let root = args
@@ -137,8 +131,33 @@ fn run(args: Args) -> Result<(), Failure> {
             .lock_for_writing()
             .map_err(|e| usage(format!("{e:#}")))?;
     }
-    let gallery = Arc::new(gallery);
-    tracing::info!("index: {} items", gallery.len());
+    Ok(Arc::new(gallery))
+}
+
+fn run(args: Args) -> Result<(), Failure> {
+    args.validate().map_err(usage)?;
+    let data_dir = prepare_data_dir(&args.data_dir)?;
+    // One writing server per data directory for its whole life (the OS drops the lock on
+    // exit or crash), refused here rather than failing requests later. --read-only servers
+    // write nothing but atomically replaced thumbnails, so they may share it.
+    let _data_dir_lock = if args.read_only {
+        None
+    } else {
+        Some(
+            indexer::store::DirLock::acquire(&data_dir, "LOCK", "this data directory")
+                .map_err(|e| usage(format!("{e}, or choose another --data-dir")))?,
+        )
+    };
+
+    let device = args.device.device.open().map_err(usage)?;
+    tracing::info!("{device}");
+    tracing::info!("loading model {}", args.model);
+    let model = ModelBackend::load(&args.model, args.weights.clone(), &device.device)
+        .map_err(|e| usage(format!("cannot load the model '{}': {e}", args.model)))?;
+    tracing::info!("model ready: {}", model.describe());
+
+    let gallery = open_gallery(&args, &data_dir, &model)?;
+    tracing::info!("index: {} items", gallery.len()?);
 
     let model: Arc<dyn EmbedBackend> = Arc::new(model);
     if let Some(folder) = &args.gallery {
@@ -155,13 +174,13 @@ fn run(args: Args) -> Result<(), Failure> {
             args.limits(),
             args.max_batch.max(8),
         )?;
-        gallery.commit()?;
+        gallery.close()?;
         tracing::info!(
             "gallery scan done: {} added, {} already indexed, {} unreadable; index has {} items",
             report.added,
             report.already_indexed,
             report.unreadable,
-            gallery.len()
+            gallery.len()?
         );
     }
 
@@ -207,7 +226,7 @@ fn run(args: Args) -> Result<(), Failure> {
     drop(state);
     inference.join_timeout(Duration::from_secs(10));
     if !args.read_only {
-        gallery.close().context("saving the index at shutdown")?;
+        gallery.close().context("saving the gallery at shutdown")?;
     }
     tracing::info!("stopped cleanly");
     Ok(())

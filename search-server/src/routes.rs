@@ -171,37 +171,45 @@ async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     )))
 }
 
-async fn healthz(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({
-        "status": "ok",
-        "gallery_items": state.gallery.len(),
-        "model": state.model,
-        "read_only": state.settings.read_only,
-    }))
+/// Live gallery items, counted off the async workers (a remote store asks its engine).
+async fn gallery_len(state: &AppState) -> Result<usize, ApiError> {
+    let gallery = state.gallery.clone();
+    web::block(move || gallery.len())
+        .await?
+        .map_err(|e| ApiError::gallery("counting the gallery failed", e))
 }
 
-async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok()
+/// 200 while the gallery answers; 503 (with the reason) while its engine is unreachable.
+async fn healthz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let items = gallery_len(&state).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "status": "ok",
+        "gallery_items": items,
+        "model": state.model,
+        "read_only": state.settings.read_only,
+    })))
+}
+
+async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let items = gallery_len(&state).await?;
+    Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(
-            state
-                .metrics
-                .render(state.gallery.len(), state.batcher.queue_depth()),
-        )
+        .body(state.metrics.render(items, state.batcher.queue_depth())))
 }
 
 /// What the page needs to know to show the right controls.
-async fn config(state: web::Data<AppState>) -> HttpResponse {
+async fn config(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let items = gallery_len(&state).await?;
     let s = &state.settings;
-    HttpResponse::Ok().json(serde_json::json!({
+    Ok(HttpResponse::Ok().json(serde_json::json!({
         "read_only": s.read_only,
         "auth_required": s.api_key.is_some(),
         "default_k": s.default_k,
         "max_k": s.max_k,
         "max_upload_bytes": s.max_upload_bytes,
-        "gallery_items": state.gallery.len(),
+        "gallery_items": items,
         "model": state.model,
-    }))
+    })))
 }
 
 /// One gallery item as returned to clients (`GET /api/images/{id}` as JSON, listings).
@@ -384,7 +392,7 @@ async fn search_results(
     let want = k + usize::from(exclude.is_some());
     let hits = web::block(move || gallery.search(&query, want, filter.as_ref()))
         .await?
-        .map_err(|e| ApiError::internal("searching the index failed", format!("{e:#}")))?;
+        .map_err(|e| ApiError::gallery("searching the index failed", e))?;
     Ok(hits
         .iter()
         .filter(|h| Some(h.item.id) != exclude)
@@ -404,10 +412,11 @@ async fn similar(
     let k = parse_k(req.query_string(), &state.settings)?;
     let pairs = query_pairs(req.query_string())?;
     let filter = parse_filter(query_value(&pairs, "filter"))?;
-    let item = lookup(&state, &path)?;
-    let query = state
-        .gallery
-        .vector(item.id)
+    let item = lookup(&state, &path).await?;
+    let (gallery, id) = (state.gallery.clone(), item.id);
+    let query = web::block(move || gallery.vector(id))
+        .await?
+        .map_err(|e| ApiError::gallery("reading the item's embedding failed", e))?
         .ok_or_else(|| not_found_id(&path))?;
     let results = search_results(&state, query, k, filter, Some(item.id)).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({
@@ -431,7 +440,9 @@ async fn list_images(
     let limit = parse_count(&pairs, "limit", 50, MAX_PAGE)?;
     let filter = parse_filter(query_value(&pairs, "filter"))?;
     let gallery = state.gallery.clone();
-    let (total, items) = web::block(move || gallery.page(offset, limit, filter.as_ref())).await?;
+    let (total, items) = web::block(move || gallery.page(offset, limit, filter.as_ref()))
+        .await?
+        .map_err(|e| ApiError::gallery("listing the gallery failed", e))?;
     let items: Vec<ItemJson> = items
         .iter()
         .map(|it| ItemJson::new(it, &state.settings.public_roots))
@@ -466,11 +477,11 @@ async fn delete_image(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     check_write(&req, &state, "deleting images")?;
-    let item = lookup(&state, &path)?;
+    let item = lookup(&state, &path).await?;
     let (gallery, id) = (state.gallery.clone(), item.id);
-    let deleted = web::block(move || gallery.delete(id)).await?.map_err(|e| {
-        ApiError::internal("deleting the image from the index failed", format!("{e:#}"))
-    })?;
+    let deleted = web::block(move || gallery.delete(id))
+        .await?
+        .map_err(|e| ApiError::gallery("deleting the image from the index failed", e))?;
     if !deleted {
         return Err(not_found_id(&path));
     }
@@ -562,17 +573,14 @@ async fn add_image(
         .map(|p| (p.part.label.clone(), p.part.metadata.clone()))
         .collect();
     let outcomes = store_parts(&state, prepared).await?;
+    // A duplicate keeps what the gallery holds, not what this request sent.
+    let held = duplicates_as_held(&state, &outcomes).await?;
     let items: Vec<serde_json::Value> = sent
         .into_iter()
         .zip(&outcomes)
         .map(|(sent, o)| {
-            // A duplicate keeps what the gallery holds, not what this request sent.
             let (label, metadata) = match o.duplicate {
-                true => state
-                    .gallery
-                    .item(o.id)
-                    .map(|i| (i.label, i.metadata))
-                    .unwrap_or_default(),
+                true => held.get(&o.id).cloned().unwrap_or_default(),
                 false => sent,
             };
             serde_json::json!({
@@ -600,6 +608,33 @@ async fn add_image(
     Ok(HttpResponse::Ok().json(body))
 }
 
+/// Label and metadata of gallery items, by id.
+type Held = std::collections::HashMap<u64, (Option<String>, Option<Metadata>)>;
+
+/// Label and metadata the gallery holds for each duplicate among `outcomes`.
+async fn duplicates_as_held(state: &AppState, outcomes: &[AddOutcome]) -> Result<Held, ApiError> {
+    let ids: Vec<u64> = outcomes
+        .iter()
+        .filter(|o| o.duplicate)
+        .map(|o| o.id)
+        .collect();
+    if ids.is_empty() {
+        return Ok(Default::default());
+    }
+    let gallery = state.gallery.clone();
+    web::block(move || {
+        let mut held = std::collections::HashMap::new();
+        for id in ids {
+            if let Some(i) = gallery.item(id)? {
+                held.insert(id, (i.label, i.metadata));
+            }
+        }
+        Ok(held)
+    })
+    .await?
+    .map_err(|e| ApiError::gallery("reading the gallery failed", e))
+}
+
 /// One uploaded image, checked and (unless its content is already in the gallery) embedded.
 struct Prepared {
     part: Part,
@@ -622,7 +657,13 @@ async fn prepare_parts(
         let name = |e: ApiError| name_part(e, i, total);
         let sha = sha256_hex(&part.image);
         let format = decode::sniff_format(&part.image).map_err(|e| name(e.into()))?;
-        let known = state.gallery.find_sha256(&sha).is_some() || out.iter().any(|p| p.sha == sha);
+        let known = out.iter().any(|p| p.sha == sha) || {
+            let (gallery, sha) = (state.gallery.clone(), sha.clone());
+            web::block(move || gallery.find_sha256(&sha))
+                .await?
+                .map_err(|e| ApiError::gallery("checking the gallery for the image failed", e))?
+                .is_some()
+        };
         let embedded = if known {
             None
         } else {
@@ -712,9 +753,9 @@ fn add_all(
         .into_iter()
         .filter(|i| !i.embedding.is_empty())
         .collect();
-    let added = gallery.add_batch(new).map_err(|e| {
-        ApiError::internal("adding the images to the index failed", format!("{e:#}"))
-    })?;
+    let added = gallery
+        .add_batch(new)
+        .map_err(|e| ApiError::gallery("adding the images to the index failed", e))?;
     let mut fresh: std::collections::HashSet<u64> = added
         .iter()
         .filter(|o| !o.duplicate)
@@ -722,12 +763,15 @@ fn add_all(
         .collect();
     shas.iter()
         .map(|sha| {
-            let id = gallery.find_sha256(sha).ok_or_else(|| {
-                ApiError::internal(
-                    "adding the images to the index failed",
-                    format!("item {sha} missing after add"),
-                )
-            })?;
+            let id = gallery
+                .find_sha256(sha)
+                .map_err(|e| ApiError::gallery("adding the images to the index failed", e))?
+                .ok_or_else(|| {
+                    ApiError::internal(
+                        "adding the images to the index failed",
+                        format!("item {sha} missing after add"),
+                    )
+                })?;
             // The first part with this content is the add; a repeat is a duplicate.
             let duplicate = !fresh.remove(&id);
             Ok(AddOutcome { id, duplicate })
@@ -737,10 +781,14 @@ fn add_all(
 
 /// The gallery item named by the `{id}` path segment. Anything but a known numeric id is
 /// 404: ids are the only way to reach a file, so no user-supplied path is ever opened.
-fn lookup(state: &AppState, raw: &str) -> Result<GalleryItem, ApiError> {
-    raw.parse::<u64>()
-        .ok()
-        .and_then(|id| state.gallery.item(id))
+async fn lookup(state: &AppState, raw: &str) -> Result<GalleryItem, ApiError> {
+    let Ok(id) = raw.parse::<u64>() else {
+        return Err(not_found_id(raw));
+    };
+    let gallery = state.gallery.clone();
+    web::block(move || gallery.item(id))
+        .await?
+        .map_err(|e| ApiError::gallery("reading the gallery failed", e))?
         .ok_or_else(|| not_found_id(raw))
 }
 
@@ -767,7 +815,7 @@ async fn image(
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let item = lookup(&state, &path)?;
+    let item = lookup(&state, &path).await?;
     if wants_json(&req) {
         return Ok(HttpResponse::Ok()
             .insert_header((header::VARY, "Accept"))
@@ -803,7 +851,7 @@ async fn thumbnail(
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let item = lookup(&state, &path)?;
+    let item = lookup(&state, &path).await?;
     let key = state.thumbs.key(&item.sha256);
     let flight = state.thumbs.flight(&key);
     let made = flight

@@ -89,9 +89,29 @@ fn matches(filter: Option<&Filter>, item: &GalleryItem) -> bool {
 #[derive(Default)]
 pub struct MemoryGallery {
     inner: RwLock<Items>,
+    /// Every call fails as a remote store whose engine is down does (see
+    /// [`MemoryGallery::set_unavailable`]).
+    down: std::sync::atomic::AtomicBool,
 }
 
 impl MemoryGallery {
+    /// Makes every call fail (or work again) the way a remote store does while its engine
+    /// is down, to test the 503 and the recovery without an engine.
+    pub fn set_unavailable(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn check_up(&self) -> anyhow::Result<()> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(indexer::remote::RemoteError::Unavailable {
+                at: "test:0/fake".into(),
+                detail: "connection refused".into(),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
     /// Adds an item directly (test set-up); returns its id.
     pub fn insert(
         &self,
@@ -119,6 +139,7 @@ impl SearchBackend for MemoryGallery {
         k: usize,
         filter: Option<&Filter>,
     ) -> anyhow::Result<Vec<SearchHit>> {
+        self.check_up()?;
         let g = self.inner.read().unwrap();
         let mut hits: Vec<SearchHit> = g
             .live()
@@ -133,22 +154,25 @@ impl SearchBackend for MemoryGallery {
         Ok(hits)
     }
 
-    fn item(&self, id: u64) -> Option<GalleryItem> {
+    fn item(&self, id: u64) -> anyhow::Result<Option<GalleryItem>> {
+        self.check_up()?;
         let g = self.inner.read().unwrap();
-        usize::try_from(id)
+        Ok(usize::try_from(id)
             .ok()
             .and_then(|i| g.items.get(i))
             .filter(|_| !g.deleted.contains(&id))
-            .map(|(item, _)| item.clone())
+            .map(|(item, _)| item.clone()))
     }
 
-    fn vector(&self, id: u64) -> Option<Vec<f32>> {
+    fn vector(&self, id: u64) -> anyhow::Result<Option<Vec<f32>>> {
+        self.check_up()?;
         let g = self.inner.read().unwrap();
         let found = g.live().find(|(it, _)| it.id == id).map(|(_, v)| v.clone());
-        found
+        Ok(found)
     }
 
     fn delete(&self, id: u64) -> anyhow::Result<bool> {
+        self.check_up()?;
         let mut g = self.inner.write().unwrap();
         let Some(sha) = g
             .live()
@@ -168,7 +192,8 @@ impl SearchBackend for MemoryGallery {
         offset: usize,
         limit: usize,
         filter: Option<&Filter>,
-    ) -> (usize, Vec<GalleryItem>) {
+    ) -> anyhow::Result<(usize, Vec<GalleryItem>)> {
+        self.check_up()?;
         let g = self.inner.read().unwrap();
         let matching: Vec<&GalleryItem> = g
             .live()
@@ -181,18 +206,21 @@ impl SearchBackend for MemoryGallery {
             .take(limit)
             .map(|&it| it.clone())
             .collect();
-        (matching.len(), items)
+        Ok((matching.len(), items))
     }
 
-    fn was_deleted(&self, sha256: &str) -> bool {
-        self.inner.read().unwrap().deleted_shas.contains(sha256)
+    fn was_deleted(&self, sha256: &str) -> anyhow::Result<bool> {
+        self.check_up()?;
+        Ok(self.inner.read().unwrap().deleted_shas.contains(sha256))
     }
 
-    fn find_sha256(&self, sha256: &str) -> Option<u64> {
-        self.inner.read().unwrap().by_sha.get(sha256).copied()
+    fn find_sha256(&self, sha256: &str) -> anyhow::Result<Option<u64>> {
+        self.check_up()?;
+        Ok(self.inner.read().unwrap().by_sha.get(sha256).copied())
     }
 
     fn add_durable(&self, new: NewGalleryItem) -> anyhow::Result<AddOutcome> {
+        self.check_up()?;
         let mut g = self.inner.write().unwrap();
         if let Some(&id) = g.by_sha.get(&new.sha256) {
             return Ok(AddOutcome {
@@ -222,9 +250,10 @@ impl SearchBackend for MemoryGallery {
         })
     }
 
-    fn len(&self) -> usize {
+    fn len(&self) -> anyhow::Result<usize> {
+        self.check_up()?;
         let g = self.inner.read().unwrap();
-        g.items.len() - g.deleted.len()
+        Ok(g.items.len() - g.deleted.len())
     }
 }
 

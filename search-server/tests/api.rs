@@ -192,6 +192,45 @@ async fn health_config_and_json_404() {
     );
 }
 
+/// A gallery whose engine is down (a remote store): 503 with the engine's message on every
+/// route that needs it, uploads refused, and everything back once it is up, with no restart.
+#[actix_web::test]
+async fn an_unreachable_gallery_engine_is_503_and_recovers() {
+    let h = default_harness();
+    let app = service!(h);
+    h.gallery.set_unavailable(true);
+    let red = png(COLORS[0].1, 20, 20);
+    for req in [
+        image_form("/api/search?k=2", red.clone()),
+        image_form("/api/images", png([1, 2, 3], 20, 20)),
+        test::TestRequest::get().uri("/healthz"),
+        test::TestRequest::get().uri("/api/images?limit=2"),
+        test::TestRequest::get().uri("/api/images/1/similar"),
+        test::TestRequest::delete().uri("/api/images/1"),
+    ] {
+        let (s, body) = call(&app, req).await;
+        assert_eq!(s, 503, "{body}");
+        let msg = body["error"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("unavailable") && msg.contains("retry"),
+            "{msg}"
+        );
+    }
+    h.gallery.set_unavailable(false);
+    assert_eq!(
+        h.gallery.len().unwrap(),
+        4,
+        "nothing was added or deleted while down"
+    );
+    let (s, body) = call(&app, image_form("/api/search?k=1", red)).await;
+    assert_eq!(
+        (s.as_u16(), &body["results"][0]["id"]),
+        (200, &serde_json::json!(0))
+    );
+    let (s, _) = call(&app, test::TestRequest::get().uri("/healthz")).await;
+    assert_eq!(s, 200);
+}
+
 #[actix_web::test]
 async fn search_finds_the_matching_colour_first() {
     let h = default_harness();
@@ -501,7 +540,7 @@ async fn added_images_are_stored_searchable_and_deduplicated() {
         purple,
         "stored content-addressed under the data dir"
     );
-    assert_eq!(h.gallery.item(4).unwrap().path, stored);
+    assert_eq!(h.gallery.item(4).unwrap().unwrap().path, stored);
 
     let (_, found) = call(
         &app,
@@ -527,7 +566,7 @@ async fn added_images_are_stored_searchable_and_deduplicated() {
         (again["id"].as_u64(), again["duplicate"].as_bool()),
         (Some(4), Some(true))
     );
-    assert_eq!(h.gallery.len(), 5);
+    assert_eq!(h.gallery.len().unwrap(), 5);
 
     assert_error(
         call(
@@ -556,7 +595,7 @@ async fn added_images_are_stored_searchable_and_deduplicated() {
         422,
         "at least 8×8",
     );
-    assert_eq!(h.gallery.len(), 5, "rejected uploads add nothing");
+    assert_eq!(h.gallery.len().unwrap(), 5, "rejected uploads add nothing");
 }
 
 #[actix_web::test]
@@ -592,7 +631,7 @@ async fn writes_need_the_api_key_and_read_only_forbids_them() {
         401,
         "wrong",
     );
-    assert_eq!(h.gallery.len(), 4);
+    assert_eq!(h.gallery.len().unwrap(), 4);
     let (s, _) = call(
         &app,
         add([1, 1, 1], Some(("Authorization", "Bearer s3cret"))),
@@ -601,7 +640,7 @@ async fn writes_need_the_api_key_and_read_only_forbids_them() {
     assert_eq!(s, 200);
     let (s, _) = call(&app, add([2, 2, 2], Some(("X-Api-Key", "s3cret")))).await;
     assert_eq!(s, 200);
-    assert_eq!(h.gallery.len(), 6);
+    assert_eq!(h.gallery.len().unwrap(), 6);
     // Searching stays open.
     let (s, _) = call(&app, image_form("/api/search", png([1, 1, 1], 16, 16))).await;
     assert_eq!(s, 200);
@@ -1049,7 +1088,7 @@ async fn batch_add_with_metadata_then_filter_similar_list_and_delete() {
     assert_eq!(ids(&body, "items"), vec![4, 5, 6]);
     assert_eq!(body["items"][1]["metadata"]["price"], 80);
     assert!(body["items"][2]["label"].is_null() && body["items"][2]["metadata"].is_null());
-    assert_eq!(h.gallery.len(), 7);
+    assert_eq!(h.gallery.len().unwrap(), 7);
 
     // GET as JSON returns the record with its metadata; without Accept: JSON, the file.
     let (s, rec) = call(
@@ -1152,7 +1191,7 @@ async fn batch_add_with_metadata_then_filter_similar_list_and_delete() {
         !stored.join(&sha[..2]).join(format!("{sha}.png")).exists(),
         "the upload's file goes too"
     );
-    assert_eq!(h.gallery.len(), 6);
+    assert_eq!(h.gallery.len().unwrap(), 6);
 }
 
 #[actix_web::test]
@@ -1281,7 +1320,11 @@ async fn bad_filters_metadata_batches_and_ids_get_clear_4xx() {
     ] {
         assert_error(call(&app, add(fields)).await, status, needle);
     }
-    assert_eq!(h.gallery.len(), 4, "no refused request added anything");
+    assert_eq!(
+        h.gallery.len().unwrap(),
+        4,
+        "no refused request added anything"
+    );
 }
 
 #[actix_web::test]
@@ -1300,5 +1343,5 @@ async fn deletes_are_refused_on_a_read_only_server() {
         403,
         "read-only",
     );
-    assert_eq!(h.gallery.len(), 4);
+    assert_eq!(h.gallery.len().unwrap(), 4);
 }
