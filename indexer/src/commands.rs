@@ -777,7 +777,11 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
     let mut rows_rs = Vec::new();
     // An int8 index: the second columns are the same graph walked over the f32 vectors.
     let quantized = index.params().quantize == crate::params::Quantize::Int8;
-    let other = if quantized { "f32 walk" } else { "hnsw_rs search" };
+    let other = if quantized {
+        "f32 walk"
+    } else {
+        "hnsw_rs search"
+    };
     for &ef in &a.ef_sweep {
         let (r, q) = sweep(&|q, ef| ids(index.search(q, 10, ef.max(10))), ef);
         rows.push((ef, r, q));

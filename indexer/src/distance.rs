@@ -335,7 +335,9 @@ mod tests {
     #[test]
     fn weighted_u8_kernels_match_the_naive_sum() {
         for n in (0..40).chain([511, 512, 1280]) {
-            let q: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 200.0 + 30.0).collect();
+            let q: Vec<f32> = (0..n)
+                .map(|i| (i as f32 * 0.37).sin() * 200.0 + 30.0)
+                .collect();
             let w: Vec<f32> = (0..n).map(|i| 1e-4 * (1.0 + (i % 7) as f32)).collect();
             let c: Vec<u8> = (0..n).map(|i| (i * 37 % 256) as u8).collect();
             let naive: f64 = (0..n)
@@ -348,7 +350,10 @@ mod tests {
             }
             for k in kernels {
                 let got = k(&q, &w, &c) as f64;
-                assert!((got - naive).abs() < 1e-4 * (1.0 + naive), "n={n}: {got} vs {naive}");
+                assert!(
+                    (got - naive).abs() < 1e-4 * (1.0 + naive),
+                    "n={n}: {got} vs {naive}"
+                );
             }
         }
     }

@@ -10,11 +10,11 @@ use trainer::checkpoint::ModelIdentity;
 
 use crate::distance::{self, cosine_from_distance, distance_from_cosine};
 use crate::filter::{self, Filter};
-use crate::params::Quantize;
-use crate::quant::Int8Codes;
 use crate::graph::{Graph, StoredGraph, DATA_SUFFIX, GRAPH_SUFFIX, LAYERED_SUFFIX};
 use crate::manifest::{Manifest, FORMAT, FORMAT_VERSION, MANIFEST_FILE, METRIC};
 use crate::params::HnswParams;
+use crate::params::Quantize;
+use crate::quant::Int8Codes;
 use crate::store::{DirLock, Directory, FileEntry, Result, Staging, StoreError as Error};
 use crate::wal::{self, WalWriter};
 use crate::{AddReport, Hit, ItemMeta, NewItem};
@@ -421,7 +421,9 @@ impl GalleryIndex {
         let mut graph = match loaded {
             Some(Ok(graph)) => graph,
             Some(Err(e)) => {
-                warnings.push(format!("{e}; rebuilding the HNSW graph from the vectors (the next commit rewrites it)"));
+                warnings.push(format!(
+                    "{e}; rebuilding the HNSW graph from the vectors (the next commit rewrites it)"
+                ));
                 graph_stale = true;
                 Graph::build(&m.params, &vectors, dim)?
             }
@@ -1200,15 +1202,19 @@ fn read_vectors_verified(store: &Directory, entry: &crate::store::FileEntry) -> 
     use sha2::{Digest, Sha256};
     use std::io::Read;
     let path = store.file(&entry.name);
-    if entry.bytes % 4 != 0 {
-        return Err(Error::corrupt(&path, "the manifest lists a size that is not whole floats"));
+    if !entry.bytes.is_multiple_of(4) {
+        return Err(Error::corrupt(
+            &path,
+            "the manifest lists a size that is not whole floats",
+        ));
     }
     let len = std::fs::metadata(&path).map(|md| md.len()).ok();
     if len != Some(entry.bytes) {
         // Missing or the wrong size (the usual symptoms): the store's own read names it.
-        return Err(store.read_verified(entry).err().unwrap_or_else(|| {
-            Error::corrupt(&path, "the file changed while it was read")
-        }));
+        return Err(store
+            .read_verified(entry)
+            .err()
+            .unwrap_or_else(|| Error::corrupt(&path, "the file changed while it was read")));
     }
     let len = entry.bytes;
     let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&path, "cannot open", e))?;
@@ -1225,7 +1231,10 @@ fn read_vectors_verified(store: &Directory, entry: &crate::store::FileEntry) -> 
         }
     }
     if hex::encode(hash.finalize()) != entry.sha256 {
-        return Err(Error::corrupt(&path, "checksum mismatch: the file is corrupt"));
+        return Err(Error::corrupt(
+            &path,
+            "checksum mismatch: the file is corrupt",
+        ));
     }
     Ok(vectors)
 }

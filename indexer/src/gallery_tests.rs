@@ -886,7 +886,11 @@ fn rewrite_manifest(d: &Path, change: impl FnOnce(&mut crate::manifest::Manifest
     let canon = value.clone();
     value["manifest_sha256"] =
         crate::store::sha256_hex(&serde_json::to_vec(&canon).unwrap()).into();
-    std::fs::write(d.join("manifest.json"), serde_json::to_string_pretty(&value).unwrap()).unwrap();
+    std::fs::write(
+        d.join("manifest.json"),
+        serde_json::to_string_pretty(&value).unwrap(),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -913,13 +917,19 @@ fn a_version_3_index_with_an_hnsw_rs_graph_opens_searches_and_grows() {
     let mut idx = GalleryIndex::open(d).unwrap();
     assert!(idx.warnings().is_empty(), "{:?}", idx.warnings());
     assert_eq!(idx.format_version(), 3);
-    assert!(idx.search_hnsw_rs(&v[..16], 1, 16).is_some(), "still the hnsw_rs graph");
+    assert!(
+        idx.search_hnsw_rs(&v[..16], 1, 16).is_some(),
+        "still the hnsw_rs graph"
+    );
     assert_eq!(idx.search(&v[7 * 16..8 * 16], 1, 32)[0].id, 7);
     idx.add(items(&v[150 * 16..160 * 16], 16, 150)).unwrap();
     idx.commit().unwrap();
     drop(idx);
     let idx = GalleryIndex::open(d).unwrap();
-    assert_eq!((idx.len(), idx.format_version()), (160, crate::manifest::FORMAT_VERSION));
+    assert_eq!(
+        (idx.len(), idx.format_version()),
+        (160, crate::manifest::FORMAT_VERSION)
+    );
     assert!(idx.warnings().is_empty(), "{:?}", idx.warnings());
     assert_eq!(idx.search(&v[155 * 16..156 * 16], 1, 32)[0].id, 155);
 }
@@ -938,7 +948,11 @@ fn an_int8_index_keeps_its_codes_checksummed_and_answers_exactly_ranked() {
     idx.commit().unwrap();
     drop(idx);
     let codes = d.join("codes.g1.int8");
-    assert!(files(&d).contains(&"codes.g1.int8".to_string()), "{:?}", files(&d));
+    assert!(
+        files(&d).contains(&"codes.g1.int8".to_string()),
+        "{:?}",
+        files(&d)
+    );
     let mut idx = GalleryIndex::open(&d).unwrap();
     assert!(idx.warnings().is_empty(), "{:?}", idx.warnings());
     assert_eq!(idx.params().quantize, crate::params::Quantize::Int8);
@@ -960,7 +974,10 @@ fn an_int8_index_keeps_its_codes_checksummed_and_answers_exactly_ranked() {
         }
         agree += usize::from(got.iter().map(|h| h.id).eq(exact.iter().map(|h| h.id)));
     }
-    assert!(agree >= 19, "{agree} of 21 top-5 lists equal the exact ones");
+    assert!(
+        agree >= 19,
+        "{agree} of 21 top-5 lists equal the exact ones"
+    );
     drop(idx);
     // A damaged codes file is re-encoded from the vectors with a warning, then rewritten.
     let mut bytes = std::fs::read(&codes).unwrap();
@@ -969,7 +986,11 @@ fn an_int8_index_keeps_its_codes_checksummed_and_answers_exactly_ranked() {
     std::fs::write(&codes, &bytes).unwrap();
     let mut idx = GalleryIndex::open(&d).unwrap();
     assert_eq!(idx.warnings().len(), 1);
-    assert!(idx.warnings()[0].contains("codes.g1.int8"), "{:?}", idx.warnings());
+    assert!(
+        idx.warnings()[0].contains("codes.g1.int8"),
+        "{:?}",
+        idx.warnings()
+    );
     assert_eq!(idx.search(&v[..16], 1, 32)[0].id, 0);
     idx.commit().unwrap();
     drop(idx);

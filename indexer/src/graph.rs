@@ -17,8 +17,8 @@
 use std::path::Path;
 
 use crate::layered::LayeredGraph;
-use crate::quant::Int8Codes;
 use crate::manifest::GraphFiles;
+use crate::quant::Int8Codes;
 use crate::store::{Directory, FileEntry, Result, StoreError};
 use hnsw_rs::prelude::{AnnT, Hnsw, HnswIo};
 

@@ -31,8 +31,8 @@ use rayon::prelude::*;
 
 use crate::distance::squared_l2;
 use crate::flat::{prefetch, prefetch_bytes, Scored, SCRATCH};
-use crate::quant::Int8Codes;
 use crate::params::HnswParams;
+use crate::quant::Int8Codes;
 use crate::store::{Directory, FileEntry, Result, StoreError};
 
 /// No upper rows (a level-0 node).
@@ -157,7 +157,8 @@ impl LayeredGraph {
             } else {
                 self.upper_at.push((self.upper.len() / (self.m + 1)) as u32);
                 let cells = level as usize * (self.m + 1);
-                self.upper.resize_with(self.upper.len() + cells, || AtomicU32::new(0));
+                self.upper
+                    .resize_with(self.upper.len() + cells, || AtomicU32::new(0));
             }
             self.locks.push(Mutex::new(()));
         }
@@ -210,7 +211,15 @@ impl LayeredGraph {
             (cur, cur_d) = self.greedy(dist, cur, cur_d, lc);
         }
         for lc in (0..=level.min(self.top_level)).rev() {
-            let mut beam = self.beam(dist, fetch, (cur_d, cur), self.ef_construction, lc, |_| true, false);
+            let mut beam = self.beam(
+                dist,
+                fetch,
+                (cur_d, cur),
+                self.ef_construction,
+                lc,
+                |_| true,
+                false,
+            );
             beam.retain(|s| s.1 != q);
             let chosen = self.select(vectors, dim, &beam, self.m);
             {
@@ -231,7 +240,16 @@ impl LayeredGraph {
     /// Gives `s` the link to `q` in `level` (distance `d`): appended while the row has
     /// room, else the row and `q` shrunk back to `width` with the heuristic.
     #[allow(clippy::too_many_arguments)]
-    fn link(&self, vectors: &[f32], dim: usize, s: u32, q: u32, d: f32, level: usize, width: usize) {
+    fn link(
+        &self,
+        vectors: &[f32],
+        dim: usize,
+        s: u32,
+        q: u32,
+        d: f32,
+        level: usize,
+        width: usize,
+    ) {
         let _g = self.locks[s as usize].lock();
         let row = self.row(s, level);
         let count = row[0].load(Ordering::Relaxed) as usize;
@@ -245,11 +263,20 @@ impl LayeredGraph {
         }
         let sv = &vectors[s as usize * dim..(s as usize + 1) * dim];
         let mut cands: Vec<Scored> = Self::links(row)
-            .map(|u| Scored(squared_l2(sv, &vectors[u as usize * dim..(u as usize + 1) * dim]), u))
+            .map(|u| {
+                Scored(
+                    squared_l2(sv, &vectors[u as usize * dim..(u as usize + 1) * dim]),
+                    u,
+                )
+            })
             .collect();
         cands.push(Scored(d, q));
         cands.sort_unstable();
-        let kept: Vec<u32> = self.select(vectors, dim, &cands, width).iter().map(|s| s.1).collect();
+        let kept: Vec<u32> = self
+            .select(vectors, dim, &cands, width)
+            .iter()
+            .map(|s| s.1)
+            .collect();
         Self::write_row(row, &kept);
     }
 
@@ -275,7 +302,13 @@ impl LayeredGraph {
     }
 
     /// Greedy walk in `level` from `(cur, cur_d)` to a local minimum of `dist`.
-    fn greedy(&self, dist: impl Fn(u32) -> f32, mut cur: u32, mut cur_d: f32, level: usize) -> (u32, f32) {
+    fn greedy(
+        &self,
+        dist: impl Fn(u32) -> f32,
+        mut cur: u32,
+        mut cur_d: f32,
+        level: usize,
+    ) -> (u32, f32) {
         loop {
             let mut moved = false;
             for nb in Self::links(self.row(cur, level)) {
@@ -420,7 +453,8 @@ impl LayeredGraph {
         ef: usize,
     ) -> Vec<(usize, f32)> {
         let dim = query.len();
-        if k == 0 || dim == 0 || self.n == 0 || vectors.len() < self.n * dim || codes.len() < self.n {
+        if k == 0 || dim == 0 || self.n == 0 || vectors.len() < self.n * dim || codes.len() < self.n
+        {
             return Vec::new();
         }
         let prepared = codes.prepare(query);
@@ -429,16 +463,26 @@ impl LayeredGraph {
         let walked = self.walk(dist, fetch, ef.max(k), |_| true, false);
         let mut exact: Vec<Scored> = walked
             .into_iter()
-            .map(|Scored(_, v)| Scored(squared_l2(query, &vectors[v as usize * dim..(v as usize + 1) * dim]), v))
+            .map(|Scored(_, v)| {
+                Scored(
+                    squared_l2(query, &vectors[v as usize * dim..(v as usize + 1) * dim]),
+                    v,
+                )
+            })
             .collect();
         exact.sort_unstable();
         exact.truncate(k);
-        exact.into_iter().map(|Scored(d, v)| (v as usize, d.max(0.0).sqrt())).collect()
+        exact
+            .into_iter()
+            .map(|Scored(d, v)| (v as usize, d.max(0.0).sqrt()))
+            .collect()
     }
 
     /// Mean number of layer-0 links per node.
     pub fn mean_degree(&self) -> f64 {
-        let total: usize = (0..self.n as u32).map(|v| Self::links(self.row(v, 0)).count()).sum();
+        let total: usize = (0..self.n as u32)
+            .map(|v| Self::links(self.row(v, 0)).count())
+            .sum();
         total as f64 / self.n.max(1) as f64
     }
 
@@ -471,12 +515,21 @@ impl LayeredGraph {
     /// Reads a graph written by [`LayeredGraph::write`] for `n` vectors with `params`
     /// (checksummed by the caller): every count and id is checked, so a malformed file is
     /// a [`StoreError::Corrupt`] naming `path`, never a panic or a wrong answer.
-    pub fn parse(path: &std::path::Path, bytes: &[u8], params: &HnswParams, n: usize) -> Result<Self> {
+    pub fn parse(
+        path: &std::path::Path,
+        bytes: &[u8],
+        params: &HnswParams,
+        n: usize,
+    ) -> Result<Self> {
         let bad = |msg: String| StoreError::corrupt(path, format!("graph file: {msg}"));
         if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
-            return Err(bad("not a layered graph file of this version (bad header)".into()));
+            return Err(bad(
+                "not a layered graph file of this version (bad header)".into()
+            ));
         }
-        let u32_at = |i: usize| u32::from_le_bytes(bytes[8 + 4 * i..12 + 4 * i].try_into().unwrap()) as usize;
+        let u32_at = |i: usize| {
+            u32::from_le_bytes(bytes[8 + 4 * i..12 + 4 * i].try_into().unwrap()) as usize
+        };
         let u64_at = |off: usize| u64::from_le_bytes(bytes[off..off + 8].try_into().unwrap());
         let (m, max_layer, entry, top_level) = (u32_at(0), u32_at(1), u32_at(2), u32_at(3));
         let (count, upper_rows) = (u64_at(24), u64_at(32));
@@ -487,7 +540,9 @@ impl LayeredGraph {
             )));
         }
         if count != n as u64 {
-            return Err(bad(format!("holds {count} nodes, the index has {n} vectors")));
+            return Err(bad(format!(
+                "holds {count} nodes, the index has {n} vectors"
+            )));
         }
         let w0 = 2 * m + 1;
         let expect = (HEADER_LEN as u64)
@@ -495,7 +550,10 @@ impl LayeredGraph {
             .and_then(|x| x.checked_add(count.checked_mul(4 * w0 as u64)?))
             .and_then(|x| x.checked_add(upper_rows.checked_mul(4 * (m as u64 + 1))?));
         if expect != Some(bytes.len() as u64) {
-            return Err(bad(format!("{} bytes, expected {expect:?} for {count} nodes", bytes.len())));
+            return Err(bad(format!(
+                "{} bytes, expected {expect:?} for {count} nodes",
+                bytes.len()
+            )));
         }
         let mut g = Self::new(params);
         g.n = n;
@@ -505,15 +563,23 @@ impl LayeredGraph {
         let mut rows = 0usize;
         for &l in levels {
             if l as usize >= max_layer {
-                return Err(bad(format!("a node of level {l} in a graph of {max_layer} layers")));
+                return Err(bad(format!(
+                    "a node of level {l} in a graph of {max_layer} layers"
+                )));
             }
             g.upper_at.push(if l == 0 { NONE } else { rows as u32 });
             rows += l as usize;
         }
         if rows as u64 != upper_rows {
-            return Err(bad(format!("levels need {rows} upper rows, the header says {upper_rows}")));
+            return Err(bad(format!(
+                "levels need {rows} upper rows, the header says {upper_rows}"
+            )));
         }
-        if n > 0 && (entry >= n || levels[entry] as usize != top_level || levels.iter().any(|&l| l as usize > top_level)) {
+        if n > 0
+            && (entry >= n
+                || levels[entry] as usize != top_level
+                || levels.iter().any(|&l| l as usize > top_level))
+        {
             return Err(bad("the entry point is not a node of the top level".into()));
         }
         g.levels = levels.to_vec();
@@ -532,10 +598,17 @@ impl LayeredGraph {
                 let row = g.row(v, level);
                 let c = row[0].load(Ordering::Relaxed) as usize;
                 if c >= row.len() {
-                    return Err(bad(format!("node {v} lists {c} links in layer {level}, at most {}", row.len() - 1)));
+                    return Err(bad(format!(
+                        "node {v} lists {c} links in layer {level}, at most {}",
+                        row.len() - 1
+                    )));
                 }
-                if let Some(u) = Self::links(row).find(|&u| u as usize >= n || u == v || (g.levels[u as usize] as usize) < level) {
-                    return Err(bad(format!("node {v} links to {u} in layer {level}, which is not a node of that layer")));
+                if let Some(u) = Self::links(row)
+                    .find(|&u| u as usize >= n || u == v || (g.levels[u as usize] as usize) < level)
+                {
+                    return Err(bad(format!(
+                        "node {v} links to {u} in layer {level}, which is not a node of that layer"
+                    )));
                 }
             }
         }
@@ -555,7 +628,10 @@ mod tests {
         q.map(|q| {
             let want: Vec<u64> = exact_top_k(base, dim, q, 10).iter().map(|h| h.id).collect();
             let got = g.search(base, q, 10, ef);
-            got.iter().filter(|(id, _)| want.contains(&(*id as u64))).count() as f64 / 10.0
+            got.iter()
+                .filter(|(id, _)| want.contains(&(*id as u64)))
+                .count() as f64
+                / 10.0
         })
         .sum::<f64>()
             / count
@@ -580,7 +656,10 @@ mod tests {
         for v in 0..5000u32 {
             for level in 0..=g.levels[v as usize] as usize {
                 let mut ids: Vec<u32> = LayeredGraph::links(g.row(v, level)).collect();
-                assert!(ids.iter().all(|&u| u != v && (u as usize) < 5000), "row {v}/{level}: {ids:?}");
+                assert!(
+                    ids.iter().all(|&u| u != v && (u as usize) < 5000),
+                    "row {v}/{level}: {ids:?}"
+                );
                 let len = ids.len();
                 ids.sort_unstable();
                 ids.dedup();
@@ -608,7 +687,10 @@ mod tests {
         g.insert_rows(base, dim, 40);
         let mut batch = LayeredGraph::new(&params(8));
         batch.insert_rows(base, dim, 0);
-        let (ri, rb) = (recall_at_10(&g, base, queries, dim, 32), recall_at_10(&batch, base, queries, dim, 32));
+        let (ri, rb) = (
+            recall_at_10(&g, base, queries, dim, 32),
+            recall_at_10(&batch, base, queries, dim, 32),
+        );
         assert!(rb > 0.9 && ri > rb - 0.02, "incremental {ri} vs batch {rb}");
         // k beyond the graph: every point once, nearest first.
         let all = g.search(base, &base[..dim], 5000, 16);
@@ -631,11 +713,17 @@ mod tests {
         LayeredGraph::write_row(g.row(2, 0), &[1, 3]);
         // 0 is nearer to the kept 1 than to 2: the heuristic drops it, the long link stays.
         g.link(&vectors, 1, 2, 0, 4.0, 0, 2);
-        assert_eq!(LayeredGraph::links(g.row(2, 0)).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(
+            LayeredGraph::links(g.row(2, 0)).collect::<Vec<_>>(),
+            vec![1, 3]
+        );
         // A row with room takes the link as it is, once.
         g.link(&vectors, 1, 0, 1, 1.0, 0, 2);
         g.link(&vectors, 1, 0, 1, 1.0, 0, 2);
-        assert_eq!(LayeredGraph::links(g.row(0, 0)).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(
+            LayeredGraph::links(g.row(0, 0)).collect::<Vec<_>>(),
+            vec![1]
+        );
     }
 
     #[test]
@@ -662,7 +750,9 @@ mod tests {
         let mut bad = bytes.clone();
         let first_link = HEADER_LEN + 700 + 4;
         bad[first_link..first_link + 4].copy_from_slice(&5000u32.to_le_bytes());
-        let e = LayeredGraph::parse(&path, &bad, &p, 700).unwrap_err().to_string();
+        let e = LayeredGraph::parse(&path, &bad, &p, 700)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("g.layers") && e.contains("links to 5000"), "{e}");
         let mut bad = bytes.clone();
         bad[HEADER_LEN + 700..HEADER_LEN + 704].copy_from_slice(&99u32.to_le_bytes());

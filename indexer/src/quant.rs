@@ -79,7 +79,8 @@ impl Int8Codes {
         self.codes.reserve(rows.len());
         for row in rows.chunks_exact(self.dim) {
             for ((&x, &l), &s) in row.iter().zip(&self.lo).zip(&self.step) {
-                self.codes.push(((x - l) / s).round().clamp(0.0, 255.0) as u8);
+                self.codes
+                    .push(((x - l) / s).round().clamp(0.0, 255.0) as u8);
             }
         }
     }
@@ -131,7 +132,9 @@ impl Int8Codes {
     pub fn parse(path: &std::path::Path, bytes: &[u8], dim: usize, n: usize) -> Result<Self> {
         let bad = |msg: String| StoreError::corrupt(path, format!("int8 codes file: {msg}"));
         if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
-            return Err(bad("not an int8 codes file of this version (bad header)".into()));
+            return Err(bad(
+                "not an int8 codes file of this version (bad header)".into()
+            ));
         }
         let u64_at = |off: usize| u64::from_le_bytes(bytes[off..off + 8].try_into().unwrap());
         let (d, rows) = (u64_at(8), u64_at(16));
@@ -187,7 +190,9 @@ mod tests {
         assert!(Int8Codes::parse(&p, &bytes[..bytes.len() - 1], dim, 300).is_err());
         let mut bad = bytes.clone();
         bad[HEADER_LEN + 4 * dim..HEADER_LEN + 4 * dim + 4].copy_from_slice(&(-1f32).to_le_bytes());
-        let e = Int8Codes::parse(&p, &bad, dim, 300).unwrap_err().to_string();
+        let e = Int8Codes::parse(&p, &bad, dim, 300)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("c.int8") && e.contains("range"), "{e}");
     }
 }
