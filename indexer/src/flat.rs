@@ -1,4 +1,6 @@
-//! A flat, cache-friendly copy of the HNSW graph, for searching.
+//! A flat, cache-friendly copy of an hnsw_rs graph, for searching — the graph of indexes
+//! written before format version 4 (newer ones build a [`crate::layered::LayeredGraph`],
+//! which links this way at insertion).
 //!
 //! hnsw_rs builds and persists the graph well, but its search pays for its concurrent,
 //! insert-ready layout on every step: a SipHash map of visited points, an `Arc` allocation
