@@ -84,8 +84,8 @@ impl Graph {
         Ok(g)
     }
 
-    /// Builds an hnsw_rs graph (what indexes before format version 4 hold), for tests and
-    /// the comparison in `indexer bench-synthetic --hnsw-rs`.
+    /// Builds an hnsw_rs graph (what indexes before format version 4 hold), for the tests
+    /// of that path (opening, extending and searching such an index).
     pub fn build_hnsw_rs(params: &HnswParams, vectors: &[f32], dim: usize) -> Result<Self> {
         params.validate()?;
         let mut hnsw = Hnsw::new(
