@@ -121,6 +121,10 @@ def main():
         print(f"| {target} | {hit['qps']:.0f} (ef {hit['ef']}) |" if hit else f"| {target} | not reached |")
         if hit:
             result[f"qps_at_recall_{target}"] = hit["qps"]
+    # Peak resident set of this process (Linux reports KiB): the data, ground truth and index.
+    import resource
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"\npeak RSS: {result['peak_rss_bytes'] / 2**20:.0f} MiB")
     for r in rows:
         result[f"sweep.ef{r['ef']}.recall@10"] = r["recall@10"]
         result[f"sweep.ef{r['ef']}.qps"] = r["qps"]

@@ -744,8 +744,17 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
     let labels = crate::synthetic::selectivity_labels(a.n, &a.filter_selectivity, a.seed)
         .map_err(anyhow::Error::msg)?;
     let t = Instant::now();
-    let (all, _) = crate::synthetic::clustered(a.n + a.queries, a.dim, a.classes, a.noise, a.seed);
-    let (base, queries) = all.split_at(a.n * a.dim);
+    // Reusing an index: the queries it was benchmarked with, not all n vectors again (so the
+    // peak RSS is that of a search process).
+    let saved = match (&a.dir, a.reuse) {
+        (Some(d), true) => read_saved_queries(&d.join("queries.npy"), a.queries, a.dim),
+        _ => None,
+    };
+    let all = match saved {
+        Some(q) => q,
+        None => crate::synthetic::clustered(a.n + a.queries, a.dim, a.classes, a.noise, a.seed).0,
+    };
+    let (base, queries) = all.split_at(all.len() - a.queries * a.dim);
     let gen_s = t.elapsed().as_secs_f64();
     let tmp;
     let dir = match &a.dir {
@@ -834,17 +843,32 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
     let ids = |hits: Vec<crate::Hit>| hits.into_iter().map(|h| h.id).collect();
     let mut rows = Vec::new();
     let mut rows_rs = Vec::new();
+    // An int8 index: the second columns are the same graph walked over the f32 vectors.
+    let quantized = index.params().quantize == crate::params::Quantize::Int8;
+    let other = if quantized {
+        "f32 walk"
+    } else {
+        "hnsw_rs search"
+    };
     for &ef in &a.ef_sweep {
         let (r, q) = sweep(&|q, ef| ids(index.search(q, 10, ef.max(10))), ef);
         rows.push((ef, r, q));
-        let (r, q) = sweep(&|q, ef| ids(index.search_hnsw_rs(q, 10, ef.max(10))), ef);
-        rows_rs.push((ef, r, q));
+        if index.search_hnsw_rs(&queries[..a.dim], 1, 1).is_some() {
+            let (r, q) = sweep(
+                &|q, ef| ids(index.search_hnsw_rs(q, 10, ef.max(10)).unwrap_or_default()),
+                ef,
+            );
+            rows_rs.push((ef, r, q));
+        } else if quantized {
+            let (r, q) = sweep(&|q, ef| ids(index.search_f32_walk(q, 10, ef.max(10))), ef);
+            rows_rs.push((ef, r, q));
+        }
     }
     let at_target = rows.iter().find(|r| r.1 >= a.target_recall).copied();
     let rss_peak = peak_rss_bytes();
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
 
-    println!("## Synthetic scale benchmark: {} × {}-d, {} clusters (noise {}), M = {}, ef_construction = {}\n", a.n, a.dim, a.classes, a.noise, a.params.m, a.params.ef_construction);
+    println!("## Synthetic scale benchmark: {} × {}-d, {} clusters (noise {}), M = {}, ef_construction = {}, quantize {:?}\n", a.n, a.dim, a.classes, a.noise, a.params.m, a.params.ef_construction, index.params().quantize);
     println!("| figure | value |\n|---|---:|");
     println!("| generate vectors (s) | {gen_s:.2} |");
     match built {
@@ -881,9 +905,16 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
             a.target_recall
         ),
     }
-    println!("\n| ef | recall@10 | QPS (1 thread) | recall@10 via hnsw_rs search | QPS via hnsw_rs search |\n|---:|---:|---:|---:|---:|");
-    for ((ef, r, q), (_, r_rs, q_rs)) in rows.iter().zip(&rows_rs) {
-        println!("| {ef} | {r:.4} | {q:.0} | {r_rs:.4} | {q_rs:.0} |");
+    if rows_rs.is_empty() {
+        println!("\n| ef | recall@10 | QPS (1 thread) |\n|---:|---:|---:|");
+        for (ef, r, q) in &rows {
+            println!("| {ef} | {r:.4} | {q:.0} |");
+        }
+    } else {
+        println!("\n| ef | recall@10 | QPS (1 thread) | recall@10 via {other} | QPS via {other} |\n|---:|---:|---:|---:|---:|");
+        for ((ef, r, q), (_, r_rs, q_rs)) in rows.iter().zip(&rows_rs) {
+            println!("| {ef} | {r:.4} | {q:.0} | {r_rs:.4} | {q_rs:.0} |");
+        }
     }
     if let Some(p) = &a.json {
         let mut m = serde_json::Map::new();
@@ -907,11 +938,14 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
             put("target.recall@10", r.into());
             put("target.qps", q.into());
         }
-        for ((ef, r, q), (_, r_rs, q_rs)) in rows.iter().zip(&rows_rs) {
+        for (ef, r, q) in &rows {
             put(&format!("sweep.ef{ef}.recall@10"), (*r).into());
             put(&format!("sweep.ef{ef}.qps"), (*q).into());
-            put(&format!("sweep.ef{ef}.hnsw_rs.recall@10"), (*r_rs).into());
-            put(&format!("sweep.ef{ef}.hnsw_rs.qps"), (*q_rs).into());
+        }
+        for (ef, r_rs, q_rs) in &rows_rs {
+            let key = if quantized { "f32_walk" } else { "hnsw_rs" };
+            put(&format!("sweep.ef{ef}.{key}.recall@10"), (*r_rs).into());
+            put(&format!("sweep.ef{ef}.{key}.qps"), (*q_rs).into());
         }
         crate::store::write_atomic(p, serde_json::to_string_pretty(&m)?.as_bytes())?;
     }
@@ -919,6 +953,19 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
         filtered_bench(&index, queries, &a, &rows);
     }
     Ok(())
+}
+
+/// The `rows × dim` queries a previous run saved with [`crate::export::write_vectors`] as
+/// `.npy`, or `None` when the file is missing or not exactly that (then they are generated).
+fn read_saved_queries(path: &Path, rows: usize, dim: usize) -> Option<Vec<f32>> {
+    let bytes = std::fs::read(path).ok()?;
+    let header = crate::export::npy_header(rows, dim);
+    let body = bytes.strip_prefix(header.as_slice())?;
+    (body.len() == rows * dim * 4).then(|| {
+        body.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect()
+    })
 }
 
 /// The filtered-search table of `bench-synthetic --filter-selectivity`: for each label,

@@ -1,4 +1,6 @@
-//! A flat, cache-friendly copy of the HNSW graph, for searching.
+//! A flat, cache-friendly copy of an hnsw_rs graph, for searching — the graph of indexes
+//! written before format version 4 (newer ones build a [`crate::layered::LayeredGraph`],
+//! which links this way at insertion).
 //!
 //! hnsw_rs builds and persists the graph well, but its search pays for its concurrent,
 //! insert-ready layout on every step: a SipHash map of visited points, an `Arc` allocation
@@ -413,7 +415,7 @@ fn prune(v: u32, candidates: &[u32], min_keep: usize, vectors: &[f32], dim: usiz
 /// A node and its squared distance, ordered by distance (ties by id, so results are
 /// deterministic).
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Scored(f32, u32);
+pub(crate) struct Scored(pub(crate) f32, pub(crate) u32);
 
 impl Eq for Scored {}
 
@@ -432,15 +434,15 @@ impl Ord for Scored {
 /// Per-thread visited list: a node is visited in this search when its stamp equals the
 /// current one, so clearing is one increment instead of a pass over n entries.
 #[derive(Default)]
-struct Scratch {
+pub(crate) struct Scratch {
     stamps: Vec<u32>,
     current: u32,
     /// Neighbours of the node being expanded that this search has not seen yet.
-    fresh: Vec<u32>,
+    pub(crate) fresh: Vec<u32>,
 }
 
 impl Scratch {
-    fn reset(&mut self, n: usize) {
+    pub(crate) fn reset(&mut self, n: usize) {
         if self.stamps.len() < n {
             self.stamps.resize(n, 0);
         }
@@ -452,7 +454,7 @@ impl Scratch {
     }
 
     /// Marks v visited; false if it already was.
-    fn visit(&mut self, v: u32) -> bool {
+    pub(crate) fn visit(&mut self, v: u32) -> bool {
         let s = &mut self.stamps[v as usize];
         if *s == self.current {
             false
@@ -464,13 +466,13 @@ impl Scratch {
 }
 
 thread_local! {
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    pub(crate) static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// Asks the CPU to start loading a vector we are about to read (up to its first 16 cache
 /// lines, 1 KiB; the hardware prefetcher follows longer ones).
 #[inline(always)]
-fn prefetch(v: &[f32]) {
+pub(crate) fn prefetch(v: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
@@ -478,6 +480,22 @@ fn prefetch(v: &[f32]) {
         for line in 0..16.min(v.len().div_ceil(16)) {
             // SAFETY: prefetch is a hint with no architectural effect, and every address is
             // inside the slice (line * 16 < len).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(line * 64)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
+/// [`prefetch`] for a row of bytes (up to its first 8 cache lines, 512 codes).
+#[inline(always)]
+pub(crate) fn prefetch_bytes(v: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let p = v.as_ptr() as *const i8;
+        for line in 0..8.min(v.len().div_ceil(64)) {
+            // SAFETY: a hint with no architectural effect; every address is inside the slice.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(line * 64)) };
         }
     }
@@ -509,13 +527,13 @@ mod tests {
             ef_construction: 64,
             ..HnswParams::default()
         };
-        let g = Graph::build(&params, base, dim).unwrap();
+        let g = Graph::build_hnsw_rs(&params, base, dim).unwrap();
         assert!(g.is_flat());
         let (mut r_flat, mut r_rs, mut same_first) = (0.0, 0.0, 0);
         for q in queries.chunks_exact(dim) {
             let want: Vec<u64> = exact_top_k(base, dim, q, 10).iter().map(|h| h.id).collect();
             let flat = g.search(base, q, 10, 32);
-            let rs = g.search_hnsw_rs(q, 10, 32);
+            let rs = g.search_hnsw_rs(q, 10, 32).unwrap();
             assert_eq!(flat.len(), 10);
             assert!(
                 flat.windows(2).all(|w| w[0].1 <= w[1].1),
@@ -567,14 +585,14 @@ mod tests {
             ef_construction: 48,
             ..HnswParams::default()
         };
-        let mut g = Graph::build(&params, &base[..1000 * dim], dim).unwrap();
+        let mut g = Graph::build_hnsw_rs(&params, &base[..1000 * dim], dim).unwrap();
         // Single inserts (each refreshes incrementally), then a batch.
         for i in 1000..1040 {
             g.insert_rows(&base[..(i + 1) * dim], dim, i);
         }
         g.insert_rows(base, dim, 1040);
         let incremental = g.flat_copy().expect("flat copy").clone();
-        let fresh = super::FlatGraph::from_hnsw(g.hnsw(), base, dim).unwrap();
+        let fresh = super::FlatGraph::from_hnsw(g.hnsw().unwrap(), base, dim).unwrap();
         assert_eq!(incremental.n, 1500);
         assert_eq!(incremental.stride, 16, "hnsw_rs's layer 0 holds 2·M");
         for copy in [&incremental, &fresh] {
@@ -641,7 +659,7 @@ mod tests {
         let dim = 8;
         let (vectors, _) = clustered(300, dim, 5, 1.0, 3);
         let params = HnswParams::default();
-        let mut g = Graph::build(&params, &vectors[..200 * dim], dim).unwrap();
+        let mut g = Graph::build_hnsw_rs(&params, &vectors[..200 * dim], dim).unwrap();
         // One by one (serial inserts) and then a batch: each new point is found at once.
         for i in 200..210 {
             g.insert_rows(&vectors[..(i + 1) * dim], dim, i);

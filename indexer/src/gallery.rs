@@ -10,9 +10,11 @@ use trainer::checkpoint::ModelIdentity;
 
 use crate::distance::{self, cosine_from_distance, distance_from_cosine};
 use crate::filter::{self, Filter};
-use crate::graph::{Graph, DATA_SUFFIX, GRAPH_SUFFIX};
-use crate::manifest::{GraphFiles, Manifest, FORMAT, FORMAT_VERSION, MANIFEST_FILE, METRIC};
+use crate::graph::{Graph, StoredGraph, DATA_SUFFIX, GRAPH_SUFFIX, LAYERED_SUFFIX};
+use crate::manifest::{Manifest, FORMAT, FORMAT_VERSION, MANIFEST_FILE, METRIC};
 use crate::params::HnswParams;
+use crate::params::Quantize;
+use crate::quant::Int8Codes;
 use crate::store::{DirLock, Directory, FileEntry, Result, Staging, StoreError as Error};
 use crate::wal::{self, WalWriter};
 use crate::{AddReport, Hit, ItemMeta, NewItem};
@@ -82,6 +84,8 @@ pub struct GalleryIndex {
     /// Deletes since the last commit (logged in the WAL): the next commit must rewrite.
     uncommitted_deletes: usize,
     graph: Graph,
+    /// The int8 copy the walk reads (`params.quantize` int8), one row per vector.
+    codes: Option<Int8Codes>,
     /// Items that survive a crash: committed plus logged in the WAL.
     durable_len: usize,
     /// Bytes of the header and acknowledged batches of the current generation's WAL
@@ -91,7 +95,8 @@ pub struct GalleryIndex {
     /// Held (exclusively) from the first write on; released on drop.
     lock: Option<DirLock>,
     warnings: Vec<String>,
-    /// The graph on disk is missing or bad (rebuilt at open): the next commit must rewrite it.
+    /// The graph (or the int8 codes) on disk is missing or bad (rebuilt at open): the next
+    /// commit must rewrite it.
     graph_stale: bool,
     /// Opened by [`GalleryIndex::open_salvaging_wal`] over a missing or damaged WAL: the
     /// next commit must replace it (keeping the damaged file aside).
@@ -128,6 +133,8 @@ fn is_generation_file(name: &str) -> bool {
         || gen_file("wal.g", ".log")
         || gen_file("graph.g", GRAPH_SUFFIX)
         || gen_file("graph.g", DATA_SUFFIX)
+        || gen_file("graph.g", LAYERED_SUFFIX)
+        || gen_file("codes.g", ".int8")
 }
 
 /// True for file names this module writes (so cleanup never touches anything else).
@@ -276,6 +283,8 @@ impl GalleryIndex {
             vectors,
             items,
             graph: None,
+            layered_graph: None,
+            int8_codes: None,
             wal: walname,
             committed_unix: now_unix(),
             manifest_sha256: None,
@@ -292,6 +301,7 @@ impl GalleryIndex {
             deleted: 0,
             uncommitted_deletes: 0,
             graph: Graph::new(&params, 1024)?,
+            codes: (params.quantize == Quantize::Int8).then(|| Int8Codes::train(&[], dim)),
             durable_len: 0,
             wal_len: wal::HEADER_LEN,
             wal: None,
@@ -385,12 +395,7 @@ impl GalleryIndex {
                 (wal::salvage(&wal_path, expect), damaged)
             }
         };
-        let vbytes = store.read_verified(&m.vectors)?;
-        let mut vectors: Vec<f32> = vbytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        drop(vbytes);
+        let mut vectors = read_vectors_verified(&store, &m.vectors)?;
         if let Some(i) = vectors.iter().position(|x| !x.is_finite()) {
             return Err(Error::corrupt(
                 &vpath,
@@ -403,19 +408,25 @@ impl GalleryIndex {
 
         let mut warnings = Vec::new();
         let mut graph_stale = false;
-        let mut graph = match &m.graph {
-            Some(g) => match store
-                .verify(&g.graph)
-                .and_then(|_| store.verify(&g.data))
-                .and_then(|_| Graph::load(dir, &g.basename, &vectors, dim))
-            {
-                Ok(graph) => graph,
-                Err(e) => {
-                    warnings.push(format!("{e}; rebuilding the HNSW graph from the vectors (the next commit rewrites it)"));
-                    graph_stale = true;
-                    Graph::build(&m.params, &vectors, dim)?
-                }
-            },
+        let loaded = match (&m.layered_graph, &m.graph) {
+            (Some(entry), _) => Some(Graph::load_layered(&store, entry, &m.params, m.count)),
+            (None, Some(g)) => Some(
+                store
+                    .verify(&g.graph)
+                    .and_then(|_| store.verify(&g.data))
+                    .and_then(|_| Graph::load(dir, &g.basename, &vectors, dim)),
+            ),
+            (None, None) => None,
+        };
+        let mut graph = match loaded {
+            Some(Ok(graph)) => graph,
+            Some(Err(e)) => {
+                warnings.push(format!(
+                    "{e}; rebuilding the HNSW graph from the vectors (the next commit rewrites it)"
+                ));
+                graph_stale = true;
+                Graph::build(&m.params, &vectors, dim)?
+            }
             None if m.count > 0 => {
                 warnings.push(format!(
                     "{}: no HNSW graph recorded for {} vectors; rebuilding it",
@@ -426,6 +437,24 @@ impl GalleryIndex {
                 Graph::build(&m.params, &vectors, dim)?
             }
             None => Graph::new(&m.params, 1024)?,
+        };
+        let codes = match (m.params.quantize, &m.int8_codes) {
+            (Quantize::None, _) => None,
+            (Quantize::Int8, Some(entry)) => match store
+                .read_verified(entry)
+                .and_then(|b| Int8Codes::parse(&dir.join(&entry.name), &b, dim, m.count))
+            {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    warnings.push(format!("{e}; re-encoding the int8 copy from the vectors (the next commit rewrites it)"));
+                    graph_stale = true;
+                    Some(Int8Codes::train(&vectors, dim))
+                }
+            },
+            (Quantize::Int8, None) => {
+                graph_stale = m.count > 0;
+                Some(Int8Codes::train(&vectors, dim))
+            }
         };
 
         if let Some(w) = &replay.torn_tail {
@@ -443,6 +472,10 @@ impl GalleryIndex {
             items.push(r.meta.clone());
         }
         graph.insert_rows(&vectors, dim, first);
+        let mut codes = codes;
+        if let Some(c) = &mut codes {
+            c.push_rows(&vectors[first * dim..]);
+        }
         for &id in &replay.deleted {
             if let Some(it) = items.get_mut(id as usize) {
                 tombstone(it);
@@ -475,6 +508,7 @@ impl GalleryIndex {
             deleted,
             uncommitted_deletes: replay.deleted.len(),
             graph,
+            codes,
             durable_len: len,
             wal_len: replay.valid_len,
             wal: None,
@@ -623,6 +657,14 @@ impl GalleryIndex {
             report.added.push(id);
         }
         self.graph.insert_rows(&self.vectors, dim, first);
+        if let Some(c) = &mut self.codes {
+            if c.is_empty() {
+                // The first rows: learn the ranges from them.
+                *c = Int8Codes::train(&self.vectors, dim);
+            } else {
+                c.push_rows(&self.vectors[first * dim..]);
+            }
+        }
         Ok(report)
     }
 
@@ -747,15 +789,14 @@ impl GalleryIndex {
         let store = self.store.clone();
         let vectors = write_vectors(&store, &vname, &self.vectors)?;
         let items = write_items(&store, &iname, &self.items)?;
-        let graph = if self.items.is_empty() {
-            None
-        } else {
-            self.graph.dump(store.path(), &gname)?;
-            Some(GraphFiles {
-                graph: store.seal(&format!("{gname}{GRAPH_SUFFIX}"))?,
-                data: store.seal(&format!("{gname}{DATA_SUFFIX}"))?,
-                basename: gname,
-            })
+        let (graph, layered_graph) = match self.graph.write(&store, &gname)? {
+            Some(StoredGraph::Layered(entry)) => (None, Some(entry)),
+            Some(StoredGraph::HnswRs(files)) => (Some(files), None),
+            None => (None, None),
+        };
+        let int8_codes = match &self.codes {
+            Some(c) if !c.is_empty() => Some(c.write(&store, &format!("codes.g{gen}.int8"))?),
+            _ => None,
         };
         wal::create(
             &store,
@@ -777,6 +818,8 @@ impl GalleryIndex {
             vectors,
             items,
             graph,
+            layered_graph,
+            int8_codes,
             wal: walname,
             committed_unix: now_unix(),
             ..self.manifest.clone()
@@ -848,7 +891,10 @@ impl GalleryIndex {
             None => !self.items[i].deleted,
         };
         let hits = match plan {
-            FilterPlan::Graph => to_hits(self.graph.search(&self.vectors, &q, k, ef)),
+            FilterPlan::Graph => to_hits(match &self.codes {
+                Some(c) => self.graph.search_int8(&self.vectors, c, &q, k, ef),
+                None => self.graph.search(&self.vectors, &q, k, ef),
+            }),
             FilterPlan::Exact => self.exact_among(&q, k, &accept),
             FilterPlan::FilteredGraph => {
                 let hits = to_hits(
@@ -942,12 +988,22 @@ impl GalleryIndex {
     }
 
     /// [`search`](GalleryIndex::search) through hnsw_rs's own search instead of the flat copy
-    /// of its graph: the reference the flat search is benchmarked against.
-    pub fn search_hnsw_rs(&self, query: &[f32], k: usize, ef: usize) -> Vec<Hit> {
+    /// of its graph: the reference the flat search is benchmarked against. `None` for an
+    /// index whose graph is not an hnsw_rs graph (format version 4 builds its own).
+    pub fn search_hnsw_rs(&self, query: &[f32], k: usize, ef: usize) -> Option<Vec<Hit>> {
+        let Ok(q) = distance::normalized(query, self.dim(), "query") else {
+            return Some(Vec::new());
+        };
+        self.graph.search_hnsw_rs(&q, k, ef).map(to_hits)
+    }
+
+    /// [`search`](GalleryIndex::search) walking the f32 vectors even in an int8 index (the
+    /// reference its quantised walk is measured against).
+    pub fn search_f32_walk(&self, query: &[f32], k: usize, ef: usize) -> Vec<Hit> {
         let Ok(q) = distance::normalized(query, self.dim(), "query") else {
             return Vec::new();
         };
-        to_hits(self.graph.search_hnsw_rs(&q, k, ef))
+        to_hits(self.graph.search(&self.vectors, &q, k, ef))
     }
 
     /// Exact k nearest neighbours by brute force (the reference for recall measurements).
@@ -1137,6 +1193,50 @@ fn parse_items(path: &Path, bytes: &[u8], count: usize) -> Result<Vec<ItemMeta>>
         ));
     }
     Ok(items)
+}
+
+/// Reads a vectors file straight into the f32 array, checking size and SHA-256 on the way:
+/// one copy of the vectors in memory instead of the bytes plus the floats (at 1M × 512 that
+/// halves the 4 GiB an open used to peak at).
+fn read_vectors_verified(store: &Directory, entry: &crate::store::FileEntry) -> Result<Vec<f32>> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let path = store.file(&entry.name);
+    if !entry.bytes.is_multiple_of(4) {
+        return Err(Error::corrupt(
+            &path,
+            "the manifest lists a size that is not whole floats",
+        ));
+    }
+    let len = std::fs::metadata(&path).map(|md| md.len()).ok();
+    if len != Some(entry.bytes) {
+        // Missing or the wrong size (the usual symptoms): the store's own read names it.
+        return Err(store
+            .read_verified(entry)
+            .err()
+            .unwrap_or_else(|| Error::corrupt(&path, "the file changed while it was read")));
+    }
+    let len = entry.bytes;
+    let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&path, "cannot open", e))?;
+    let mut vectors = vec![0f32; (len / 4) as usize];
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for chunk in vectors.chunks_mut(buf.len() / 4) {
+        let bytes = &mut buf[..chunk.len() * 4];
+        f.read_exact(bytes)
+            .map_err(|e| Error::io(&path, "cannot read", e))?;
+        hash.update(&*bytes);
+        for (x, b) in chunk.iter_mut().zip(bytes.chunks_exact(4)) {
+            *x = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+        }
+    }
+    if hex::encode(hash.finalize()) != entry.sha256 {
+        return Err(Error::corrupt(
+            &path,
+            "checksum mismatch: the file is corrupt",
+        ));
+    }
+    Ok(vectors)
 }
 
 /// Streams vectors as little-endian f32 into a new file, hashing on the way.

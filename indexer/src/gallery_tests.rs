@@ -255,7 +255,7 @@ fn corrupt_truncated_and_foreign_files_are_clear_errors() {
     let good_manifest = std::fs::read_to_string(&mpath).unwrap();
     std::fs::write(
         &mpath,
-        good_manifest.replace("\"format_version\": 3", "\"format_version\": 7"),
+        good_manifest.replace("\"format_version\": 4", "\"format_version\": 7"),
     )
     .unwrap();
     let e = open_err();
@@ -300,7 +300,7 @@ fn a_corrupt_graph_is_rebuilt_with_a_warning_and_rewritten() {
     let dir = tempfile::tempdir().unwrap();
     let (idx, v) = small_index(dir.path(), 120);
     drop(idx);
-    let g = dir.path().join("graph.g1.hnsw.graph");
+    let g = dir.path().join("graph.g1.layers");
     let mut bytes = std::fs::read(&g).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x55;
@@ -308,7 +308,7 @@ fn a_corrupt_graph_is_rebuilt_with_a_warning_and_rewritten() {
     let mut idx = GalleryIndex::open(dir.path()).unwrap();
     assert_eq!(idx.warnings().len(), 1);
     assert!(
-        idx.warnings()[0].contains("graph.g1.hnsw.graph"),
+        idx.warnings()[0].contains("graph.g1.layers"),
         "{:?}",
         idx.warnings()
     );
@@ -614,7 +614,7 @@ fn a_version_1_index_opens_and_the_first_write_upgrades_it() {
         .unwrap();
     drop(idx);
     let text = std::fs::read_to_string(&mpath).unwrap();
-    assert!(text.contains("\"format_version\": 3") && text.contains("manifest_sha256"));
+    assert!(text.contains("\"format_version\": 4") && text.contains("manifest_sha256"));
     let idx = GalleryIndex::open(d).unwrap();
     assert_eq!((idx.len(), idx.generation()), (14, 2));
     assert_eq!(idx.item(12).unwrap().path, "v1.jpg");
@@ -758,7 +758,7 @@ fn metadata_is_stored_in_the_wal_and_the_commit_and_bounded() {
 }
 
 #[test]
-fn a_version_2_index_opens_and_the_first_write_upgrades_it_to_3() {
+fn a_version_2_index_opens_and_the_first_write_upgrades_it() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (idx, v) = small_index(d, 12);
@@ -777,7 +777,7 @@ fn a_version_2_index_opens_and_the_first_write_upgrades_it_to_3() {
     let mut idx = GalleryIndex::open(d).unwrap();
     assert_eq!((idx.format_version(), idx.live_len()), (2, 12));
     idx.delete_durable(&[3]).unwrap();
-    assert_eq!(idx.format_version(), 3);
+    assert_eq!(idx.format_version(), crate::manifest::FORMAT_VERSION);
     drop(idx);
     let idx = GalleryIndex::open(d).unwrap();
     assert!(idx.item(3).is_none());
@@ -875,4 +875,124 @@ fn pages_list_live_matching_items_in_id_order() {
     assert_eq!(last.items[0].id, 9907);
     let all = idx.page(9990, 100, None);
     assert_eq!((all.total, all.items.len()), (9999, 9));
+}
+
+/// Rewrites the manifest in `d` through `change`, with a valid checksum.
+fn rewrite_manifest(d: &Path, change: impl FnOnce(&mut crate::manifest::Manifest)) {
+    let mut m = crate::manifest::Manifest::read(d).unwrap();
+    change(&mut m);
+    m.manifest_sha256 = None;
+    let mut value = serde_json::to_value(&m).unwrap();
+    let canon = value.clone();
+    value["manifest_sha256"] =
+        crate::store::sha256_hex(&serde_json::to_vec(&canon).unwrap()).into();
+    std::fs::write(
+        d.join("manifest.json"),
+        serde_json::to_string_pretty(&value).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_version_3_index_with_an_hnsw_rs_graph_opens_searches_and_grows() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (idx, _) = small_index(d, 150);
+    let (v, _) = clustered(160, 16, 10, 0.6, 1); // the same first 150 rows, 10 more
+    let params = *idx.params();
+    drop(idx);
+    // What version 3 wrote: the hnsw_rs dump named in `graph`, no layered graph file.
+    let store = crate::store::Directory::new(d);
+    let g = crate::graph::Graph::build_hnsw_rs(&params, &v[..150 * 16], 16).unwrap();
+    let Some(crate::graph::StoredGraph::HnswRs(files)) = g.write(&store, "graph.g1").unwrap()
+    else {
+        panic!("an hnsw_rs graph is written as a dump")
+    };
+    std::fs::remove_file(d.join("graph.g1.layers")).unwrap();
+    rewrite_manifest(d, |m| {
+        m.format_version = 3;
+        m.graph = Some(files);
+        m.layered_graph = None;
+    });
+    let mut idx = GalleryIndex::open(d).unwrap();
+    assert!(idx.warnings().is_empty(), "{:?}", idx.warnings());
+    assert_eq!(idx.format_version(), 3);
+    assert!(
+        idx.search_hnsw_rs(&v[..16], 1, 16).is_some(),
+        "still the hnsw_rs graph"
+    );
+    assert_eq!(idx.search(&v[7 * 16..8 * 16], 1, 32)[0].id, 7);
+    idx.add(items(&v[150 * 16..160 * 16], 16, 150)).unwrap();
+    idx.commit().unwrap();
+    drop(idx);
+    let idx = GalleryIndex::open(d).unwrap();
+    assert_eq!(
+        (idx.len(), idx.format_version()),
+        (160, crate::manifest::FORMAT_VERSION)
+    );
+    assert!(idx.warnings().is_empty(), "{:?}", idx.warnings());
+    assert_eq!(idx.search(&v[155 * 16..156 * 16], 1, 32)[0].id, 155);
+}
+
+#[test]
+fn an_int8_index_keeps_its_codes_checksummed_and_answers_exactly_ranked() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("q");
+    let (v, _) = clustered(420, 16, 6, 1.0, 8);
+    let params = HnswParams {
+        quantize: crate::params::Quantize::Int8,
+        ..Default::default()
+    };
+    let mut idx = GalleryIndex::create(&d, identity(16), 16, params).unwrap();
+    idx.add(items(&v[..400 * 16], 16, 0)).unwrap();
+    idx.commit().unwrap();
+    drop(idx);
+    let codes = d.join("codes.g1.int8");
+    assert!(
+        files(&d).contains(&"codes.g1.int8".to_string()),
+        "{:?}",
+        files(&d)
+    );
+    let mut idx = GalleryIndex::open(&d).unwrap();
+    assert!(idx.warnings().is_empty(), "{:?}", idx.warnings());
+    assert_eq!(idx.params().quantize, crate::params::Quantize::Int8);
+    // A WAL-logged row gets its codes at open too.
+    idx.append_durable(items(&v[400 * 16..401 * 16], 16, 400).pop().unwrap())
+        .unwrap();
+    drop(idx);
+    let idx = GalleryIndex::open(&d).unwrap();
+    let mut agree = 0;
+    for i in (0..401).step_by(20) {
+        let q = &v[i * 16..(i + 1) * 16];
+        let exact = idx.search_exact(q, 5);
+        let got = idx.search(q, 5, 64);
+        assert_eq!(got[0].id, i as u64);
+        // Re-ranked by the exact distance: the distances are the f32 ones.
+        for h in &got {
+            let e = crate::distance::squared_l2(q, idx.vector(h.id).unwrap()).sqrt();
+            assert!((h.distance - e).abs() < 1e-5);
+        }
+        agree += usize::from(got.iter().map(|h| h.id).eq(exact.iter().map(|h| h.id)));
+    }
+    assert!(
+        agree >= 19,
+        "{agree} of 21 top-5 lists equal the exact ones"
+    );
+    drop(idx);
+    // A damaged codes file is re-encoded from the vectors with a warning, then rewritten.
+    let mut bytes = std::fs::read(&codes).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x21;
+    std::fs::write(&codes, &bytes).unwrap();
+    let mut idx = GalleryIndex::open(&d).unwrap();
+    assert_eq!(idx.warnings().len(), 1);
+    assert!(
+        idx.warnings()[0].contains("codes.g1.int8"),
+        "{:?}",
+        idx.warnings()
+    );
+    assert_eq!(idx.search(&v[..16], 1, 32)[0].id, 0);
+    idx.commit().unwrap();
+    drop(idx);
+    assert!(GalleryIndex::open(&d).unwrap().warnings().is_empty());
 }

@@ -1,5 +1,9 @@
 //! The HNSW graph over the gallery vectors: build, extend, search, dump and reload.
 //!
+//! Indexes of format version 4 hold a [`LayeredGraph`] (built by this crate, one
+//! `graph.g<N>.layers` file); older ones an hnsw_rs dump, which is still loaded and extended
+//! as described below.
+//!
 //! The graph is a *derived* structure: the vectors file is the source of truth, and a graph
 //! that is missing or fails its checksum is rebuilt from it. hnsw_rs's loader asserts and
 //! unwraps on malformed input, so a dump is only ever loaded after its checksum matched the
@@ -12,7 +16,10 @@
 
 use std::path::Path;
 
-use crate::store::{Result, StoreError};
+use crate::layered::LayeredGraph;
+use crate::manifest::GraphFiles;
+use crate::quant::Int8Codes;
+use crate::store::{Directory, FileEntry, Result, StoreError};
 use hnsw_rs::prelude::{AnnT, Hnsw, HnswIo};
 
 use crate::distance::UnitL2;
@@ -22,6 +29,8 @@ use crate::params::HnswParams;
 /// Suffixes hnsw_rs appends to a dump's basename.
 pub const GRAPH_SUFFIX: &str = ".hnsw.graph";
 pub const DATA_SUFFIX: &str = ".hnsw.data";
+/// Suffix of a [`LayeredGraph`] file.
+pub const LAYERED_SUFFIX: &str = ".layers";
 
 /// Below this many vectors per insert call, serial insertion avoids rayon's overhead.
 const PARALLEL_INSERT_MIN: usize = 64;
@@ -31,8 +40,21 @@ const PARALLEL_INSERT_MIN: usize = 64;
 /// [`Graph::refresh`] (called on commit) and searches go through hnsw_rs meanwhile.
 const FLAT_REBUILD_MAX: usize = 100_000;
 
-/// The graph as hnsw_rs builds and stores it, plus its [`FlatGraph`] copy for searching.
+/// The graph of an index: the [`LayeredGraph`] this crate builds (every index written by
+/// this version), or, for an index written before it, the hnsw_rs graph it holds with its
+/// [`FlatGraph`] search copy (still read and extended; converting it would cost a full
+/// build, so that happens only when the graph has to be rebuilt anyway).
 pub struct Graph {
+    kind: Kind,
+}
+
+enum Kind {
+    Layered(LayeredGraph),
+    HnswRs(RsGraph),
+}
+
+/// An hnsw_rs graph and its flat search copy.
+struct RsGraph {
     hnsw: Hnsw<'static, f32, UnitL2>,
     /// `None` when the graph is empty (or not one the copy can represent).
     flat: Option<FlatGraph>,
@@ -40,22 +62,18 @@ pub struct Graph {
     stale: bool,
 }
 
+/// Where [`Graph::write`] put the graph: the manifest records one or the other.
+pub enum StoredGraph {
+    Layered(FileEntry),
+    HnswRs(GraphFiles),
+}
+
 impl Graph {
-    /// An empty graph sized for about `capacity` vectors (a hint only).
-    pub fn new(params: &HnswParams, capacity: usize) -> Result<Self> {
+    /// An empty graph.
+    pub fn new(params: &HnswParams, _capacity: usize) -> Result<Self> {
         params.validate()?;
-        let mut hnsw = Hnsw::new(
-            params.m,
-            capacity.max(1),
-            params.max_layer,
-            params.ef_construction,
-            UnitL2,
-        );
-        hnsw.set_searching_mode(true);
         Ok(Self {
-            hnsw,
-            flat: None,
-            stale: false,
+            kind: Kind::Layered(LayeredGraph::new(params)),
         })
     }
 
@@ -66,63 +84,80 @@ impl Graph {
         Ok(g)
     }
 
+    /// Builds an hnsw_rs graph (what indexes before format version 4 hold), for the tests
+    /// of that path (opening, extending and searching such an index).
+    pub fn build_hnsw_rs(params: &HnswParams, vectors: &[f32], dim: usize) -> Result<Self> {
+        params.validate()?;
+        let mut hnsw = Hnsw::new(
+            params.m,
+            (vectors.len() / dim.max(1)).max(1),
+            params.max_layer,
+            params.ef_construction,
+            UnitL2,
+        );
+        hnsw.set_searching_mode(true);
+        let mut g = Self {
+            kind: Kind::HnswRs(RsGraph {
+                hnsw,
+                flat: None,
+                stale: false,
+            }),
+        };
+        g.insert_rows(vectors, dim, 0);
+        Ok(g)
+    }
+
     /// Inserts the rows of `vectors` from `first_id` on (row i gets id i). `vectors` holds
-    /// every point, old ones included: the flat copy's pruning reads them.
+    /// every point, old ones included: the linking reads them.
     pub fn insert_rows(&mut self, vectors: &[f32], dim: usize, first_id: usize) {
-        let rows = &vectors[(first_id * dim).min(vectors.len())..];
-        let n = rows.len() / dim;
-        if n == 0 {
-            return;
-        }
-        if n < PARALLEL_INSERT_MIN {
-            for (i, r) in rows.chunks_exact(dim).enumerate() {
-                self.hnsw.insert_slice((r, first_id + i));
-            }
-        } else {
-            let data: Vec<(&[f32], usize)> = rows
-                .chunks_exact(dim)
-                .enumerate()
-                .map(|(i, r)| (r, first_id + i))
-                .collect();
-            self.hnsw.set_searching_mode(false);
-            self.hnsw.parallel_insert_slice(&data);
-            self.hnsw.set_searching_mode(true);
-        }
-        if n >= PARALLEL_INSERT_MIN || self.len() <= FLAT_REBUILD_MAX {
-            self.refresh(vectors, dim);
-        } else {
-            self.stale = true;
+        match &mut self.kind {
+            Kind::Layered(g) => g.insert_rows(vectors, dim, first_id),
+            Kind::HnswRs(g) => g.insert_rows(vectors, dim, first_id),
         }
     }
 
-    /// Brings the flat search copy up to date with the graph (no-op when it is).
+    /// Brings an hnsw_rs graph's flat search copy up to date (no-op otherwise).
     /// `vectors` are all the graph's points, as for [`Graph::insert_rows`].
     pub fn refresh(&mut self, vectors: &[f32], dim: usize) {
-        if !self.stale && self.flat.as_ref().map(FlatGraph::len) == Some(self.len()) {
-            return;
+        if let Kind::HnswRs(g) = &mut self.kind {
+            g.refresh(vectors, dim);
         }
-        let mut flat = self.flat.take().unwrap_or_default();
-        self.flat = flat.refresh(&self.hnsw, vectors, dim).then_some(flat);
-        self.stale = false;
     }
 
-    /// The flat search copy, if current (for tests and diagnostics).
+    /// The flat search copy of an hnsw_rs graph, if current (for tests and diagnostics).
     pub fn flat_copy(&self) -> Option<&FlatGraph> {
-        self.flat.as_ref().filter(|_| !self.stale)
+        match &self.kind {
+            Kind::HnswRs(g) => g.flat.as_ref().filter(|_| !g.stale),
+            Kind::Layered(_) => None,
+        }
     }
 
-    /// The hnsw_rs graph itself.
-    pub fn hnsw(&self) -> &Hnsw<'static, f32, UnitL2> {
-        &self.hnsw
+    /// The hnsw_rs graph, for an index that holds one.
+    pub fn hnsw(&self) -> Option<&Hnsw<'static, f32, UnitL2>> {
+        match &self.kind {
+            Kind::HnswRs(g) => Some(&g.hnsw),
+            Kind::Layered(_) => None,
+        }
     }
 
-    /// Whether searches use the flat copy (false while it is stale).
+    /// The layered graph, for an index that holds one.
+    pub fn layered(&self) -> Option<&LayeredGraph> {
+        match &self.kind {
+            Kind::Layered(g) => Some(g),
+            Kind::HnswRs(_) => None,
+        }
+    }
+
+    /// Whether searches use flat rows (a layered graph, or a current hnsw_rs copy).
     pub fn is_flat(&self) -> bool {
-        self.flat_copy().is_some()
+        self.layered().is_some() || self.flat_copy().is_some()
     }
 
     pub fn len(&self) -> usize {
-        self.hnsw.get_nb_point()
+        match &self.kind {
+            Kind::Layered(g) => g.len(),
+            Kind::HnswRs(g) => g.hnsw.get_nb_point(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -130,15 +165,34 @@ impl Graph {
     }
 
     /// `(id, euclidean distance)` of up to `k` approximate nearest neighbours, nearest first.
-    /// `vectors` are the graph's points (row i = id i), read by the flat search.
+    /// `vectors` are the graph's points (row i = id i).
     pub fn search(&self, vectors: &[f32], query: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {
         if self.is_empty() || k == 0 {
             return Vec::new();
         }
+        if let Some(g) = self.layered() {
+            return g.search(vectors, query, k, ef);
+        }
         if let Some(flat) = self.flat_copy() {
             return flat.search(vectors, query, k, ef);
         }
-        self.search_hnsw_rs(query, k, ef)
+        self.search_hnsw_rs(query, k, ef).unwrap_or_default()
+    }
+
+    /// [`Graph::search`] walking the int8 `codes` and re-ranking exactly (see
+    /// [`LayeredGraph::search_int8`]); an hnsw_rs graph searches the f32 vectors.
+    pub fn search_int8(
+        &self,
+        vectors: &[f32],
+        codes: &Int8Codes,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+    ) -> Vec<(usize, f32)> {
+        match self.layered() {
+            Some(g) if k > 0 => g.search_int8(vectors, codes, query, k, ef),
+            _ => self.search(vectors, query, k, ef),
+        }
     }
 
     /// [`Graph::search`] returning only ids `accept` takes, walking through the others
@@ -154,11 +208,17 @@ impl Graph {
         if self.is_empty() || k == 0 {
             return Vec::new();
         }
+        let rs = match &self.kind {
+            Kind::Layered(g) => {
+                return g.search_filtered(vectors, query, k, ef, |v| accept(v as usize))
+            }
+            Kind::HnswRs(rs) => rs,
+        };
         if let Some(flat) = self.flat_copy() {
             return flat.search_filtered(vectors, query, k, ef, |v| accept(v as usize));
         }
         let filter = |id: &usize| accept(*id);
-        self.hnsw
+        rs.hnsw
             .search_filter(query, k, ef.max(k), Some(&filter))
             .into_iter()
             .map(|n| (n.d_id, n.distance))
@@ -166,25 +226,67 @@ impl Graph {
     }
 
     /// The same search through hnsw_rs's own implementation (the reference the flat search
-    /// is tested and benchmarked against).
-    pub fn search_hnsw_rs(&self, query: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {
+    /// is tested and benchmarked against); `None` for a layered graph.
+    pub fn search_hnsw_rs(&self, query: &[f32], k: usize, ef: usize) -> Option<Vec<(usize, f32)>> {
+        let hnsw = self.hnsw()?;
         if self.is_empty() || k == 0 {
-            return Vec::new();
+            return Some(Vec::new());
         }
-        self.hnsw
-            .search(query, k, ef.max(k))
-            .into_iter()
-            .map(|n| (n.d_id, n.distance))
-            .collect()
+        Some(
+            hnsw.search(query, k, ef.max(k))
+                .into_iter()
+                .map(|n| (n.d_id, n.distance))
+                .collect(),
+        )
+    }
+
+    /// Writes the graph into `store` under `basename` (`<basename>.layers`, or hnsw_rs's
+    /// two dump files), fsynced; durable by name after the store's next sync. An empty
+    /// graph is not written (`None`).
+    pub fn write(&self, store: &Directory, basename: &str) -> Result<Option<StoredGraph>> {
+        if self.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(match &self.kind {
+            Kind::Layered(g) => {
+                StoredGraph::Layered(g.write(store, &format!("{basename}{LAYERED_SUFFIX}"))?)
+            }
+            Kind::HnswRs(_) => {
+                self.dump(store.path(), basename)?;
+                StoredGraph::HnswRs(GraphFiles {
+                    graph: store.seal(&format!("{basename}{GRAPH_SUFFIX}"))?,
+                    data: store.seal(&format!("{basename}{DATA_SUFFIX}"))?,
+                    basename: basename.to_string(),
+                })
+            }
+        }))
+    }
+
+    /// Reads a layered graph file listed as `entry` (size and checksum verified here) for
+    /// the `vectors.len() / dim` vectors of an index with `params`.
+    pub fn load_layered(
+        store: &Directory,
+        entry: &FileEntry,
+        params: &HnswParams,
+        n: usize,
+    ) -> Result<Self> {
+        let bytes = store.read_verified(entry)?;
+        let g = LayeredGraph::parse(&store.file(&entry.name), &bytes, params, n)?;
+        Ok(Self {
+            kind: Kind::Layered(g),
+        })
     }
 
     /// Writes `dir/<basename>.hnsw.graph` and `.hnsw.data`. The files are not durable until
     /// the caller fsyncs them. An empty graph cannot be dumped (hnsw_rs has no entry point).
-    pub fn dump(&self, dir: &Path, basename: &str) -> Result<()> {
+    fn dump(&self, dir: &Path, basename: &str) -> Result<()> {
         let graph_path = dir.join(format!("{basename}{GRAPH_SUFFIX}"));
+        let Some(hnsw) = self.hnsw() else {
+            return Err(failed(&graph_path, "not an hnsw_rs graph"));
+        };
         // hnsw_rs panics (instead of erroring) when it cannot create its files.
         let dumped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.hnsw.file_dump(dir, basename)
+            hnsw.file_dump(dir, basename)
         }));
         let name = match dumped {
             Ok(Ok(name)) => name,
@@ -253,10 +355,54 @@ impl Graph {
         hnsw.set_searching_mode(true);
         let flat = FlatGraph::from_hnsw(&hnsw, vectors, dim);
         Ok(Self {
-            hnsw,
-            flat,
-            stale: false,
+            kind: Kind::HnswRs(RsGraph {
+                hnsw,
+                flat,
+                stale: false,
+            }),
         })
+    }
+}
+
+impl RsGraph {
+    fn len(&self) -> usize {
+        self.hnsw.get_nb_point()
+    }
+
+    fn insert_rows(&mut self, vectors: &[f32], dim: usize, first_id: usize) {
+        let rows = &vectors[(first_id * dim).min(vectors.len())..];
+        let n = rows.len() / dim;
+        if n == 0 {
+            return;
+        }
+        if n < PARALLEL_INSERT_MIN {
+            for (i, r) in rows.chunks_exact(dim).enumerate() {
+                self.hnsw.insert_slice((r, first_id + i));
+            }
+        } else {
+            let data: Vec<(&[f32], usize)> = rows
+                .chunks_exact(dim)
+                .enumerate()
+                .map(|(i, r)| (r, first_id + i))
+                .collect();
+            self.hnsw.set_searching_mode(false);
+            self.hnsw.parallel_insert_slice(&data);
+            self.hnsw.set_searching_mode(true);
+        }
+        if n >= PARALLEL_INSERT_MIN || self.len() <= FLAT_REBUILD_MAX {
+            self.refresh(vectors, dim);
+        } else {
+            self.stale = true;
+        }
+    }
+
+    fn refresh(&mut self, vectors: &[f32], dim: usize) {
+        if !self.stale && self.flat.as_ref().map(FlatGraph::len) == Some(self.len()) {
+            return;
+        }
+        let mut flat = self.flat.take().unwrap_or_default();
+        self.flat = flat.refresh(&self.hnsw, vectors, dim).then_some(flat);
+        self.stale = false;
     }
 }
 

@@ -9,7 +9,9 @@
 //! | `manifest.json` | format name + version, model identity, dim, metric, HNSW params, generation, item count, name/size/SHA-256 of every file below, and its own SHA-256 |
 //! | `vectors.g<N>.f32` | raw little-endian f32, `count × dim`, L2-normalised; row i = item id i |
 //! | `items.g<N>.jsonl` | one `ItemMeta` JSON per line (id, path, label, content sha256) |
-//! | `graph.g<N>.hnsw.graph` / `.hnsw.data` | the hnsw_rs dump of the graph |
+//! | `graph.g<N>.layers` | the layered graph (format 4; see [`layered`]): levels and fixed-stride neighbour rows |
+//! | `graph.g<N>.hnsw.graph` / `.hnsw.data` | instead, in an index built before format 4: the hnsw_rs dump of the graph |
+//! | `codes.g<N>.int8` | with `--quantize int8`: the int8 copy of the vectors the graph walk reads (see [`quant`]) |
 //! | `wal.g<N>.log` | write-ahead log of items added after generation N was committed (header written by the commit) |
 //! | `LOCK` | exclusive lock held by the one process that writes |
 //!
@@ -21,7 +23,7 @@
 //! (the commit point), fsyncs the directory and only then deletes generation N. Whatever
 //! instant a process is killed, the manifest names a complete, checksummed generation;
 //! leftovers of the interrupted commit are ignored by `open` and deleted by the next commit.
-//! A commit rewrites everything (the hnsw_rs dump cannot be appended to), so it costs
+//! A commit rewrites everything (the graph files are not appended to), so it costs
 //! O(gallery).
 //!
 //! **Single durable adds** ([`GalleryIndex::append_durable`]) append a batch of checksummed
@@ -54,8 +56,10 @@ pub mod flat;
 pub mod gallery;
 pub mod graph;
 pub mod images;
+pub mod layered;
 pub mod manifest;
 pub mod params;
+pub mod quant;
 pub mod remote;
 pub mod remote_bench;
 pub mod storage;

@@ -29,7 +29,9 @@ pub const FORMAT: &str = "deep-metric-gallery-index";
 /// Bumped on any incompatible change of the directory layout or file encodings.
 /// Version 3 added item metadata and deletes (tombstones): an older build would ignore
 /// both and bring deleted items back, so it must refuse the index instead.
-pub const FORMAT_VERSION: u32 = 3;
+/// Version 4 stores the graph as this crate's layered graph file (`layered_graph`) instead
+/// of an hnsw_rs dump (which a version-4 index may still hold when it was upgraded).
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest version `open` still reads (upgraded to [`FORMAT_VERSION`] by the next write).
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// How distances are measured; part of the manifest so a future metric cannot be misread.
@@ -59,8 +61,16 @@ pub struct Manifest {
     pub vectors: FileEntry,
     /// One JSON `ItemMeta` per line, ids 0..count in order.
     pub items: FileEntry,
-    /// Absent when the gallery is empty (hnsw_rs cannot dump an empty graph).
+    /// The hnsw_rs dump of an index built before version 4 (absent when the gallery is
+    /// empty: hnsw_rs cannot dump an empty graph).
     pub graph: Option<GraphFiles>,
+    /// Version 4: the layered graph file (see [`crate::layered`]); absent when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layered_graph: Option<FileEntry>,
+    /// Version 4 with `params.quantize` int8: the int8 copy of the vectors (see
+    /// [`crate::quant`]); absent when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub int8_codes: Option<FileEntry>,
     /// The write-ahead log that extends this generation. Version 2: it exists, and its
     /// header names this generation, `count` as its first id and `dim`. Version 1: it may
     /// not exist yet.
@@ -195,6 +205,12 @@ impl Manifest {
         if let Some(g) = &self.graph {
             v.push(g.graph.name.clone());
             v.push(g.data.name.clone());
+        }
+        if let Some(g) = &self.layered_graph {
+            v.push(g.name.clone());
+        }
+        if let Some(c) = &self.int8_codes {
+            v.push(c.name.clone());
         }
         v
     }

@@ -11,6 +11,23 @@ pub const MAX_M: usize = 256;
 /// hnsw_rs keeps at most 16 layers (`NB_LAYER_MAX`).
 pub const MAX_LAYERS: usize = 16;
 
+/// How the graph walk reads the vectors: as stored (f32), or through an int8 copy with an
+/// exact f32 re-rank of the walk's best (see [`crate::quant`]): a quarter of the memory
+/// traffic per step, for large galleries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantize {
+    #[default]
+    None,
+    Int8,
+}
+
+impl Quantize {
+    pub fn is_none(&self) -> bool {
+        *self == Quantize::None
+    }
+}
+
 /// How the HNSW graph is built. Recorded in the index manifest so a rebuilt or extended graph
 /// uses the same settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +38,9 @@ pub struct HnswParams {
     pub ef_construction: usize,
     /// Number of layers, 1..=16.
     pub max_layer: usize,
+    /// The walk's copy of the vectors (absent from manifests before format version 4: none).
+    #[serde(default, skip_serializing_if = "Quantize::is_none")]
+    pub quantize: Quantize,
 }
 
 impl Default for HnswParams {
@@ -30,6 +50,7 @@ impl Default for HnswParams {
             m: 16,
             ef_construction: 200,
             max_layer: MAX_LAYERS,
+            quantize: Quantize::None,
         }
     }
 }

@@ -291,7 +291,7 @@ fn killed_build_reruns_and_a_second_writer_is_refused() {
         run(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert_eq!(item_count(&index), 20);
         let out = run(&["info", "--index", idx]);
-        assert!(String::from_utf8_lossy(&out.stdout).contains("v3"));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("v4"));
     }
     assert_eq!(
         entries(tmp.path()),
