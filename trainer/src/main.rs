@@ -54,8 +54,8 @@ enum Cmd {
         #[arg(long)]
         weights: Option<PathBuf>,
     },
-    /// Time embedding (batch 1 and 32) and a training step of the real EfficientNet-Lite0;
-    /// with --peers, against PyTorch and ONNX Runtime in the same run.
+    /// Time embedding (batch 1 and 32) and a training step of a backbone (EfficientNet-Lite0
+    /// unless --backbone); with --peers, against PyTorch and ONNX Runtime in the same run.
     Bench(trainer::bench::BenchArgs),
 }
 
