@@ -20,8 +20,7 @@ use trainer::backbone::BackboneKind;
 fn write_timm_dinov2(path: &Path) {
     let dev = Device::Cpu;
     let mut tensors = HashMap::new();
-    for (name, shape) in trainer::weights::expected_variables(BackboneKind::Dinov2Vits14).unwrap()
-    {
+    for (name, shape) in trainer::weights::expected_variables(BackboneKind::Dinov2Vits14).unwrap() {
         let t = if name == "pos_embed" {
             Tensor::randn(0f32, 0.5, (1, 1 + 37 * 37, 384), &dev)
         } else if name.ends_with("norm1.weight")

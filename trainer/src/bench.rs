@@ -200,12 +200,8 @@ fn run_train(args: &BenchArgs, device: &Device) -> Result<f64> {
             "--batch {batch} is too small for a training batch of {TRAIN_CLASSES} classes with 2+ images each"
         )));
     }
-    let model = EmbeddingModel::pretrained(
-        args.backbone,
-        &path,
-        Some(TRAIN_EMBEDDING_DIM),
-        device,
-    )?;
+    let model =
+        EmbeddingModel::pretrained(args.backbone, &path, Some(TRAIN_EMBEDDING_DIM), device)?;
     model.init_head_identity()?;
     let groups = {
         let data = model.varmap.data().lock().expect("varmap lock");

@@ -177,9 +177,10 @@ impl EmbeddingModel {
     /// Embeds from an activation after stage `start - 1` (an image batch when `start == 0`).
     pub fn embed_from_stage(&self, x: &Tensor, start: usize) -> candle_core::Result<Tensor> {
         let n = self.backbone.num_stages();
-        let feats = self
-            .backbone
-            .pool_with(&self.backbone.forward_stages(x, start..n)?, self.config.pooling)?;
+        let feats = self.backbone.pool_with(
+            &self.backbone.forward_stages(x, start..n)?,
+            self.config.pooling,
+        )?;
         self.embed_pooled(&feats)
     }
 
@@ -370,7 +371,9 @@ pub fn fused_backbone(model: &EmbeddingModel) -> Result<Option<InferenceNet>> {
     if let Some(cfg) = crate::backbone::vit::VitConfig::for_kind(kind) {
         let vars = data
             .iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_string(), v.as_tensor().detach())))
+            .filter_map(|(k, v)| {
+                Some((k.strip_prefix(&prefix)?.to_string(), v.as_tensor().detach()))
+            })
             .collect();
         let net = crate::backbone::vit::Vit::inference_copy(kind, cfg, vars, &model.device)?;
         return Ok(Some(InferenceNet::Vit {

@@ -54,7 +54,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "efficientnet-lite0")]
     pub backbone: BackboneKind,
     /// Pretrained backbone weights (.pth legacy/zip or .safetensors); default: $DEEP_METRIC_WEIGHTS,
-    /// else the Hugging Face cache, else downloaded from the hub into it (efficientnet-lite0: timm/tf_efficientnet_lite0.in1k; resnet18/50: timm/resnet*.a1_in1k; bn-inception has no hub repo and needs this flag).
+    /// else the Hugging Face cache, else downloaded from the hub into it (efficientnet-lite0: timm/tf_efficientnet_lite0.in1k; resnet18/50: timm/resnet*.a1_in1k; dinov2-vits14/vitb14: timm/vit_{small,base}_patch14_dinov2.lvd142m; clip-vitb16: openai/clip-vit-base-patch16; bn-inception has no hub repo and needs this flag).
     #[arg(long)]
     pub weights: Option<PathBuf>,
     /// Embedding dimension of the linear head (the seed: 512).
@@ -189,9 +189,7 @@ fn default_layer_decay() -> f64 {
 }
 
 fn parse_layer_decay(s: &str) -> std::result::Result<f64, String> {
-    let v: f64 = s
-        .parse()
-        .map_err(|_| format!("'{s}' is not a number"))?;
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
     if v > 0.0 && v <= 1.0 {
         Ok(v)
     } else {

@@ -18,7 +18,9 @@ use trainer::backbone::{Backbone, BackboneKind, Pooling};
 use trainer::weights;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vit").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/vit")
+        .join(name)
 }
 
 fn load(path: &Path) -> HashMap<String, Tensor> {
@@ -45,9 +47,7 @@ fn build(kind: BackboneKind, cfg: VitConfig, file: &Path) -> (VarMap, Vit) {
     let data = varmap.data().lock().unwrap();
     assert_eq!(data.len(), named.len(), "every tensor of the file is used");
     for (name, var) in data.iter() {
-        let t = named
-            .get(name)
-            .unwrap_or_else(|| panic!("{name} missing"));
+        let t = named.get(name).unwrap_or_else(|| panic!("{name} missing"));
         var.set(t).unwrap();
     }
     drop(data);
@@ -78,7 +78,9 @@ fn check(kind: BackboneKind, cfg: VitConfig, name: &str, outputs: &[(&str, Pooli
     let (varmap, net) = build(kind, cfg.clone(), &fixture(&format!("{name}.safetensors")));
     let refs = load(&fixture(&format!("{name}.ref.safetensors")));
     let x = Var::from_tensor(&refs["input"]).unwrap();
-    let tokens = net.forward_stages(x.as_tensor(), 0..net.num_stages()).unwrap();
+    let tokens = net
+        .forward_stages(x.as_tensor(), 0..net.num_stages())
+        .unwrap();
     let fused = inference_copy(kind, cfg, &varmap);
     for (key, pooling) in outputs {
         let got = net.pool_with(&tokens, *pooling).unwrap();
@@ -87,7 +89,9 @@ fn check(kind: BackboneKind, cfg: VitConfig, name: &str, outputs: &[(&str, Pooli
         assert!(d < 1e-4, "{name} {key}: {d}");
         let f = fused
             .pool_with(
-                &fused.forward_stages(x.as_tensor(), 0..net.num_stages()).unwrap(),
+                &fused
+                    .forward_stages(x.as_tensor(), 0..net.num_stages())
+                    .unwrap(),
                 *pooling,
             )
             .unwrap();
@@ -123,7 +127,10 @@ fn check(kind: BackboneKind, cfg: VitConfig, name: &str, outputs: &[(&str, Pooli
         );
         checked += 1;
     }
-    assert!(checked >= 6, "{name}: only {checked} gradients in the fixture");
+    assert!(
+        checked >= 6,
+        "{name}: only {checked} gradients in the fixture"
+    );
 }
 
 fn tiny(family: Family) -> VitConfig {
@@ -173,7 +180,9 @@ fn clip_matches_open_clip_forward_and_gradients() {
 #[test]
 fn full_size() {
     let Some(dir) = std::env::var_os("VIT_REFERENCE_DIR").map(PathBuf::from) else {
-        eprintln!("skipping: VIT_REFERENCE_DIR not set (bench/peers/vit_reference.py full sets it)");
+        eprintln!(
+            "skipping: VIT_REFERENCE_DIR not set (bench/peers/vit_reference.py full sets it)"
+        );
         return;
     };
     use trainer::embed::{Embedder, EmbeddingModel, ModelSpec};
@@ -223,10 +232,7 @@ fn full_size() {
             &Device::Cpu,
         )
         .unwrap();
-        let decoded: Vec<_> = images
-            .iter()
-            .map(|p| image::open(p).unwrap())
-            .collect();
+        let decoded: Vec<_> = images.iter().map(|p| image::open(p).unwrap()).collect();
         let ours = embedder.embed_images(&decoded).unwrap();
         let want = trainer::embed::l2_normalize(&refs["cls"])
             .unwrap()
@@ -238,7 +244,9 @@ fn full_size() {
             .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum())
             .collect();
         let min = cos.iter().cloned().fold(f32::INFINITY, f32::min);
-        eprintln!("{kind} from the image files: cosine to PyTorch's embedding ≥ {min:.5} ({cos:?})");
+        eprintln!(
+            "{kind} from the image files: cosine to PyTorch's embedding ≥ {min:.5} ({cos:?})"
+        );
         assert!(min > 0.99, "{kind}: {cos:?}");
     }
 }

@@ -320,40 +320,38 @@ pub struct Vit {
 impl Vit {
     pub fn new(kind: BackboneKind, cfg: VitConfig, vb: VarBuilder) -> Result<Self> {
         let (d, p, n) = (cfg.dim, cfg.patch, 1 + cfg.grid * cfg.grid);
-        let std = |s: f64| candle_nn::Init::Randn { mean: 0.0, stdev: s };
-        let blocks_vb;
-        let (patch_weight, patch_bias, cls, pos, pre_norm, norm, proj);
-        match cfg.family {
-            Family::Dinov2 => {
-                patch_weight =
-                    vb.get_with_hints((d, 3, p, p), "patch_embed.proj.weight", std(0.02))?;
-                patch_bias = Some(vb.get_with_hints(
-                    d,
-                    "patch_embed.proj.bias",
-                    candle_nn::Init::Const(0.0),
-                )?);
-                cls = vb.get_with_hints((1, 1, d), "cls_token", std(1e-6))?;
-                pos = vb.get_with_hints((1, n, d), "pos_embed", std(0.02))?;
-                pre_norm = None;
-                norm = Norm::new(d, cfg.ln_eps, vb.pp("norm"))?;
-                proj = None;
-                blocks_vb = vb.pp("blocks");
-            }
+        let std = |s: f64| candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: s,
+        };
+        let (patch_weight, patch_bias, cls, pos, pre_norm, norm, proj, blocks_vb) = match cfg.family
+        {
+            Family::Dinov2 => (
+                vb.get_with_hints((d, 3, p, p), "patch_embed.proj.weight", std(0.02))?,
+                Some(vb.get_with_hints(d, "patch_embed.proj.bias", candle_nn::Init::Const(0.0))?),
+                vb.get_with_hints((1, 1, d), "cls_token", std(1e-6))?,
+                vb.get_with_hints((1, n, d), "pos_embed", std(0.02))?,
+                None,
+                Norm::new(d, cfg.ln_eps, vb.pp("norm"))?,
+                None,
+                vb.pp("blocks"),
+            ),
             Family::Clip => {
                 let v = vb.pp("vision_model");
                 let e = v.pp("embeddings");
-                patch_weight =
-                    e.get_with_hints((d, 3, p, p), "patch_embedding.weight", std(0.02))?;
-                patch_bias = None;
-                cls = e.get_with_hints(d, "class_embedding", std(0.02))?;
-                pos = e.get_with_hints((n, d), "position_embedding.weight", std(0.02))?;
-                pre_norm = Some(Norm::new(d, cfg.ln_eps, v.pp("pre_layrnorm"))?);
-                norm = Norm::new(d, cfg.ln_eps, v.pp("post_layernorm"))?;
                 let pd = cfg.proj_dim.unwrap_or(d);
-                proj = Some(vb.get_with_hints((pd, d), "visual_projection.weight", std(0.02))?);
-                blocks_vb = v.pp("encoder.layers");
+                (
+                    e.get_with_hints((d, 3, p, p), "patch_embedding.weight", std(0.02))?,
+                    None,
+                    e.get_with_hints(d, "class_embedding", std(0.02))?,
+                    e.get_with_hints((n, d), "position_embedding.weight", std(0.02))?,
+                    Some(Norm::new(d, cfg.ln_eps, v.pp("pre_layrnorm"))?),
+                    Norm::new(d, cfg.ln_eps, v.pp("post_layernorm"))?,
+                    Some(vb.get_with_hints((pd, d), "visual_projection.weight", std(0.02))?),
+                    v.pp("encoder.layers"),
+                )
             }
-        }
+        };
         let blocks = (0..cfg.depth)
             .map(|i| Block::new(&cfg, blocks_vb.pp(i.to_string())))
             .collect::<Result<Vec<_>>>()?;
@@ -535,8 +533,7 @@ impl Backbone for Vit {
                 if let Some(rest) = name.strip_prefix("blocks.") {
                     return block(rest);
                 }
-                if name.starts_with("patch_embed.") || name == "cls_token" || name == "pos_embed"
-                {
+                if name.starts_with("patch_embed.") || name == "cls_token" || name == "pos_embed" {
                     return Some(0);
                 }
                 name.starts_with("norm.").then_some(last)

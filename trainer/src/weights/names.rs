@@ -257,7 +257,10 @@ mod tests {
     #[test]
     fn transformer_layouts_drop_what_the_tower_does_not_use() {
         let d = |k: &str| canonical_name(BackboneKind::Dinov2Vits14, k, &[]);
-        assert_eq!(d("blocks.3.ls1.gamma").as_deref(), Some("blocks.3.ls1.gamma"));
+        assert_eq!(
+            d("blocks.3.ls1.gamma").as_deref(),
+            Some("blocks.3.ls1.gamma")
+        );
         assert_eq!(d("module.pos_embed").as_deref(), Some("pos_embed"));
         assert_eq!(d("mask_token"), None);
         assert_eq!(d("head.weight"), None);
@@ -266,7 +269,10 @@ mod tests {
             c("vision_model.encoder.layers.0.self_attn.q_proj.bias").as_deref(),
             Some("vision_model.encoder.layers.0.self_attn.q_proj.bias")
         );
-        assert_eq!(c("visual_projection.weight").as_deref(), Some("visual_projection.weight"));
+        assert_eq!(
+            c("visual_projection.weight").as_deref(),
+            Some("visual_projection.weight")
+        );
         assert_eq!(c("text_model.embeddings.token_embedding.weight"), None);
         assert_eq!(c("text_projection.weight"), None);
         assert_eq!(c("logit_scale"), None);
