@@ -5,45 +5,10 @@
 
 mod server_support;
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::process::Command;
 
-use candle_core::{Device, Tensor};
 use e2e::{bin, make_shapes_dataset, ok, run};
-use server_support::{server_binary, Server};
-use trainer::backbone::BackboneKind;
-
-/// Random ViT-S/14 weights under timm's `vit_small_patch14_dinov2.lvd142m` names and
-/// shapes: the position embedding for 518 px (37×37 patches, as published) and Meta's
-/// `mask_token`, which the loader must resample and drop.
-fn write_timm_dinov2(path: &Path) {
-    let dev = Device::Cpu;
-    let mut tensors = HashMap::new();
-    for (name, shape) in trainer::weights::expected_variables(BackboneKind::Dinov2Vits14).unwrap() {
-        let t = if name == "pos_embed" {
-            Tensor::randn(0f32, 0.5, (1, 1 + 37 * 37, 384), &dev)
-        } else if name.ends_with("norm1.weight")
-            || name.ends_with("norm2.weight")
-            || name == "norm.weight"
-        {
-            Tensor::ones(shape, candle_core::DType::F32, &dev)
-        } else if name.ends_with(".gamma") {
-            Tensor::rand(0.05f32, 0.15, shape, &dev)
-        } else if name == "cls_token" {
-            Tensor::randn(0f32, 0.5, shape, &dev)
-        } else {
-            let fan_in = shape.dims()[1..].iter().product::<usize>().max(1);
-            Tensor::randn(0f32, (1.0 / fan_in as f64).sqrt() as f32, shape, &dev)
-        };
-        tensors.insert(name, t.unwrap());
-    }
-    tensors.insert(
-        "mask_token".into(),
-        Tensor::zeros((1, 384), candle_core::DType::F32, &dev).unwrap(),
-    );
-    candle_core::safetensors::save(&tensors, path).unwrap();
-}
+use server_support::{server_binary, write_timm_dinov2, Server};
 
 fn json_tail(out: &std::process::Output) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -334,7 +334,7 @@ impl Embedder {
 pub enum InferenceNet {
     EfficientNet(FusedEfficientNetLite),
     Vit {
-        net: crate::backbone::vit::Vit,
+        net: Box<crate::backbone::vit::Vit>,
         pooling: backbone::Pooling,
     },
 }
@@ -377,7 +377,7 @@ pub fn fused_backbone(model: &EmbeddingModel) -> Result<Option<InferenceNet>> {
             .collect();
         let net = crate::backbone::vit::Vit::inference_copy(kind, cfg, vars, &model.device)?;
         return Ok(Some(InferenceNet::Vit {
-            net,
+            net: Box::new(net),
             pooling: model.config.pooling,
         }));
     }
