@@ -332,7 +332,7 @@ impl Embedder {
 /// norm folded into its convolutions (CPU), or a transformer on candle's fused layer-norm and
 /// softmax kernels (which have no backward, so training cannot use them).
 pub enum InferenceNet {
-    EfficientNet(FusedEfficientNetLite),
+    EfficientNet(Box<FusedEfficientNetLite>),
     Vit {
         net: Box<crate::backbone::vit::Vit>,
         pooling: backbone::Pooling,
@@ -392,9 +392,9 @@ pub fn fused_backbone(model: &EmbeddingModel) -> Result<Option<InferenceNet>> {
                 candle_core::Error::Msg(format!("variable {full} missing from the model"))
             })
     };
-    Ok(Some(InferenceNet::EfficientNet(
+    Ok(Some(InferenceNet::EfficientNet(Box::new(
         FusedEfficientNetLite::from_vars(&LITE0_STAGES, get)?.with_pooling(model.config.pooling),
-    )))
+    ))))
 }
 
 /// Vectors of a whole dataset, in sample order.

@@ -85,7 +85,7 @@ impl Preprocess {
             resize: 224,
             crop: 224,
             mean: [0.48145466 * 255.0, 0.4578275 * 255.0, 0.40821073 * 255.0],
-            std: [0.26862954 * 255.0, 0.26130258 * 255.0, 0.27577711 * 255.0],
+            std: [0.26862954 * 255.0, 0.261_302_6 * 255.0, 0.275_777_1 * 255.0],
             bgr: false,
             interpolation: Interpolation::Bicubic,
             shorter_side: true,
