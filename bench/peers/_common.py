@@ -14,7 +14,10 @@ import numpy as np
 
 def parse_args(phases):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--weights", required=True, help="EfficientNet-Lite0 .pth (same file as the trainer)")
+    ap.add_argument("--weights", required=True, help="the trainer's weight file (EfficientNet-Lite0 .pth, "
+                    "or a transformer's published-layout .safetensors)")
+    ap.add_argument("--backbone", default="efficientnet-lite0",
+                    choices=["efficientnet-lite0", "dinov2-vits14", "dinov2-vitb14", "clip-vitb16"])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--iters", type=int, default=5, help="timed runs after one warm-up (median reported)")
@@ -52,7 +55,8 @@ def run_phases(script, args, phases, engine):
     """Runs each phase of `script` in a child process and prints the engine's JSON line."""
     fig = {"engine": engine, "threads": args.threads}
     for phase in phases:
-        cmd = [sys.executable, script, "--weights", args.weights, "--threads", str(args.threads),
+        cmd = [sys.executable, script, "--weights", args.weights, "--backbone", args.backbone,
+               "--threads", str(args.threads),
                "--batch", str(args.batch), "--iters", str(args.iters), "--size", str(args.size), "--phase", phase]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])

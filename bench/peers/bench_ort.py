@@ -1,4 +1,5 @@
-"""ONNX Runtime peer of `trainer bench`: EfficientNet-Lite0 (same .pth) exported to ONNX
+"""ONNX Runtime peer of `trainer bench`: EfficientNet-Lite0 (same .pth), or with `--backbone`
+a transformer from the same safetensors (built as bench_torch.py does), exported to ONNX
 (opset 17, dynamic batch) into a temporary directory, then run by ORT's CPU provider with all
 graph optimisations (BN folding, conv+activation fusion).
 
@@ -32,17 +33,21 @@ class Features(torch.nn.Module):
         return self.m.features(x)
 
 
-def export(weights, size, path):
-    m = EfficientNetLite0().load_pth(weights).eval()
-    x = torch.zeros(1, 3, size, size)
-    torch.onnx.export(Features(m), (x,), path, input_names=["x"], output_names=["f"],
+def export(args, path):
+    if args.backbone == "efficientnet-lite0":
+        m = Features(EfficientNetLite0().load_pth(args.weights).eval())
+    else:
+        from vit_models import load_vit
+        m = load_vit(args.backbone, args.weights, args.size).eval()
+    x = torch.zeros(1, 3, args.size, args.size)
+    torch.onnx.export(m, (x,), path, input_names=["x"], output_names=["f"],
                       dynamic_axes={"x": {0: "b"}, "f": {0: "b"}}, opset_version=17, dynamo=False)
 
 
 def embed(args, batch):
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "efficientnet_lite0.onnx")
-        export(args.weights, args.size, path)
+        export(args, path)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = args.threads
         opts.inter_op_num_threads = 1

@@ -1,4 +1,7 @@
-"""PyTorch peer of `trainer bench`: EfficientNet-Lite0 (same .pth) on CPU.
+"""PyTorch peer of `trainer bench`: EfficientNet-Lite0 (same .pth) on CPU, or with
+`--backbone dinov2-vits14|dinov2-vitb14|clip-vitb16` that transformer from the same
+published-layout safetensors (timm's DINOv2, open_clip's CLIP tower; see vit_models.py), its
+pooled feature being the class token (CLIP: projected).
 
 Phases (each in its own process, peak RSS per phase):
   embed1 / embed  inference at batch 1 / --batch, channels-last, torch.inference_mode,
@@ -25,28 +28,44 @@ from train_peer import fuzzy_loss  # noqa: E402
 PHASES = ["embed1", "embed", "train"]
 
 
-def model(weights):
-    m = EfficientNetLite0().load_pth(weights)
+class CnnFeatures(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m.features(x)
+
+
+def model(args):
+    """(pooled-feature module, feature width, channels-last?) of --backbone."""
+    if args.backbone != "efficientnet-lite0":
+        from vit_models import feature_dim, load_vit
+        return load_vit(args.backbone, args.weights, args.size).eval(), feature_dim(args.backbone), False
+    m = EfficientNetLite0().load_pth(args.weights)
     m.fc = torch.nn.Identity()
-    return m.eval()
+    return CnnFeatures(m.eval()), 1280, True
 
 
 def embed(args, batch):
-    m = model(args.weights).to(memory_format=torch.channels_last)
-    x = torch.from_numpy(input_batch(batch, args.size)).contiguous(memory_format=torch.channels_last)
+    m, _, cl = model(args)
+    x = torch.from_numpy(input_batch(batch, args.size))
+    if cl:
+        m = m.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def step():
         with torch.inference_mode():
-            F.normalize(m.features(x), dim=1).numpy()
+            F.normalize(m(x), dim=1).numpy()
 
     return time_median(args.iters, step)
 
 
 def train(args):
-    m = model(args.weights)  # eval(): BN uses running statistics (frozen), weights still train
-    head = torch.nn.Linear(1280, 512)
+    m, width, _ = model(args)  # eval(): BN uses running statistics (frozen), weights still train
+    head = torch.nn.Linear(width, 512)
     with torch.no_grad():
-        head.weight.copy_(torch.eye(512, 1280))
+        head.weight.copy_(torch.eye(512, width))
         head.bias.zero_()
     opt = torch.optim.Adam([{"params": m.parameters(), "lr": 1e-4}, {"params": head.parameters(), "lr": 1e-3}])
     x = torch.from_numpy(input_batch(args.batch, args.size))
@@ -54,7 +73,7 @@ def train(args):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        emb = F.normalize(head(m.features(x)), dim=1)
+        emb = F.normalize(head(m(x)), dim=1)
         loss = fuzzy_loss(emb, labels, 0.1)
         loss.item()
         loss.backward()

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Tensor};
 use e2e::{bin, ok, run};
 use search_server::client::Part;
-use server_support::{server_binary, shape_png, weights, Server};
+use server_support::{server_binary, shape_png, weights, write_timm_dinov2, Server};
 use sha2::Digest;
 use trainer::backbone::BackboneKind;
 
@@ -125,6 +125,11 @@ struct MockHub {
 
 impl MockHub {
     fn start(body: Vec<u8>, mode: Mode) -> MockHub {
+        Self::start_repo(REPO, body, mode)
+    }
+
+    /// Serves `body` as `FILE` of `repo`.
+    fn start_repo(repo: &'static str, body: Vec<u8>, mode: Mode) -> MockHub {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -133,7 +138,7 @@ impl MockHub {
         std::thread::spawn(move || {
             for stream in listener.incoming().map_while(Result::ok) {
                 let (seen, endpoint, body) = (seen2.clone(), endpoint2.clone(), body.clone());
-                std::thread::spawn(move || serve(stream, &body, mode, &endpoint, &seen));
+                std::thread::spawn(move || serve(stream, repo, &body, mode, &endpoint, &seen));
             }
         });
         MockHub { endpoint, seen }
@@ -144,7 +149,14 @@ impl MockHub {
     }
 }
 
-fn serve(mut stream: TcpStream, body: &[u8], mode: Mode, endpoint: &str, seen: &Mutex<Vec<Seen>>) {
+fn serve(
+    mut stream: TcpStream,
+    repo: &str,
+    body: &[u8],
+    mode: Mode,
+    endpoint: &str,
+    seen: &Mutex<Vec<Seen>>,
+) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     if reader.read_line(&mut line).is_err() {
@@ -171,7 +183,7 @@ fn serve(mut stream: TcpStream, body: &[u8], mode: Mode, endpoint: &str, seen: &
         Mode::Normal => sha.clone(),
         Mode::WrongEtag => "f".repeat(64),
     };
-    let resolve = format!("/{REPO}/resolve/main/{FILE}");
+    let resolve = format!("/{repo}/resolve/main/{FILE}");
     let cdn = format!("/cdn/{sha}");
     let (status, extra, payload): (&str, Vec<(String, String)>, &[u8]) = if path == resolve {
         // The hub's answer for an LFS file: a redirect, the commit, the content's SHA-256
@@ -576,4 +588,50 @@ fn timm_names_cover_every_variable() {
             "{t}"
         );
     }
+}
+
+/// A transformer's weights come from the hub under its own repository name
+/// (`timm/vit_small_patch14_dinov2.lvd142m`), land in the cache, and evaluate; random weights
+/// in timm's layout stand in for the real file (needs no `../shared`).
+#[test]
+fn dinov2_weights_download_under_their_hub_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("vit.safetensors");
+    write_timm_dinov2(&file);
+    let body = std::fs::read(&file).unwrap();
+    const VIT_REPO: &str = "timm/vit_small_patch14_dinov2.lvd142m";
+    let hub = MockHub::start_repo(VIT_REPO, body.clone(), Mode::Normal);
+    let data = tmp.path().join("data");
+    e2e::make_shapes_dataset(&data, 2, 2, 48);
+    let hf_home = tmp.path().join("hf-home");
+    let mut cmd = Command::new(bin("trainer"));
+    cmd.args([
+        "eval",
+        "--pretrained-only",
+        "--backbone",
+        "dinov2-vits14",
+        "--dataset",
+        "folder",
+        "--split",
+        "all",
+        "--data",
+    ])
+    .arg(&data);
+    ok(run(hub_env(&mut cmd, &hub.endpoint, &hf_home)));
+    let reqs = hub.requests();
+    assert!(
+        reqs.iter()
+            .any(|r| r.path == format!("/{VIT_REPO}/resolve/main/{FILE}")),
+        "{reqs:?}"
+    );
+    let snapshot = hf_home
+        .join("hub/models--timm--vit_small_patch14_dinov2.lvd142m/snapshots")
+        .join(COMMIT)
+        .join(FILE);
+    assert_eq!(
+        std::fs::read(&snapshot).unwrap(),
+        body,
+        "{}",
+        snapshot.display()
+    );
 }

@@ -1,5 +1,6 @@
-//! `trainer bench`: end-to-end speed of the real EfficientNet-Lite0 (embedding at batch 1 and
-//! 32, one full training step at batch 32) and, with `--peers`, the same measurements from
+//! `trainer bench`: end-to-end speed of a backbone (the real EfficientNet-Lite0 by default;
+//! `--backbone` for the others, transformers included) — embedding at batch 1 and 32, one full
+//! training step at batch 32 — and, with `--peers`, the same measurements from
 //! PyTorch and ONNX Runtime (`bench/peers/*.py`) in the same invocation, so the ratios compare
 //! runs made under the same machine load.
 //!
@@ -38,8 +39,11 @@ const TRAIN_LR: (f64, f64) = (1e-4, 1e-3);
 /// Command-line options of `trainer bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// EfficientNet-Lite0 weights (default: $DEEP_METRIC_WEIGHTS, else the Hugging Face cache,
-    /// else downloaded from timm/tf_efficientnet_lite0.in1k into it).
+    /// The network measured (the peers support efficientnet-lite0 and the transformers).
+    #[arg(long, value_enum, default_value = "efficientnet-lite0")]
+    pub backbone: BackboneKind,
+    /// Its weights (default: $DEEP_METRIC_WEIGHTS, else the Hugging Face cache, else
+    /// downloaded from the hub into it).
     #[arg(long)]
     pub weights: Option<PathBuf>,
     /// Threads for every engine (ours, PyTorch, ONNX Runtime); default: all cores.
@@ -108,6 +112,9 @@ struct PhaseResult {
 /// Everything one `trainer bench` invocation measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchReport {
+    /// The backbone measured (reports written before it existed: EfficientNet-Lite0).
+    #[serde(default = "lite0")]
+    pub backbone: BackboneKind,
     pub batch: usize,
     pub size: usize,
     pub threads: usize,
@@ -161,14 +168,18 @@ fn input_batch(batch: usize, size: usize, device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, (batch, 3, size, size), device)?)
 }
 
+fn lite0() -> BackboneKind {
+    BackboneKind::EfficientnetLite0
+}
+
 fn weights_path(args: &BenchArgs) -> Result<PathBuf> {
-    crate::weights::resolve_pretrained(BackboneKind::EfficientnetLite0, args.weights.as_deref())
+    crate::weights::resolve_pretrained(args.backbone, args.weights.as_deref())
 }
 
 /// Embedding phase: the [`Embedder`]'s network path on a ready tensor.
 fn run_embed(args: &BenchArgs, batch: usize, device: &Device) -> Result<f64> {
     let path = weights_path(args)?;
-    let model = EmbeddingModel::pretrained(BackboneKind::EfficientnetLite0, &path, None, device)?;
+    let model = EmbeddingModel::pretrained(args.backbone, &path, None, device)?;
     let identity = ModelIdentity::new(&model.config, String::new());
     let embedder = Embedder::from_model(model, identity)?;
     let x = input_batch(batch, args.size, device)?;
@@ -189,12 +200,8 @@ fn run_train(args: &BenchArgs, device: &Device) -> Result<f64> {
             "--batch {batch} is too small for a training batch of {TRAIN_CLASSES} classes with 2+ images each"
         )));
     }
-    let model = EmbeddingModel::pretrained(
-        BackboneKind::EfficientnetLite0,
-        &path,
-        Some(TRAIN_EMBEDDING_DIM),
-        device,
-    )?;
+    let model =
+        EmbeddingModel::pretrained(args.backbone, &path, Some(TRAIN_EMBEDDING_DIM), device)?;
     model.init_head_identity()?;
     let groups = {
         let data = model.varmap.data().lock().expect("varmap lock");
@@ -304,6 +311,7 @@ fn measure_ours(args: &BenchArgs, threads: usize, device: &Device) -> Result<Eng
     for phase in ["embed1", "embed", "train"] {
         let mut cmd = Command::new(&exe);
         cmd.args(["bench", "--phase", phase, "--threads", &threads.to_string()])
+            .args(["--backbone", args.backbone.name()])
             .args(["--device", &choice.to_string()])
             .args([
                 "--batch",
@@ -362,6 +370,7 @@ fn measure_peer(
     cmd.arg(&path)
         .arg("--weights")
         .arg(weights)
+        .args(["--backbone", args.backbone.name()])
         .args([
             "--threads",
             &threads.to_string(),
@@ -392,12 +401,13 @@ fn fmt_opt(v: Option<f64>, prec: usize) -> String {
 /// memory, so > 1 always means "ours is better".
 pub fn format_report(r: &BenchReport) -> String {
     let mut s = format!(
-        "EfficientNet-Lite0 {0}×{0}, batch {1}, {2} thread(s), load average {3} → {4}\n",
+        "{5} {0}×{0}, batch {1}, {2} thread(s), load average {3} → {4}\n",
         r.size,
         r.batch,
         r.threads,
         fmt_opt(r.load_before, 2),
-        fmt_opt(r.load_after, 2)
+        fmt_opt(r.load_after, 2),
+        r.backbone
     );
     s += &format!(
         "{:<22} {:>11} {:>13} {:>13} {:>10} {:>10} {:>10}\n",
@@ -471,6 +481,18 @@ pub fn run(args: &BenchArgs, device: &Device) -> Result<()> {
         print!("{}", crate::ops::bench::format_table(&rows));
     }
     let weights = weights_path(args)?;
+    let peer_backbones = [
+        BackboneKind::EfficientnetLite0,
+        BackboneKind::Dinov2Vits14,
+        BackboneKind::Dinov2Vitb14,
+        BackboneKind::ClipVitb16,
+    ];
+    if args.peers && !peer_backbones.contains(&args.backbone) {
+        return Err(Error::Invalid(format!(
+            "--peers: the peer scripts build efficientnet-lite0 and the transformers, not {}",
+            args.backbone
+        )));
+    }
     let load_before = load_average();
     let mut engines = vec![measure_ours(args, threads, device)?];
     if args.peers {
@@ -479,6 +501,7 @@ pub fn run(args: &BenchArgs, device: &Device) -> Result<()> {
         }
     }
     let report = BenchReport {
+        backbone: args.backbone,
         batch: args.batch,
         size: args.size,
         threads,

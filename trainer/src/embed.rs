@@ -50,19 +50,32 @@ impl EmbeddingModel {
     }
 
     /// A pretrained backbone from a weight file (legacy/zip `.pth` or safetensors) plus,
-    /// when `embedding_dim` is set, a freshly initialised linear head.
+    /// when `embedding_dim` is set, a freshly initialised linear head; pooled as the
+    /// backbone's pretrained features are ([`backbone::default_pooling`]).
     pub fn pretrained(
         kind: BackboneKind,
         weights: &Path,
         embedding_dim: Option<usize>,
         device: &Device,
     ) -> Result<Self> {
+        let pooling = backbone::default_pooling(kind);
+        Self::pretrained_pooled(kind, weights, embedding_dim, pooling, device)
+    }
+
+    /// [`EmbeddingModel::pretrained`] with the given pooling (which sets the width of the
+    /// pooled feature the head reads: a transformer's CLS + mean is twice as wide).
+    pub fn pretrained_pooled(
+        kind: BackboneKind,
+        weights: &Path,
+        embedding_dim: Option<usize>,
+        pooling: backbone::Pooling,
+        device: &Device,
+    ) -> Result<Self> {
         let preprocess = backbone::default_preprocess(kind);
-        let feature_dim = backbone::feature_dim(kind);
-        let model = Self::build(
-            ModelConfig::new(kind, feature_dim, embedding_dim, preprocess),
-            device,
-        )?;
+        let feature_dim = backbone::pooled_dim(kind, pooling)?;
+        let mut config = ModelConfig::new(kind, feature_dim, embedding_dim, preprocess);
+        config.pooling = pooling;
+        let model = Self::build(config, device)?;
         let loaded = crate::weights::load_backbone_weights(kind, weights, device)?;
         let data = model.varmap.data().lock().expect("varmap lock");
         let prefix = format!("{BACKBONE_PREFIX}.");
@@ -164,7 +177,7 @@ impl EmbeddingModel {
     /// Embeds from an activation after stage `start - 1` (an image batch when `start == 0`).
     pub fn embed_from_stage(&self, x: &Tensor, start: usize) -> candle_core::Result<Tensor> {
         let n = self.backbone.num_stages();
-        let feats = backbone::pool(
+        let feats = self.backbone.pool_with(
             &self.backbone.forward_stages(x, start..n)?,
             self.config.pooling,
         )?;
@@ -213,9 +226,9 @@ pub struct Embedder {
     model: EmbeddingModel,
     identity: ModelIdentity,
     batch_size: usize,
-    /// BN-folded, fused copy of the backbone for inference, where one exists for its kind
-    /// (others run the training network, detached).
-    fused: Option<FusedEfficientNetLite>,
+    /// Faster inference copy of the backbone, where one exists for its kind (others run the
+    /// training network, detached).
+    fused: Option<InferenceNet>,
 }
 
 impl Embedder {
@@ -315,24 +328,73 @@ impl Embedder {
     }
 }
 
-/// A BN-folded inference copy of `model`'s backbone where one exists for its kind (CPU
-/// EfficientNet-Lite0): a snapshot, later changes to the model's variables are not seen.
-pub fn fused_backbone(model: &EmbeddingModel) -> Result<Option<FusedEfficientNetLite>> {
-    if model.config.backbone != BackboneKind::EfficientnetLite0 || !model.device.is_cpu() {
+/// A faster, never-trained copy of a backbone for embedding: EfficientNet-Lite0 with batch
+/// norm folded into its convolutions (CPU), or a transformer on candle's fused layer-norm and
+/// softmax kernels (which have no backward, so training cannot use them).
+pub enum InferenceNet {
+    EfficientNet(Box<FusedEfficientNetLite>),
+    Vit {
+        net: Box<crate::backbone::vit::Vit>,
+        pooling: backbone::Pooling,
+    },
+}
+
+impl InferenceNet {
+    /// Pooled features of an image batch.
+    pub fn pooled_features(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.pooled_features_from_stage(x, 0)
+    }
+
+    /// Pooled features from the activation after stage `stage - 1` (images when 0).
+    pub fn pooled_features_from_stage(
+        &self,
+        x: &Tensor,
+        stage: usize,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            InferenceNet::EfficientNet(net) => net.pooled_features_from_stage(x, stage),
+            InferenceNet::Vit { net, pooling } => {
+                let n = net.num_stages();
+                net.pool_with(&net.forward_stages(x, stage..n)?, *pooling)
+            }
+        }
+    }
+}
+
+/// The inference copy of `model`'s backbone where one exists for its kind (CPU
+/// EfficientNet-Lite0, transformers on any device): a snapshot, later changes to the model's
+/// variables are not seen.
+pub fn fused_backbone(model: &EmbeddingModel) -> Result<Option<InferenceNet>> {
+    let kind = model.config.backbone;
+    let data = model.varmap.data().lock().expect("varmap lock");
+    let prefix = format!("{BACKBONE_PREFIX}.");
+    if let Some(cfg) = crate::backbone::vit::VitConfig::for_kind(kind) {
+        let vars = data
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((k.strip_prefix(&prefix)?.to_string(), v.as_tensor().detach()))
+            })
+            .collect();
+        let net = crate::backbone::vit::Vit::inference_copy(kind, cfg, vars, &model.device)?;
+        return Ok(Some(InferenceNet::Vit {
+            net: Box::new(net),
+            pooling: model.config.pooling,
+        }));
+    }
+    if kind != BackboneKind::EfficientnetLite0 || !model.device.is_cpu() {
         return Ok(None);
     }
-    let data = model.varmap.data().lock().expect("varmap lock");
     let get = |name: &str| {
-        let full = format!("{BACKBONE_PREFIX}.{name}");
+        let full = format!("{prefix}{name}");
         data.get(&full)
             .map(|v| v.as_tensor().detach())
             .ok_or_else(|| {
                 candle_core::Error::Msg(format!("variable {full} missing from the model"))
             })
     };
-    Ok(Some(
+    Ok(Some(InferenceNet::EfficientNet(Box::new(
         FusedEfficientNetLite::from_vars(&LITE0_STAGES, get)?.with_pooling(model.config.pooling),
-    ))
+    ))))
 }
 
 /// Vectors of a whole dataset, in sample order.

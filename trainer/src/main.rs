@@ -52,8 +52,8 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "efficientnet-lite0")]
         backbone: BackboneKind,
     },
-    /// Time embedding (batch 1 and 32) and a training step of the real EfficientNet-Lite0;
-    /// with --peers, against PyTorch and ONNX Runtime in the same run.
+    /// Time embedding (batch 1 and 32) and a training step of a backbone (EfficientNet-Lite0
+    /// unless --backbone); with --peers, against PyTorch and ONNX Runtime in the same run.
     Bench(trainer::bench::BenchArgs),
 }
 
@@ -72,7 +72,7 @@ struct EvalArgs {
     /// Backbone for --pretrained-only.
     #[arg(long, value_enum, default_value = "efficientnet-lite0")]
     backbone: BackboneKind,
-    /// Weights for --pretrained-only (default: $DEEP_METRIC_WEIGHTS, else the Hugging Face cache, else downloaded from the hub into it (efficientnet-lite0: timm/tf_efficientnet_lite0.in1k; resnet18/50: timm/resnet*.a1_in1k; bn-inception has no hub repo and needs this flag).
+    /// Weights for --pretrained-only (default: $DEEP_METRIC_WEIGHTS, else the Hugging Face cache, else downloaded from the hub into it (efficientnet-lite0: timm/tf_efficientnet_lite0.in1k; resnet18/50: timm/resnet*.a1_in1k; dinov2-vits14/vitb14: timm/vit_{small,base}_patch14_dinov2.lvd142m; clip-vitb16: openai/clip-vit-base-patch16; bn-inception has no hub repo and needs this flag).
     #[arg(long)]
     weights: Option<PathBuf>,
     /// With --pretrained-only: square input size (a checkpoint keeps the size it was trained at).

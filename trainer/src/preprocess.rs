@@ -17,6 +17,30 @@ pub struct Preprocess {
     pub std: [f32; 3],
     /// Feed channels as BGR (BN-Inception) instead of RGB.
     pub bgr: bool,
+    /// Resampling filter of the evaluation view (the one the weights were published with).
+    /// Left out of the JSON when bilinear, so older checkpoints keep their identity.
+    #[serde(default, skip_serializing_if = "Interpolation::is_bilinear")]
+    pub interpolation: Interpolation,
+    /// Resize the shorter side and center-crop even when `resize == crop` (CLIP's
+    /// transform); otherwise `resize == crop` squashes the whole image to the square.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shorter_side: bool,
+}
+
+/// The resampling filter of [`Preprocess::eval_view`] (antialiased, as PIL's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Interpolation {
+    #[default]
+    Bilinear,
+    /// PIL's bicubic (Catmull-Rom, a = −0.5): timm's DINOv2 and OpenAI CLIP transforms.
+    Bicubic,
+}
+
+impl Interpolation {
+    fn is_bilinear(&self) -> bool {
+        *self == Interpolation::Bilinear
+    }
 }
 
 impl Preprocess {
@@ -28,6 +52,8 @@ impl Preprocess {
             mean: [127.0; 3],
             std: [128.0; 3],
             bgr: false,
+            interpolation: Interpolation::Bilinear,
+            shorter_side: false,
         }
     }
     /// ImageNet mean/std, as timm's ResNets.
@@ -38,6 +64,31 @@ impl Preprocess {
             mean: [0.485 * 255.0, 0.456 * 255.0, 0.406 * 255.0],
             std: [0.229 * 255.0, 0.224 * 255.0, 0.225 * 255.0],
             bgr: false,
+            interpolation: Interpolation::Bilinear,
+            shorter_side: false,
+        }
+    }
+    /// DINOv2's evaluation transform: bicubic resize of the shorter side to 256, center crop
+    /// 224, ImageNet mean/std (timm publishes the weights for 518 px; the position embedding
+    /// is resampled to the 16×16 patch grid of 224 px, which is what DINOv2's k-NN and linear
+    /// evaluations use).
+    pub fn dinov2() -> Self {
+        Self {
+            interpolation: Interpolation::Bicubic,
+            ..Self::imagenet(256, 224)
+        }
+    }
+    /// OpenAI CLIP: bicubic resize of the shorter side to 224, center crop 224, CLIP's
+    /// mean/std.
+    pub fn clip() -> Self {
+        Self {
+            resize: 224,
+            crop: 224,
+            mean: [0.48145466 * 255.0, 0.4578275 * 255.0, 0.40821073 * 255.0],
+            std: [0.26862954 * 255.0, 0.261_302_6 * 255.0, 0.275_777_1 * 255.0],
+            bgr: false,
+            interpolation: Interpolation::Bicubic,
+            shorter_side: true,
         }
     }
     /// BN-Inception (the seed): BGR, 0–255, minus [104, 117, 128], 227 crop from 256.
@@ -48,6 +99,8 @@ impl Preprocess {
             mean: [104.0, 117.0, 128.0],
             std: [1.0; 3],
             bgr: true,
+            interpolation: Interpolation::Bilinear,
+            shorter_side: false,
         }
     }
 
@@ -94,18 +147,19 @@ impl Preprocess {
         let rgb = as_rgb8(img);
         let crop = self.crop;
         let (w, h) = rgb.dimensions();
-        if self.resize == crop {
+        let filter = self.interpolation;
+        if self.resize == crop && !self.shorter_side {
             if (w, h) == (crop, crop) {
                 return rgb.into_owned();
             }
-            return resample(&rgb, [0.0, 0.0, w as f64, h as f64], crop, crop);
+            return resample_with(&rgb, [0.0, 0.0, w as f64, h as f64], crop, crop, filter);
         }
         let s = self.resize as f64 / w.min(h).max(1) as f64;
         let nw = ((w as f64 * s).round() as u32).max(crop);
         let nh = ((h as f64 * s).round() as u32).max(crop);
         let (x, y) = ((nw - crop) / 2, (nh - crop) / 2);
         let (sx, sy) = (w as f64 / nw as f64, h as f64 / nh as f64);
-        resample(
+        resample_with(
             &rgb,
             [
                 x as f64 * sx,
@@ -115,6 +169,7 @@ impl Preprocess {
             ],
             crop,
             crop,
+            filter,
         )
     }
 }
@@ -137,6 +192,17 @@ thread_local! {
 /// allowed) to a `w`×`h` image with an antialiased bilinear filter (PIL's, which the seed's
 /// torchvision transforms used). The region is clipped to the image.
 pub(crate) fn resample(src: &image::RgbImage, region: [f64; 4], w: u32, h: u32) -> image::RgbImage {
+    resample_with(src, region, w, h, Interpolation::Bilinear)
+}
+
+/// [`resample`] with the given filter.
+pub(crate) fn resample_with(
+    src: &image::RgbImage,
+    region: [f64; 4],
+    w: u32,
+    h: u32,
+    filter: Interpolation,
+) -> image::RgbImage {
     use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions};
     let (sw, sh) = (src.width() as f64, src.height() as f64);
     if sw == 0.0 || sh == 0.0 || w == 0 || h == 0 {
@@ -147,7 +213,10 @@ pub(crate) fn resample(src: &image::RgbImage, region: [f64; 4], w: u32, h: u32) 
     let width = region[2].clamp(1e-3, sw - left);
     let height = region[3].clamp(1e-3, sh - top);
     let options = ResizeOptions::new()
-        .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
+        .resize_alg(ResizeAlg::Convolution(match filter {
+            Interpolation::Bilinear => FilterType::Bilinear,
+            Interpolation::Bicubic => FilterType::CatmullRom,
+        }))
         .crop(left, top, width, height);
     let mut dst = Image::new(w, h, PixelType::U8x3);
     let done = fast_image_resize::images::ImageRef::new(

@@ -54,17 +54,20 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "efficientnet-lite0")]
     pub backbone: BackboneKind,
     /// Pretrained backbone weights (.pth legacy/zip or .safetensors); default: $DEEP_METRIC_WEIGHTS,
-    /// else the Hugging Face cache, else downloaded from the hub into it (efficientnet-lite0: timm/tf_efficientnet_lite0.in1k; resnet18/50: timm/resnet*.a1_in1k; bn-inception has no hub repo and needs this flag).
+    /// else the Hugging Face cache, else downloaded from the hub into it (efficientnet-lite0: timm/tf_efficientnet_lite0.in1k; resnet18/50: timm/resnet*.a1_in1k; dinov2-vits14/vitb14: timm/vit_{small,base}_patch14_dinov2.lvd142m; clip-vitb16: openai/clip-vit-base-patch16; bn-inception has no hub repo and needs this flag).
     #[arg(long)]
     pub weights: Option<PathBuf>,
     /// Embedding dimension of the linear head (the seed: 512).
     #[arg(long, default_value_t = 512)]
     pub embedding_dim: usize,
     /// Global pooling of the last feature map: `avg` (ImageNet's), `max`, or `avg-max` (their
-    /// sum, as Proxy-Anchor trains CUB and Cars; the default: it beat average pooling on
-    /// photos and on characters, see bench/RESULTS-learning.md). Recorded in the checkpoint.
-    #[arg(long, value_enum, default_value = "avg-max")]
-    pub pooling: crate::backbone::Pooling,
+    /// sum, as Proxy-Anchor trains CUB and Cars); transformers also `cls` (the class token,
+    /// CLIP's projected) and `cls-mean` (class token + mean patch token), and pool avg/max
+    /// over the patch tokens. Default: `avg-max` for CNNs (it beat average pooling on photos
+    /// and on characters, see bench/RESULTS-learning.md), `cls` for transformers. Recorded in
+    /// the checkpoint.
+    #[arg(long, value_enum)]
+    pub pooling: Option<crate::backbone::Pooling>,
     /// Head initialisation: `identity` starts training from the pretrained metric itself
     /// (best with --embedding-dim equal to the backbone's feature dim, 1280 for EfficientNet-Lite0).
     #[arg(long, value_enum, default_value = "random")]
@@ -96,6 +99,12 @@ pub struct TrainArgs {
     /// Learning rate of the new embedding head; default 10 × --lr.
     #[arg(long, conflicts_with = "time_budget")]
     pub head_lr: Option<f64>,
+    /// Layer-wise learning-rate decay: the backbone's last stage trains at --lr, each stage
+    /// before it at this factor times the next one's (0.65–0.75 is usual for fine-tuning
+    /// transformers, whose early blocks hold the most general features). 1 = off.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_layer_decay)]
+    #[serde(default = "default_layer_decay")]
+    pub layer_decay: f64,
     /// Weight decay (the seed: 5e-4).
     #[arg(long, default_value_t = 5e-4)]
     pub weight_decay: f64,
@@ -184,6 +193,19 @@ pub enum BnMode {
     Train,
 }
 
+fn default_layer_decay() -> f64 {
+    1.0
+}
+
+fn parse_layer_decay(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if v > 0.0 && v <= 1.0 {
+        Ok(v)
+    } else {
+        Err(format!("{v} is outside (0, 1] (1 = every stage at --lr)"))
+    }
+}
+
 fn default_crop_scale() -> f64 {
     0.16
 }
@@ -243,7 +265,12 @@ fn param_groups(model: &EmbeddingModel, frozen: usize, args: &TrainArgs) -> Vec<
     let data = model.varmap.data().lock().expect("varmap lock");
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
-    let (mut bb, mut head) = (Vec::new(), Vec::new());
+    // Backbone variables by stage (one group per stage with --layer-decay, else one group).
+    let last = model.backbone.num_stages().saturating_sub(1);
+    let decayed = args.layer_decay < 1.0;
+    let mut bb: std::collections::BTreeMap<usize, Vec<(String, candle_core::Var)>> =
+        Default::default();
+    let mut head = Vec::new();
     let bprefix = format!("{}.", crate::embed::BACKBONE_PREFIX);
     for name in names {
         if crate::backbone::is_running_stat(name) {
@@ -251,29 +278,35 @@ fn param_groups(model: &EmbeddingModel, frozen: usize, args: &TrainArgs) -> Vec<
         }
         let var = data[name].clone();
         if let Some(inner) = name.strip_prefix(&bprefix) {
-            if model
-                .backbone
-                .param_stage(inner)
-                .is_some_and(|s| s >= frozen)
-            {
-                bb.push((name.clone(), var));
+            if let Some(stage) = model.backbone.param_stage(inner).filter(|&s| s >= frozen) {
+                let key = if decayed { stage } else { last };
+                bb.entry(key).or_default().push((name.clone(), var));
             }
         } else {
             head.push((name.clone(), var));
         }
     }
-    vec![
-        ParamGroup {
+    let mut groups: Vec<ParamGroup> = bb
+        .into_iter()
+        .map(|(stage, vars)| ParamGroup {
             name: "backbone",
-            vars: bb,
+            vars,
+            lr: args.lr * args.layer_decay.powi((last - stage.min(last)) as i32),
+        })
+        .collect();
+    if groups.is_empty() {
+        groups.push(ParamGroup {
+            name: "backbone",
+            vars: Vec::new(),
             lr: args.lr,
-        },
-        ParamGroup {
-            name: "head",
-            vars: head,
-            lr: args.head_lr.unwrap_or(10.0 * args.lr),
-        },
-    ]
+        });
+    }
+    groups.push(ParamGroup {
+        name: "head",
+        vars: head,
+        lr: args.head_lr.unwrap_or(10.0 * args.lr),
+    });
+    groups
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {
@@ -424,6 +457,7 @@ pub fn train(args: TrainArgs, resume: bool, device: &Device) -> Result<TrainSumm
     let out = args.out.clone();
     let (train_set, eval_set) = load_splits(&args)?;
     let mut model = build_model(&args, resume, device)?;
+    args.pooling = Some(model.config.pooling);
     args.loss_args.validate(args.loss)?;
     let loss_fn = build_loss(&args, &model, &train_set, resume)?;
 
@@ -463,7 +497,7 @@ pub fn train(args: TrainArgs, resume: bool, device: &Device) -> Result<TrainSumm
         "loss_args": args.loss_args, "epochs": args.epochs, "lr": args.lr, "head_lr": args.head_lr,
         "proxy_lr": args.proxy_lr, "xbm": args.xbm, "accumulate": args.accumulate,
         "optimizer": args.optimizer, "classes_per_batch": args.classes_per_batch,
-        "images_per_class": args.images_per_class, "head_init": args.head_init, "pooling": args.pooling,
+        "images_per_class": args.images_per_class, "head_init": args.head_init, "pooling": args.pooling, "layer_decay": args.layer_decay,
         "freeze_until": args.freeze_until, "cached_views": args.cached_views,
         "crop_scale": args.crop_scale, "image_size": train_pre.crop,
         "inference_size": model.config.preprocess.crop, "bn": args.bn, "seed": args.seed, "plan": plan,
@@ -610,9 +644,16 @@ fn build_model(args: &TrainArgs, resume: bool, device: &Device) -> Result<Embedd
     }
     let weights = crate::weights::resolve_pretrained(args.backbone, args.weights.as_deref())?;
     seed_candle(args.seed, device);
-    let mut m =
-        EmbeddingModel::pretrained(args.backbone, &weights, Some(args.embedding_dim), device)?;
-    m.config.pooling = args.pooling;
+    let pooling = args
+        .pooling
+        .unwrap_or_else(|| crate::backbone::default_training_pooling(args.backbone));
+    let m = EmbeddingModel::pretrained_pooled(
+        args.backbone,
+        &weights,
+        Some(args.embedding_dim),
+        pooling,
+        device,
+    )?;
     if args.head_init == HeadInit::Identity {
         m.init_head_identity()?;
     }
@@ -685,12 +726,25 @@ fn resolve_sizes(
     if resume {
         return train_pre;
     }
-    let native = crate::backbone::default_preprocess(model.config.backbone).crop;
-    let size = *args
-        .inference_size
-        .get_or_insert_with(|| inference_size(&train_pre, args.crop_scale, native));
+    let size = *args.inference_size.get_or_insert_with(|| {
+        default_inference_size(model.config.backbone, &train_pre, args.crop_scale)
+    });
     set_image_size(&mut model.config.preprocess, size);
     train_pre
+}
+
+/// [`inference_size`] for `kind`; transformers keep their training size, since their patch
+/// grid (14 or 16 px) does not divide the 32-px steps (`--inference-size` still applies).
+fn default_inference_size(
+    kind: crate::backbone::BackboneKind,
+    train: &crate::preprocess::Preprocess,
+    crop_scale: f64,
+) -> u32 {
+    if kind.is_transformer() {
+        return train.crop;
+    }
+    let native = crate::backbone::default_preprocess(kind).crop;
+    inference_size(train, crop_scale, native)
 }
 
 /// The default inference size for a model trained on `train`-sized random-resized crops of
@@ -733,9 +787,13 @@ fn plan_run(
     let native = model.config.preprocess.crop;
     let size = plan::image_size_for(plan::median_side(&paths)?, native);
     set_image_size(&mut model.config.preprocess, size);
-    let inference = args
-        .inference_size
-        .unwrap_or_else(|| inference_size(&model.config.preprocess, args.crop_scale, native));
+    let inference = args.inference_size.unwrap_or_else(|| {
+        default_inference_size(
+            model.config.backbone,
+            &model.config.preprocess,
+            args.crop_scale,
+        )
+    });
     args.inference_size = Some(inference);
     eprintln!("measuring this machine at {size}×{size} px …");
     let labels: Vec<u32> = (0..args.classes_per_batch * args.images_per_class)
@@ -929,7 +987,7 @@ impl Run {
             }
             if pretrained {
                 let n = model.backbone.num_stages();
-                crate::embed::l2_normalize(&crate::backbone::pool(
+                crate::embed::l2_normalize(&model.backbone.pool_with(
                     &model.backbone.forward_stages(x, start..n)?,
                     model.config.pooling,
                 )?)

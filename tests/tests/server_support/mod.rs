@@ -195,3 +195,36 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// Random ViT-S/14 weights under timm's `vit_small_patch14_dinov2.lvd142m` names and
+/// shapes: the position embedding for 518 px (37×37 patches, as published) and Meta's
+/// `mask_token`, which the loader must resample and drop.
+pub fn write_timm_dinov2(path: &Path) {
+    let dev = candle_core::Device::Cpu;
+    let mut tensors = std::collections::HashMap::new();
+    for (name, shape) in
+        trainer::weights::expected_variables(trainer::backbone::BackboneKind::Dinov2Vits14).unwrap()
+    {
+        let t = if name == "pos_embed" {
+            candle_core::Tensor::randn(0f32, 0.5, (1, 1 + 37 * 37, 384), &dev)
+        } else if name.ends_with("norm1.weight")
+            || name.ends_with("norm2.weight")
+            || name == "norm.weight"
+        {
+            candle_core::Tensor::ones(shape, candle_core::DType::F32, &dev)
+        } else if name.ends_with(".gamma") {
+            candle_core::Tensor::rand(0.05f32, 0.15, shape, &dev)
+        } else if name == "cls_token" {
+            candle_core::Tensor::randn(0f32, 0.5, shape, &dev)
+        } else {
+            let fan_in = shape.dims()[1..].iter().product::<usize>().max(1);
+            candle_core::Tensor::randn(0f32, (1.0 / fan_in as f64).sqrt() as f32, shape, &dev)
+        };
+        tensors.insert(name, t.unwrap());
+    }
+    tensors.insert(
+        "mask_token".into(),
+        candle_core::Tensor::zeros((1, 384), candle_core::DType::F32, &dev).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, path).unwrap();
+}

@@ -523,6 +523,9 @@ impl FusedEfficientNetLite {
                 .zip(global_max_pool(&f))
                 .map(|(a, m)| a + m)
                 .collect(),
+            p @ (crate::backbone::Pooling::Cls | crate::backbone::Pooling::ClsMean) => {
+                candle_core::bail!("pooling {p:?} reads a class token, which a CNN has not")
+            }
         })
     }
 }

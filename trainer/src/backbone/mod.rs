@@ -1,5 +1,6 @@
-//! CNN backbones written on candle. Each maps `[B, 3, H, W]` to pooled features `[B, C]`
-//! and exposes its stages so early ones can be frozen and their outputs cached.
+//! Backbones written on candle: CNNs and vision transformers ([`vit`]). Each maps
+//! `[B, 3, H, W]` to pooled features `[B, C]` and exposes its stages so early ones can be
+//! frozen and their outputs cached.
 //!
 //! [`build`] creates every variable through the given `VarBuilder` under the backbone's
 //! canonical names; [`crate::weights::load_backbone_weights`] returns pretrained tensors under
@@ -11,6 +12,7 @@ pub mod bn_inception;
 pub mod efficientnet;
 pub mod layers;
 pub mod resnet;
+pub mod vit;
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -27,6 +29,18 @@ pub enum BackboneKind {
     BnInception,
     Resnet18,
     Resnet50,
+    /// DINOv2 ViT-S/14 (timm `vit_small_patch14_dinov2.lvd142m`).
+    #[serde(rename = "dinov2-vits14")]
+    #[value(name = "dinov2-vits14")]
+    Dinov2Vits14,
+    /// DINOv2 ViT-B/14 (timm `vit_base_patch14_dinov2.lvd142m`).
+    #[serde(rename = "dinov2-vitb14")]
+    #[value(name = "dinov2-vitb14")]
+    Dinov2Vitb14,
+    /// CLIP ViT-B/16's image tower (`openai/clip-vit-base-patch16`).
+    #[serde(rename = "clip-vitb16")]
+    #[value(name = "clip-vitb16")]
+    ClipVitb16,
 }
 
 impl BackboneKind {
@@ -36,7 +50,15 @@ impl BackboneKind {
             BackboneKind::BnInception => "bn-inception",
             BackboneKind::Resnet18 => "resnet18",
             BackboneKind::Resnet50 => "resnet50",
+            BackboneKind::Dinov2Vits14 => "dinov2-vits14",
+            BackboneKind::Dinov2Vitb14 => "dinov2-vitb14",
+            BackboneKind::ClipVitb16 => "clip-vitb16",
         }
+    }
+
+    /// Vision transformers (token maps, CLS pooling) rather than CNNs (feature maps).
+    pub fn is_transformer(self) -> bool {
+        vit::VitConfig::for_kind(self).is_some()
     }
 }
 
@@ -51,7 +73,7 @@ impl std::str::FromStr for BackboneKind {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         <Self as clap::ValueEnum>::from_str(s, true).map_err(|_| {
             format!(
-                "unknown backbone '{s}' (expected one of: efficientnet-lite0, bn-inception, resnet18, resnet50)"
+                "unknown backbone '{s}' (expected one of: efficientnet-lite0, bn-inception, resnet18, resnet50, dinov2-vits14, dinov2-vitb14, clip-vitb16)"
             )
         })
     }
@@ -72,9 +94,23 @@ pub enum Pooling {
     Max,
     /// Average + maximum, summed (Kim et al. 2020's Proxy-Anchor setting).
     AvgMax,
+    /// Transformers: the class token (DINOv2's and CLIP's own embedding; CLIP's projected).
+    /// Transformers pool `avg`, `max`, `avg-max` over the patch tokens.
+    Cls,
+    /// Transformers: the class token and the mean patch token, concatenated (DINOv2's
+    /// linear-probe feature; twice as wide).
+    ClsMean,
 }
 
-/// Pools `[B, C, H, W]` → `[B, C]`.
+impl Pooling {
+    /// Whether the pooling reads a class token, which only transformers have.
+    pub fn needs_class_token(self) -> bool {
+        matches!(self, Pooling::Cls | Pooling::ClsMean)
+    }
+}
+
+/// Pools `[B, C, H, W]` → `[B, C]` (CNN feature maps; transformers pool their tokens in
+/// [`Backbone::pool_with`]).
 pub fn pool(x: &Tensor, pooling: Pooling) -> Result<Tensor> {
     use candle_core::D;
     let avg = || x.mean(D::Minus1)?.mean(D::Minus1);
@@ -83,6 +119,9 @@ pub fn pool(x: &Tensor, pooling: Pooling) -> Result<Tensor> {
         Pooling::Avg => avg(),
         Pooling::Max => max(),
         Pooling::AvgMax => avg()? + max()?,
+        Pooling::Cls | Pooling::ClsMean => candle_core::bail!(
+            "pooling {pooling:?} reads a class token: only transformer backbones have one"
+        ),
     }
 }
 
@@ -101,6 +140,11 @@ pub trait Backbone: Send + Sync {
     /// Global average pool `[B, C, H, W]` → `[B, C]`.
     fn pool(&self, x: &Tensor) -> Result<Tensor> {
         x.mean(candle_core::D::Minus1)?.mean(candle_core::D::Minus1)
+    }
+    /// The pooled feature under `pooling` (what embeddings are made of): [`pool`] for CNN
+    /// feature maps; transformers pool their tokens and apply their final layers.
+    fn pool_with(&self, x: &Tensor, pooling: Pooling) -> Result<Tensor> {
+        pool(x, pooling)
     }
     /// Channels of the pooled feature.
     fn feature_dim(&self) -> usize;
@@ -121,6 +165,10 @@ pub fn build(kind: BackboneKind, vb: VarBuilder) -> Result<Box<dyn Backbone>> {
         BackboneKind::Resnet18 => Box::new(resnet::ResNet::resnet18(vb)?),
         BackboneKind::Resnet50 => Box::new(resnet::ResNet::resnet50(vb)?),
         BackboneKind::BnInception => Box::new(bn_inception::BnInception::new(vb)?),
+        BackboneKind::Dinov2Vits14 | BackboneKind::Dinov2Vitb14 | BackboneKind::ClipVitb16 => {
+            let cfg = vit::VitConfig::for_kind(kind).expect("a transformer kind");
+            Box::new(vit::Vit::new(kind, cfg, vb)?)
+        }
     })
 }
 
@@ -130,6 +178,45 @@ pub fn default_preprocess(kind: BackboneKind) -> Preprocess {
         BackboneKind::EfficientnetLite0 => Preprocess::efficientnet_lite(),
         BackboneKind::Resnet18 | BackboneKind::Resnet50 => Preprocess::imagenet(256, 224),
         BackboneKind::BnInception => Preprocess::bn_inception(),
+        BackboneKind::Dinov2Vits14 | BackboneKind::Dinov2Vitb14 => Preprocess::dinov2(),
+        BackboneKind::ClipVitb16 => Preprocess::clip(),
+    }
+}
+
+/// The pooling a pretrained `kind` is used with: the class token for transformers, the
+/// global average for CNNs.
+pub fn default_pooling(kind: BackboneKind) -> Pooling {
+    if kind.is_transformer() {
+        Pooling::Cls
+    } else {
+        Pooling::Avg
+    }
+}
+
+/// The pooling a fine-tuned `kind` gets unless told otherwise: the class token for
+/// transformers; average + maximum for CNNs, which beat average pooling after training on
+/// photos and on characters (bench/RESULTS-learning.md).
+pub fn default_training_pooling(kind: BackboneKind) -> Pooling {
+    if kind.is_transformer() {
+        Pooling::Cls
+    } else {
+        Pooling::AvgMax
+    }
+}
+
+/// Width of `kind`'s pooled feature under `pooling`; an error naming both when the pooling
+/// does not apply to the backbone (a class token on a CNN).
+pub fn pooled_dim(kind: BackboneKind, pooling: Pooling) -> crate::error::Result<usize> {
+    match vit::VitConfig::for_kind(kind) {
+        Some(cfg) => Ok(cfg.pooled_dim(pooling)),
+        None if pooling.needs_class_token() => Err(crate::error::Error::Invalid(format!(
+            "--pooling {} needs a class token, which {kind} (a CNN) has not; use avg, max or \
+             avg-max, or a transformer backbone (dinov2-vits14, dinov2-vitb14, clip-vitb16)",
+            clap::ValueEnum::to_possible_value(&pooling)
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default()
+        ))),
+        None => Ok(feature_dim(kind)),
     }
 }
 
@@ -140,6 +227,11 @@ pub fn feature_dim(kind: BackboneKind) -> usize {
         BackboneKind::Resnet18 => resnet::RESNET18_FEATURE_DIM,
         BackboneKind::Resnet50 => resnet::RESNET50_FEATURE_DIM,
         BackboneKind::BnInception => bn_inception::FEATURE_DIM,
+        BackboneKind::Dinov2Vits14 | BackboneKind::Dinov2Vitb14 | BackboneKind::ClipVitb16 => {
+            vit::VitConfig::for_kind(kind)
+                .expect("a transformer kind")
+                .token_dim()
+        }
     }
 }
 

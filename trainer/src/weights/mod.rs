@@ -156,6 +156,19 @@ pub fn load_backbone_weights(
             )
         })?;
         if found.shape() != &shape {
+            // A transformer's position embedding published for another image size.
+            if let Some(t) =
+                backbone::vit::fit_position_embedding(kind, &name, found, shape.dims())?
+            {
+                tracing::info!(
+                    "{}: '{name}' resampled from {:?} to {:?} (bicubic, as timm)",
+                    path.display(),
+                    found.dims(),
+                    shape.dims()
+                );
+                out.insert(name, t);
+                continue;
+            }
             return Err(Error::file(
                 path,
                 format!(

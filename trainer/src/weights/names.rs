@@ -9,6 +9,13 @@
 //! - ResNet-18/50 and BN-Inception: the canonical names *are* the published layouts
 //!   (torchvision/timm `conv1`, `layer1.0.downsample.0`, …; Cadene's `conv1_7x7_s2`, …).
 //!
+//! - DINOv2: timm's layout (`cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.attn.qkv`,
+//!   `blocks.N.ls1.gamma`, …, `norm`), which is also Meta's original one; `mask_token` and a
+//!   classifier `head` are dropped.
+//! - CLIP: the Hugging Face layout (`vision_model.*`, `visual_projection.weight`) of a full
+//!   `CLIPModel` file, whose text tower (`text_model.*`, `text_projection`, `logit_scale`)
+//!   is dropped.
+//!
 //! Keys every layout carries but no model uses (`num_batches_tracked`) are dropped here.
 
 use crate::backbone::efficientnet::LITE0_STAGES;
@@ -27,6 +34,14 @@ pub fn canonical_name(kind: BackboneKind, key: &str, all_keys: &[&str]) -> Optio
         BackboneKind::Resnet18 | BackboneKind::Resnet50 | BackboneKind::BnInception => {
             Some(key.to_string())
         }
+        BackboneKind::Dinov2Vits14 | BackboneKind::Dinov2Vitb14 => {
+            (key != "mask_token" && !key.starts_with("head.")).then(|| key.to_string())
+        }
+        // `position_ids` is an index buffer older Hugging Face files carry.
+        BackboneKind::ClipVitb16 => ((key.starts_with("vision_model.")
+            && !key.ends_with(".position_ids"))
+            || key == "visual_projection.weight")
+            .then(|| key.to_string()),
     }
 }
 
@@ -237,5 +252,30 @@ mod tests {
         );
         let b = canonical_name(BackboneKind::BnInception, "inception_3a_1x1_bn.weight", &[]);
         assert_eq!(b.as_deref(), Some("inception_3a_1x1_bn.weight"));
+    }
+
+    #[test]
+    fn transformer_layouts_drop_what_the_tower_does_not_use() {
+        let d = |k: &str| canonical_name(BackboneKind::Dinov2Vits14, k, &[]);
+        assert_eq!(
+            d("blocks.3.ls1.gamma").as_deref(),
+            Some("blocks.3.ls1.gamma")
+        );
+        assert_eq!(d("module.pos_embed").as_deref(), Some("pos_embed"));
+        assert_eq!(d("mask_token"), None);
+        assert_eq!(d("head.weight"), None);
+        let c = |k: &str| canonical_name(BackboneKind::ClipVitb16, k, &[]);
+        assert_eq!(
+            c("vision_model.encoder.layers.0.self_attn.q_proj.bias").as_deref(),
+            Some("vision_model.encoder.layers.0.self_attn.q_proj.bias")
+        );
+        assert_eq!(
+            c("visual_projection.weight").as_deref(),
+            Some("visual_projection.weight")
+        );
+        assert_eq!(c("text_model.embeddings.token_embedding.weight"), None);
+        assert_eq!(c("text_projection.weight"), None);
+        assert_eq!(c("logit_scale"), None);
+        assert_eq!(c("vision_model.embeddings.position_ids"), None);
     }
 }

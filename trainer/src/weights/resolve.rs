@@ -28,6 +28,10 @@ pub fn hub_source(kind: BackboneKind) -> Option<HubSource> {
         BackboneKind::EfficientnetLite0 => "timm/tf_efficientnet_lite0.in1k",
         BackboneKind::Resnet18 => "timm/resnet18.a1_in1k",
         BackboneKind::Resnet50 => "timm/resnet50.a1_in1k",
+        BackboneKind::Dinov2Vits14 => "timm/vit_small_patch14_dinov2.lvd142m",
+        BackboneKind::Dinov2Vitb14 => "timm/vit_base_patch14_dinov2.lvd142m",
+        // The full CLIP model (both towers, 600 MB); the text tower is dropped at load.
+        BackboneKind::ClipVitb16 => "openai/clip-vit-base-patch16",
         BackboneKind::BnInception => return None,
     };
     Some(HubSource {
@@ -418,5 +422,11 @@ mod tests {
         }
         assert!(not_found_message(BackboneKind::BnInception, None, None)
             .contains("bn_inception-239d2248.pth"));
+        let clip = not_found_message(BackboneKind::ClipVitb16, None, None);
+        assert!(clip.contains("openai/clip-vit-base-patch16"), "{clip}");
+        assert_eq!(
+            hub_url("http://m", hub_source(BackboneKind::Dinov2Vits14).unwrap()),
+            "http://m/timm/vit_small_patch14_dinov2.lvd142m/resolve/main/model.safetensors"
+        );
     }
 }
