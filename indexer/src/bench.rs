@@ -88,18 +88,7 @@ pub fn run(
 
     let t = Instant::now();
     let mut index = GalleryIndex::create(index_dir, identity, dim, cfg.params)?;
-    let items = vectors
-        .chunks_exact(dim)
-        .enumerate()
-        .map(|(i, v)| NewItem {
-            path: format!("#{i}"),
-            label: Some(labels[i].to_string()),
-            sha256: format!("row-{i}"),
-            metadata: None,
-            vector: v.to_vec(),
-        })
-        .collect();
-    index.add(items)?;
+    index.add(bench_items(vectors, dim, labels))?;
     let build_seconds = t.elapsed().as_secs_f64();
     let t = Instant::now();
     index.commit()?;
@@ -396,6 +385,22 @@ fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+}
+
+/// The benchmark's rows as gallery items (a synthetic path and content key per row), the same
+/// for every store so their figures compare.
+pub(crate) fn bench_items(vectors: &[f32], dim: usize, labels: &[u32]) -> Vec<NewItem> {
+    vectors
+        .chunks_exact(dim)
+        .enumerate()
+        .map(|(i, v)| NewItem {
+            path: format!("#{i}"),
+            label: Some(labels[i].to_string()),
+            sha256: format!("row-{i}"),
+            metadata: None,
+            vector: v.to_vec(),
+        })
+        .collect()
 }
 
 #[cfg(test)]

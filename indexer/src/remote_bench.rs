@@ -14,7 +14,6 @@ use trainer::metrics::{knn_exact, RetrievalMetrics};
 
 use crate::bench::{BenchConfig, BenchReport};
 use crate::remote::PgStore;
-use crate::NewItem;
 
 /// The remote store's figures.
 #[derive(Debug, Clone)]
@@ -68,17 +67,7 @@ pub fn run(
     let url = bench_url(url);
     PgStore::check_new(&url)?;
     let n = labels.len();
-    let items = vectors
-        .chunks_exact(dim)
-        .enumerate()
-        .map(|(i, v)| NewItem {
-            path: format!("#{i}"),
-            label: Some(labels[i].to_string()),
-            sha256: format!("row-{i}"),
-            metadata: None,
-            vector: v.to_vec(),
-        })
-        .collect();
+    let items = crate::bench::bench_items(vectors, dim, labels);
     let t = Instant::now();
     let pool = rayon::current_num_threads().max(2) as u32;
     let (store, report) = PgStore::create(&url, identity, cfg.params, None, items, pool)?;
