@@ -12,6 +12,7 @@ Reports Recall@1,2,4,8 on the held-out classes and the wall time as one JSON lin
     python3 bench/peers/learn_peer.py --run runs/omniglot-30m --data ../shared/data/omniglot --dataset folder
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -68,6 +69,21 @@ def load_cub(root):
     return out
 
 
+def drop_duplicates(paths, labels):
+    """The trainer's default (trainer/src/data/duplicates.rs): keep the first copy of every
+    repeated file, then make the labels of the classes that kept images dense again."""
+    seen, keep = set(), []
+    for i, p in enumerate(paths):
+        h = hashlib.sha256(open(p, "rb").read()).digest()
+        if h not in seen:
+            seen.add(h)
+            keep.append(i)
+    used = sorted(set(int(labels[i]) for i in keep))
+    dense = {c: j for j, c in enumerate(used)}
+    print(f"dropped {len(paths) - len(keep)} repeated training files, {len(set(labels.tolist())) - len(used)} emptied classes", file=sys.stderr)
+    return [paths[i] for i in keep], np.array([dense[int(labels[i])] for i in keep])
+
+
 def to_tensor(img):
     a = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
     return ((a - 127.0) / 128.0).permute(2, 0, 1)
@@ -77,7 +93,7 @@ def eval_view(path, size):
     return to_tensor(Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR))
 
 
-def train_view(path, size, scale_min, rng):
+def train_view(path, size, scale_min, rng, flip=0.5):
     """RandomResizedCrop (scale (scale_min, 1), ratio 3/4–4/3) + horizontal flip, as the trainer."""
     img = Image.open(path).convert("RGB")
     w, h = img.size
@@ -92,7 +108,7 @@ def train_view(path, size, scale_min, rng):
             box = (x, y, x + cw, y + ch)
             break
     view = img.resize((size, size), Image.BILINEAR, box=box)
-    if rng.random() < 0.5:
+    if rng.random() < flip:
         view = view.transpose(Image.FLIP_LEFT_RIGHT)
     return to_tensor(view)
 
@@ -215,6 +231,7 @@ def main():
     proxy_lr = float(tr["proxy_lr"] if tr.get("proxy_lr") is not None else 100 * lr)
     warmup_epochs = float((tr.get("plan") or {}).get("warmup_epochs", 0.0))
     crop_scale = float(tr.get("crop_scale", 0.16))
+    flip = float(tr.get("flip", 0.5))
     seed = int(tr.get("seed", 0))
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -222,6 +239,8 @@ def main():
 
     data = load_folder(a.data) if a.dataset == "folder" else load_cub(a.data)
     trp, trl = data["train"]
+    if tr.get("duplicates_dropped"):
+        trp, trl = drop_duplicates(trp, trl)
     tep, tel = data["test"]
     ytr, yte = torch.from_numpy(trl), torch.from_numpy(tel)
     model = EfficientNetLite0().load_pth(a.weights).eval()
@@ -240,7 +259,7 @@ def main():
         per_view = []
         for v in range(views):
             def view(p, i=v):
-                return eval_view(p, size) if i == 0 else train_view(p, size, crop_scale, rng)
+                return eval_view(p, size) if i == 0 else train_view(p, size, crop_scale, rng, flip)
             per_view.append(torch.cat([through(torch.stack([view(p) for p in trp[i:i + 32]]), 0, frozen) for i in range(0, len(trp), 32)]))
         xtr = torch.stack(per_view)  # [views, n, ...]
     cache_s = time.time() - t0
@@ -314,7 +333,7 @@ def main():
             for g in opt.param_groups:
                 g["lr"] = g["base"] * f
             if xtr is None:
-                x = torch.stack([train_view(trp[i], size, crop_scale, rng) for i in idx])
+                x = torch.stack([train_view(trp[i], size, crop_scale, rng, flip) for i in idx])
             else:
                 x = xtr[torch.randint(0, views, (len(idx),)), torch.tensor(idx)]
             loss = loss_fn(embed(x), ytr[idx])

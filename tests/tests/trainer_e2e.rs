@@ -340,3 +340,82 @@ fn stages_are_listed_without_weights() {
     assert!(out.contains("  4  blocks4"), "{out}");
     assert!(out.contains("  8  head"), "{out}");
 }
+
+/// Files repeated across training classes are trained on once, repeats reaching the
+/// evaluation classes are reported, and `--keep-duplicates` / `--flip` do what they say.
+#[test]
+fn repeated_files_are_trained_once_and_reported() {
+    let Some(weights) = lite0_weights() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    // 8 classes: class_00..03 train, class_04..07 test. Class_01 becomes a copy of class_00
+    // (both training classes); class_05 a copy of class_02 (a test class repeating training).
+    make_shapes_dataset(&data, 8, 5, 48);
+    for (from, to) in [("class_00", "class_01"), ("class_02", "class_05")] {
+        std::fs::remove_dir_all(data.join(to)).unwrap();
+        std::fs::create_dir_all(data.join(to)).unwrap();
+        for e in std::fs::read_dir(data.join(from)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), data.join(to).join(e.file_name())).unwrap();
+        }
+    }
+    let train = |name: &str, extra: &[&str]| {
+        run(Command::new(bin("trainer"))
+            .args(["--dataset", "folder", "--freeze-until", "head"])
+            .args(["--classes-per-batch", "2", "--images-per-class", "3"])
+            .args([
+                "--embedding-dim",
+                "16",
+                "--epochs",
+                "1",
+                "--image-size",
+                "64",
+            ])
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(tmp.path().join(name))
+            .arg("--weights")
+            .arg(&weights)
+            .args(extra))
+    };
+    let training = |name: &str| -> serde_json::Value {
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(tmp.path().join(name).join("config.json")).unwrap(),
+        )
+        .unwrap();
+        cfg["training"].clone()
+    };
+
+    let o = ok(train("dedup", &[]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("repeats 5 image file(s): 0 inside a class, 5 across classes")
+            && err.contains("class_00 = class_01")
+            && err.contains("1 class(es) that only repeated others are left out"),
+        "{err}"
+    );
+    assert!(
+        err.contains("5 of the 20 evaluation images (1 classes: class_05 = class_02)"),
+        "{err}"
+    );
+    assert!(err.contains("train: 15 images / 3 classes"), "{err}");
+    assert_eq!(training("dedup")["duplicates_dropped"], 5);
+    assert_eq!(training("dedup")["flip"], 0.5);
+
+    let o = ok(train("keep", &["--keep-duplicates", "--flip", "0"]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("kept, as --keep-duplicates asks"), "{err}");
+    assert!(err.contains("train: 20 images / 4 classes"), "{err}");
+    assert_eq!(training("keep")["duplicates_dropped"], 0);
+    assert_eq!(training("keep")["flip"], 0.0);
+
+    let o = train("badflip", &["--flip", "1.5"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--flip is a probability"),
+        "{err}"
+    );
+}

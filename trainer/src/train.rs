@@ -164,6 +164,18 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0.16)]
     #[serde(default = "default_crop_scale")]
     pub crop_scale: f64,
+    /// Probability of a horizontal flip of a training view (the seed: 0.5). Use 0 for data
+    /// whose mirror image is another class: text, characters, some logos and symbols.
+    #[arg(long, default_value_t = 0.5)]
+    #[serde(default = "default_flip")]
+    pub flip: f64,
+    /// Train on every listed file even when the same file is listed twice. By default a
+    /// repeated file is trained on once (the first copy in dataset order): identical images
+    /// under two labels are negatives no metric can separate. The evaluation split is never
+    /// changed; repeats touching it are reported.
+    #[arg(long)]
+    #[serde(default)]
+    pub keep_duplicates: bool,
     /// Learning rate of a proxy loss's proxies; default 100 × --lr (Kim et al. 2020).
     #[arg(long, conflicts_with = "time_budget")]
     pub proxy_lr: Option<f64>,
@@ -208,6 +220,10 @@ fn parse_layer_decay(s: &str) -> std::result::Result<f64, String> {
 
 fn default_crop_scale() -> f64 {
     0.16
+}
+
+fn default_flip() -> f64 {
+    0.5
 }
 
 fn default_accumulate() -> usize {
@@ -455,7 +471,7 @@ pub fn train(args: TrainArgs, resume: bool, device: &Device) -> Result<TrainSumm
         .transpose()
         .map_err(|e| Error::Invalid(format!("--time-budget: {e}")))?;
     let out = args.out.clone();
-    let (train_set, eval_set) = load_splits(&args)?;
+    let (train_set, eval_set, duplicates_dropped) = load_splits(&args)?;
     let mut model = build_model(&args, resume, device)?;
     args.pooling = Some(model.config.pooling);
     args.loss_args.validate(args.loss)?;
@@ -499,7 +515,7 @@ pub fn train(args: TrainArgs, resume: bool, device: &Device) -> Result<TrainSumm
         "optimizer": args.optimizer, "classes_per_batch": args.classes_per_batch,
         "images_per_class": args.images_per_class, "head_init": args.head_init, "pooling": args.pooling, "layer_decay": args.layer_decay,
         "freeze_until": args.freeze_until, "cached_views": args.cached_views,
-        "crop_scale": args.crop_scale, "image_size": train_pre.crop,
+        "crop_scale": args.crop_scale, "flip": args.flip, "duplicates_dropped": duplicates_dropped, "image_size": train_pre.crop,
         "inference_size": model.config.preprocess.crop, "bn": args.bn, "seed": args.seed, "plan": plan,
     });
     let frozen = resolve_stage(&model, &args.freeze_until)?;
@@ -525,6 +541,7 @@ pub fn train(args: TrainArgs, resume: bool, device: &Device) -> Result<TrainSumm
 
     let mut augment = data::Augment::new(train_pre, args.seed);
     augment.crop.scale.0 = args.crop_scale;
+    augment.flip_p = args.flip;
     let images = Images {
         skip_bad: args.skip_bad_images,
         bad: std::sync::Mutex::new(Vec::new()),
@@ -598,6 +615,12 @@ fn open_run(mut args: TrainArgs, resume: bool) -> Result<(TrainArgs, usize, usiz
     if args.classes_per_batch < 2 || args.images_per_class < 2 {
         return Err(Error::Invalid("P×K batches need --classes-per-batch ≥ 2 and --images-per-class ≥ 2 (positives and negatives)".into()));
     }
+    if !(0.0..=1.0).contains(&args.flip) {
+        return Err(Error::Invalid(format!(
+            "--flip is a probability in [0, 1], got {}",
+            args.flip
+        )));
+    }
     if !(args.crop_scale > 0.0 && args.crop_scale <= 1.0) {
         return Err(Error::Invalid(format!(
             "--crop-scale must be in (0, 1], got {}",
@@ -607,8 +630,9 @@ fn open_run(mut args: TrainArgs, resume: bool) -> Result<(TrainArgs, usize, usiz
     Ok((args, start_epoch, opt_steps))
 }
 
-/// The training and evaluation splits.
-fn load_splits(args: &TrainArgs) -> Result<(std::sync::Arc<Dataset>, Dataset)> {
+/// The training and evaluation splits, and how many repeated files were left out of training
+/// ([`data::duplicates`]).
+fn load_splits(args: &TrainArgs) -> Result<(std::sync::Arc<Dataset>, Dataset, usize)> {
     let train_split: SplitSpec = args
         .split
         .parse()
@@ -617,9 +641,11 @@ fn load_splits(args: &TrainArgs) -> Result<(std::sync::Arc<Dataset>, Dataset)> {
         .eval_split
         .parse()
         .map_err(|e| Error::Invalid(format!("--eval-split: {e}")))?;
-    let train_set =
-        std::sync::Arc::new(data::load_dataset(args.dataset, &args.data, &train_split)?);
+    let train_set = data::load_dataset(args.dataset, &args.data, &train_split)?;
     let eval_set = data::load_dataset(args.dataset, &args.data, &eval_split)?;
+    let (train_set, dropped) =
+        data::duplicates::clean_training_split(train_set, &eval_set, args.keep_duplicates);
+    let train_set = std::sync::Arc::new(train_set);
     if train_set.class_names.len() < args.classes_per_batch {
         return Err(Error::Invalid(format!(
             "the training split has {} classes, fewer than --classes-per-batch {}",
@@ -634,7 +660,7 @@ fn load_splits(args: &TrainArgs) -> Result<(std::sync::Arc<Dataset>, Dataset)> {
         eval_set.samples.len(),
         eval_set.class_names.len()
     );
-    Ok((train_set, eval_set))
+    Ok((train_set, eval_set, dropped))
 }
 
 /// The pretrained network with a new head, or the checkpoint being resumed.

@@ -12,6 +12,7 @@ mod augment;
 mod cars196;
 mod cub;
 mod decode;
+pub mod duplicates;
 mod folder;
 mod list;
 mod loader;
