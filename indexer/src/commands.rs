@@ -177,7 +177,7 @@ pub fn build(args: BuildArgs) -> Result<()> {
                 args.params,
                 |index| -> Result<()> {
                     args.model.write(index.dir())?;
-                    report = index.add(to_items(outcome.embedded))?;
+                    report = index.add_streamed(to_items(outcome.embedded))?;
                     index.commit()?;
                     Ok(())
                 },
@@ -578,7 +578,7 @@ pub fn drop_collection(url: &str) -> Result<()> {
 pub fn export_vectors(index_dir: &Path, out: &Path) -> Result<()> {
     let format = VectorFormat::from_path(out)?;
     let index = GalleryIndex::open(index_dir)?;
-    export::write_vectors(out, format, index.vectors(), index.dim())?;
+    export::write_rows(out, format, index.vectors())?;
     println!(
         "wrote {} × {} vectors to {}",
         index.len(),
@@ -750,11 +750,14 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
         (Some(d), true) => read_saved_queries(&d.join("queries.npy"), a.queries, a.dim),
         _ => None,
     };
-    let all = match saved {
+    // Rows 0..n are the index, n..n + queries the held-out queries; the index's rows are
+    // generated while they are added (see below), never all at once.
+    let generator = crate::synthetic::Clustered::new(a.dim, a.classes, a.noise, a.seed);
+    let queries = match saved {
         Some(q) => q,
-        None => crate::synthetic::clustered(a.n + a.queries, a.dim, a.classes, a.noise, a.seed).0,
+        None => generator.rows(a.n, a.n + a.queries),
     };
-    let (base, queries) = all.split_at(all.len() - a.queries * a.dim);
+    let queries = &queries[..];
     let gen_s = t.elapsed().as_secs_f64();
     let tmp;
     let dir = match &a.dir {
@@ -776,18 +779,23 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
     } else {
         let t = Instant::now();
         let mut index = GalleryIndex::create(&dir, identity, a.dim, a.params)?;
-        let items: Vec<NewItem> = base
-            .chunks_exact(a.dim)
-            .enumerate()
-            .map(|(i, v)| NewItem {
+        // Generated a batch at a time and streamed into the index's vectors file, so the
+        // build holds one copy of the vectors (see `GalleryIndex::add_streamed`).
+        const BATCH: usize = 16 * 1024;
+        let dim = a.dim;
+        let items = (0..a.n).step_by(BATCH).flat_map(|from| {
+            let to = (from + BATCH).min(a.n);
+            let rows = generator.rows(from, to);
+            let labels = &labels;
+            (from..to).map(move |i| NewItem {
                 path: format!("#{i}"),
                 label: labels.as_ref().and_then(|l| l[i].clone()),
                 sha256: format!("{i:016x}"),
                 metadata: None,
-                vector: v.to_vec(),
+                vector: rows[(i - from) * dim..(i - from + 1) * dim].to_vec(),
             })
-            .collect();
-        index.add(items)?;
+        });
+        index.add_streamed(items)?;
         let build_s = t.elapsed().as_secs_f64();
         let t = Instant::now();
         index.commit()?;

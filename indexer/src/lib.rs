@@ -65,6 +65,7 @@ pub mod remote_bench;
 pub mod storage;
 pub mod store;
 pub mod synthetic;
+pub mod vectors;
 pub mod wal;
 
 #[cfg(test)]
