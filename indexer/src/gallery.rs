@@ -868,7 +868,9 @@ impl GalleryIndex {
         let store = self.store.clone();
         let vectors = match &self.staged_vectors {
             Some(e) if e.name == vname && self.vectors.heap_rows() == 0 => e.clone(),
-            _ => write_vectors(&store, &vname, self.vectors.rows())?,
+            _ => self
+                .vectors
+                .scan(|rows| write_vectors(&store, &vname, rows))?,
         };
         let items = write_items(&store, &iname, &self.items)?;
         let (graph, layered_graph) = match self.graph.write(&store, &gname)? {

@@ -98,6 +98,8 @@ pub struct Vectors {
     /// The committed rows, `None` when the generation holds none.
     map: Option<Mmap>,
     base_rows: usize,
+    /// The map is read a row at a time (`MADV_RANDOM`, see [`Vectors::map`]).
+    random: bool,
     /// Rows added since the map's generation was committed.
     tail: Vec<f32>,
 }
@@ -109,6 +111,7 @@ impl Vectors {
             dim: dim.max(1),
             map: None,
             base_rows: 0,
+            random: false,
             tail: Vec::new(),
         }
     }
@@ -151,8 +154,23 @@ impl Vectors {
             dim,
             base_rows: map.len() / (4 * dim),
             map: Some(map),
+            random,
             tail: Vec::new(),
         })
+    }
+
+    /// Runs `f` over the rows with the map read ahead as a sequential scan (a commit
+    /// copying the rows into the next generation), then restores the row-at-a-time hint.
+    pub fn scan<T>(&self, f: impl FnOnce(Rows<'_>) -> T) -> T {
+        let advise = |a: Advice| {
+            if let Some(m) = self.map.as_ref().filter(|_| self.random) {
+                let _ = m.advise(a); // advisory, see `Vectors::map`
+            }
+        };
+        advise(Advice::Sequential);
+        let out = f(self.rows());
+        advise(Advice::Random);
+        out
     }
 
     pub fn dim(&self) -> usize {
