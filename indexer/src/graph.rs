@@ -10,9 +10,10 @@
 //! manifest, and the load additionally runs under `catch_unwind`.
 //!
 //! A reloaded `Hnsw` borrows the `HnswIo` that loaded it (hnsw_rs issue #19: it may point
-//! into a memory map). We never memory-map, so the borrow is only nominal; the `HnswIo`
-//! (a path, a name and a counter, under 200 bytes) is leaked to give the graph a `'static`
-//! lifetime instead of building a self-referential struct.
+//! into a memory map). We never memory-map a dump (only this crate's own files are mapped,
+//! see [`crate::vectors`]), so the borrow is only nominal; the `HnswIo` (a path, a name and
+//! a counter, under 200 bytes) is leaked to give the graph a `'static` lifetime instead of
+//! building a self-referential struct.
 
 use std::path::Path;
 
