@@ -219,12 +219,6 @@ impl Vectors {
         debug_assert_eq!(row.len(), self.dim);
         self.tail.extend_from_slice(row);
     }
-
-    /// Drops heap rows past `n` (an add that failed part-way).
-    pub fn truncate(&mut self, n: usize) {
-        let keep = n.saturating_sub(self.base_rows) * self.dim;
-        self.tail.truncate(keep);
-    }
 }
 
 #[cfg(test)]
@@ -249,9 +243,7 @@ mod tests {
         assert_eq!(r.iter_from(4).count(), 1);
         assert_eq!(r.prefix(2).len(), 2);
         assert_eq!(r.prefix(5).row(4), &[12.0, 13.0, 14.0]);
-        v.truncate(4);
-        assert_eq!(v.len(), 4);
-        assert!(v.row(4).is_none());
+        assert!(v.row(5).is_none());
 
         // A non-finite value is refused with its row, after the checksum matched.
         let mut bad = bytes.clone();
