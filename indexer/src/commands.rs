@@ -156,45 +156,34 @@ pub fn build(args: BuildArgs) -> Result<()> {
         args.model.model,
         embedder.dim()
     );
-    let outcome = images::embed_sources(
-        &embedder,
-        sources,
-        args.batch_size,
-        args.skip_bad_images,
-        true,
-    )?;
-    if outcome.embedded.is_empty() {
-        bail!("no image could be read; nothing to index");
-    }
-    let t = Instant::now();
-    let (report, stored) = match &args.out {
+    let (report, stored, outcome, build_s) = match &args.out {
         Location::Index(out) => {
-            let mut report = crate::AddReport::default();
-            let index = GalleryIndex::create_with(
-                out,
-                embedder.identity().clone(),
-                embedder.dim(),
-                args.params,
-                |index| -> Result<()> {
-                    args.model.write(index.dir())?;
-                    report = index.add(to_items(outcome.embedded))?;
-                    index.commit()?;
-                    Ok(())
-                },
-            )?;
+            let (index, report, outcome, build_s) = build_streamed(&args, out, &embedder, sources)?;
             let mib = index.disk_bytes() as f64 / (1 << 20) as f64;
-            (report, format!("{:.1} MiB on disk", mib))
+            (report, format!("{:.1} MiB on disk", mib), outcome, build_s)
         }
         Location::Remote(url) => {
+            let mut outcome = images::embed_sources(
+                &embedder,
+                sources,
+                args.batch_size,
+                args.skip_bad_images,
+                true,
+            )?;
+            if outcome.embedded.is_empty() {
+                bail!("no image could be read; nothing to index");
+            }
+            let t = Instant::now();
             let (store, report) = PgStore::create(
                 url,
                 embedder.identity().clone(),
                 args.params,
                 Some(serde_json::to_value(&args.model)?),
-                to_items(outcome.embedded),
+                to_items(std::mem::take(&mut outcome.embedded)),
                 1,
             )?;
-            (report, format!("{} hash partitions", store.shards()))
+            let stored = format!("{} hash partitions", store.shards());
+            (report, stored, outcome, t.elapsed().as_secs_f64())
         }
     };
     println!(
@@ -202,23 +191,109 @@ pub fn build(args: BuildArgs) -> Result<()> {
         report.added.len(),
         args.out.describe(),
         outcome.images_per_second,
-        t.elapsed().as_secs_f64(),
+        build_s,
     );
     print_skips(&report.duplicates, &outcome.skipped);
     Ok(())
 }
 
+/// Embeds `sources` into a new index at `out`, each vector going into the index's vectors
+/// file as its batch is embedded ([`GalleryIndex::add_streamed`], on a second thread fed
+/// through a bounded channel): the build holds the vectors once, in the file it then maps
+/// and links, instead of as embeddings, items and the index's array. An embedding error
+/// leaves no index (the staged one is never moved into place). Returns the index, the add
+/// report, the embedding outcome and the seconds from the last embedding to the commit.
+fn build_streamed(
+    args: &BuildArgs,
+    out: &Path,
+    embedder: &Embedder,
+    sources: Vec<Source>,
+) -> Result<(GalleryIndex, crate::AddReport, images::EmbedOutcome, f64)> {
+    enum Msg {
+        Item(images::Embedded),
+        /// Every image was embedded (without it, the embedding stopped on an error).
+        Done,
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(4 * args.batch_size.max(1));
+    let (identity, dim, params, model) = (
+        embedder.identity().clone(),
+        embedder.dim(),
+        args.params,
+        &args.model,
+    );
+    std::thread::scope(|scope| {
+        let indexing = scope.spawn(
+            move || -> Result<(GalleryIndex, crate::AddReport, Instant)> {
+                let mut report = crate::AddReport::default();
+                let (mut complete, mut embedded_at) = (false, None);
+                let index =
+                    GalleryIndex::create_with(out, identity, dim, params, |index| -> Result<()> {
+                        model.write(index.dir())?;
+                        let items = std::iter::from_fn(|| match rx.recv() {
+                            Ok(Msg::Item(e)) => Some(to_item(e)),
+                            Ok(Msg::Done) => {
+                                (complete, embedded_at) = (true, Some(Instant::now()));
+                                None
+                            }
+                            Err(_) => None,
+                        });
+                        report = index.add_streamed(items)?;
+                        if !complete {
+                            bail!("the embedding stopped; nothing was indexed");
+                        }
+                        if report.added.is_empty() {
+                            bail!("no image could be read; nothing to index");
+                        }
+                        Ok(())
+                    })?;
+                Ok((index, report, embedded_at.unwrap_or_else(Instant::now)))
+            },
+        );
+        let mut indexing_stopped = false;
+        let outcome = images::embed_sources_into(
+            embedder,
+            sources,
+            args.batch_size,
+            args.skip_bad_images,
+            true,
+            &mut |e| {
+                tx.send(Msg::Item(e)).map_err(|_| {
+                    indexing_stopped = true;
+                    trainer::error::Error::Invalid("the index stopped taking vectors".into())
+                })
+            },
+        );
+        if outcome.is_ok() {
+            let _ = tx.send(Msg::Done);
+        }
+        drop(tx);
+        let indexed = indexing
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        match (outcome, indexed) {
+            (Ok(outcome), Ok((index, report, embedded_at))) => {
+                Ok((index, report, outcome, embedded_at.elapsed().as_secs_f64()))
+            }
+            // The index's own error explains why it stopped taking vectors.
+            (Err(_), Err(e)) if indexing_stopped => Err(e),
+            (Err(e), _) => Err(e.into()),
+            (Ok(_), Err(e)) => Err(e),
+        }
+    })
+}
+
 fn to_items(embedded: Vec<images::Embedded>) -> Vec<NewItem> {
-    embedded
-        .into_iter()
-        .map(|e| NewItem {
-            path: e.source.display,
-            label: e.source.label,
-            sha256: e.sha256,
-            metadata: None,
-            vector: e.vector,
-        })
-        .collect()
+    embedded.into_iter().map(to_item).collect()
+}
+
+fn to_item(e: images::Embedded) -> NewItem {
+    NewItem {
+        path: e.source.display,
+        label: e.source.label,
+        sha256: e.sha256,
+        metadata: None,
+        vector: e.vector,
+    }
 }
 
 fn print_skips(duplicates: &[(String, u64)], skipped: &[(PathBuf, String)]) {
@@ -578,7 +653,7 @@ pub fn drop_collection(url: &str) -> Result<()> {
 pub fn export_vectors(index_dir: &Path, out: &Path) -> Result<()> {
     let format = VectorFormat::from_path(out)?;
     let index = GalleryIndex::open(index_dir)?;
-    export::write_vectors(out, format, index.vectors(), index.dim())?;
+    export::write_rows(out, format, index.vectors())?;
     println!(
         "wrote {} × {} vectors to {}",
         index.len(),
@@ -727,8 +802,13 @@ pub struct SyntheticArgs {
 
 /// Peak resident set size of this process (Linux `VmHWM`), in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
+    status_bytes("VmHWM:")
+}
+
+/// A `/proc/self/status` field given in kB, in bytes.
+fn status_bytes(field: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = s.lines().find(|l| l.starts_with(field))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
@@ -750,11 +830,14 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
         (Some(d), true) => read_saved_queries(&d.join("queries.npy"), a.queries, a.dim),
         _ => None,
     };
-    let all = match saved {
+    // Rows 0..n are the index, n..n + queries the held-out queries; the index's rows are
+    // generated while they are added (see below), never all at once.
+    let generator = crate::synthetic::Clustered::new(a.dim, a.classes, a.noise, a.seed);
+    let queries = match saved {
         Some(q) => q,
-        None => crate::synthetic::clustered(a.n + a.queries, a.dim, a.classes, a.noise, a.seed).0,
+        None => generator.rows(a.n, a.n + a.queries),
     };
-    let (base, queries) = all.split_at(all.len() - a.queries * a.dim);
+    let queries = &queries[..];
     let gen_s = t.elapsed().as_secs_f64();
     let tmp;
     let dir = match &a.dir {
@@ -776,18 +859,23 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
     } else {
         let t = Instant::now();
         let mut index = GalleryIndex::create(&dir, identity, a.dim, a.params)?;
-        let items: Vec<NewItem> = base
-            .chunks_exact(a.dim)
-            .enumerate()
-            .map(|(i, v)| NewItem {
+        // Generated a batch at a time and streamed into the index's vectors file, so the
+        // build holds one copy of the vectors (see `GalleryIndex::add_streamed`).
+        const BATCH: usize = 16 * 1024;
+        let dim = a.dim;
+        let items = (0..a.n).step_by(BATCH).flat_map(|from| {
+            let to = (from + BATCH).min(a.n);
+            let rows = generator.rows(from, to);
+            let labels = &labels;
+            (from..to).map(move |i| NewItem {
                 path: format!("#{i}"),
                 label: labels.as_ref().and_then(|l| l[i].clone()),
                 sha256: format!("{i:016x}"),
                 metadata: None,
-                vector: v.to_vec(),
+                vector: rows[(i - from) * dim..(i - from + 1) * dim].to_vec(),
             })
-            .collect();
-        index.add(items)?;
+        });
+        index.add_streamed(items)?;
         let build_s = t.elapsed().as_secs_f64();
         let t = Instant::now();
         index.commit()?;
@@ -815,6 +903,46 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
     }
 
     use rayon::prelude::*;
+    // The timed searches run first and the exact ground truth last: the truth scans every
+    // vector, which would make the whole mapped vectors file resident and hide what a
+    // search process holds. So recall is scored afterwards from the ids each search kept.
+    // (ids of each query's hits, single-thread QPS) of one search function at one ef.
+    let sweep = |search: &dyn Fn(&[f32], usize) -> Vec<u64>, ef: usize| {
+        let t = Instant::now();
+        let found: Vec<Vec<u64>> = queries.chunks_exact(a.dim).map(|q| search(q, ef)).collect();
+        let secs = t.elapsed().as_secs_f64();
+        (found, (queries.len() / a.dim) as f64 / secs)
+    };
+    let ids = |hits: Vec<crate::Hit>| hits.into_iter().map(|h| h.id).collect();
+    let mut found = Vec::new();
+    let mut found_rs = Vec::new();
+    // An int8 index: the second columns are the same graph walked over the f32 vectors.
+    let quantized = index.params().quantize == crate::params::Quantize::Int8;
+    let other = if quantized {
+        "f32 walk"
+    } else {
+        "hnsw_rs search"
+    };
+    for &ef in &a.ef_sweep {
+        let (f, q) = sweep(&|q, ef| ids(index.search(q, 10, ef.max(10))), ef);
+        found.push((ef, f, q));
+    }
+    // Reopen plus the index's own searches: the peak RSS of a search process, and what is
+    // resident now: heap (anonymous) and pages of the mapped index files.
+    let rss_search = peak_rss_bytes();
+    let (rss_anon, rss_file) = (status_bytes("RssAnon:"), status_bytes("RssFile:"));
+    for &ef in &a.ef_sweep {
+        if index.search_hnsw_rs(&queries[..a.dim], 1, 1).is_some() {
+            let (f, q) = sweep(
+                &|q, ef| ids(index.search_hnsw_rs(q, 10, ef.max(10)).unwrap_or_default()),
+                ef,
+            );
+            found_rs.push((ef, f, q));
+        } else if quantized {
+            let (f, q) = sweep(&|q, ef| ids(index.search_f32_walk(q, 10, ef.max(10))), ef);
+            found_rs.push((ef, f, q));
+        }
+    }
     let t = Instant::now();
     let truth: Vec<Vec<u64>> = queries
         .par_chunks_exact(a.dim)
@@ -827,43 +955,22 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
         })
         .collect();
     let exact_s = t.elapsed().as_secs_f64();
-    // (recall@10, single-thread QPS) of one search function at one ef.
-    let sweep = |search: &dyn Fn(&[f32], usize) -> Vec<u64>, ef: usize| {
-        let t = Instant::now();
-        let mut found = 0usize;
-        for (q, tr) in queries.chunks_exact(a.dim).zip(&truth) {
-            found += search(q, ef).iter().filter(|id| tr.contains(id)).count();
-        }
-        let secs = t.elapsed().as_secs_f64();
-        (
-            found as f64 / (10 * truth.len()) as f64,
-            truth.len() as f64 / secs,
-        )
+    let recall = |found: &[Vec<u64>]| {
+        let hits: usize = found
+            .iter()
+            .zip(&truth)
+            .map(|(f, tr)| f.iter().filter(|id| tr.contains(id)).count())
+            .sum();
+        hits as f64 / (10 * truth.len()) as f64
     };
-    let ids = |hits: Vec<crate::Hit>| hits.into_iter().map(|h| h.id).collect();
-    let mut rows = Vec::new();
-    let mut rows_rs = Vec::new();
-    // An int8 index: the second columns are the same graph walked over the f32 vectors.
-    let quantized = index.params().quantize == crate::params::Quantize::Int8;
-    let other = if quantized {
-        "f32 walk"
-    } else {
-        "hnsw_rs search"
-    };
-    for &ef in &a.ef_sweep {
-        let (r, q) = sweep(&|q, ef| ids(index.search(q, 10, ef.max(10))), ef);
-        rows.push((ef, r, q));
-        if index.search_hnsw_rs(&queries[..a.dim], 1, 1).is_some() {
-            let (r, q) = sweep(
-                &|q, ef| ids(index.search_hnsw_rs(q, 10, ef.max(10)).unwrap_or_default()),
-                ef,
-            );
-            rows_rs.push((ef, r, q));
-        } else if quantized {
-            let (r, q) = sweep(&|q, ef| ids(index.search_f32_walk(q, 10, ef.max(10))), ef);
-            rows_rs.push((ef, r, q));
-        }
-    }
+    let rows: Vec<(usize, f64, f64)> = found
+        .iter()
+        .map(|(ef, f, q)| (*ef, recall(f), *q))
+        .collect();
+    let rows_rs: Vec<(usize, f64, f64)> = found_rs
+        .iter()
+        .map(|(ef, f, q)| (*ef, recall(f), *q))
+        .collect();
     let at_target = rows.iter().find(|r| r.1 >= a.target_recall).copied();
     let rss_peak = peak_rss_bytes();
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
@@ -890,6 +997,9 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
             mib(b),
             mib(p)
         );
+    }
+    if let (Some(r), Some(an), Some(f)) = (rss_search, rss_anon, rss_file) {
+        println!("| peak RSS after reopen + searches, before the other walk and the exact truth (MiB) | {:.0} (then heap {:.0}, mapped files {:.0}) |", mib(r), mib(an), mib(f));
     }
     println!(
         "| exact top-10 of {} queries, all threads (s) | {exact_s:.2} |",
@@ -933,6 +1043,9 @@ pub fn bench_synthetic(a: SyntheticArgs) -> Result<()> {
         put("open_seconds", open_s.into());
         put("index_bytes", bytes.into());
         put("peak_rss_bytes", rss_peak.into());
+        put("peak_rss_search_bytes", rss_search.into());
+        put("rss_search_anon_bytes", rss_anon.into());
+        put("rss_search_file_bytes", rss_file.into());
         if let Some((ef, r, q)) = at_target {
             put("target.ef", ef.into());
             put("target.recall@10", r.into());

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use crate::store::{write_atomic_with, Result, StoreError as Error};
+use crate::vectors::Rows;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VectorFormat {
@@ -53,22 +54,22 @@ pub fn write_vectors(path: &Path, format: VectorFormat, vectors: &[f32], dim: us
             vectors.len()
         )));
     }
-    let rows = vectors.len() / dim;
+    write_rows(path, format, Rows::new(vectors, dim))
+}
+
+/// [`write_vectors`] for the rows of an index (mapped and heap rows alike).
+pub fn write_rows(path: &Path, format: VectorFormat, vectors: Rows<'_>) -> Result<()> {
+    let (rows, dim) = (vectors.len(), vectors.dim());
     write_atomic_with(path, |w| {
-        match format {
-            VectorFormat::Npy => {
-                w.write_all(&npy_header(rows, dim))?;
-                for x in vectors {
-                    w.write_all(&x.to_le_bytes())?;
-                }
+        if format == VectorFormat::Npy {
+            w.write_all(&npy_header(rows, dim))?;
+        }
+        for row in vectors.iter_from(0) {
+            if format == VectorFormat::Fvecs {
+                w.write_all(&(dim as i32).to_le_bytes())?;
             }
-            VectorFormat::Fvecs => {
-                for row in vectors.chunks_exact(dim) {
-                    w.write_all(&(dim as i32).to_le_bytes())?;
-                    for x in row {
-                        w.write_all(&x.to_le_bytes())?;
-                    }
-                }
+            for x in row {
+                w.write_all(&x.to_le_bytes())?;
             }
         }
         Ok(())

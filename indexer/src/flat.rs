@@ -34,6 +34,7 @@ use hnsw_rs::prelude::Hnsw;
 use rayon::prelude::*;
 
 use crate::distance::{squared_l2, UnitL2};
+use crate::vectors::Rows;
 
 /// Neighbour lists of every node, layer 0 (pruned) and the upper layers (as hnsw_rs has them).
 #[derive(Debug, Clone, Default)]
@@ -65,29 +66,24 @@ impl FlatGraph {
     /// A copy of `hnsw`, whose points are the rows of `vectors` (`dim` values each, row i =
     /// id i). Returns `None` when the graph is empty or does not name its points 0..n
     /// exactly once (the gallery always does; such a graph is searched through hnsw_rs).
-    pub fn from_hnsw(hnsw: &Hnsw<'_, f32, UnitL2>, vectors: &[f32], dim: usize) -> Option<Self> {
+    pub fn from_hnsw(hnsw: &Hnsw<'_, f32, UnitL2>, vectors: Rows<'_>) -> Option<Self> {
         let mut g = Self::default();
-        g.refresh(hnsw, vectors, dim).then_some(g)
+        g.refresh(hnsw, vectors).then_some(g)
     }
 
     /// Brings the copy up to date with `hnsw` (which may only have grown since the last
     /// call). Returns false, leaving the copy unusable, if the graph is empty or malformed.
-    pub fn refresh(&mut self, hnsw: &Hnsw<'_, f32, UnitL2>, vectors: &[f32], dim: usize) -> bool {
-        let ok = self.try_refresh(hnsw, vectors, dim).is_some();
+    pub fn refresh(&mut self, hnsw: &Hnsw<'_, f32, UnitL2>, vectors: Rows<'_>) -> bool {
+        let ok = self.try_refresh(hnsw, vectors).is_some();
         if !ok {
             *self = Self::default();
         }
         ok
     }
 
-    fn try_refresh(
-        &mut self,
-        hnsw: &Hnsw<'_, f32, UnitL2>,
-        vectors: &[f32],
-        dim: usize,
-    ) -> Option<()> {
+    fn try_refresh(&mut self, hnsw: &Hnsw<'_, f32, UnitL2>, vectors: Rows<'_>) -> Option<()> {
         let n = hnsw.get_nb_point();
-        if n == 0 || n < self.n || n >= u32::MAX as usize || vectors.len() < n * dim {
+        if n == 0 || n < self.n || n >= u32::MAX as usize || vectors.len() < n {
             return None;
         }
         // One pass over hnsw_rs: every node's raw lists; keep those that are new or changed.
@@ -140,7 +136,7 @@ impl FlatGraph {
         if stride != self.stride {
             if self.n > 0 {
                 // A list wider than the rows laid out so far: lay out every row again.
-                return self.rebuild_with_stride(hnsw, vectors, dim, stride);
+                return self.rebuild_with_stride(hnsw, vectors, stride);
             }
             self.stride = stride;
         }
@@ -163,7 +159,7 @@ impl FlatGraph {
                 if (node.id as usize) < self.n {
                     candidates.extend_from_slice(self.neighbours0(node.id));
                 }
-                let mut list = prune(node.id, &candidates, min_keep, vectors, dim);
+                let mut list = prune(node.id, &candidates, min_keep, vectors);
                 list.truncate(stride);
                 list
             })
@@ -179,7 +175,7 @@ impl FlatGraph {
         self.entry = entry;
         self.top_level = top_level;
         self.raw_hash = hashes;
-        self.link_back(&linked, vectors, dim, min_keep);
+        self.link_back(&linked, vectors, min_keep);
         Some(())
     }
 
@@ -191,7 +187,7 @@ impl FlatGraph {
     /// made early are replaced by short ones and regions of the graph lose their ways in.
     /// On 1M × 512-d clustered vectors this pass lifts recall@10 at ef 256 from 0.78 to 0.92
     /// (0.94 with the layer-1 candidates above); see `bench/RESULTS-indexer.md`.
-    fn link_back(&mut self, from: &[u32], vectors: &[f32], dim: usize, min_keep: usize) {
+    fn link_back(&mut self, from: &[u32], vectors: Rows<'_>, min_keep: usize) {
         let mut offers: HashMap<u32, Vec<u32>> = HashMap::new();
         for &v in from {
             for &u in self.neighbours0(v) {
@@ -207,7 +203,7 @@ impl FlatGraph {
                 let mut list = self.neighbours0(u).to_vec();
                 list.extend(newcomers);
                 if list.len() > stride {
-                    list = prune(u, &list, min_keep, vectors, dim);
+                    list = prune(u, &list, min_keep, vectors);
                     list.truncate(stride);
                 }
                 (u, list)
@@ -230,15 +226,14 @@ impl FlatGraph {
     fn rebuild_with_stride(
         &mut self,
         hnsw: &Hnsw<'_, f32, UnitL2>,
-        vectors: &[f32],
-        dim: usize,
+        vectors: Rows<'_>,
         stride: usize,
     ) -> Option<()> {
         *self = Self {
             stride,
             ..Self::default()
         };
-        self.try_refresh(hnsw, vectors, dim)
+        self.try_refresh(hnsw, vectors)
     }
 
     /// Number of nodes.
@@ -274,7 +269,13 @@ impl FlatGraph {
     /// `(id, euclidean distance)` of up to `k` approximate nearest neighbours of `query`
     /// (nearest first), searching layer 0 with `ef` (≥ k) candidates. `vectors` holds the
     /// graph's points as rows of `query.len()` values, row i = node i.
-    pub fn search(&self, vectors: &[f32], query: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {
+    pub fn search(
+        &self,
+        vectors: Rows<'_>,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+    ) -> Vec<(usize, f32)> {
         self.search_with(vectors, query, k, ef, |_| true, false)
     }
 
@@ -284,7 +285,7 @@ impl FlatGraph {
     /// nodes, so the more selective the filter, the further it walks.
     pub fn search_filtered(
         &self,
-        vectors: &[f32],
+        vectors: Rows<'_>,
         query: &[f32],
         k: usize,
         ef: usize,
@@ -297,7 +298,7 @@ impl FlatGraph {
     /// rule (stop at the first candidate farther than the worst result) exactly.
     fn search_with(
         &self,
-        vectors: &[f32],
+        vectors: Rows<'_>,
         query: &[f32],
         k: usize,
         ef: usize,
@@ -305,10 +306,10 @@ impl FlatGraph {
         filtered: bool,
     ) -> Vec<(usize, f32)> {
         let dim = query.len();
-        if k == 0 || dim == 0 || vectors.len() < self.n * dim {
+        if k == 0 || dim != vectors.dim() || vectors.len() < self.n {
             return Vec::new();
         }
-        let row = |v: u32| &vectors[v as usize * dim..(v as usize + 1) * dim];
+        let row = |v: u32| vectors.row(v as usize);
         let dist = |v: u32| squared_l2(query, row(v));
 
         // Greedy descent through the upper layers to the node nearest the query.
@@ -387,8 +388,8 @@ impl FlatGraph {
 /// `getNeighborsByHeuristic2`): walking the candidates nearest first, keep one only if it is
 /// nearer to `v` than to every neighbour kept so far. Drops links that a kept neighbour
 /// already covers, so the list stays short and spread out.
-fn prune(v: u32, candidates: &[u32], min_keep: usize, vectors: &[f32], dim: usize) -> Vec<u32> {
-    let row = |u: u32| &vectors[u as usize * dim..(u as usize + 1) * dim];
+fn prune(v: u32, candidates: &[u32], min_keep: usize, vectors: Rows<'_>) -> Vec<u32> {
+    let row = |u: u32| vectors.row(u as usize);
     let mut sorted: Vec<(f32, u32)> = candidates
         .iter()
         .filter(|&&c| c != v)
@@ -509,6 +510,7 @@ mod tests {
     use crate::graph::Graph;
     use crate::params::HnswParams;
     use crate::synthetic::clustered;
+    use crate::vectors::Rows;
 
     fn recall(got: &[(usize, f32)], want: &[u64]) -> f64 {
         got.iter()
@@ -527,12 +529,15 @@ mod tests {
             ef_construction: 64,
             ..HnswParams::default()
         };
-        let g = Graph::build_hnsw_rs(&params, base, dim).unwrap();
+        let g = Graph::build_hnsw_rs(&params, Rows::new(base, dim)).unwrap();
         assert!(g.is_flat());
         let (mut r_flat, mut r_rs, mut same_first) = (0.0, 0.0, 0);
         for q in queries.chunks_exact(dim) {
-            let want: Vec<u64> = exact_top_k(base, dim, q, 10).iter().map(|h| h.id).collect();
-            let flat = g.search(base, q, 10, 32);
+            let want: Vec<u64> = exact_top_k(Rows::new(base, dim), q, 10)
+                .iter()
+                .map(|h| h.id)
+                .collect();
+            let flat = g.search(Rows::new(base, dim), q, 10, 32);
             let rs = g.search_hnsw_rs(q, 10, 32).unwrap();
             assert_eq!(flat.len(), 10);
             assert!(
@@ -568,7 +573,10 @@ mod tests {
         let q = queries.chunks_exact(dim);
         let n = q.len() as f64;
         q.map(|q| {
-            let want: Vec<u64> = exact_top_k(base, dim, q, 10).iter().map(|h| h.id).collect();
+            let want: Vec<u64> = exact_top_k(Rows::new(base, dim), q, 10)
+                .iter()
+                .map(|h| h.id)
+                .collect();
             recall(&search(q), &want)
         })
         .sum::<f64>()
@@ -585,14 +593,14 @@ mod tests {
             ef_construction: 48,
             ..HnswParams::default()
         };
-        let mut g = Graph::build_hnsw_rs(&params, &base[..1000 * dim], dim).unwrap();
+        let mut g = Graph::build_hnsw_rs(&params, Rows::new(&base[..1000 * dim], dim)).unwrap();
         // Single inserts (each refreshes incrementally), then a batch.
         for i in 1000..1040 {
-            g.insert_rows(&base[..(i + 1) * dim], dim, i);
+            g.insert_rows(Rows::new(&base[..(i + 1) * dim], dim), i);
         }
-        g.insert_rows(base, dim, 1040);
+        g.insert_rows(Rows::new(base, dim), 1040);
         let incremental = g.flat_copy().expect("flat copy").clone();
-        let fresh = super::FlatGraph::from_hnsw(g.hnsw().unwrap(), base, dim).unwrap();
+        let fresh = super::FlatGraph::from_hnsw(g.hnsw().unwrap(), Rows::new(base, dim)).unwrap();
         assert_eq!(incremental.n, 1500);
         assert_eq!(incremental.stride, 16, "hnsw_rs's layer 0 holds 2·M");
         for copy in [&incremental, &fresh] {
@@ -617,8 +625,12 @@ mod tests {
         // The heuristic keeps rows below hnsw_rs's full 2·M even with the reverse links.
         let degree = fresh.mean_degree();
         assert!(degree > 4.0 && degree < 15.0, "mean degree {degree}");
-        let r_inc = mean_recall(base, queries, dim, |q| incremental.search(base, q, 10, 32));
-        let r_fresh = mean_recall(base, queries, dim, |q| fresh.search(base, q, 10, 32));
+        let r_inc = mean_recall(base, queries, dim, |q| {
+            incremental.search(Rows::new(base, dim), q, 10, 32)
+        });
+        let r_fresh = mean_recall(base, queries, dim, |q| {
+            fresh.search(Rows::new(base, dim), q, 10, 32)
+        });
         assert!(r_fresh > 0.9, "fresh copy recall@10 {r_fresh}");
         assert!(
             r_inc > r_fresh - 0.02,
@@ -639,7 +651,7 @@ mod tests {
         };
         g.set_row(0, &[1, 2]);
         g.set_row(2, &[3]);
-        g.link_back(&[0], &vectors, 1, 0);
+        g.link_back(&[0], Rows::new(&vectors, 1), 0);
         // Rows with room take the reverse link as it is.
         assert_eq!(g.neighbours0(1), &[0]);
         assert_eq!(g.neighbours0(2), &[3, 0]);
@@ -647,10 +659,10 @@ mod tests {
         // 0 is dropped (nearer to the kept 1 than to 2), the long link to 3 stays.
         g.set_row(3, &[2]);
         g.set_row(1, &[2]);
-        g.link_back(&[1], &vectors, 1, 0);
+        g.link_back(&[1], Rows::new(&vectors, 1), 0);
         assert_eq!(g.neighbours0(2), &[1, 3]);
         // An existing link is not offered twice.
-        g.link_back(&[3], &vectors, 1, 0);
+        g.link_back(&[3], Rows::new(&vectors, 1), 0);
         assert_eq!(g.neighbours0(2), &[1, 3]);
     }
 
@@ -659,21 +671,31 @@ mod tests {
         let dim = 8;
         let (vectors, _) = clustered(300, dim, 5, 1.0, 3);
         let params = HnswParams::default();
-        let mut g = Graph::build_hnsw_rs(&params, &vectors[..200 * dim], dim).unwrap();
+        let mut g = Graph::build_hnsw_rs(&params, Rows::new(&vectors[..200 * dim], dim)).unwrap();
         // One by one (serial inserts) and then a batch: each new point is found at once.
         for i in 200..210 {
-            g.insert_rows(&vectors[..(i + 1) * dim], dim, i);
+            g.insert_rows(Rows::new(&vectors[..(i + 1) * dim], dim), i);
             assert!(g.is_flat());
-            let hit = g.search(&vectors, &vectors[i * dim..(i + 1) * dim], 1, 16);
+            let hit = g.search(
+                Rows::new(&vectors, dim),
+                &vectors[i * dim..(i + 1) * dim],
+                1,
+                16,
+            );
             assert_eq!(hit[0].0, i);
         }
-        g.insert_rows(&vectors, dim, 210);
+        g.insert_rows(Rows::new(&vectors, dim), 210);
         for i in [210, 255, 299] {
-            let hit = g.search(&vectors, &vectors[i * dim..(i + 1) * dim], 1, 16);
+            let hit = g.search(
+                Rows::new(&vectors, dim),
+                &vectors[i * dim..(i + 1) * dim],
+                1,
+                16,
+            );
             assert_eq!(hit[0].0, i, "point {i}");
         }
         // k larger than the graph: every point, nearest first.
-        let all = g.search(&vectors, &vectors[..dim], 1000, 16);
+        let all = g.search(Rows::new(&vectors, dim), &vectors[..dim], 1000, 16);
         assert_eq!(all.len(), 300);
         assert_eq!(all[0].0, 0);
     }

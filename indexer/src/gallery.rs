@@ -16,6 +16,7 @@ use crate::params::HnswParams;
 use crate::params::Quantize;
 use crate::quant::Int8Codes;
 use crate::store::{DirLock, Directory, FileEntry, Result, Staging, StoreError as Error};
+use crate::vectors::{Rows, Vectors};
 use crate::wal::{self, WalWriter};
 use crate::{AddReport, Hit, ItemMeta, NewItem};
 
@@ -73,8 +74,13 @@ pub struct GalleryIndex {
     /// The last committed state.
     manifest: Manifest,
     items: Vec<ItemMeta>,
-    /// Row-major, L2-normalised, `len × dim`.
-    vectors: Vec<f32>,
+    /// L2-normalised, row i = id i: the committed rows mapped from the vectors file, later
+    /// ones on the heap (see [`crate::vectors`]).
+    vectors: Vectors,
+    /// The next generation's vectors file, already written by
+    /// [`GalleryIndex::add_streamed`] (and mapped as `vectors`): the next commit uses it
+    /// instead of writing the vectors again.
+    staged_vectors: Option<FileEntry>,
     /// Content hash → id of the live item holding it.
     by_sha: HashMap<String, u64>,
     /// Content hashes whose items were all deleted, so a folder scan does not add them back.
@@ -295,13 +301,15 @@ impl GalleryIndex {
             store,
             manifest: m,
             items: Vec::new(),
-            vectors: Vec::new(),
+            vectors: Vectors::empty(dim),
+            staged_vectors: None,
             by_sha: HashMap::new(),
             deleted_shas: HashSet::new(),
             deleted: 0,
             uncommitted_deletes: 0,
             graph: Graph::new(&params, 1024)?,
-            codes: (params.quantize == Quantize::Int8).then(|| Int8Codes::train(&[], dim)),
+            codes: (params.quantize == Quantize::Int8)
+                .then(|| Int8Codes::train(Rows::new(&[], dim))),
             durable_len: 0,
             wal_len: wal::HEADER_LEN,
             wal: None,
@@ -395,11 +403,13 @@ impl GalleryIndex {
                 (wal::salvage(&wal_path, expect), damaged)
             }
         };
-        let mut vectors = read_vectors_verified(&store, &m.vectors)?;
-        if let Some(i) = vectors.iter().position(|x| !x.is_finite()) {
+        let quantized = m.params.quantize == Quantize::Int8;
+        // With int8 codes only the re-rank reads f32 rows, one at a time.
+        let mut vectors = Vectors::map(&store, &m.vectors, dim, quantized)?;
+        if vectors.len() != m.count {
             return Err(Error::corrupt(
                 &vpath,
-                format!("vector {} holds a non-finite value", i / dim),
+                "the file does not hold the manifest's count",
             ));
         }
         let ibytes = store.read_verified(&m.items)?;
@@ -414,7 +424,7 @@ impl GalleryIndex {
                 store
                     .verify(&g.graph)
                     .and_then(|_| store.verify(&g.data))
-                    .and_then(|_| Graph::load(dir, &g.basename, &vectors, dim)),
+                    .and_then(|_| Graph::load(dir, &g.basename, vectors.rows())),
             ),
             (None, None) => None,
         };
@@ -425,7 +435,7 @@ impl GalleryIndex {
                     "{e}; rebuilding the HNSW graph from the vectors (the next commit rewrites it)"
                 ));
                 graph_stale = true;
-                Graph::build(&m.params, &vectors, dim)?
+                Graph::build(&m.params, vectors.rows())?
             }
             None if m.count > 0 => {
                 warnings.push(format!(
@@ -434,26 +444,23 @@ impl GalleryIndex {
                     m.count
                 ));
                 graph_stale = true;
-                Graph::build(&m.params, &vectors, dim)?
+                Graph::build(&m.params, vectors.rows())?
             }
             None => Graph::new(&m.params, 1024)?,
         };
         let codes = match (m.params.quantize, &m.int8_codes) {
             (Quantize::None, _) => None,
-            (Quantize::Int8, Some(entry)) => match store
-                .read_verified(entry)
-                .and_then(|b| Int8Codes::parse(&dir.join(&entry.name), &b, dim, m.count))
-            {
+            (Quantize::Int8, Some(entry)) => match Int8Codes::map(&store, entry, dim, m.count) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     warnings.push(format!("{e}; re-encoding the int8 copy from the vectors (the next commit rewrites it)"));
                     graph_stale = true;
-                    Some(Int8Codes::train(&vectors, dim))
+                    Some(Int8Codes::train(vectors.rows()))
                 }
             },
             (Quantize::Int8, None) => {
                 graph_stale = m.count > 0;
-                Some(Int8Codes::train(&vectors, dim))
+                Some(Int8Codes::train(vectors.rows()))
             }
         };
 
@@ -468,13 +475,13 @@ impl GalleryIndex {
                 &format!("{}: record for '{}'", m.wal, r.meta.path),
             )
             .map_err(|e| Error::corrupt(&wal_path, e))?;
-            vectors.extend_from_slice(&v);
+            vectors.push(&v);
             items.push(r.meta.clone());
         }
-        graph.insert_rows(&vectors, dim, first);
+        graph.insert_rows(vectors.rows(), first);
         let mut codes = codes;
         if let Some(c) = &mut codes {
-            c.push_rows(&vectors[first * dim..]);
+            c.push_rows(vectors.rows().iter_from(first));
         }
         for &id in &replay.deleted {
             if let Some(it) = items.get_mut(id as usize) {
@@ -503,6 +510,7 @@ impl GalleryIndex {
             manifest: m,
             items,
             vectors,
+            staged_vectors: None,
             by_sha,
             deleted_shas,
             deleted,
@@ -588,14 +596,21 @@ impl GalleryIndex {
     pub fn was_deleted(&self, sha256: &str) -> bool {
         self.deleted_shas.contains(sha256)
     }
-    /// All vectors, row-major (`len() × dim()`), L2-normalised; row i is item id i.
-    pub fn vectors(&self) -> &[f32] {
-        &self.vectors
+    /// All vectors (`len()` rows of `dim()`), L2-normalised; row i is item id i.
+    pub fn vectors(&self) -> Rows<'_> {
+        self.vectors.rows()
     }
     pub fn vector(&self, id: u64) -> Option<&[f32]> {
-        let i = usize::try_from(id).ok()?;
-        let d = self.dim();
-        self.vectors.get(i * d..(i + 1) * d)
+        self.vectors.row(usize::try_from(id).ok()?)
+    }
+    /// Rows held on the heap rather than mapped from the committed vectors file (added
+    /// since the last commit; for tests and diagnostics).
+    pub fn heap_rows(&self) -> usize {
+        self.vectors.heap_rows()
+    }
+    /// Whether the graph's rows are read from a map of the graph file.
+    pub fn graph_is_mapped(&self) -> bool {
+        self.graph.layered().is_some_and(|g| g.is_mapped())
     }
 
     /// Bytes on disk of the committed files plus the write-ahead log.
@@ -625,15 +640,7 @@ impl GalleryIndex {
         let dim = self.dim();
         let mut normalized = Vec::with_capacity(items.len());
         for it in &items {
-            normalized.push(distance::normalized(
-                &it.vector,
-                dim,
-                &format!("item '{}'", it.path),
-            )?);
-            if let Some(m) = &it.metadata {
-                filter::validate_metadata(serde_json::Value::Object(m.clone()))
-                    .map_err(|e| Error::Invalid(format!("item '{}': {e}", it.path)))?;
-            }
+            normalized.push(check_item(it, dim)?);
         }
         let mut report = AddReport::default();
         let first = self.items.len();
@@ -653,19 +660,91 @@ impl GalleryIndex {
                 metadata: it.metadata,
                 deleted: false,
             });
-            self.vectors.extend_from_slice(&v);
+            self.vectors.push(&v);
             report.added.push(id);
         }
-        self.graph.insert_rows(&self.vectors, dim, first);
+        self.link_new_rows(first);
+        Ok(report)
+    }
+
+    /// Adds items to an empty index without holding their vectors: each is checked,
+    /// normalised and written straight into the next generation's vectors file, which is
+    /// then mapped, and the graph (and int8 copy) are built over the map; the next
+    /// [`commit`](GalleryIndex::commit) writes the rest of that generation around the file.
+    /// A build thus holds one copy of the vectors (the mapped file) instead of the input,
+    /// the normalised copy and the array. On an index that holds rows it is
+    /// [`add`](GalleryIndex::add). An invalid item fails the call and leaves the index empty.
+    pub fn add_streamed(&mut self, items: impl IntoIterator<Item = NewItem>) -> Result<AddReport> {
+        if !self.items.is_empty() || !self.vectors.is_empty() {
+            return self.add(items.into_iter().collect());
+        }
+        self.ensure_writer()?;
+        let dim = self.dim();
+        let (vname, ..) = gen_names(self.manifest.generation + 1);
+        let store = self.store.clone();
+        let mut report = AddReport::default();
+        let mut invalid: Option<Error> = None;
+        let (by_sha, all) = (&mut self.by_sha, &mut self.items);
+        let written = store.write_new(&vname, |w| {
+            let mut buf = Vec::with_capacity(4 * dim);
+            for it in items {
+                let v = match check_item(&it, dim) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        invalid = Some(e);
+                        return Err(std::io::Error::other("invalid item"));
+                    }
+                };
+                if let Some(&existing) = by_sha.get(&it.sha256) {
+                    report.duplicates.push((it.path, existing));
+                    continue;
+                }
+                let id = all.len() as u64;
+                by_sha.insert(it.sha256.clone(), id);
+                all.push(ItemMeta {
+                    id,
+                    path: it.path,
+                    label: it.label,
+                    sha256: it.sha256,
+                    metadata: it.metadata,
+                    deleted: false,
+                });
+                write_row(w, &mut buf, &v)?;
+                report.added.push(id);
+            }
+            Ok(())
+        });
+        let quantized = self.manifest.params.quantize == Quantize::Int8;
+        let mapped =
+            written.and_then(|entry| Ok((Vectors::map(&store, &entry, dim, quantized)?, entry)));
+        match mapped {
+            Ok((vectors, entry)) => {
+                self.vectors = vectors;
+                self.staged_vectors = Some(entry);
+                self.link_new_rows(0);
+                Ok(report)
+            }
+            Err(e) => {
+                self.items.clear();
+                self.by_sha.clear();
+                let _ = store.remove(&vname);
+                Err(invalid.unwrap_or(e))
+            }
+        }
+    }
+
+    /// Links rows `first..` into the graph and encodes them into the int8 copy.
+    fn link_new_rows(&mut self, first: usize) {
+        let rows = self.vectors.rows();
+        self.graph.insert_rows(rows, first);
         if let Some(c) = &mut self.codes {
             if c.is_empty() {
                 // The first rows: learn the ranges from them.
-                *c = Int8Codes::train(&self.vectors, dim);
+                *c = Int8Codes::train(rows);
             } else {
-                c.push_rows(&self.vectors[first * dim..]);
+                c.push_rows(rows.iter_from(first));
             }
         }
-        Ok(report)
     }
 
     /// Adds one item and makes it durable with a single fsync of the write-ahead log, so a
@@ -783,11 +862,16 @@ impl GalleryIndex {
             }
         }
         self.remove_unreferenced()?;
-        self.graph.refresh(&self.vectors, self.dim());
+        self.graph.refresh(self.vectors.rows());
         let gen = self.manifest.generation + 1;
         let (vname, iname, gname, walname) = gen_names(gen);
         let store = self.store.clone();
-        let vectors = write_vectors(&store, &vname, &self.vectors)?;
+        let vectors = match &self.staged_vectors {
+            Some(e) if e.name == vname && self.vectors.heap_rows() == 0 => e.clone(),
+            _ => self
+                .vectors
+                .scan(|rows| write_vectors(&store, &vname, rows))?,
+        };
         let items = write_items(&store, &iname, &self.items)?;
         let (graph, layered_graph) = match self.graph.write(&store, &gname)? {
             Some(StoredGraph::Layered(entry)) => (None, Some(entry)),
@@ -832,11 +916,50 @@ impl GalleryIndex {
         self.graph_stale = false;
         self.wal_damaged = false;
         self.uncommitted_deletes = 0;
+        self.staged_vectors = None;
         #[cfg(test)]
         if self.crash_at == Some(CrashPoint::BeforeCleanup) {
             return Err(Error::Invalid("injected crash before cleanup".into()));
         }
-        self.remove_unreferenced()
+        self.remove_unreferenced()?;
+        self.remap();
+        Ok(())
+    }
+
+    /// After a commit: reads vectors, codes and graph from the new generation's maps
+    /// instead of the heap rows and copied pages they grew into since the last one, so a
+    /// long-running writer's resident set shrinks back to what its searches touch. The
+    /// commit is done either way; a failure keeps the in-memory copies (which are the same
+    /// data) and is logged.
+    fn remap(&mut self) {
+        let m = &self.manifest;
+        let quantized = m.params.quantize == Quantize::Int8;
+        let remapped = (|| -> Result<_> {
+            let vectors = Vectors::map(&self.store, &m.vectors, m.dim, quantized)?;
+            let graph = match &m.layered_graph {
+                Some(e) => Some(Graph::load_layered(&self.store, e, &m.params, m.count)?),
+                None => None,
+            };
+            let codes = match &m.int8_codes {
+                Some(e) if quantized => Some(Int8Codes::map(&self.store, e, m.dim, m.count)?),
+                _ => None,
+            };
+            Ok((vectors, graph, codes))
+        })();
+        match remapped {
+            Ok((vectors, graph, codes)) => {
+                self.vectors = vectors;
+                if let Some(g) = graph {
+                    self.graph = g;
+                }
+                if let Some(c) = codes {
+                    self.codes = Some(c);
+                }
+            }
+            Err(e) => tracing::warn!(
+                "{e}: keeping the index in memory after the commit instead of mapping its new files"
+            ),
+        }
     }
 
     /// Approximate k nearest neighbours through the HNSW graph (`ef` ≥ k is the search
@@ -892,15 +1015,16 @@ impl GalleryIndex {
         };
         let hits = match plan {
             FilterPlan::Graph => to_hits(match &self.codes {
-                Some(c) => self.graph.search_int8(&self.vectors, c, &q, k, ef),
-                None => self.graph.search(&self.vectors, &q, k, ef),
+                Some(c) => self.graph.search_int8(self.vectors.rows(), c, &q, k, ef),
+                None => self.graph.search(self.vectors.rows(), &q, k, ef),
             }),
             FilterPlan::Exact => self.exact_among(&q, k, &accept),
             FilterPlan::FilteredGraph => {
-                let hits = to_hits(
-                    self.graph
-                        .search_filtered(&self.vectors, &q, k, ef, &accept),
-                );
+                let hits =
+                    to_hits(
+                        self.graph
+                            .search_filtered(self.vectors.rows(), &q, k, ef, &accept),
+                    );
                 // Fewer than k: the filter matches fewer than k items (or the walk found
                 // too few of its matches); the exact scan then returns all there are.
                 if hits.len() < k.min(self.live_len()) {
@@ -947,7 +1071,7 @@ impl GalleryIndex {
             .filter(|&i| accept(i))
             .map(|i| i as u32)
             .collect();
-        exact_top_k_of(&self.vectors, self.dim(), q, &ids, k)
+        exact_top_k_of(self.vectors.rows(), q, &ids, k)
     }
 
     /// Exact top-k among the items `filter` matches (all live items when `None`): the
@@ -1003,7 +1127,7 @@ impl GalleryIndex {
         let Ok(q) = distance::normalized(query, self.dim(), "query") else {
             return Vec::new();
         };
-        to_hits(self.graph.search(&self.vectors, &q, k, ef))
+        to_hits(self.graph.search(self.vectors.rows(), &q, k, ef))
     }
 
     /// Exact k nearest neighbours by brute force (the reference for recall measurements).
@@ -1014,7 +1138,7 @@ impl GalleryIndex {
         let Ok(q) = distance::normalized(query, self.dim(), "query") else {
             return Vec::new();
         };
-        exact_top_k(&self.vectors, self.dim(), &q, k)
+        exact_top_k(self.vectors.rows(), &q, k)
     }
 
     /// Takes the index's writer lock now rather than at the first write, so a second
@@ -1052,17 +1176,29 @@ impl GalleryIndex {
     }
 
     /// Deletes index files the current manifest does not reference (an old generation, or
-    /// the leftovers of an interrupted commit). Never touches other files. Only called with
-    /// `self.manifest` durable on disk, so nothing it deletes is still needed.
+    /// the leftovers of an interrupted commit), except the vectors file staged for the next
+    /// commit. Never touches other files. Only called with `self.manifest` durable on disk,
+    /// so nothing it deletes is still needed.
     fn remove_unreferenced(&self) -> Result<()> {
         let keep = self.manifest.referenced_files();
+        let staged = self.staged_vectors.as_ref().map(|e| e.name.as_str());
         for name in self.store.names()? {
-            if is_index_file(&name) && !keep.contains(&name) {
+            if is_index_file(&name) && !keep.contains(&name) && staged != Some(name.as_str()) {
                 self.store.remove(&name)?;
             }
         }
         self.store.sync()
     }
+}
+
+/// An item's normalised vector, once vector and metadata passed their checks.
+fn check_item(it: &NewItem, dim: usize) -> Result<Vec<f32>> {
+    let v = distance::normalized(&it.vector, dim, &format!("item '{}'", it.path))?;
+    if let Some(m) = &it.metadata {
+        filter::validate_metadata(serde_json::Value::Object(m.clone()))
+            .map_err(|e| Error::Invalid(format!("item '{}': {e}", it.path)))?;
+    }
+    Ok(v)
 }
 
 /// Graph results `(id, euclidean distance)` as hits with their cosine score.
@@ -1078,22 +1214,19 @@ fn to_hits(found: Vec<(usize, f32)>) -> Vec<Hit> {
 }
 
 /// Brute-force top-k by dot product over unit rows (`q` must be unit length).
-pub fn exact_top_k(vectors: &[f32], dim: usize, q: &[f32], k: usize) -> Vec<Hit> {
-    let n = vectors.len() / dim;
+pub fn exact_top_k(vectors: Rows<'_>, q: &[f32], k: usize) -> Vec<Hit> {
+    let n = vectors.len();
     let k = k.min(n);
     if k == 0 {
         return Vec::new();
     }
     let scores: Vec<f32> = if n >= PARALLEL_EXACT_MIN {
-        vectors
-            .par_chunks_exact(dim)
-            .map(|r| distance::dot(r, q))
+        (0..n)
+            .into_par_iter()
+            .map(|i| distance::dot(vectors.row(i), q))
             .collect()
     } else {
-        vectors
-            .chunks_exact(dim)
-            .map(|r| distance::dot(r, q))
-            .collect()
+        vectors.iter_from(0).map(|r| distance::dot(r, q)).collect()
     };
     let mut idx: Vec<u32> = (0..n as u32).collect();
     let by_score = |a: &u32, b: &u32| {
@@ -1126,8 +1259,8 @@ fn sample_ids(n: usize, count: usize) -> impl Iterator<Item = usize> {
 }
 
 /// Exact top-k by dot product over the rows `ids` (unit rows, unit `q`).
-fn exact_top_k_of(vectors: &[f32], dim: usize, q: &[f32], ids: &[u32], k: usize) -> Vec<Hit> {
-    let row = |i: u32| &vectors[i as usize * dim..(i as usize + 1) * dim];
+fn exact_top_k_of(vectors: Rows<'_>, q: &[f32], ids: &[u32], k: usize) -> Vec<Hit> {
+    let row = |i: u32| vectors.row(i as usize);
     let mut scored: Vec<(f32, u32)> = if ids.len() >= PARALLEL_EXACT_MIN {
         ids.par_iter()
             .map(|&i| (distance::dot(row(i), q), i))
@@ -1195,63 +1328,22 @@ fn parse_items(path: &Path, bytes: &[u8], count: usize) -> Result<Vec<ItemMeta>>
     Ok(items)
 }
 
-/// Reads a vectors file straight into the f32 array, checking size and SHA-256 on the way:
-/// one copy of the vectors in memory instead of the bytes plus the floats (at 1M × 512 that
-/// halves the 4 GiB an open used to peak at).
-fn read_vectors_verified(store: &Directory, entry: &crate::store::FileEntry) -> Result<Vec<f32>> {
-    use sha2::{Digest, Sha256};
-    use std::io::Read;
-    let path = store.file(&entry.name);
-    if !entry.bytes.is_multiple_of(4) {
-        return Err(Error::corrupt(
-            &path,
-            "the manifest lists a size that is not whole floats",
-        ));
-    }
-    let len = std::fs::metadata(&path).map(|md| md.len()).ok();
-    if len != Some(entry.bytes) {
-        // Missing or the wrong size (the usual symptoms): the store's own read names it.
-        return Err(store
-            .read_verified(entry)
-            .err()
-            .unwrap_or_else(|| Error::corrupt(&path, "the file changed while it was read")));
-    }
-    let len = entry.bytes;
-    let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&path, "cannot open", e))?;
-    let mut vectors = vec![0f32; (len / 4) as usize];
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    for chunk in vectors.chunks_mut(buf.len() / 4) {
-        let bytes = &mut buf[..chunk.len() * 4];
-        f.read_exact(bytes)
-            .map_err(|e| Error::io(&path, "cannot read", e))?;
-        hash.update(&*bytes);
-        for (x, b) in chunk.iter_mut().zip(bytes.chunks_exact(4)) {
-            *x = f32::from_le_bytes(b.try_into().expect("4 bytes"));
-        }
-    }
-    if hex::encode(hash.finalize()) != entry.sha256 {
-        return Err(Error::corrupt(
-            &path,
-            "checksum mismatch: the file is corrupt",
-        ));
-    }
-    Ok(vectors)
-}
-
 /// Streams vectors as little-endian f32 into a new file, hashing on the way.
-fn write_vectors(store: &Directory, name: &str, vectors: &[f32]) -> Result<FileEntry> {
+fn write_vectors(store: &Directory, name: &str, vectors: Rows<'_>) -> Result<FileEntry> {
     store.write_new(name, |w| {
         let mut buf = Vec::with_capacity(1 << 16);
-        for chunk in vectors.chunks(1 << 14) {
-            buf.clear();
-            for x in chunk {
-                buf.extend_from_slice(&x.to_le_bytes());
-            }
-            w.write_all(&buf)?;
+        for row in vectors.iter_from(0) {
+            write_row(w, &mut buf, row)?;
         }
         Ok(())
     })
+}
+
+/// Writes one row as little-endian f32 (through `buf`, reused).
+fn write_row(w: &mut impl Write, buf: &mut Vec<u8>, row: &[f32]) -> std::io::Result<()> {
+    buf.clear();
+    buf.extend(row.iter().flat_map(|x| x.to_le_bytes()));
+    w.write_all(buf)
 }
 
 fn write_items(store: &Directory, name: &str, items: &[ItemMeta]) -> Result<FileEntry> {

@@ -68,7 +68,7 @@ fn round_trip_preserves_items_vectors_and_results() {
     assert!(idx.item(300).is_none());
     assert_eq!(idx.search(q, 5, 64), before);
     assert_eq!(idx.search_exact(q, 5)[0].id, 5);
-    for (a, b) in idx.vectors().iter().zip(&v) {
+    for (a, b) in idx.vectors().iter_from(0).flatten().zip(&v) {
         assert!((a - b).abs() < 1e-6);
     }
 }
@@ -903,7 +903,9 @@ fn a_version_3_index_with_an_hnsw_rs_graph_opens_searches_and_grows() {
     drop(idx);
     // What version 3 wrote: the hnsw_rs dump named in `graph`, no layered graph file.
     let store = crate::store::Directory::new(d);
-    let g = crate::graph::Graph::build_hnsw_rs(&params, &v[..150 * 16], 16).unwrap();
+    let g =
+        crate::graph::Graph::build_hnsw_rs(&params, crate::vectors::Rows::new(&v[..150 * 16], 16))
+            .unwrap();
     let Some(crate::graph::StoredGraph::HnswRs(files)) = g.write(&store, "graph.g1").unwrap()
     else {
         panic!("an hnsw_rs graph is written as a dump")
@@ -995,4 +997,184 @@ fn an_int8_index_keeps_its_codes_checksummed_and_answers_exactly_ranked() {
     idx.commit().unwrap();
     drop(idx);
     assert!(GalleryIndex::open(&d).unwrap().warnings().is_empty());
+}
+
+/// An int8 index of the first `n` rows of `v` built the streaming way and committed.
+fn streamed_int8_index(d: &Path, v: &[f32], n: usize) -> GalleryIndex {
+    let params = HnswParams {
+        quantize: crate::params::Quantize::Int8,
+        ..Default::default()
+    };
+    let mut idx = GalleryIndex::create(d, identity(16), 16, params).unwrap();
+    idx.add_streamed(items(&v[..n * 16], 16, 0)).unwrap();
+    idx.commit().unwrap();
+    idx
+}
+
+#[test]
+fn an_opened_index_reads_vectors_codes_and_graph_from_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("m");
+    let (v, _) = clustered(320, 16, 6, 1.0, 3);
+    let idx = streamed_int8_index(&d, &v, 300);
+    // The streamed vectors file is the generation's: written once, not rewritten.
+    assert_eq!(
+        files(&d),
+        [
+            "LOCK",
+            "codes.g1.int8",
+            "graph.g1.layers",
+            "items.g1.jsonl",
+            "manifest.json",
+            "vectors.g1.f32",
+            "wal.g1.log"
+        ]
+    );
+    assert_eq!((idx.heap_rows(), idx.graph_is_mapped()), (0, true));
+    drop(idx);
+    let mut idx = GalleryIndex::open(&d).unwrap();
+    assert!(idx.warnings().is_empty(), "{:?}", idx.warnings());
+    assert_eq!(
+        (idx.len(), idx.heap_rows(), idx.graph_is_mapped()),
+        (300, 0, true)
+    );
+    for i in (0..300).step_by(30) {
+        let q = &v[i * 16..(i + 1) * 16];
+        assert_eq!(idx.search(q, 1, 32)[0].id, i as u64);
+        let stored = idx.vector(i as u64).unwrap();
+        let norm = q.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!(stored
+            .iter()
+            .zip(q)
+            .all(|(s, x)| (s - x / norm).abs() < 1e-6));
+    }
+    // New rows live on the heap (and link into the mapped graph) until the commit, which
+    // maps the new generation instead.
+    idx.append_durable(items(&v[300 * 16..301 * 16], 16, 300).pop().unwrap())
+        .unwrap();
+    assert_eq!(idx.heap_rows(), 1);
+    assert_eq!(idx.search(&v[300 * 16..301 * 16], 1, 32)[0].id, 300);
+    idx.add(items(&v[301 * 16..320 * 16], 16, 301)).unwrap();
+    idx.commit().unwrap();
+    assert_eq!((idx.heap_rows(), idx.graph_is_mapped()), (0, true));
+    for i in [0usize, 300, 310, 319] {
+        assert_eq!(idx.search(&v[i * 16..(i + 1) * 16], 1, 32)[0].id, i as u64);
+    }
+    drop(idx);
+    assert_eq!(GalleryIndex::open(&d).unwrap().len(), 320);
+}
+
+#[test]
+fn a_truncated_or_flipped_mapped_file_is_an_error_or_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("m");
+    let (v, _) = clustered(200, 16, 6, 1.0, 4);
+    drop(streamed_int8_index(&d, &v, 200));
+    let truncate = |name: &str| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join(name))
+            .unwrap();
+        let len = f.metadata().unwrap().len();
+        f.set_len(len - 3).unwrap();
+    };
+    let flip = |name: &str| {
+        let p = d.join(name);
+        let mut b = std::fs::read(&p).unwrap();
+        let at = b.len() * 2 / 3;
+        b[at] ^= 0x10;
+        std::fs::write(&p, &b).unwrap();
+    };
+    let keep = |name: &str| std::fs::read(d.join(name)).unwrap();
+
+    // The vectors are the source of truth: damage is a typed error naming the file.
+    let good = keep("vectors.g1.f32");
+    for (damage, what) in [
+        (&truncate as &dyn Fn(&str), "truncated"),
+        (&flip, "checksum"),
+    ] {
+        damage("vectors.g1.f32");
+        let e = GalleryIndex::open(&d).err().expect("must fail");
+        assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("vectors.g1.f32") && msg.contains(what),
+            "{msg}"
+        );
+        std::fs::write(d.join("vectors.g1.f32"), &good).unwrap();
+    }
+
+    // Codes and graph are derived: rebuilt from the vectors with a warning naming the
+    // file, searched meanwhile, rewritten by the next commit.
+    for name in ["codes.g1.int8", "graph.g1.layers"] {
+        for damage in [&truncate as &dyn Fn(&str), &flip] {
+            let gen = GalleryIndex::open(&d).unwrap().generation();
+            let name = name.replace("g1", &format!("g{gen}"));
+            damage(&name);
+            let mut idx = GalleryIndex::open(&d).unwrap();
+            assert_eq!(idx.warnings().len(), 1, "{:?}", idx.warnings());
+            assert!(idx.warnings()[0].contains(&name), "{:?}", idx.warnings());
+            for i in [0usize, 77, 199] {
+                assert_eq!(idx.search(&v[i * 16..(i + 1) * 16], 1, 32)[0].id, i as u64);
+            }
+            idx.commit().unwrap();
+            drop(idx);
+            let idx = GalleryIndex::open(&d).unwrap();
+            assert!(idx.warnings().is_empty(), "{:?}", idx.warnings());
+            assert!(idx.graph_is_mapped());
+        }
+    }
+}
+
+#[test]
+fn a_reader_keeps_its_mapped_generation_while_a_writer_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("m");
+    let (v, _) = clustered(260, 16, 6, 1.0, 5);
+    drop(streamed_int8_index(&d, &v, 200));
+    let reader = GalleryIndex::open(&d).unwrap();
+    let before: Vec<Vec<Hit>> = (0..200)
+        .step_by(25)
+        .map(|i| reader.search(&v[i * 16..(i + 1) * 16], 5, 32))
+        .collect();
+    // Two commits: generation 1's files are unlinked while the reader maps them.
+    let mut writer = GalleryIndex::open(&d).unwrap();
+    writer.add(items(&v[200 * 16..230 * 16], 16, 200)).unwrap();
+    writer.commit().unwrap();
+    writer.add(items(&v[230 * 16..260 * 16], 16, 230)).unwrap();
+    writer.commit().unwrap();
+    drop(writer);
+    assert!(!files(&d).contains(&"vectors.g1.f32".to_string()));
+    let after: Vec<Vec<Hit>> = (0..200)
+        .step_by(25)
+        .map(|i| reader.search(&v[i * 16..(i + 1) * 16], 5, 32))
+        .collect();
+    assert_eq!(before, after);
+    assert_eq!(reader.len(), 200);
+    assert_eq!(GalleryIndex::open(&d).unwrap().len(), 260);
+}
+
+#[test]
+fn a_streamed_add_with_an_invalid_item_leaves_the_index_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("m");
+    let (v, _) = clustered(50, 16, 6, 1.0, 6);
+    let mut idx = GalleryIndex::create(&d, identity(16), 16, HnswParams::default()).unwrap();
+    let mut bad = items(&v, 16, 0);
+    bad[30].vector.pop();
+    let e = idx.add_streamed(bad).unwrap_err();
+    assert!(matches!(e, StoreError::Invalid(_)), "{e}");
+    assert!(e.to_string().contains("img/00030.jpg"), "{e}");
+    assert_eq!((idx.len(), idx.pending()), (0, 0));
+    assert!(!files(&d).contains(&"vectors.g1.f32".to_string()));
+    // Duplicates are reported, the rest added.
+    let mut good = items(&v, 16, 0);
+    good.push(good[3].clone());
+    let report = idx.add_streamed(good).unwrap();
+    assert_eq!((report.added.len(), report.duplicates.len()), (50, 1));
+    idx.commit().unwrap();
+    drop(idx);
+    let idx = GalleryIndex::open(&d).unwrap();
+    assert_eq!(idx.len(), 50);
+    assert_eq!(idx.search(&v[20 * 16..21 * 16], 1, 32)[0].id, 20);
 }

@@ -10,9 +10,10 @@
 //! manifest, and the load additionally runs under `catch_unwind`.
 //!
 //! A reloaded `Hnsw` borrows the `HnswIo` that loaded it (hnsw_rs issue #19: it may point
-//! into a memory map). We never memory-map, so the borrow is only nominal; the `HnswIo`
-//! (a path, a name and a counter, under 200 bytes) is leaked to give the graph a `'static`
-//! lifetime instead of building a self-referential struct.
+//! into a memory map). We never memory-map a dump (only this crate's own files are mapped,
+//! see [`crate::vectors`]), so the borrow is only nominal; the `HnswIo` (a path, a name and
+//! a counter, under 200 bytes) is leaked to give the graph a `'static` lifetime instead of
+//! building a self-referential struct.
 
 use std::path::Path;
 
@@ -20,6 +21,7 @@ use crate::layered::LayeredGraph;
 use crate::manifest::GraphFiles;
 use crate::quant::Int8Codes;
 use crate::store::{Directory, FileEntry, Result, StoreError};
+use crate::vectors::Rows;
 use hnsw_rs::prelude::{AnnT, Hnsw, HnswIo};
 
 use crate::distance::UnitL2;
@@ -77,20 +79,20 @@ impl Graph {
         })
     }
 
-    /// Builds a graph over `vectors` (row-major, `dim` per row; row i gets id i).
-    pub fn build(params: &HnswParams, vectors: &[f32], dim: usize) -> Result<Self> {
-        let mut g = Self::new(params, vectors.len() / dim.max(1))?;
-        g.insert_rows(vectors, dim, 0);
+    /// Builds a graph over `vectors` (row i gets id i).
+    pub fn build(params: &HnswParams, vectors: Rows<'_>) -> Result<Self> {
+        let mut g = Self::new(params, vectors.len())?;
+        g.insert_rows(vectors, 0);
         Ok(g)
     }
 
     /// Builds an hnsw_rs graph (what indexes before format version 4 hold), for the tests
     /// of that path (opening, extending and searching such an index).
-    pub fn build_hnsw_rs(params: &HnswParams, vectors: &[f32], dim: usize) -> Result<Self> {
+    pub fn build_hnsw_rs(params: &HnswParams, vectors: Rows<'_>) -> Result<Self> {
         params.validate()?;
         let mut hnsw = Hnsw::new(
             params.m,
-            (vectors.len() / dim.max(1)).max(1),
+            vectors.len().max(1),
             params.max_layer,
             params.ef_construction,
             UnitL2,
@@ -103,24 +105,24 @@ impl Graph {
                 stale: false,
             }),
         };
-        g.insert_rows(vectors, dim, 0);
+        g.insert_rows(vectors, 0);
         Ok(g)
     }
 
     /// Inserts the rows of `vectors` from `first_id` on (row i gets id i). `vectors` holds
     /// every point, old ones included: the linking reads them.
-    pub fn insert_rows(&mut self, vectors: &[f32], dim: usize, first_id: usize) {
+    pub fn insert_rows(&mut self, vectors: Rows<'_>, first_id: usize) {
         match &mut self.kind {
-            Kind::Layered(g) => g.insert_rows(vectors, dim, first_id),
-            Kind::HnswRs(g) => g.insert_rows(vectors, dim, first_id),
+            Kind::Layered(g) => g.insert_rows(vectors, first_id),
+            Kind::HnswRs(g) => g.insert_rows(vectors, first_id),
         }
     }
 
     /// Brings an hnsw_rs graph's flat search copy up to date (no-op otherwise).
     /// `vectors` are all the graph's points, as for [`Graph::insert_rows`].
-    pub fn refresh(&mut self, vectors: &[f32], dim: usize) {
+    pub fn refresh(&mut self, vectors: Rows<'_>) {
         if let Kind::HnswRs(g) = &mut self.kind {
-            g.refresh(vectors, dim);
+            g.refresh(vectors);
         }
     }
 
@@ -166,7 +168,13 @@ impl Graph {
 
     /// `(id, euclidean distance)` of up to `k` approximate nearest neighbours, nearest first.
     /// `vectors` are the graph's points (row i = id i).
-    pub fn search(&self, vectors: &[f32], query: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {
+    pub fn search(
+        &self,
+        vectors: Rows<'_>,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+    ) -> Vec<(usize, f32)> {
         if self.is_empty() || k == 0 {
             return Vec::new();
         }
@@ -183,7 +191,7 @@ impl Graph {
     /// [`LayeredGraph::search_int8`]); an hnsw_rs graph searches the f32 vectors.
     pub fn search_int8(
         &self,
-        vectors: &[f32],
+        vectors: Rows<'_>,
         codes: &Int8Codes,
         query: &[f32],
         k: usize,
@@ -199,7 +207,7 @@ impl Graph {
     /// (see [`FlatGraph::search_filtered`]; hnsw_rs's `search_filter` while the copy is stale).
     pub fn search_filtered(
         &self,
-        vectors: &[f32],
+        vectors: Rows<'_>,
         query: &[f32],
         k: usize,
         ef: usize,
@@ -262,16 +270,15 @@ impl Graph {
         }))
     }
 
-    /// Reads a layered graph file listed as `entry` (size and checksum verified here) for
-    /// the `vectors.len() / dim` vectors of an index with `params`.
+    /// Maps a layered graph file listed as `entry` (size, checksum and rows verified here,
+    /// see [`LayeredGraph::open`]) for the `n` vectors of an index with `params`.
     pub fn load_layered(
         store: &Directory,
         entry: &FileEntry,
         params: &HnswParams,
         n: usize,
     ) -> Result<Self> {
-        let bytes = store.read_verified(entry)?;
-        let g = LayeredGraph::parse(&store.file(&entry.name), &bytes, params, n)?;
+        let g = LayeredGraph::open(store, entry, params, n)?;
         Ok(Self {
             kind: Kind::Layered(g),
         })
@@ -311,8 +318,8 @@ impl Graph {
     /// Loads a dump written by [`Graph::dump`]. `vectors` (`dim` per row) are the points the
     /// graph was built from: their count guards against a graph that does not belong to
     /// them, and the flat copy reads them.
-    pub fn load(dir: &Path, basename: &str, vectors: &[f32], dim: usize) -> Result<Self> {
-        let expect_len = vectors.len() / dim.max(1);
+    pub fn load(dir: &Path, basename: &str, vectors: Rows<'_>) -> Result<Self> {
+        let (expect_len, dim) = (vectors.len(), vectors.dim());
         let graph_path = dir.join(format!("{basename}{GRAPH_SUFFIX}"));
         let mut io: Option<&'static mut HnswIo> =
             Some(Box::leak(Box::new(HnswIo::new(dir, basename))));
@@ -353,7 +360,7 @@ impl Graph {
             ));
         }
         hnsw.set_searching_mode(true);
-        let flat = FlatGraph::from_hnsw(&hnsw, vectors, dim);
+        let flat = FlatGraph::from_hnsw(&hnsw, vectors);
         Ok(Self {
             kind: Kind::HnswRs(RsGraph {
                 hnsw,
@@ -369,19 +376,18 @@ impl RsGraph {
         self.hnsw.get_nb_point()
     }
 
-    fn insert_rows(&mut self, vectors: &[f32], dim: usize, first_id: usize) {
-        let rows = &vectors[(first_id * dim).min(vectors.len())..];
-        let n = rows.len() / dim;
+    fn insert_rows(&mut self, vectors: Rows<'_>, first_id: usize) {
+        let n = vectors.len().saturating_sub(first_id);
         if n == 0 {
             return;
         }
         if n < PARALLEL_INSERT_MIN {
-            for (i, r) in rows.chunks_exact(dim).enumerate() {
+            for (i, r) in vectors.iter_from(first_id).enumerate() {
                 self.hnsw.insert_slice((r, first_id + i));
             }
         } else {
-            let data: Vec<(&[f32], usize)> = rows
-                .chunks_exact(dim)
+            let data: Vec<(&[f32], usize)> = vectors
+                .iter_from(first_id)
                 .enumerate()
                 .map(|(i, r)| (r, first_id + i))
                 .collect();
@@ -390,18 +396,18 @@ impl RsGraph {
             self.hnsw.set_searching_mode(true);
         }
         if n >= PARALLEL_INSERT_MIN || self.len() <= FLAT_REBUILD_MAX {
-            self.refresh(vectors, dim);
+            self.refresh(vectors);
         } else {
             self.stale = true;
         }
     }
 
-    fn refresh(&mut self, vectors: &[f32], dim: usize) {
+    fn refresh(&mut self, vectors: Rows<'_>) {
         if !self.stale && self.flat.as_ref().map(FlatGraph::len) == Some(self.len()) {
             return;
         }
         let mut flat = self.flat.take().unwrap_or_default();
-        self.flat = flat.refresh(&self.hnsw, vectors, dim).then_some(flat);
+        self.flat = flat.refresh(&self.hnsw, vectors).then_some(flat);
         self.stale = false;
     }
 }

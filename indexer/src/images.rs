@@ -35,7 +35,11 @@ pub struct Embedded {
 /// The result of embedding a list of sources.
 #[derive(Debug, Default)]
 pub struct EmbedOutcome {
+    /// The embedded images ([`embed_sources`]; empty from [`embed_sources_into`], which hands
+    /// them on instead).
     pub embedded: Vec<Embedded>,
+    /// Images embedded.
+    pub count: usize,
     /// `(file, why)` for images that could not be read (only with `skip_bad`).
     pub skipped: Vec<(PathBuf, String)>,
     /// Images per second over the whole run (decode + embed).
@@ -85,6 +89,33 @@ pub fn embed_sources(
     batch_size: usize,
     skip_bad: bool,
     progress: bool,
+) -> Result<EmbedOutcome> {
+    let mut embedded = Vec::new();
+    let mut out = embed_sources_into(
+        embedder,
+        sources,
+        batch_size,
+        skip_bad,
+        progress,
+        &mut |e| {
+            embedded.push(e);
+            Ok(())
+        },
+    )?;
+    out.embedded = embedded;
+    Ok(out)
+}
+
+/// [`embed_sources`] handing each embedded image to `sink` as its batch is done instead of
+/// collecting them (`indexer build` streams them into the index file); an error from
+/// `sink` stops the run.
+pub fn embed_sources_into(
+    embedder: &Embedder,
+    sources: Vec<Source>,
+    batch_size: usize,
+    skip_bad: bool,
+    progress: bool,
+    sink: &mut dyn FnMut(Embedded) -> Result<()>,
 ) -> Result<EmbedOutcome> {
     let batch_size = batch_size.max(1);
     let bar = if progress {
@@ -142,11 +173,12 @@ pub fn embed_sources(
             if !images.is_empty() {
                 let vectors = embedder.embed_views(&images)?;
                 for ((source, sha256), vector) in good.into_iter().zip(vectors) {
-                    out.embedded.push(Embedded {
+                    sink(Embedded {
                         source,
                         sha256,
                         vector,
-                    });
+                    })?;
+                    out.count += 1;
                 }
             }
             bar.inc(batch_len);
@@ -156,7 +188,7 @@ pub fn embed_sources(
     bar.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     out.images_per_second = if secs > 0.0 {
-        out.embedded.len() as f64 / secs
+        out.count as f64 / secs
     } else {
         0.0
     };

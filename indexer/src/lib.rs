@@ -9,7 +9,7 @@
 //! | `manifest.json` | format name + version, model identity, dim, metric, HNSW params, generation, item count, name/size/SHA-256 of every file below, and its own SHA-256 |
 //! | `vectors.g<N>.f32` | raw little-endian f32, `count × dim`, L2-normalised; row i = item id i |
 //! | `items.g<N>.jsonl` | one `ItemMeta` JSON per line (id, path, label, content sha256) |
-//! | `graph.g<N>.layers` | the layered graph (format 4; see [`layered`]): levels and fixed-stride neighbour rows |
+//! | `graph.g<N>.layers` | the layered graph (format 4; see [`layered`]): fixed-stride neighbour rows and levels |
 //! | `graph.g<N>.hnsw.graph` / `.hnsw.data` | instead, in an index built before format 4: the hnsw_rs dump of the graph |
 //! | `codes.g<N>.int8` | with `--quantize int8`: the int8 copy of the vectors the graph walk reads (see [`quant`]) |
 //! | `wal.g<N>.log` | write-ahead log of items added after generation N was committed (header written by the commit) |
@@ -40,6 +40,15 @@
 //! much faster than rebuilding (see `bench/RESULTS-indexer.md`). Index files without a
 //! manifest are an error ([`StoreError::NoManifest`]), never an empty index.
 //!
+//! **Memory**: the vectors, the int8 codes and the layered graph are memory-mapped, not
+//! read onto the heap ([`vectors`], [`store::Directory::map_verified`]), so a search
+//! process's resident set follows what its searches touch (with int8: codes and graph for
+//! the walk, `ef` f32 rows per query for the re-rank). The checksum is still checked at
+//! every open, through the map, dropping each chunk again. Mapping is safe because files
+//! are immutable: a commit writes new names, and retiring a generation unlinks its files,
+//! which a reader that still maps them keeps until it closes. Rows added after the open
+//! (WAL replay, adds) live on the heap until the next commit, which maps its new files.
+//!
 //! **Create** ([`GalleryIndex::create_with`], used by `indexer build`) writes the new index in
 //! a hidden sibling directory and renames it into place at the end, so an interrupted build
 //! leaves nothing that a rerun would refuse.
@@ -65,6 +74,7 @@ pub mod remote_bench;
 pub mod storage;
 pub mod store;
 pub mod synthetic;
+pub mod vectors;
 pub mod wal;
 
 #[cfg(test)]

@@ -9,38 +9,49 @@
 //! candidate one SIMD pass over its bytes. The walk's top candidates are then re-ranked with
 //! the exact f32 distance, so what a search returns is as exact as without quantisation;
 //! only which candidates the walk visits changes.
+//!
+//! An open index maps its codes file (the rows are read in place; rows added since the
+//! commit are on the heap), so the walk's working set, not the file, is what stays resident.
 
 use std::io::Write;
 
+use memmap2::Mmap;
+
 use crate::store::{Directory, FileEntry, Result, StoreError};
+use crate::vectors::Rows;
 
 /// First bytes of a codes file; the digit is the layout's version.
 const MAGIC: &[u8; 8] = b"DMINT8C1";
 const HEADER_LEN: usize = 8 + 8 + 8;
 
 /// The codes of every row plus each dimension's range.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct Int8Codes {
     dim: usize,
     lo: Vec<f32>,
     step: Vec<f32>,
     /// step², the weight of each dimension's squared code difference.
     weight: Vec<f32>,
+    /// The committed codes file, its rows starting at `HEADER_LEN + 8 * dim`.
+    map: Option<Mmap>,
+    mapped_rows: usize,
+    /// Rows encoded since (on the heap).
     codes: Vec<u8>,
 }
 
 impl Int8Codes {
-    /// Learns each dimension's range from `vectors` (`dim` per row) and encodes them.
-    pub fn train(vectors: &[f32], dim: usize) -> Self {
+    /// Learns each dimension's range from `vectors` and encodes them.
+    pub fn train(vectors: Rows<'_>) -> Self {
+        let dim = vectors.dim();
         let mut lo = vec![f32::INFINITY; dim];
         let mut hi = vec![f32::NEG_INFINITY; dim];
-        for row in vectors.chunks_exact(dim) {
+        for row in vectors.iter_from(0) {
             for ((l, h), &x) in lo.iter_mut().zip(hi.iter_mut()).zip(row) {
                 *l = l.min(x);
                 *h = h.max(x);
             }
         }
-        if vectors.len() < dim {
+        if vectors.is_empty() {
             // No rows yet: the whole range of a unit vector's coordinate.
             lo.fill(-1.0);
             hi.fill(1.0);
@@ -51,7 +62,7 @@ impl Int8Codes {
             .map(|(l, h)| ((h - l) / 255.0).max(1e-9))
             .collect();
         let mut c = Self::with_ranges(dim, lo, step);
-        c.push_rows(vectors);
+        c.push_rows(vectors.iter_from(0));
         c
     }
 
@@ -62,32 +73,28 @@ impl Int8Codes {
             lo,
             step,
             weight,
+            map: None,
+            mapped_rows: 0,
             codes: Vec::new(),
         }
     }
 
     pub fn len(&self) -> usize {
-        self.codes.len() / self.dim.max(1)
+        self.mapped_rows + self.codes.len() / self.dim.max(1)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.codes.is_empty()
+        self.len() == 0
     }
 
     /// Appends the codes of `rows` (clamped to the learnt ranges).
-    pub fn push_rows(&mut self, rows: &[f32]) {
-        self.codes.reserve(rows.len());
-        for row in rows.chunks_exact(self.dim) {
+    pub fn push_rows<'a>(&mut self, rows: impl Iterator<Item = &'a [f32]>) {
+        for row in rows {
             for ((&x, &l), &s) in row.iter().zip(&self.lo).zip(&self.step) {
                 self.codes
                     .push(((x - l) / s).round().clamp(0.0, 255.0) as u8);
             }
         }
-    }
-
-    /// Keeps the first `n` rows' codes (the rows a graph holds).
-    pub fn truncate(&mut self, n: usize) {
-        self.codes.truncate(n * self.dim);
     }
 
     /// The query in code units, ready for [`Int8Codes::distance`].
@@ -103,14 +110,23 @@ impl Int8Codes {
     /// Approximate squared Euclidean distance of a prepared query to row `v`.
     #[inline]
     pub fn distance(&self, prepared: &[f32], v: u32) -> f32 {
-        let c = &self.codes[v as usize * self.dim..(v as usize + 1) * self.dim];
-        crate::distance::weighted_sq_u8(prepared, &self.weight, c)
+        crate::distance::weighted_sq_u8(prepared, &self.weight, self.row(v))
     }
 
-    /// Row v's codes (for prefetching).
+    /// Row v's codes (also for prefetching).
     #[inline]
     pub fn row(&self, v: u32) -> &[u8] {
-        &self.codes[v as usize * self.dim..(v as usize + 1) * self.dim]
+        let v = v as usize;
+        match &self.map {
+            Some(m) if v < self.mapped_rows => {
+                let at = HEADER_LEN + 8 * self.dim + v * self.dim;
+                &m[at..at + self.dim]
+            }
+            _ => {
+                let at = (v - self.mapped_rows) * self.dim;
+                &self.codes[at..at + self.dim]
+            }
+        }
     }
 
     /// Writes the codes as `name` in `store` (fsynced). Layout: [`MAGIC`], dim and rows
@@ -123,13 +139,34 @@ impl Int8Codes {
             for x in self.lo.iter().chain(&self.step) {
                 w.write_all(&x.to_le_bytes())?;
             }
+            if let Some(m) = &self.map {
+                w.write_all(&m[HEADER_LEN + 8 * self.dim..])?;
+            }
             w.write_all(&self.codes)
         })
     }
 
+    /// Maps the codes file listed as `entry` for `n` rows of `dim` (checksum verified
+    /// without leaving the file resident, see [`Directory::map_verified`]); a file that is
+    /// not that is a [`StoreError::Corrupt`] naming it.
+    pub fn map(store: &Directory, entry: &FileEntry, dim: usize, n: usize) -> Result<Self> {
+        let map = store.map_verified(entry)?;
+        let mut c = Self::parse_header(&store.file(&entry.name), &map, dim, n)?;
+        c.map = Some(map);
+        c.mapped_rows = n;
+        Ok(c)
+    }
+
     /// Reads codes written by [`Int8Codes::write`] for `n` rows of `dim` (checksummed by the
-    /// caller); anything else is a [`StoreError::Corrupt`] naming `path`.
+    /// caller) into memory; anything else is a [`StoreError::Corrupt`] naming `path`.
     pub fn parse(path: &std::path::Path, bytes: &[u8], dim: usize, n: usize) -> Result<Self> {
+        let mut c = Self::parse_header(path, bytes, dim, n)?;
+        c.codes = bytes[HEADER_LEN + 8 * dim..].to_vec();
+        Ok(c)
+    }
+
+    /// The ranges of a codes file whose size fits `n` rows of `dim`; no codes yet.
+    fn parse_header(path: &std::path::Path, bytes: &[u8], dim: usize, n: usize) -> Result<Self> {
         let bad = |msg: String| StoreError::corrupt(path, format!("int8 codes file: {msg}"));
         if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
             return Err(bad(
@@ -155,9 +192,17 @@ impl Int8Codes {
         if lo.iter().chain(step).any(|x| !x.is_finite()) || step.iter().any(|&s| s <= 0.0) {
             return Err(bad("a dimension's range is not finite and positive".into()));
         }
-        let mut c = Self::with_ranges(dim, lo.to_vec(), step.to_vec());
-        c.codes = bytes[HEADER_LEN + 8 * dim..].to_vec();
-        Ok(c)
+        Ok(Self::with_ranges(dim, lo.to_vec(), step.to_vec()))
+    }
+
+    /// Same dimension ranges and the same codes (a map and a heap copy compare equal).
+    #[cfg(test)]
+    pub fn same_as(&self, other: &Self) -> bool {
+        self.dim == other.dim
+            && self.lo == other.lo
+            && self.step == other.step
+            && self.len() == other.len()
+            && (0..self.len() as u32).all(|v| self.row(v) == other.row(v))
     }
 }
 
@@ -171,7 +216,7 @@ mod tests {
     fn distances_track_the_exact_ones_and_files_read_back() {
         let dim = 40;
         let (v, _) = clustered(300, dim, 5, 1.0, 4);
-        let c = Int8Codes::train(&v, dim);
+        let c = Int8Codes::train(Rows::new(&v, dim));
         assert_eq!(c.len(), 300);
         let q = &v[7 * dim..8 * dim];
         let pq = c.prepare(q);
@@ -185,7 +230,16 @@ mod tests {
         let e = c.write(&store, "c.int8").unwrap();
         let bytes = store.read_verified(&e).unwrap();
         let p = dir.path().join("c.int8");
-        assert_eq!(Int8Codes::parse(&p, &bytes, dim, 300).unwrap(), c);
+        assert!(Int8Codes::parse(&p, &bytes, dim, 300).unwrap().same_as(&c));
+        let mapped = Int8Codes::map(&store, &e, dim, 300).unwrap();
+        assert!(mapped.same_as(&c));
+        // Mapped rows plus heap rows write out as one file.
+        let mut grown = mapped;
+        grown.push_rows(v.chunks_exact(dim).take(2));
+        let e2 = grown.write(&store, "c2.int8").unwrap();
+        let back = Int8Codes::map(&store, &e2, dim, 302).unwrap();
+        assert!(back.same_as(&grown) && back.row(301) == c.row(1));
+        assert!(Int8Codes::map(&store, &e, dim, 299).is_err());
         assert!(Int8Codes::parse(&p, &bytes, dim, 299).is_err());
         assert!(Int8Codes::parse(&p, &bytes[..bytes.len() - 1], dim, 300).is_err());
         let mut bad = bytes.clone();

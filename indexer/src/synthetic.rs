@@ -29,33 +29,84 @@ pub fn clustered(
     noise: f32,
     seed: u64,
 ) -> (Vec<f32>, Vec<u32>) {
-    let classes = classes.max(1);
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut centres = vec![0f32; classes * dim];
-    for c in centres.chunks_exact_mut(dim) {
-        c.iter_mut().for_each(|x| *x = gaussian(&mut rng));
-        normalize(c);
+    let g = Clustered::new(dim, classes, noise, seed);
+    let labels: Vec<u32> = (0..n).map(|i| g.label(i)).collect();
+    (g.rows(0, n), labels)
+}
+
+/// The generator behind [`clustered`], for producing its rows a range at a time (the scale
+/// benchmark streams them into the index instead of holding them all): row i is the same
+/// whichever range it is generated in.
+pub struct Clustered {
+    dim: usize,
+    classes: usize,
+    sigma: f32,
+    seed: u64,
+    centres: Vec<f32>,
+}
+
+/// Rows drawn from one random stream (the unit of parallel generation).
+const BLOCK: usize = 1024;
+
+impl Clustered {
+    pub fn new(dim: usize, classes: usize, noise: f32, seed: u64) -> Self {
+        let classes = classes.max(1);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut centres = vec![0f32; classes * dim];
+        for c in centres.chunks_exact_mut(dim) {
+            c.iter_mut().for_each(|x| *x = gaussian(&mut rng));
+            normalize(c);
+        }
+        Self {
+            dim,
+            classes,
+            sigma: noise / (dim as f32).sqrt(),
+            seed,
+            centres,
+        }
     }
-    let sigma = noise / (dim as f32).sqrt();
-    let labels: Vec<u32> = (0..n).map(|i| (i % classes) as u32).collect();
-    let mut vectors = vec![0f32; n * dim];
-    vectors
-        .par_chunks_mut(dim * 1024)
-        .enumerate()
-        .for_each(|(block, chunk)| {
+
+    /// Row i's cluster.
+    pub fn label(&self, i: usize) -> u32 {
+        (i % self.classes) as u32
+    }
+
+    /// Rows `from..to`, row-major.
+    pub fn rows(&self, from: usize, to: usize) -> Vec<f32> {
+        let dim = self.dim;
+        let mut out = vec![0f32; (to - from) * dim];
+        let first_block = from / BLOCK;
+        let blocks: Vec<usize> = (first_block..to.div_ceil(BLOCK)).collect();
+        // Each block's rows within from..to, generated from the block's own stream.
+        let mut chunks: Vec<(usize, &mut [f32])> = Vec::new();
+        let mut rest = &mut out[..];
+        for &b in &blocks {
+            let (lo, hi) = ((b * BLOCK).max(from), ((b + 1) * BLOCK).min(to));
+            let (head, tail) = rest.split_at_mut((hi - lo) * dim);
+            chunks.push((b, head));
+            rest = tail;
+        }
+        chunks.into_par_iter().for_each(|(b, chunk)| {
             let mut rng = ChaCha8Rng::seed_from_u64(
-                seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(block as u64 + 1)),
+                self.seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(b as u64 + 1)),
             );
-            for (j, row) in chunk.chunks_exact_mut(dim).enumerate() {
-                let label = labels[block * 1024 + j] as usize;
-                let c = &centres[label * dim..(label + 1) * dim];
+            let start = b * BLOCK;
+            let skip = from.saturating_sub(start);
+            let mut row = vec![0f32; dim];
+            for j in 0..skip + chunk.len() / dim {
+                let label = self.label(start + j) as usize;
+                let c = &self.centres[label * dim..(label + 1) * dim];
                 for (x, m) in row.iter_mut().zip(c) {
-                    *x = m + sigma * gaussian(&mut rng);
+                    *x = m + self.sigma * gaussian(&mut rng);
                 }
-                normalize(row);
+                if j >= skip {
+                    normalize(&mut row);
+                    chunk[(j - skip) * dim..(j - skip + 1) * dim].copy_from_slice(&row);
+                }
             }
         });
-    (vectors, labels)
+        out
+    }
 }
 
 /// The label `selectivity_labels` gives the items of fraction `i`.
@@ -112,6 +163,12 @@ mod tests {
     fn rows_are_unit_and_deterministic() {
         let (a, la) = clustered(100, 16, 5, 0.5, 7);
         let (b, _) = clustered(100, 16, 5, 0.5, 7);
+        // Any range of rows is the same as in the whole (the benchmark streams them).
+        let (big, _) = clustered(3000, 16, 5, 0.5, 7);
+        let g = Clustered::new(16, 5, 0.5, 7);
+        for (from, to) in [(0, 3000), (1000, 2100), (1500, 1501), (2047, 3000)] {
+            assert_eq!(g.rows(from, to), big[from * 16..to * 16], "{from}..{to}");
+        }
         assert_eq!(a, b);
         assert_eq!(la[7], 2);
         for r in a.chunks_exact(16) {

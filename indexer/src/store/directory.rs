@@ -6,6 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
+use memmap2::{Mmap, MmapMut, MmapOptions, UncheckedAdvice};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -100,6 +101,10 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
+/// Bytes of a mapped file that its verification holds resident at a time (a multiple of
+/// the page size, so dropping a chunk drops exactly its pages).
+const VERIFY_CHUNK: usize = 8 << 20;
+
 /// An index directory. Files of a generation are written under new names with
 /// [`Directory::write_new`] / [`Directory::seal`] and become durable by name with
 /// [`Directory::sync`]; only the manifest is ever replaced, with [`Directory::atomic_write`].
@@ -126,13 +131,27 @@ impl Directory {
 
     /// Writes a new file through `fill` (replacing a leftover of the same name), fsyncs it
     /// and returns its entry. Its name is durable after the next [`Directory::sync`].
+    ///
+    /// A leftover is unlinked, never truncated: readers memory-map index files (see
+    /// [`Directory::map_verified`]), and truncating an inode under a map kills its reader
+    /// with SIGBUS, whereas an unlinked inode lives on until its last map is gone.
     pub fn write_new(
         &self,
         name: &str,
         fill: impl FnOnce(&mut HashingWriter<BufWriter<File>>) -> std::io::Result<()>,
     ) -> Result<FileEntry> {
         let path = self.file(name);
-        let f = File::create(&path).map_err(|e| StoreError::io(&path, "cannot create", e))?;
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(StoreError::io(&path, "cannot delete the leftover", e))
+            }
+            _ => {}
+        }
+        let f = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| StoreError::io(&path, "cannot create", e))?;
         let mut w = HashingWriter {
             inner: BufWriter::with_capacity(1 << 20, f),
             hash: Sha256::new(),
@@ -239,6 +258,76 @@ impl Directory {
         Ok(())
     }
 
+    /// Memory-maps a file (read-only) after checking it against its entry, so its bytes are
+    /// paged in as they are read instead of copied onto the heap.
+    ///
+    /// Mapping is safe because index files are immutable: a generation's files are written
+    /// once under new names, only the manifest is ever replaced (by rename), and a commit
+    /// that retires a generation unlinks its files, which leaves a reader's map of them
+    /// intact (see [`Directory::write_new`] for leftovers).
+    ///
+    /// Verification policy: every open hashes the whole file once, through the map itself
+    /// (so exactly the mapped bytes are checked), and drops each hashed chunk from the
+    /// process's pages again (`MADV_DONTNEED`; the page cache keeps them). An open thus
+    /// costs one sequential read but leaves the resident set as it was: pages come back as
+    /// searches touch them. Checking at open rather than lazily per page keeps damage an
+    /// error before any search (a bad vectors file is refused, a bad graph rebuilt) and
+    /// keeps hashing off the search path.
+    pub fn map_verified(&self, entry: &FileEntry) -> Result<Mmap> {
+        self.map_verified_with(entry, |_, _| {})
+    }
+
+    /// [`Directory::map_verified`], also showing each verified chunk and its offset to
+    /// `inspect` (to check the content in the same pass, while the chunk is resident).
+    pub fn map_verified_with(
+        &self,
+        entry: &FileEntry,
+        inspect: impl FnMut(usize, &[u8]),
+    ) -> Result<Mmap> {
+        let (path, file) = self.open_for_map(entry)?;
+        // SAFETY: the file is immutable while mapped (see above).
+        let map = unsafe { MmapOptions::new().map(&file) }
+            .map_err(|e| StoreError::io(&path, "cannot memory-map", e))?;
+        check_mapped(entry, &path, &map, inspect, |off, len| {
+            // SAFETY: a shared read-only map: dropping its pages only re-reads the file.
+            unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, off, len) }
+        })?;
+        Ok(map)
+    }
+
+    /// [`Directory::map_verified`] as a private, copy-on-write map: the owner may write
+    /// into it (the graph links new nodes into old rows) and the file never changes; only
+    /// the pages written are copied into the process's memory.
+    pub fn map_verified_private(&self, entry: &FileEntry) -> Result<MmapMut> {
+        let (path, file) = self.open_for_map(entry)?;
+        // SAFETY: the file is immutable while mapped (see `map_verified`).
+        let map = unsafe { MmapOptions::new().map_copy(&file) }
+            .map_err(|e| StoreError::io(&path, "cannot memory-map", e))?;
+        check_mapped(
+            entry,
+            &path,
+            &map,
+            |_, _| {},
+            |off, len| {
+                // SAFETY: nothing has been written into the map yet, so dropping its pages
+                // loses nothing: they read back from the file.
+                unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, off, len) }
+            },
+        )?;
+        Ok(map)
+    }
+
+    fn open_for_map(&self, entry: &FileEntry) -> Result<(PathBuf, File)> {
+        let path = self.file(&entry.name);
+        let file = File::open(&path).map_err(|e| self.missing(entry, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| StoreError::io(&path, "cannot stat", e))?
+            .len();
+        self.check_len(entry, len)?;
+        Ok((path, file))
+    }
+
     /// Fsyncs the directory itself (see [`sync_dir`]).
     pub fn sync(&self) -> Result<()> {
         sync_dir(&self.path)
@@ -261,6 +350,37 @@ impl Directory {
         v.sort();
         Ok(v)
     }
+}
+
+/// Hashes a mapped file's `bytes` chunk by chunk, showing each to `inspect` and then
+/// calling `drop_pages(offset, len)` on it.
+fn check_mapped(
+    entry: &FileEntry,
+    path: &Path,
+    bytes: &[u8],
+    mut inspect: impl FnMut(usize, &[u8]),
+    drop_pages: impl Fn(usize, usize) -> std::io::Result<()>,
+) -> Result<()> {
+    if bytes.len() as u64 != entry.bytes {
+        return Err(StoreError::corrupt(
+            path,
+            "the file changed while it was mapped",
+        ));
+    }
+    let mut h = Sha256::new();
+    for (i, chunk) in bytes.chunks(VERIFY_CHUNK).enumerate() {
+        h.update(chunk);
+        inspect(i * VERIFY_CHUNK, chunk);
+        // Advisory: a failure only leaves the pages resident.
+        let _ = drop_pages(i * VERIFY_CHUNK, chunk.len());
+    }
+    if hex::encode(h.finalize()) != entry.sha256 {
+        return Err(StoreError::corrupt(
+            path,
+            "checksum mismatch: the file is corrupt",
+        ));
+    }
+    Ok(())
 }
 
 /// An exclusive lock on `<dir>/<file>`, held until dropped (the OS releases it when the
