@@ -65,6 +65,15 @@ def run_peer(a, loss):
     return {"peer_r1": r["recall@1"], "peer_r8": r["recall@8"], "peer_wall_s": r["total_seconds"]}
 
 
+def write_rows(table, rows):
+    """Rewrites table.jsonl atomically (a row gained its peer's figures)."""
+    tmp = table + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows.values():
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, table)
+
+
 def fmt(row):
     def pct(k):
         return f"{100 * row[k]:.2f}" if k in row else "–"
@@ -95,6 +104,12 @@ def main():
     done = {r["loss"]: r for r in read_jsonl(table)} if os.path.exists(table) else {}
     for loss in a.losses.split(","):
         if loss in done:
+            row = done[loss]
+            if a.peer and "error" not in row and "peer_r1" not in row and "peer_error" not in row:
+                # A row finished without its peer (an earlier table ran without --peer).
+                row.update(run_peer(a, loss))
+                write_rows(table, done)
+                print(fmt(row), file=sys.stderr)
             continue
         row = run_ours(a, loss, recipe)
         if a.peer and "error" not in row:
