@@ -327,8 +327,8 @@ def main():
         for _ in range(per_epoch):
             idx = []
             for c in rng.sample(sorted(by_class), p_cls):
-                pool = by_class[c]
-                idx += rng.sample(pool, k_img) if len(pool) >= k_img else rng.choices(pool, k=k_img)
+                members = by_class[c]
+                idx += rng.sample(members, k_img) if len(members) >= k_img else rng.choices(members, k=k_img)
             f = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(total - warmup, 1))))
             for g in opt.param_groups:
                 g["lr"] = g["base"] * f
