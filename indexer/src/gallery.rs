@@ -645,23 +645,11 @@ impl GalleryIndex {
         let mut report = AddReport::default();
         let first = self.items.len();
         for (it, v) in items.into_iter().zip(normalized) {
-            if let Some(&existing) = self.by_sha.get(&it.sha256) {
-                report.duplicates.push((it.path, existing));
+            let Some(id) = register_item(&mut self.by_sha, &mut self.items, it, &mut report) else {
                 continue;
-            }
-            let id = self.items.len() as u64;
-            self.by_sha.insert(it.sha256.clone(), id);
-            self.deleted_shas.remove(&it.sha256);
-            self.items.push(ItemMeta {
-                id,
-                path: it.path,
-                label: it.label,
-                sha256: it.sha256,
-                metadata: it.metadata,
-                deleted: false,
-            });
+            };
+            self.deleted_shas.remove(&self.items[id as usize].sha256);
             self.vectors.push(&v);
-            report.added.push(id);
         }
         self.link_new_rows(first);
         Ok(report)
@@ -695,22 +683,9 @@ impl GalleryIndex {
                         return Err(std::io::Error::other("invalid item"));
                     }
                 };
-                if let Some(&existing) = by_sha.get(&it.sha256) {
-                    report.duplicates.push((it.path, existing));
-                    continue;
+                if register_item(by_sha, all, it, &mut report).is_some() {
+                    write_row(w, &mut buf, &v)?;
                 }
-                let id = all.len() as u64;
-                by_sha.insert(it.sha256.clone(), id);
-                all.push(ItemMeta {
-                    id,
-                    path: it.path,
-                    label: it.label,
-                    sha256: it.sha256,
-                    metadata: it.metadata,
-                    deleted: false,
-                });
-                write_row(w, &mut buf, &v)?;
-                report.added.push(id);
             }
             Ok(())
         });
@@ -1192,6 +1167,33 @@ impl GalleryIndex {
 }
 
 /// An item's normalised vector, once vector and metadata passed their checks.
+/// Gives `it` the next id and records it in `report.added`, or, when its content is already
+/// indexed, records it in `report.duplicates` and returns `None`. (One rule for the in-memory
+/// and the streamed add.)
+fn register_item(
+    by_sha: &mut HashMap<String, u64>,
+    items: &mut Vec<ItemMeta>,
+    it: NewItem,
+    report: &mut AddReport,
+) -> Option<u64> {
+    if let Some(&existing) = by_sha.get(&it.sha256) {
+        report.duplicates.push((it.path, existing));
+        return None;
+    }
+    let id = items.len() as u64;
+    by_sha.insert(it.sha256.clone(), id);
+    items.push(ItemMeta {
+        id,
+        path: it.path,
+        label: it.label,
+        sha256: it.sha256,
+        metadata: it.metadata,
+        deleted: false,
+    });
+    report.added.push(id);
+    Some(id)
+}
+
 fn check_item(it: &NewItem, dim: usize) -> Result<Vec<f32>> {
     let v = distance::normalized(&it.vector, dim, &format!("item '{}'", it.path))?;
     if let Some(m) = &it.metadata {
