@@ -9,7 +9,7 @@ own conversion script does), every parameter is drawn at random (layer scales an
 included, so no block is a near-identity), and the state dicts are saved as safetensors.
 
     # the small reduced-depth fixture committed for CI (forward + gradients)
-    python3 bench/peers/vit_reference.py fixture trainer/tests/fixtures/vit
+    python3 bench/peers/vit_reference.py fixture DIR   (the parity test runs this itself)
     # full-size ViT-S/14, ViT-B/14 and CLIP ViT-B/16 on the reference photos, then the
     # Rust check (`cargo test -p trainer --test vit_parity full_size`)
     python3 bench/peers/vit_reference.py full /tmp/vit-full --images ../shared/models/efficientnet-lite0/reference

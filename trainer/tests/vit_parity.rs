@@ -2,7 +2,10 @@
 //! open_clip's OpenAI CLIP tower in the Hugging Face names), on random weights written by
 //! `bench/peers/vit_reference.py`:
 //!
-//! - the committed reduced-depth fixtures (`tests/fixtures/vit/`): pooled features within
+//! - reduced-depth fixtures, written on first use into the test target directory by
+//!   `bench/peers/vit_reference.py fixture` (seeded, deterministic, a few seconds; weight files
+//!   are not committed), skipped with a message where Python lacks torch/timm/open_clip:
+//!   pooled features within
 //!   1e-4 of PyTorch's, through the training path and the fused inference copy, and the
 //!   gradients of `sum(features · probe)` against PyTorch's autograd;
 //! - `full_size` (run by the script, which sets `VIT_REFERENCE_DIR`): ViT-S/14, ViT-B/14 and
@@ -17,10 +20,38 @@ use trainer::backbone::vit::{Family, Vit, VitConfig};
 use trainer::backbone::{Backbone, BackboneKind, Pooling};
 use trainer::weights;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/vit")
-        .join(name)
+/// The fixture directory, written once per test binary; `None` (with a message) when the
+/// reference script cannot run here.
+fn fixture_dir() -> Option<&'static Path> {
+    static DIR: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("vit-fixtures");
+        if dir.join("clip-tiny.ref.safetensors").exists() {
+            return Some(dir);
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/peers/vit_reference.py");
+        let out = std::process::Command::new("python3")
+            .arg(&script)
+            .arg("fixture")
+            .arg(&dir)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(dir),
+            Ok(o) => {
+                eprintln!(
+                    "skipping: {} fixture failed (needs torch, timm, open_clip): {}",
+                    script.display(),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("skipping: cannot run python3 for the ViT fixtures: {e}");
+                None
+            }
+        }
+    })
+    .as_deref()
 }
 
 fn load(path: &Path) -> HashMap<String, Tensor> {
@@ -75,8 +106,11 @@ fn inference_copy(kind: BackboneKind, cfg: VitConfig, varmap: &VarMap) -> Vit {
 
 /// Forward (both paths) and gradients of one fixture.
 fn check(kind: BackboneKind, cfg: VitConfig, name: &str, outputs: &[(&str, Pooling)]) {
-    let (varmap, net) = build(kind, cfg.clone(), &fixture(&format!("{name}.safetensors")));
-    let refs = load(&fixture(&format!("{name}.ref.safetensors")));
+    let Some(dir) = fixture_dir() else {
+        return;
+    };
+    let (varmap, net) = build(kind, cfg.clone(), &dir.join(format!("{name}.safetensors")));
+    let refs = load(&dir.join(format!("{name}.ref.safetensors")));
     let x = Var::from_tensor(&refs["input"]).unwrap();
     let tokens = net
         .forward_stages(x.as_tensor(), 0..net.num_stages())
