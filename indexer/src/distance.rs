@@ -38,7 +38,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Σ w·(q − c)² over f32 `q`, `w` and byte codes `c` (the int8 walk of [`crate::quant`]):
-/// an AVX2 + FMA kernel when the CPU has it, else portable code.
+/// an AVX-512 or AVX2 + FMA kernel when the CPU has one, else portable code.
 #[inline]
 pub fn weighted_sq_u8(q: &[f32], w: &[f32], c: &[u8]) -> f32 {
     let n = q.len().min(w.len()).min(c.len());
@@ -49,8 +49,13 @@ type KernelU8 = fn(&[f32], &[f32], &[u8]) -> f32;
 
 static WEIGHTED_U8: std::sync::LazyLock<KernelU8> = std::sync::LazyLock::new(|| {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        return simd::weighted_sq_u8_avx2;
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            return simd::weighted_sq_u8_avx512;
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return simd::weighted_sq_u8_avx2;
+        }
     }
     weighted_sq_u8_portable
 });
@@ -183,6 +188,59 @@ mod simd {
     pub fn weighted_sq_u8_avx2(q: &[f32], w: &[f32], c: &[u8]) -> f32 {
         // SAFETY: selected only when avx2 and fma were detected.
         unsafe { weighted_u8_256(q, w, c) }
+    }
+
+    pub fn weighted_sq_u8_avx512(q: &[f32], w: &[f32], c: &[u8]) -> f32 {
+        // SAFETY: selected only when avx512f was detected.
+        unsafe { weighted_u8_512(q, w, c) }
+    }
+
+    /// [`weighted_u8_256`] with 16 lanes: half the instructions per row, which is what the
+    /// int8 walk spends its time on once the rows are in cache. A scalar tail.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn weighted_u8_512(q: &[f32], w: &[f32], c: &[u8]) -> f32 {
+        #[inline(always)]
+        unsafe fn step(q: __m512, w: __m512, bytes: __m128i, acc: __m512) -> __m512 {
+            let d = _mm512_sub_ps(q, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)));
+            _mm512_fmadd_ps(_mm512_mul_ps(d, d), w, acc)
+        }
+        let n = q.len().min(w.len()).min(c.len());
+        let (pq, pw, pc) = (q.as_ptr(), w.as_ptr(), c.as_ptr());
+        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut i = 0;
+        while i + 32 <= n {
+            let b = _mm256_loadu_si256(pc.add(i) as *const __m256i);
+            s0 = step(
+                _mm512_loadu_ps(pq.add(i)),
+                _mm512_loadu_ps(pw.add(i)),
+                _mm256_castsi256_si128(b),
+                s0,
+            );
+            s1 = step(
+                _mm512_loadu_ps(pq.add(i + 16)),
+                _mm512_loadu_ps(pw.add(i + 16)),
+                _mm256_extracti128_si256(b, 1),
+                s1,
+            );
+            i += 32;
+        }
+        if i + 16 <= n {
+            let bytes = _mm_loadu_si128(pc.add(i) as *const __m128i);
+            s0 = step(
+                _mm512_loadu_ps(pq.add(i)),
+                _mm512_loadu_ps(pw.add(i)),
+                bytes,
+                s0,
+            );
+            i += 16;
+        }
+        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+        while i < n {
+            let d = *pq.add(i) - *pc.add(i) as f32;
+            s += *pw.add(i) * d * d;
+            i += 1;
+        }
+        s
     }
 
     /// Σ w·(q − c)², 16 codes per step (widened u8 → i32 → f32) in two accumulators.
@@ -347,6 +405,10 @@ mod tests {
             #[cfg(target_arch = "x86_64")]
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 kernels.push(simd::weighted_sq_u8_avx2);
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx512f") {
+                kernels.push(simd::weighted_sq_u8_avx512);
             }
             for k in kernels {
                 let got = k(&q, &w, &c) as f64;

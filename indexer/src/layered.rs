@@ -31,7 +31,7 @@ use parking_lot::Mutex;
 use rayon::prelude::*;
 
 use crate::distance::squared_l2;
-use crate::flat::{prefetch, prefetch_bytes, Scored, SCRATCH};
+use crate::flat::{prefetch, prefetch_bytes, prefetch_ptr, Scored, SCRATCH};
 use crate::params::HnswParams;
 use crate::quant::Int8Codes;
 use crate::store::{Directory, FileEntry, Result, StoreError};
@@ -409,6 +409,12 @@ impl LayeredGraph {
                 let worst = results.peek().map_or(f32::INFINITY, |w| w.0);
                 if full && c_d > worst {
                     break;
+                }
+                // The next candidate's row is a random read: start it now, while this
+                // one's neighbours are scored.
+                if let Some(Reverse(Scored(_, next))) = candidates.peek() {
+                    let row = self.row(*next, level);
+                    prefetch_ptr(row.as_ptr().cast(), std::mem::size_of_val(row));
                 }
                 s.fresh.clear();
                 for nb in Self::links(self.row(c, level)) {
