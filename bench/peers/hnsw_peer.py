@@ -65,6 +65,9 @@ def main():
     ap.add_argument("--targets", default="0.9,0.95,0.99", help="recall@10 levels to compare QPS at")
     ap.add_argument("--queries-file", help="held-out queries (.npy/.fvecs) instead of rows of the data")
     ap.add_argument("--json")
+    ap.add_argument("--save-index", help="write the built index here (hnswlib's own format)")
+    ap.add_argument("--load-index", help="search an index --save-index wrote instead of building one "
+                    "(query-only sweeps, to interleave with the indexer's --reuse runs)")
     args = ap.parse_args()
     try:
         import hnswlib
@@ -78,31 +81,45 @@ def main():
     if args.queries_file:
         queries = read_vectors(args.queries_file)
         queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-        sims = queries @ data.T
-        top = np.argpartition(-sims, 10, axis=1)[:, :10]
-        truth = [set(row) for row in top]
         k, self_ids = 10, None
     else:
         rng = np.random.default_rng(0)
         q_idx = np.sort(rng.choice(n, size=min(args.queries, n), replace=False))
-        truth = exact_top10(data, q_idx)
         queries = data[q_idx]
         k, self_ids = 11, q_idx
 
     index = hnswlib.Index(space="l2", dim=dim)
-    t = time.perf_counter()
-    index.init_index(max_elements=n, M=args.m, ef_construction=args.ef_construction, random_seed=100)
-    index.add_items(data, np.arange(n), num_threads=args.threads or -1)
-    build_s = time.perf_counter() - t
+    if args.load_index:
+        index.load_index(args.load_index, max_elements=n)
+        build_s = None
+    else:
+        t = time.perf_counter()
+        index.init_index(max_elements=n, M=args.m, ef_construction=args.ef_construction, random_seed=100)
+        index.add_items(data, np.arange(n), num_threads=args.threads or -1)
+        build_s = time.perf_counter() - t
+        if args.save_index:
+            index.save_index(args.save_index)
     index.set_num_threads(1)
 
-    rows = []
+    # The timed sweeps first and the exact truth afterwards (as `indexer bench-synthetic`
+    # does), so two searchers started together sweep in the same minutes of the machine.
+    swept = []
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     for ef in [int(x) for x in args.ef_search.split(",")]:
         index.set_ef(max(ef, k))
         t = time.perf_counter()
         labels, _ = index.knn_query(queries, k=k, num_threads=1)
-        secs = time.perf_counter() - t
+        swept.append((ef, labels, time.perf_counter() - t))
+    if self_ids is None:
+        # In blocks of queries: one 1,000 × n similarity matrix would be 8 GB at 2M rows.
+        truth = []
+        for at in range(0, len(queries), 64):
+            sims = queries[at : at + 64] @ data.T
+            truth.extend(set(row) for row in np.argpartition(-sims, 10, axis=1)[:, :10])
+    else:
+        truth = exact_top10(data, self_ids)
+    rows = []
+    for ef, labels, secs in swept:
         found = 0
         for i, tr in enumerate(truth):
             got = [int(j) for j in labels[i] if self_ids is None or j != self_ids[i]][:10]
@@ -110,7 +127,10 @@ def main():
         rows.append({"ef": ef, "recall@10": found / (10 * len(truth)), "qps": len(truth) / secs})
 
     print(f"## hnswlib {getattr(hnswlib, '__version__', '')}: {n} x {dim}, M = {args.m}, ef_construction = {args.ef_construction}\n")
-    print(f"build: {build_s:.2f} s ({n / build_s:.0f} vectors/s)\n")
+    if build_s is None:
+        print(f"build: loaded {args.load_index}\n")
+    else:
+        print(f"build: {build_s:.2f} s ({n / build_s:.0f} vectors/s)\n")
     print("| ef | recall@10 | QPS (1 thread) |\n|---:|---:|---:|")
     for r in rows:
         print(f"| {r['ef']} | {r['recall@10']:.4f} | {r['qps']:.0f} |")
