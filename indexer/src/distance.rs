@@ -234,13 +234,8 @@ mod simd {
             );
             i += 16;
         }
-        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-        while i < n {
-            let d = *pq.add(i) - *pc.add(i) as f32;
-            s += *pw.add(i) * d * d;
-            i += 1;
-        }
-        s
+        _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
+            + super::weighted_sq_u8_portable(&q[i..n], &w[i..n], &c[i..n])
     }
 
     /// Σ w·(q − c)², 16 codes per step (widened u8 → i32 → f32) in two accumulators.

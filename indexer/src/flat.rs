@@ -517,17 +517,7 @@ pub(crate) fn prefetch(v: &[f32]) {
 /// [`prefetch`] for a row of bytes (up to its first 8 cache lines, 512 codes).
 #[inline(always)]
 pub(crate) fn prefetch_bytes(v: &[u8]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let p = v.as_ptr() as *const i8;
-        for line in 0..8.min(v.len().div_ceil(64)) {
-            // SAFETY: a hint with no architectural effect; every address is inside the slice.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(line * 64)) };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = v;
+    prefetch_ptr(v.as_ptr(), v.len());
 }
 
 #[cfg(test)]
