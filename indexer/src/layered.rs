@@ -48,6 +48,12 @@ const MAGIC_V1: &[u8; 8] = b"DMLAYER1";
 const HEADER_LEN: usize = 8 + 4 * 4 + 2 * 8;
 /// Nodes whose rows an open checks before dropping their pages again.
 const CHECK_BLOCK: usize = 1 << 16;
+/// Until the graph holds this many nodes, insertion is serial. Nodes linked at the same
+/// time into a near-empty graph see few of each other and can be left reachable from
+/// almost nowhere (a small index rebuilt at open once missed an exact match at ef 32);
+/// serially the first thousand cost a fraction of a second and small builds are
+/// reproducible.
+const SERIAL_SEED: usize = 1024;
 
 /// Fixed-stride rows of atomics: a prefix in a private (copy-on-write) map of the graph
 /// file, the rest on the heap. Writing into a mapped row copies only its page into the
@@ -263,7 +269,13 @@ impl LayeredGraph {
                 self.top_level = self.levels[v as usize] as usize;
             }
         }
-        rest.par_iter().for_each(|&v| self.insert(vectors, v));
+        let serial = SERIAL_SEED.saturating_sub(old_n).min(rest.len());
+        for &v in &rest[..serial] {
+            self.insert(vectors, v);
+        }
+        rest[serial..]
+            .par_iter()
+            .for_each(|&v| self.insert(vectors, v));
     }
 
     /// Links node q (hnswlib's `addPoint`): greedy descent to its level, then in each of
