@@ -5,6 +5,9 @@
 # machine; then `python3 bench/scale/growth.py collect DIR --out …` and `… plot …`.
 #
 #   bench/scale/growth-run.sh DIR [INDEXER] -- 250000:250k 500000:500k 1000000:1m 2000000:2m
+#
+# KEEP=1 keeps DIR/v-TAG.npy and saves hnswlib's index as DIR/hnswlib-TAG.bin: what
+# bench/scale/qps-side-by-side.sh needs afterwards.
 set -u
 B=$1; shift
 BIN=indexer
@@ -26,10 +29,12 @@ point() { # N TAG
     > "$B/reuse-$TAG.log" 2> "$B/reuse-$TAG.err"
   "$BIN" export-vectors --index "$D" --out "$B/v-$TAG.npy" > /dev/null
   echo "$(date -u +%T) start hnswlib-$TAG" >> "$B/progress"
+  local save=()
+  [ -n "${KEEP:-}" ] && save=(--save-index "$B/hnswlib-$TAG.bin")
   /usr/bin/time -v python3 "$ROOT/bench/peers/hnsw_peer.py" "$B/v-$TAG.npy" --queries-file "$D/queries.npy" \
-    --threads 2 --ef-search 16,32,64,128,256 --json "$OUT/synthetic-$TAG-512d-hnswlib.json" \
+    --threads 2 --ef-search 16,32,64,128,256 --json "$OUT/synthetic-$TAG-512d-hnswlib.json" "${save[@]}" \
     > "$B/hnswlib-$TAG.log" 2> "$B/hnswlib-$TAG.err"
-  rm -f "$B/v-$TAG.npy"
+  [ -n "${KEEP:-}" ] || rm -f "$B/v-$TAG.npy"
   echo "$(date -u +%T) end $TAG" >> "$B/progress"
 }
 for spec in "$@"; do point "${spec%%:*}" "${spec##*:}"; done
