@@ -1,6 +1,7 @@
 //! Training augmentation, as the seed: resize the shorter side to `resize` →
 //! RandomResizedCrop to `crop`×`crop` (scale 0.16–1, aspect ratio 3/4–4/3) → horizontal flip
-//! with probability 0.5. Evaluation uses [`Preprocess::eval_view`].
+//! with probability 0.5, and optionally a small random rotation of the crop box (`--rotate`).
+//! Evaluation uses [`Preprocess::eval_view`].
 //!
 //! The crop box is drawn exactly as torchvision's `RandomResizedCrop.get_params` draws it on
 //! the resized image, then mapped back to the source image and resampled once (resizing and
@@ -107,6 +108,65 @@ fn uniform(rng: &mut impl Rng, lo: f64, hi: f64) -> f64 {
     }
 }
 
+/// The `region` (`[left, top, width, height]`, source pixels) turned by `angle` radians about
+/// its centre, resampled to `size`×`size`. The rotated box's axis-aligned bounds are first
+/// resampled (antialiased) at the output scale, then the rotated box is read from them
+/// bilinearly: a rotation needs no antialiasing once the scale is right. Turning the box in the
+/// source, rather than turning the finished view, fills the corners with real pixels wherever
+/// the image extends that far; beyond its edge the nearest edge pixel repeats.
+fn rotated_resample(src: &RgbImage, region: [f64; 4], angle: f64, size: u32) -> RgbImage {
+    let (sw, sh) = (src.width() as f64, src.height() as f64);
+    let [x, y, w, h] = region;
+    let (w, h) = (w.max(1e-3), h.max(1e-3));
+    let (cx, cy) = (x + w / 2.0, y + h / 2.0);
+    let (sin, cos) = angle.sin_cos();
+    let (bw, bh) = (w * cos.abs() + h * sin.abs(), w * sin.abs() + h * cos.abs());
+    let left = (cx - bw / 2.0).max(0.0);
+    let top = (cy - bh / 2.0).max(0.0);
+    let right = (cx + bw / 2.0).min(sw);
+    let bottom = (cy + bh / 2.0).min(sh);
+    if right <= left || bottom <= top {
+        return resample(src, region, size, size);
+    }
+    // Output pixels per source pixel, along the box's own axes.
+    let (kx, ky) = (size as f64 / w, size as f64 / h);
+    let iw = ((right - left) * kx).ceil().max(1.0) as u32;
+    let ih = ((bottom - top) * ky).ceil().max(1.0) as u32;
+    let inter = resample(src, [left, top, right - left, bottom - top], iw, ih);
+    let (fx, fy) = (iw as f64 / (right - left), ih as f64 / (bottom - top));
+    let half = size as f64 / 2.0;
+    let mut out = RgbImage::new(size, size);
+    for (u, v, px) in out.enumerate_pixels_mut() {
+        // Offset from the box centre in source pixels, before and after the turn.
+        let dx = (u as f64 + 0.5 - half) / kx;
+        let dy = (v as f64 + 0.5 - half) / ky;
+        let sx = cx + cos * dx - sin * dy;
+        let sy = cy + sin * dx + cos * dy;
+        *px = bilinear(&inter, (sx - left) * fx - 0.5, (sy - top) * fy - 0.5);
+    }
+    out
+}
+
+/// Bilinear read of `img` at pixel-centre coordinates (`x`, `y`), edges repeated outside.
+fn bilinear(img: &RgbImage, x: f64, y: f64) -> image::Rgb<u8> {
+    let (w, h) = (img.width() as i64, img.height() as i64);
+    let (x0, y0) = (x.floor(), y.floor());
+    let (ax, ay) = (x - x0, y - y0);
+    let at = |i: i64, j: i64| {
+        img.get_pixel(i.clamp(0, w - 1) as u32, j.clamp(0, h - 1) as u32)
+            .0
+    };
+    let (i, j) = (x0 as i64, y0 as i64);
+    let (p00, p10, p01, p11) = (at(i, j), at(i + 1, j), at(i, j + 1), at(i + 1, j + 1));
+    let mut c = [0u8; 3];
+    for k in 0..3 {
+        let top = p00[k] as f64 * (1.0 - ax) + p10[k] as f64 * ax;
+        let bottom = p01[k] as f64 * (1.0 - ax) + p11[k] as f64 * ax;
+        c[k] = (top * (1.0 - ay) + bottom * ay).round().clamp(0.0, 255.0) as u8;
+    }
+    image::Rgb(c)
+}
+
 /// Train and eval views for one model's [`Preprocess`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Augment {
@@ -114,6 +174,11 @@ pub struct Augment {
     pub crop: RandomResizedCrop,
     /// Probability of a horizontal flip.
     pub flip_p: f64,
+    /// Largest rotation of the crop box, degrees (angle uniform in ±this; 0 = none, the seed).
+    pub rotate_deg: f64,
+    /// Probability of random erasing (Zhong et al. 2020): a rectangle of 2–40 % of the view,
+    /// aspect 0.3–3.3, filled with the normalisation mean (zero after normalising). 0 = none.
+    pub erase_p: f64,
     /// Base seed of every view's random stream.
     pub seed: u64,
 }
@@ -125,6 +190,8 @@ impl Augment {
             preprocess,
             crop: RandomResizedCrop::default(),
             flip_p: 0.5,
+            rotate_deg: 0.0,
+            erase_p: 0.0,
             seed,
         }
     }
@@ -159,11 +226,58 @@ impl Augment {
         let (sx, sy) = (w as f64 / nw as f64, h as f64 / nh as f64);
         let region = [x as f64 * sx, y as f64 * sy, cw as f64 * sx, ch as f64 * sy];
         let crop = self.preprocess.crop;
-        let mut view = resample(&rgb, region, crop, crop);
-        if rng.gen::<f64>() < self.flip_p {
+        let flip = rng.gen::<f64>() < self.flip_p;
+        // Drawn after the flip, and only when asked, so that views without rotation are
+        // the same as before the option existed.
+        let angle = if self.rotate_deg > 0.0 {
+            uniform(&mut rng, -self.rotate_deg, self.rotate_deg).to_radians()
+        } else {
+            0.0
+        };
+        let mut view = if angle == 0.0 {
+            resample(&rgb, region, crop, crop)
+        } else {
+            rotated_resample(&rgb, region, angle, crop)
+        };
+        if flip {
             image::imageops::flip_horizontal_in_place(&mut view);
         }
+        // Drawn last, and only when asked, for the same reason as the angle.
+        if self.erase_p > 0.0 && rng.gen::<f64>() < self.erase_p {
+            self.erase(&mut view, &mut rng);
+        }
         view
+    }
+
+    /// Random erasing: up to ten tries for a rectangle that fits, as in Zhong et al.
+    fn erase(&self, view: &mut RgbImage, rng: &mut impl Rng) {
+        let (w, h) = (view.width() as f64, view.height() as f64);
+        let m = self.preprocess.mean;
+        let m = if self.preprocess.bgr {
+            [m[2], m[1], m[0]]
+        } else {
+            m
+        };
+        let fill = image::Rgb(m.map(|c| c.round().clamp(0.0, 255.0) as u8));
+        for _ in 0..10 {
+            let area = w * h * uniform(rng, 0.02, 0.4);
+            let aspect = uniform(rng, 0.3f64.ln(), (1.0f64 / 0.3).ln()).exp();
+            let (ew, eh) = (
+                (area * aspect).sqrt().round(),
+                (area / aspect).sqrt().round(),
+            );
+            if ew < 1.0 || eh < 1.0 || ew >= w || eh >= h {
+                continue;
+            }
+            let x0 = rng.gen_range(0..=(w - ew) as u32);
+            let y0 = rng.gen_range(0..=(h - eh) as u32);
+            for y in y0..y0 + eh as u32 {
+                for x in x0..x0 + ew as u32 {
+                    view.put_pixel(x, y, fill);
+                }
+            }
+            return;
+        }
     }
 
     /// The deterministic evaluation view ([`Preprocess::eval_view`]).
@@ -273,6 +387,101 @@ mod tests {
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         assert!(par.iter().all(|v| *v == a));
+    }
+
+    #[test]
+    fn rotation_turns_the_crop_and_zero_keeps_the_old_views() {
+        // A smooth picture: red grows left→right, green top→bottom.
+        let img = DynamicImage::ImageRgb8(RgbImage::from_fn(96, 96, |x, y| {
+            image::Rgb([(x * 2) as u8, (y * 2) as u8, 128])
+        }));
+        let mut aug = Augment::new(Preprocess::imagenet(48, 48), 5);
+        aug.crop = RandomResizedCrop {
+            scale: (0.5, 0.5),
+            ratio: (1.0, 1.0),
+        };
+        aug.flip_p = 0.0;
+        let plain = aug.train_view(&img, 0, 3, 0);
+        // A rotation of (almost) zero reads the same box: equal up to interpolation.
+        let r0 = rotated_resample(&as_rgb8(&img), [24.0, 24.0, 48.0, 48.0], 1e-9, 48);
+        let r0b = resample(&as_rgb8(&img), [24.0, 24.0, 48.0, 48.0], 48, 48);
+        let diff = r0
+            .as_raw()
+            .iter()
+            .zip(r0b.as_raw())
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .max()
+            .unwrap();
+        assert!(diff <= 2, "max difference {diff}");
+        // A positive quarter turn of the box (y down) shows the image turned a quarter
+        // counter-clockwise.
+        let q = rotated_resample(
+            &as_rgb8(&img),
+            [24.0, 24.0, 48.0, 48.0],
+            std::f64::consts::FRAC_PI_2,
+            48,
+        );
+        let turned = image::imageops::rotate270(&r0b);
+        let diff = q
+            .as_raw()
+            .iter()
+            .zip(turned.as_raw())
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .max()
+            .unwrap();
+        assert!(diff <= 3, "quarter turn differs by {diff}");
+        // With --rotate the views differ from the plain ones, reproducibly; without it the
+        // stream is untouched.
+        aug.rotate_deg = 15.0;
+        let turned_view = aug.train_view(&img, 0, 3, 0);
+        assert_ne!(turned_view, plain);
+        assert_eq!(turned_view, aug.train_view(&img, 0, 3, 0));
+        aug.rotate_deg = 0.0;
+        assert_eq!(aug.train_view(&img, 0, 3, 0), plain);
+    }
+
+    #[test]
+    fn erasing_paints_one_mean_rectangle_and_zero_keeps_the_old_views() {
+        let img = DynamicImage::ImageRgb8(gradient(64, 64));
+        let mut aug = Augment::new(Preprocess::imagenet(32, 32), 9);
+        let plain: Vec<RgbImage> = (0..20).map(|s| aug.train_view(&img, 0, s, 0)).collect();
+        aug.erase_p = 1.0;
+        let m = aug.preprocess.mean.map(|c| c.round() as u8);
+        for (s, before) in plain.iter().enumerate() {
+            let v = aug.train_view(&img, 0, s, 0);
+            assert_eq!(v, aug.train_view(&img, 0, s, 0), "reproducible");
+            // The changed pixels form one rectangle of the mean colour, 2–40 % of the view.
+            let changed: Vec<(u32, u32)> = v
+                .enumerate_pixels()
+                .filter(|(x, y, p)| before.get_pixel(*x, *y) != *p)
+                .map(|(x, y, p)| {
+                    assert_eq!(p.0, m, "sample {s}: an erased pixel is the mean");
+                    (x, y)
+                })
+                .collect();
+            assert!(!changed.is_empty(), "sample {s}: nothing erased");
+            let (x0, x1) = (
+                changed.iter().map(|c| c.0).min().unwrap(),
+                changed.iter().map(|c| c.0).max().unwrap(),
+            );
+            let (y0, y1) = (
+                changed.iter().map(|c| c.1).min().unwrap(),
+                changed.iter().map(|c| c.1).max().unwrap(),
+            );
+            let area = ((x1 - x0 + 1) * (y1 - y0 + 1)) as f64 / (32.0 * 32.0);
+            assert!(area <= 0.45, "sample {s}: erased {area} of the view");
+            for y in y0..=y1 {
+                for x in x0..=x1 {
+                    assert_eq!(
+                        v.get_pixel(x, y).0,
+                        m,
+                        "sample {s}: a hole in the rectangle"
+                    );
+                }
+            }
+        }
+        aug.erase_p = 0.0;
+        assert!((0..20).all(|s| aug.train_view(&img, 0, s, 0) == plain[s]));
     }
 
     #[test]
