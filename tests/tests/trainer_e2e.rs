@@ -405,17 +405,39 @@ fn repeated_files_are_trained_once_and_reported() {
     assert_eq!(training("dedup")["duplicates_dropped"], 5);
     assert_eq!(training("dedup")["flip"], 0.5);
 
-    let o = ok(train("keep", &["--keep-duplicates", "--flip", "0"]));
+    // The view options reach a real run (with the cached head-only views) and its config.
+    let o = ok(train(
+        "keep",
+        &[
+            "--keep-duplicates",
+            "--flip",
+            "0",
+            "--rotate",
+            "10",
+            "--erase",
+            "0.5",
+        ],
+    ));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("kept, as --keep-duplicates asks"), "{err}");
     assert!(err.contains("train: 20 images / 4 classes"), "{err}");
     assert_eq!(training("keep")["duplicates_dropped"], 0);
     assert_eq!(training("keep")["flip"], 0.0);
+    assert_eq!(training("keep")["rotate"], 10.0);
+    assert_eq!(training("keep")["erase"], 0.5);
 
-    let o = train("badflip", &["--flip", "1.5"]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("--flip is a probability"),
-        "{err}"
-    );
+    // Out-of-range view options are refused before the run directory exists.
+    for (name, arg, says) in [
+        ("badflip", "--flip=1.5", "--flip is a probability"),
+        ("baderase", "--erase=-0.1", "--erase is a probability"),
+        ("badrotate", "--rotate=200", "--rotate is the largest angle"),
+    ] {
+        let o = train(name, &[arg]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(says), "{err}");
+        assert!(
+            !tmp.path().join(name).exists(),
+            "{name}: run directory created"
+        );
+    }
 }

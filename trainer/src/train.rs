@@ -625,27 +625,34 @@ fn open_run(mut args: TrainArgs, resume: bool) -> Result<(TrainArgs, usize, usiz
             "already holds a checkpoint; pass --resume to continue it or choose another --out",
         ));
     }
+    check_views(&args)?;
     std::fs::create_dir_all(&out).map_err(|e| Error::file(&out, e))?;
     if args.classes_per_batch < 2 || args.images_per_class < 2 {
         return Err(Error::Invalid("P×K batches need --classes-per-batch ≥ 2 and --images-per-class ≥ 2 (positives and negatives)".into()));
     }
-    if !(0.0..=1.0).contains(&args.flip) {
-        return Err(Error::Invalid(format!(
-            "--flip is a probability in [0, 1], got {}",
-            args.flip
-        )));
-    }
-    if !(0.0..=1.0).contains(&args.erase) {
-        return Err(Error::Invalid(format!(
-            "--erase is a probability in [0, 1], got {}",
-            args.erase
-        )));
-    }
-    if !(0.0..=180.0).contains(&args.rotate) {
-        return Err(Error::Invalid(format!(
-            "--rotate is the largest angle in degrees, in [0, 180], got {}",
-            args.rotate
-        )));
+    Ok((args, start_epoch, opt_steps))
+}
+
+/// Refuses training-view options out of range, before the run directory is created.
+fn check_views(args: &TrainArgs) -> Result<()> {
+    let bounded = [
+        ("--flip", "a probability", args.flip, 0.0..=1.0),
+        ("--erase", "a probability", args.erase, 0.0..=1.0),
+        (
+            "--rotate",
+            "the largest angle in degrees",
+            args.rotate,
+            0.0..=180.0,
+        ),
+    ];
+    for (flag, what, value, range) in bounded {
+        if !range.contains(&value) {
+            return Err(Error::Invalid(format!(
+                "{flag} is {what} in [{}, {}], got {value}",
+                range.start(),
+                range.end()
+            )));
+        }
     }
     if !(args.crop_scale > 0.0 && args.crop_scale <= 1.0) {
         return Err(Error::Invalid(format!(
@@ -653,7 +660,7 @@ fn open_run(mut args: TrainArgs, resume: bool) -> Result<(TrainArgs, usize, usiz
             args.crop_scale
         )));
     }
-    Ok((args, start_epoch, opt_steps))
+    Ok(())
 }
 
 /// The training and evaluation splits, and how many repeated files were left out of training

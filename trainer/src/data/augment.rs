@@ -135,36 +135,20 @@ fn rotated_resample(src: &RgbImage, region: [f64; 4], angle: f64, size: u32) -> 
     let inter = resample(src, [left, top, right - left, bottom - top], iw, ih);
     let (fx, fy) = (iw as f64 / (right - left), ih as f64 / (bottom - top));
     let half = size as f64 / 2.0;
+    // Clamping the sample point to the pixel centres repeats the edge pixels outside.
+    let (xmax, ymax) = ((iw - 1) as f64, (ih - 1) as f64);
     let mut out = RgbImage::new(size, size);
     for (u, v, px) in out.enumerate_pixels_mut() {
         // Offset from the box centre in source pixels, before and after the turn.
         let dx = (u as f64 + 0.5 - half) / kx;
         let dy = (v as f64 + 0.5 - half) / ky;
-        let sx = cx + cos * dx - sin * dy;
-        let sy = cy + sin * dx + cos * dy;
-        *px = bilinear(&inter, (sx - left) * fx - 0.5, (sy - top) * fy - 0.5);
+        let sx = ((cx + cos * dx - sin * dy - left) * fx - 0.5).clamp(0.0, xmax);
+        let sy = ((cy + sin * dx + cos * dy - top) * fy - 0.5).clamp(0.0, ymax);
+        if let Some(p) = image::imageops::interpolate_bilinear(&inter, sx as f32, sy as f32) {
+            *px = p;
+        }
     }
     out
-}
-
-/// Bilinear read of `img` at pixel-centre coordinates (`x`, `y`), edges repeated outside.
-fn bilinear(img: &RgbImage, x: f64, y: f64) -> image::Rgb<u8> {
-    let (w, h) = (img.width() as i64, img.height() as i64);
-    let (x0, y0) = (x.floor(), y.floor());
-    let (ax, ay) = (x - x0, y - y0);
-    let at = |i: i64, j: i64| {
-        img.get_pixel(i.clamp(0, w - 1) as u32, j.clamp(0, h - 1) as u32)
-            .0
-    };
-    let (i, j) = (x0 as i64, y0 as i64);
-    let (p00, p10, p01, p11) = (at(i, j), at(i + 1, j), at(i, j + 1), at(i + 1, j + 1));
-    let mut c = [0u8; 3];
-    for k in 0..3 {
-        let top = p00[k] as f64 * (1.0 - ax) + p10[k] as f64 * ax;
-        let bottom = p01[k] as f64 * (1.0 - ax) + p11[k] as f64 * ax;
-        c[k] = (top * (1.0 - ay) + bottom * ay).round().clamp(0.0, 255.0) as u8;
-    }
-    image::Rgb(c)
 }
 
 /// Train and eval views for one model's [`Preprocess`].
@@ -289,7 +273,7 @@ impl Augment {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::test_util::gradient;
+    use crate::data::test_util::{gradient, max_pixel_diff};
 
     #[test]
     fn mean_magnification_matches_sampled_crops() {
@@ -405,13 +389,7 @@ mod tests {
         // A rotation of (almost) zero reads the same box: equal up to interpolation.
         let r0 = rotated_resample(&as_rgb8(&img), [24.0, 24.0, 48.0, 48.0], 1e-9, 48);
         let r0b = resample(&as_rgb8(&img), [24.0, 24.0, 48.0, 48.0], 48, 48);
-        let diff = r0
-            .as_raw()
-            .iter()
-            .zip(r0b.as_raw())
-            .map(|(a, b)| (*a as i32 - *b as i32).abs())
-            .max()
-            .unwrap();
+        let diff = max_pixel_diff(&r0, &r0b);
         assert!(diff <= 2, "max difference {diff}");
         // A positive quarter turn of the box (y down) shows the image turned a quarter
         // counter-clockwise.
@@ -422,13 +400,7 @@ mod tests {
             48,
         );
         let turned = image::imageops::rotate270(&r0b);
-        let diff = q
-            .as_raw()
-            .iter()
-            .zip(turned.as_raw())
-            .map(|(a, b)| (*a as i32 - *b as i32).abs())
-            .max()
-            .unwrap();
+        let diff = max_pixel_diff(&q, &turned);
         assert!(diff <= 3, "quarter turn differs by {diff}");
         // With --rotate the views differ from the plain ones, reproducibly; without it the
         // stream is untouched.
@@ -460,14 +432,11 @@ mod tests {
                 })
                 .collect();
             assert!(!changed.is_empty(), "sample {s}: nothing erased");
-            let (x0, x1) = (
-                changed.iter().map(|c| c.0).min().unwrap(),
-                changed.iter().map(|c| c.0).max().unwrap(),
-            );
-            let (y0, y1) = (
-                changed.iter().map(|c| c.1).min().unwrap(),
-                changed.iter().map(|c| c.1).max().unwrap(),
-            );
+            let (x0, y0, x1, y1) = changed
+                .iter()
+                .fold((u32::MAX, u32::MAX, 0, 0), |(x0, y0, x1, y1), &(x, y)| {
+                    (x0.min(x), y0.min(y), x1.max(x), y1.max(y))
+                });
             let area = ((x1 - x0 + 1) * (y1 - y0 + 1)) as f64 / (32.0 * 32.0);
             assert!(area <= 0.45, "sample {s}: erased {area} of the view");
             for y in y0..=y1 {

@@ -13,6 +13,17 @@ pub fn gradient(w: u32, h: u32) -> image::RgbImage {
     })
 }
 
+/// The largest difference of one channel of one pixel between two images of one size.
+pub fn max_pixel_diff(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}
+
 /// Encodes `img` in `format`.
 pub fn encode(img: &image::RgbImage, format: image::ImageFormat) -> Vec<u8> {
     let mut out = std::io::Cursor::new(Vec::new());
