@@ -425,6 +425,14 @@ fn repeated_files_are_trained_once_and_reported() {
     assert_eq!(training("keep")["flip"], 0.0);
     assert_eq!(training("keep")["rotate"], 10.0);
     assert_eq!(training("keep")["erase"], 0.5);
+    assert_eq!(training("keep")["turned_classes"], false);
+
+    // Turned classes: the 3 cleaned classes and their three turns train as 12.
+    let o = ok(train("turned", &["--turned-classes"]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("train: 60 images / 12 classes"), "{err}");
+    assert!(err.contains("eval: 20 images / 4 classes"), "{err}");
+    assert_eq!(training("turned")["turned_classes"], true);
 
     // Out-of-range view options are refused before the run directory exists.
     for (name, arg, says) in [

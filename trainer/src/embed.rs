@@ -448,13 +448,7 @@ impl Embedder {
         for chunk in idx.chunks(self.batch_size) {
             let views: Vec<(usize, Result<image::RgbImage>)> = chunk
                 .par_iter()
-                .map(|&i| {
-                    (
-                        i,
-                        crate::data::decode_image(&set.samples[i].path)
-                            .map(|im| pre.eval_view(&im)),
-                    )
-                })
+                .map(|&i| (i, set.samples[i].decode().map(|im| pre.eval_view(&im))))
                 .collect();
             let (mut ids, mut imgs) = (
                 Vec::with_capacity(views.len()),

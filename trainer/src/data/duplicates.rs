@@ -296,6 +296,7 @@ mod tests {
                         file: PathBuf::from("/data"),
                         line: Some(i + 1),
                     },
+                    turns: 0,
                 })
                 .collect(),
             class_names: names.iter().map(|s| s.to_string()).collect(),

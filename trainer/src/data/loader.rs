@@ -21,7 +21,6 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use rayon::prelude::*;
 
 use super::augment::Augment;
-use super::decode::decode_image;
 use super::sampler::PkSampler;
 use super::{Dataset, Origin};
 use crate::error::{Error, Result};
@@ -376,7 +375,9 @@ fn build_batch(
         .zip(indices.par_iter().zip(occurrences.par_iter()))
         .map(|(dst, (&i, &occurrence))| {
             let sample = &dataset.samples[i];
-            let img = decode_image(&sample.path).map_err(|e| with_origin(e, &sample.origin))?;
+            let img = sample
+                .decode()
+                .map_err(|e| with_origin(e, &sample.origin))?;
             let rgb = match view {
                 View::Train { augment, epoch } => augment.train_view(&img, *epoch, i, occurrence),
                 View::Eval { preprocess } => preprocess.eval_view(&img),

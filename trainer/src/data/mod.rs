@@ -21,6 +21,7 @@ mod sampler;
 mod sop;
 mod split;
 mod text;
+mod turns;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -35,6 +36,7 @@ pub use decode::{
 pub use loader::{BadImage, BadImages, Batch, BatchLoader, LoaderOptions, LoaderProgress};
 pub use sampler::PkSampler;
 pub use split::{ParseSplitError, Split, SplitSpec};
+pub use turns::with_turned_classes;
 
 /// The on-disk layout of a dataset.
 #[derive(
@@ -96,6 +98,17 @@ pub struct Sample {
     /// [`Dataset::class_names`].
     pub label: u32,
     pub origin: Origin,
+    /// Quarter turns (clockwise) applied to the decoded image: a class made by
+    /// [`with_turned_classes`]; 0 for a file as it is.
+    pub turns: u8,
+}
+
+impl Sample {
+    /// The sample's image: the file decoded (with the intake limits and EXIF orientation),
+    /// then turned by [`Sample::turns`].
+    pub fn decode(&self) -> Result<image::DynamicImage> {
+        Ok(turns::turn(decode_image(&self.path)?, self.turns))
+    }
 }
 
 /// A loaded split of a dataset.
@@ -234,6 +247,7 @@ impl Catalogue {
                 label: dense[i.class],
                 path: i.path,
                 origin: i.origin,
+                turns: 0,
             })
             .collect();
         Ok((samples, class_names))
