@@ -416,7 +416,7 @@ impl Encoding<'_> {
 
     /// [`Encoding::run`] into one tensor of `count` rows, written into a single buffer sized
     /// after the first batch: concatenating per-batch tensors at the end held the cache twice
-    /// at its peak, and the allocator kept both (a 6 GiB cache cost 13 GiB of memory).
+    /// at its peak, and the allocator kept both (`bench/RESULTS-learning.md`, session 19).
     fn to_tensor(
         &self,
         view: &(dyn Fn(usize) -> Result<Option<image::RgbImage>> + Sync),
