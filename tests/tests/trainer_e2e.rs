@@ -434,6 +434,39 @@ fn repeated_files_are_trained_once_and_reported() {
     assert!(err.contains("eval: 20 images / 4 classes"), "{err}");
     assert_eq!(training("turned")["turned_classes"], true);
 
+    // Multi-scale: the extra size reaches the checkpoint's preprocessing (which the indexer
+    // and the server read) and the run's evaluations, from cached head activations, ran.
+    let o = ok(train("multi", &["--extra-sizes", "32,48"]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("R@1"), "{err}");
+    assert_eq!(
+        training("multi")["extra_sizes"],
+        serde_json::json!([32, 48])
+    );
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("multi").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        cfg["preprocess"]["extra_sizes"],
+        serde_json::json!([32, 48])
+    );
+    let single: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("turned").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        single["preprocess"].get("extra_sizes").is_none(),
+        "one size leaves the preprocessing (and so the model identity) as before"
+    );
+    let o = ok(run(Command::new(bin("trainer"))
+        .args(["eval", "--dataset", "folder", "--extra-sizes", "40"])
+        .arg("--data")
+        .arg(&data)
+        .arg("--model")
+        .arg(tmp.path().join("multi"))));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("R@1"), "{o:?}");
+
     // Out-of-range view options are refused before the run directory exists.
     for (name, arg, says) in [
         ("badflip", "--flip=1.5", "--flip is a probability"),

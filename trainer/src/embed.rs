@@ -305,26 +305,60 @@ impl Embedder {
         Ok(y.detach())
     }
 
-    /// Embeds images already at the model's input size (see `Preprocess::eval_view`).
+    /// Embeds images already at the model's input size (see `Preprocess::eval_view`); a
+    /// multi-scale model ([`Preprocess::extra_sizes`]) also embeds each at its extra sizes.
     pub fn embed_views(&self, views: &[image::RgbImage]) -> Result<Vec<Vec<f32>>> {
         let pre = &self.model.config.preprocess;
         let side = pre.crop as usize;
         let mut out = Vec::with_capacity(views.len());
         for chunk in views.chunks(self.batch_size) {
-            let mut buf = Vec::with_capacity(chunk.len() * 3 * side * side);
-            for v in chunk {
-                if v.dimensions() != (pre.crop, pre.crop) {
-                    return Err(Error::Invalid(format!(
-                        "image view is {:?}, the model takes {side}×{side}",
-                        v.dimensions()
-                    )));
-                }
-                pre.normalize_into(v, &mut buf);
+            if let Some(v) = chunk
+                .iter()
+                .find(|v| v.dimensions() != (pre.crop, pre.crop))
+            {
+                return Err(Error::Invalid(format!(
+                    "image view is {:?}, the model takes {side}×{side}",
+                    v.dimensions()
+                )));
             }
-            let x = Tensor::from_vec(buf, (chunk.len(), 3, side, side), &self.model.device)?;
-            out.extend(self.embed_tensor(&x)?.to_vec2::<f32>()?);
+            let mut sum = self.embed_tensor(&self.batch(chunk, pre.crop)?)?;
+            for &size in &pre.extra_sizes {
+                let extra: Vec<image::RgbImage> =
+                    chunk.par_iter().map(|v| pre.extra_view(v, size)).collect();
+                sum = (sum + self.embed_tensor(&self.batch(&extra, size)?)?)?;
+            }
+            if !pre.extra_sizes.is_empty() {
+                sum = l2_normalize(&sum)?;
+            }
+            out.extend(sum.to_vec2::<f32>()?);
         }
         Ok(out)
+    }
+
+    /// `views` (each `side`×`side`) normalised into one batch tensor.
+    fn batch(&self, views: &[image::RgbImage], side: u32) -> Result<Tensor> {
+        let pre = &self.model.config.preprocess;
+        let s = side as usize;
+        let mut buf = Vec::with_capacity(views.len() * 3 * s * s);
+        for v in views {
+            pre.normalize_into(v, &mut buf);
+        }
+        Ok(Tensor::from_vec(
+            buf,
+            (views.len(), 3, s, s),
+            &self.model.device,
+        )?)
+    }
+
+    /// The same model embedding at `sizes` besides its input size (multi-scale; empty: one
+    /// size), e.g. to try it on a checkpoint (`trainer eval --extra-sizes`).
+    pub fn with_extra_sizes(mut self, sizes: Vec<u32>) -> Self {
+        self.model.config.preprocess.extra_sizes = sizes;
+        self.identity = ModelIdentity::new(
+            &self.model.config,
+            std::mem::take(&mut self.identity.weights_sha256),
+        );
+        self
     }
 }
 
@@ -479,5 +513,60 @@ impl Embedder {
         pb.finish_and_clear();
         out.seconds = t0.elapsed().as_secs_f64();
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{Rgb, RgbImage};
+
+    /// A randomly initialised Lite0 with a 16-d head, embedding at 64 px.
+    fn small_embedder() -> Result<Embedder> {
+        let mut pre = crate::preprocess::Preprocess::efficientnet_lite();
+        crate::train::set_image_size(&mut pre, 64);
+        let cfg = ModelConfig::new(BackboneKind::EfficientnetLite0, 1280, Some(16), pre);
+        let model = EmbeddingModel::build(cfg, &Device::Cpu)?;
+        let identity = ModelIdentity::new(&model.config, "0".repeat(64));
+        Embedder::from_model(model, identity)
+    }
+
+    /// With an extra size, a vector is the normalised sum of the one at the input size and
+    /// the one of the view resampled to the extra size; the identity changes with it.
+    #[test]
+    fn extra_sizes_sum_the_normalised_vectors_of_each_size() -> Result<()> {
+        let views: Vec<RgbImage> = (0..3u32)
+            .map(|k| {
+                RgbImage::from_fn(64, 64, |x, y| {
+                    Rgb([
+                        (x * 4 + k * 40) as u8,
+                        (y * 4) as u8,
+                        ((x * y + k) % 251) as u8,
+                    ])
+                })
+            })
+            .collect();
+        let one = small_embedder()?;
+        let main = one.embed_views(&views)?;
+        let pre = one.config().preprocess.clone();
+        let small: Vec<RgbImage> = views.iter().map(|v| pre.extra_view(v, 32)).collect();
+        let at32 = one
+            .embed_tensor(&one.batch(&small, 32)?)?
+            .to_vec2::<f32>()?;
+        let before = one.identity().clone();
+        let multi = one.with_extra_sizes(vec![32]);
+        assert_ne!(multi.identity(), &before);
+        let got = multi.embed_views(&views)?;
+        for ((g, a), b) in got.iter().zip(&main).zip(&at32) {
+            let sum: Vec<f32> = a.iter().zip(b).map(|(x, y)| x + y).collect();
+            let norm = sum.iter().map(|v| v * v).sum::<f32>().sqrt();
+            for (x, s) in g.iter().zip(&sum) {
+                assert!((x - s / norm).abs() < 1e-5, "{g:?} vs {sum:?}");
+            }
+            // The sizes disagree, so the sum is not the single-size vector again.
+            let apart: f32 = g.iter().zip(a).map(|(x, y)| (x - y).abs()).sum();
+            assert!(apart > 1e-3, "{apart}");
+        }
+        Ok(())
     }
 }

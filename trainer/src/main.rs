@@ -78,6 +78,11 @@ struct EvalArgs {
     /// With --pretrained-only: square input size (a checkpoint keeps the size it was trained at).
     #[arg(long, requires = "pretrained_only", value_parser = clap::value_parser!(u32).range(32..=1024))]
     image_size: Option<u32>,
+    /// Also embed at these square sizes (comma-separated px) and sum the normalised vectors
+    /// (multi-scale embedding; see `trainer train --extra-sizes`), in place of the sizes the
+    /// checkpoint records.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(32..=1024))]
+    extra_sizes: Option<Vec<u32>>,
     #[arg(long, value_enum, default_value = "cub")]
     dataset: DatasetKind,
     #[arg(long)]
@@ -120,6 +125,9 @@ fn eval(a: EvalArgs) -> Result<()> {
     let mut embedder = Embedder::load(&spec, &device).context("loading the model")?;
     if let Some(size) = a.image_size {
         embedder = embedder.with_image_size(size);
+    }
+    if let Some(sizes) = a.extra_sizes.clone() {
+        embedder = embedder.with_extra_sizes(sizes);
     }
     let split: data::SplitSpec = a.split.parse().map_err(anyhow::Error::msg)?;
     let set = data::load_dataset(a.dataset, &a.data, &split)?;

@@ -73,6 +73,10 @@ pub struct Speeds {
     /// Their measured costs scale with its area.
     #[serde(default)]
     pub eval_size: u32,
+    /// Extra sizes a multi-scale model embeds at (`--extra-sizes`): each evaluation also runs
+    /// the whole network from the images at each of them.
+    #[serde(default)]
+    pub extra_sizes: Vec<u32>,
 }
 
 impl Speeds {
@@ -89,6 +93,24 @@ impl Speeds {
             None => self.forward_range(f..self.stages()),
         };
         at_train_size * self.eval_area_ratio()
+    }
+    /// Evaluation cost per image of the extra sizes (whole network from decoded images).
+    fn eval_extra(&self) -> f64 {
+        let at_train_size = match self.eval_from.first() {
+            Some(&t) => t,
+            None => self.forward_range(0..self.stages()),
+        };
+        self.extra_sizes
+            .iter()
+            .map(|&e| {
+                let ratio = if self.image_size == 0 {
+                    1.0
+                } else {
+                    (e as f64 / self.image_size as f64).powi(2)
+                };
+                self.decode + at_train_size * ratio
+            })
+            .sum()
     }
     fn eval_area_ratio(&self) -> f64 {
         if self.eval_size == 0 || self.image_size == 0 {
@@ -209,14 +231,14 @@ fn cost(
         (
             0.0,
             n * (s.train[0] + s.decode),
-            m * (s.decode + s.eval_range(0)),
+            m * (s.decode + s.eval_range(0) + s.eval_extra()),
         )
     } else {
         let per_image = s.decode + s.forward_range(0..f);
         (
             (n * views as f64 + m) * per_image,
             n * s.train[f],
-            m * s.eval_range(f),
+            m * (s.eval_range(f) + s.eval_extra()),
         )
     };
     (cache, per_epoch * epochs as f64, per_eval * evals as f64)
@@ -463,6 +485,7 @@ pub fn measure(
         activation_floats: floats,
         eval_from,
         eval_size: 0,
+        extra_sizes: Vec::new(),
     })
 }
 
@@ -490,6 +513,7 @@ mod tests {
             ],
             eval_from: Vec::new(),
             eval_size: 0,
+            extra_sizes: Vec::new(),
         }
     }
 
@@ -582,6 +606,21 @@ mod tests {
             p.seconds_cache <= VIEW_CACHE_SHARE * 3600.0 + 3000.0 * 2.0 * 0.03 * 20.0,
             "{p:?}"
         );
+    }
+
+    /// Each extra embedding size costs every evaluation a whole-network pass from the images
+    /// at that size: the plan predicts it and still fits the budget.
+    #[test]
+    fn extra_embedding_sizes_cost_evaluation_time() {
+        let one = plan(1800.0, &data(3000), &speeds(1.0), false).unwrap();
+        let mut s = speeds(1.0);
+        s.extra_sizes = vec![160, 112];
+        // Decoding twice, and the whole network (16 ms per image at 224) at each area.
+        let whole = 0.016 * ((160.0f64 / 224.0).powi(2) + (112.0f64 / 224.0).powi(2));
+        assert!((s.eval_extra() - (2.0 * 2e-3 + whole)).abs() < 1e-12);
+        let multi = plan(1800.0, &data(3000), &s, false).unwrap();
+        assert!(multi.seconds_eval > one.seconds_eval, "{one:?} {multi:?}");
+        assert!(multi.seconds_total <= 1800.0 * (1.0 - SAFETY), "{multi:?}");
     }
 
     #[test]

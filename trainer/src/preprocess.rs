@@ -25,6 +25,13 @@ pub struct Preprocess {
     /// transform); otherwise `resize == crop` squashes the whole image to the square.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shorter_side: bool,
+    /// Further square sizes the model also embeds at (multi-scale embedding): each view is
+    /// resampled from the main evaluation view, and the L2-normalised vectors of all sizes
+    /// are summed and normalised again. A network trained on random crops has seen its
+    /// objects at a range of scales, which one input size samples at a single point. Empty:
+    /// one size; left out of the JSON then, so older checkpoints keep their identity.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_sizes: Vec<u32>,
 }
 
 /// The resampling filter of [`Preprocess::eval_view`] (antialiased, as PIL's).
@@ -54,6 +61,7 @@ impl Preprocess {
             bgr: false,
             interpolation: Interpolation::Bilinear,
             shorter_side: false,
+            extra_sizes: Vec::new(),
         }
     }
     /// ImageNet mean/std, as timm's ResNets.
@@ -66,6 +74,7 @@ impl Preprocess {
             bgr: false,
             interpolation: Interpolation::Bilinear,
             shorter_side: false,
+            extra_sizes: Vec::new(),
         }
     }
     /// DINOv2's evaluation transform: bicubic resize of the shorter side to 256, center crop
@@ -89,6 +98,7 @@ impl Preprocess {
             bgr: false,
             interpolation: Interpolation::Bicubic,
             shorter_side: true,
+            extra_sizes: Vec::new(),
         }
     }
     /// BN-Inception (the seed): BGR, 0–255, minus [104, 117, 128], 227 crop from 256.
@@ -101,6 +111,7 @@ impl Preprocess {
             bgr: true,
             interpolation: Interpolation::Bilinear,
             shorter_side: false,
+            extra_sizes: Vec::new(),
         }
     }
 
@@ -137,6 +148,19 @@ impl Preprocess {
 }
 
 impl Preprocess {
+    /// The view at extra size `size` ([`Preprocess::extra_sizes`]), resampled from the main
+    /// evaluation view `main`: every program derives it the same way from what it holds.
+    pub fn extra_view(&self, main: &image::RgbImage, size: u32) -> image::RgbImage {
+        let (w, h) = main.dimensions();
+        resample_with(
+            main,
+            [0.0, 0.0, w as f64, h as f64],
+            size,
+            size,
+            self.interpolation,
+        )
+    }
+
     /// The deterministic evaluation view: resize (shorter side to `resize`, or the whole image
     /// to `crop`×`crop` when `resize == crop`), then center crop `crop`×`crop`.
     ///

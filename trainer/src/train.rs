@@ -159,6 +159,13 @@ pub struct TrainArgs {
     /// al. 2019). So a model trained at 128 px embeds at 192 px.
     #[arg(long, value_parser = clap::value_parser!(u32).range(32..=1024))]
     pub inference_size: Option<u32>,
+    /// Also embed at these square sizes (comma-separated px, e.g. 160) and sum the
+    /// normalised vectors with the one at the inference size: multi-scale embedding,
+    /// recorded in the checkpoint, so evaluations, `indexer` and the server embed this way
+    /// too (each extra size costs one more forward pass). Default: one size.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(32..=1024))]
+    #[serde(default)]
+    pub extra_sizes: Vec<u32>,
     /// Smallest area fraction of the random-resized-crop augmentation (the seed: 0.16; raise
     /// it when a small crop loses what identifies the class, e.g. characters or logos).
     #[arg(long, default_value_t = 0.16)]
@@ -569,7 +576,7 @@ pub fn train(args: TrainArgs, resume: bool, device: &Device) -> Result<TrainSumm
         "images_per_class": args.images_per_class, "head_init": args.head_init, "pooling": args.pooling, "layer_decay": args.layer_decay,
         "freeze_until": args.freeze_until, "cached_views": args.cached_views,
         "crop_scale": args.crop_scale, "flip": args.flip, "rotate": args.rotate, "erase": args.erase, "turned_classes": args.turned_classes, "duplicates_dropped": duplicates_dropped, "image_size": train_pre.crop,
-        "inference_size": model.config.preprocess.crop, "bn": args.bn, "seed": args.seed, "plan": plan,
+        "inference_size": model.config.preprocess.crop, "extra_sizes": args.extra_sizes, "bn": args.bn, "seed": args.seed, "plan": plan,
     });
     let frozen = resolve_stage(&model, &args.freeze_until)?;
     let mut groups = param_groups(&model, frozen, &args);
@@ -585,8 +592,15 @@ pub fn train(args: TrainArgs, resume: bool, device: &Device) -> Result<TrainSumm
     if resume && opt_steps > 0 {
         opt.load(&out.join(OPTIMIZER_FILE), opt_steps)?;
     }
+    let extra: String = model
+        .config
+        .preprocess
+        .extra_sizes
+        .iter()
+        .map(|x| format!(" + {x}×{x}"))
+        .collect();
     tracing::info!(
-        "{} trainable parameters; stages 0..{frozen} frozen; training views {s}×{s} px, embedding at {e}×{e} px",
+        "{} trainable parameters; stages 0..{frozen} frozen; training views {s}×{s} px, embedding at {e}×{e}{extra} px",
         opt.num_params(),
         s = train_pre.crop,
         e = model.config.preprocess.crop
@@ -835,6 +849,7 @@ fn resolve_sizes(
         default_inference_size(model.config.backbone, &train_pre, args.crop_scale)
     });
     set_image_size(&mut model.config.preprocess, size);
+    model.config.preprocess.extra_sizes = args.extra_sizes.clone();
     train_pre
 }
 
@@ -906,6 +921,7 @@ fn plan_run(
         .collect();
     let mut speeds = plan::measure(model, loss_fn, &labels, &paths, args.bn == BnMode::Train)?;
     speeds.eval_size = inference;
+    speeds.extra_sizes = args.extra_sizes.clone();
     let data = plan::DataStats {
         train_images: train_set.len(),
         eval_images: eval_set.len(),
@@ -1143,6 +1159,7 @@ impl Run {
                 (out, ok)
             }
         };
+        let (emb, ok) = self.add_extra_sizes(emb, ok, &embed)?;
         let dim = emb.len() / ok.len().max(1);
         let mut e = Vec::with_capacity(emb.len());
         let mut l = Vec::with_capacity(ok.len());
@@ -1153,6 +1170,58 @@ impl Run {
             }
         }
         Ok((e, l))
+    }
+
+    /// A multi-scale model ([`crate::preprocess::Preprocess::extra_sizes`]): adds the
+    /// embeddings of each extra size (views resampled from the main eval view, as the
+    /// `Embedder` makes them) to `emb`, one row per eval sample, and normalises the sums.
+    /// The cache holds the main size only, so these passes run from the images.
+    fn add_extra_sizes(
+        &self,
+        mut emb: Vec<f32>,
+        mut ok: Vec<bool>,
+        embed: &dyn Fn(&Tensor, usize) -> candle_core::Result<Tensor>,
+    ) -> Result<(Vec<f32>, Vec<bool>)> {
+        let pre = &self.model.config.preprocess;
+        if pre.extra_sizes.is_empty() {
+            return Ok((emb, ok));
+        }
+        let dim = emb.len() / ok.len().max(1);
+        for &size in &pre.extra_sizes {
+            let mut at_size = pre.clone();
+            set_image_size(&mut at_size, size);
+            let mut row = 0;
+            let encoding = Encoding {
+                model: &self.model,
+                pre: &at_size,
+                count: self.eval_set.samples.len(),
+                upto: 0,
+                batch: self.args.eval_batch_size.max(1),
+                what: "evaluate (extra size)",
+            };
+            let read = encoding.run(
+                &|i| {
+                    Ok(self
+                        .images
+                        .load(&self.eval_set, i)?
+                        .map(|im| pre.extra_view(&pre.eval_view(&im), size)))
+                },
+                &mut |x| {
+                    let y = embed(&x, 0)?.flatten_all()?.to_vec1::<f32>()?;
+                    for (a, b) in emb[row..row + y.len()].iter_mut().zip(&y) {
+                        *a += b;
+                    }
+                    row += y.len();
+                    Ok(())
+                },
+            )?;
+            ok.iter_mut().zip(read).for_each(|(o, r)| *o &= r);
+        }
+        for r in emb.chunks_mut(dim.max(1)) {
+            let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            r.iter_mut().for_each(|v| *v /= norm);
+        }
+        Ok((emb, ok))
     }
 
     /// Metrics of the eval split after `epoch` epochs (0 with `pretrained`: the bare features).
