@@ -5,8 +5,11 @@ size, frozen stages, epochs, cached views, P×K, learning rates, warm-up, crop s
 `--time-budget` run, the plan the trainer chose) and trains EfficientNet-Lite0 from the same
 weight file on the same data the same way: stages before the freeze point frozen and their
 outputs cached for the eval view plus (views − 1) augmented views, or, with nothing frozen,
-live random-resized-crop + flip views; BN frozen (eval mode); P×K batches; Adam with the
-backbone / head / proxy learning rates, L2 weight decay, linear warm-up then cosine.
+live random-resized-crop + rotation (`--rotate`) + flip views; with `--turned-classes` every
+training class also turned by 90/180/270 degrees as three new classes; BN frozen (eval mode);
+P×K batches; Adam with the backbone / head / proxy learning rates, L2 weight decay, linear
+warm-up then cosine over the epochs the run trained (`train_state.json`: a budgeted run whose
+deadline guard shortened its schedule trained fewer epochs than its plan).
 Reports Recall@1,2,4,8 on the held-out classes and the wall time as one JSON line.
 
     python3 bench/peers/learn_peer.py --run runs/omniglot-30m --data ../shared/data/omniglot --dataset folder
@@ -84,18 +87,67 @@ def drop_duplicates(paths, labels):
     return [paths[i] for i in keep], np.array([dense[int(labels[i])] for i in keep])
 
 
+def open_image(path, turns=0):
+    """The decoded file turned clockwise by `turns` quarter turns (trainer/src/data/turns.rs)."""
+    img = Image.open(path).convert("RGB")
+    return img.transpose([None, Image.ROTATE_270, Image.ROTATE_180, Image.ROTATE_90][turns % 4]) if turns % 4 else img
+
+
+def with_turned_classes(items, labels):
+    """Each class also turned 1, 2 and 3 quarter turns as classes t·n + c, as the trainer."""
+    n = int(labels.max()) + 1
+    return [(p, t) for t in range(4) for p in items], np.concatenate([labels + t * n for t in range(4)])
+
+
+def rotated_resample(img, region, angle, size):
+    """The trainer's rotated crop (trainer/src/data/augment.rs `rotated_resample`): the box
+    turned by `angle` radians about its centre; its axis-aligned bounds resampled at the output
+    scale first, then read bilinearly, edge pixels repeated beyond the image."""
+    sw, sh = img.size
+    x, y, w, h = region
+    w, h = max(w, 1e-3), max(h, 1e-3)
+    cx, cy = x + w / 2, y + h / 2
+    sin, cos = math.sin(angle), math.cos(angle)
+    bw, bh = w * abs(cos) + h * abs(sin), w * abs(sin) + h * abs(cos)
+    left, top = max(cx - bw / 2, 0.0), max(cy - bh / 2, 0.0)
+    right, bottom = min(cx + bw / 2, sw), min(cy + bh / 2, sh)
+    if right <= left or bottom <= top:
+        return img.resize((size, size), Image.BILINEAR, box=(x, y, x + w, y + h))
+    kx, ky = size / w, size / h
+    iw, ih = max(math.ceil((right - left) * kx), 1), max(math.ceil((bottom - top) * ky), 1)
+    inter = np.asarray(img.resize((iw, ih), Image.BILINEAR, box=(left, top, right, bottom)), dtype=np.float32)
+    fx, fy = iw / (right - left), ih / (bottom - top)
+    d = np.arange(size) + 0.5 - size / 2
+    dx, dy = d[None, :] / kx, d[:, None] / ky
+    sx = np.clip((cx + cos * dx - sin * dy - left) * fx - 0.5, 0, iw - 1)
+    sy = np.clip((cy + sin * dx + cos * dy - top) * fy - 0.5, 0, ih - 1)
+    x0, y0 = np.floor(sx).astype(int), np.floor(sy).astype(int)
+    x1, y1 = np.minimum(x0 + 1, iw - 1), np.minimum(y0 + 1, ih - 1)
+    wx, wy = (sx - x0)[..., None], (sy - y0)[..., None]
+    top_row = inter[y0, x0] * (1 - wx) + inter[y0, x1] * wx
+    bottom_row = inter[y1, x0] * (1 - wx) + inter[y1, x1] * wx
+    out = top_row * (1 - wy) + bottom_row * wy
+    return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))
+
+
 def to_tensor(img):
     a = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
     return ((a - 127.0) / 128.0).permute(2, 0, 1)
 
 
-def eval_view(path, size):
-    return to_tensor(Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR))
+def eval_view(item, size):
+    return to_tensor(open_image(*as_item(item)).resize((size, size), Image.BILINEAR))
 
 
-def train_view(path, size, scale_min, rng, flip=0.5):
-    """RandomResizedCrop (scale (scale_min, 1), ratio 3/4–4/3) + horizontal flip, as the trainer."""
-    img = Image.open(path).convert("RGB")
+def as_item(item):
+    """A training item is a path or (path, quarter turns)."""
+    return (item, 0) if isinstance(item, str) else item
+
+
+def train_view(item, size, scale_min, rng, flip=0.5, rotate=0.0):
+    """RandomResizedCrop (scale (scale_min, 1), ratio 3/4–4/3), the box turned by an angle
+    uniform in ±`rotate` degrees, + horizontal flip, as the trainer."""
+    img = open_image(*as_item(item))
     w, h = img.size
     area = w * h
     box = (0, 0, w, h)
@@ -107,8 +159,13 @@ def train_view(path, size, scale_min, rng, flip=0.5):
             x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
             box = (x, y, x + cw, y + ch)
             break
-    view = img.resize((size, size), Image.BILINEAR, box=box)
-    if rng.random() < flip:
+    flipped = rng.random() < flip
+    angle = math.radians(rng.uniform(-rotate, rotate)) if rotate > 0 else 0.0
+    if angle == 0.0:
+        view = img.resize((size, size), Image.BILINEAR, box=box)
+    else:
+        view = rotated_resample(img, (box[0], box[1], box[2] - box[0], box[3] - box[1]), angle, size)
+    if flipped:
         view = view.transpose(Image.FLIP_LEFT_RIGHT)
     return to_tensor(view)
 
@@ -226,12 +283,16 @@ def main():
     frozen = GROUP_START[stage_index(tr["freeze_until"])]
     views = int(tr.get("cached_views") or 1)
     epochs, p_cls, k_img = int(tr["epochs"]), int(tr["classes_per_batch"]), int(tr["images_per_class"])
+    state = os.path.join(a.run, "train_state.json")
+    if os.path.exists(state):
+        epochs = int(json.load(open(state))["args"]["epochs"])
     lr = float(tr["lr"])
     head_lr = float(tr["head_lr"] if tr["head_lr"] is not None else 10 * lr)
     proxy_lr = float(tr["proxy_lr"] if tr.get("proxy_lr") is not None else 100 * lr)
     warmup_epochs = float((tr.get("plan") or {}).get("warmup_epochs", 0.0))
     crop_scale = float(tr.get("crop_scale", 0.16))
     flip = float(tr.get("flip", 0.5))
+    rotate = float(tr.get("rotate", 0.0))
     seed = int(tr.get("seed", 0))
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -241,6 +302,8 @@ def main():
     trp, trl = data["train"]
     if tr.get("duplicates_dropped"):
         trp, trl = drop_duplicates(trp, trl)
+    if tr.get("turned_classes"):
+        trp, trl = with_turned_classes(trp, trl)
     tep, tel = data["test"]
     ytr, yte = torch.from_numpy(trl), torch.from_numpy(tel)
     model = EfficientNetLite0().load_pth(a.weights).eval()
@@ -259,7 +322,7 @@ def main():
         per_view = []
         for v in range(views):
             def view(p, i=v):
-                return eval_view(p, size) if i == 0 else train_view(p, size, crop_scale, rng, flip)
+                return eval_view(p, size) if i == 0 else train_view(p, size, crop_scale, rng, flip, rotate)
             per_view.append(torch.cat([through(torch.stack([view(p) for p in trp[i:i + 32]]), 0, frozen) for i in range(0, len(trp), 32)]))
         xtr = torch.stack(per_view)  # [views, n, ...]
     cache_s = time.time() - t0
@@ -333,7 +396,7 @@ def main():
             for g in opt.param_groups:
                 g["lr"] = g["base"] * f
             if xtr is None:
-                x = torch.stack([train_view(trp[i], size, crop_scale, rng, flip) for i in idx])
+                x = torch.stack([train_view(trp[i], size, crop_scale, rng, flip, rotate) for i in idx])
             else:
                 x = xtr[torch.randint(0, views, (len(idx),)), torch.tensor(idx)]
             loss = loss_fn(embed(x), ytr[idx])
@@ -350,9 +413,19 @@ def main():
             e = torch.cat([embed(torch.stack([eval_view(p, size_eval) for p in tep[i:i + 64]])) for i in range(0, len(tep), 64)])
         else:
             e = torch.cat([embed(xte[i:i + 256]) for i in range(0, len(xte), 256)])
+        # A multi-scale model (`--extra-sizes`): each extra view resampled from the main eval
+        # view, the normalised vectors summed and normalised again, as the trainer embeds.
+        for extra in cfg["preprocess"].get("extra_sizes", []):
+            def view_at(p, extra=extra):
+                main = open_image(*as_item(p)).resize((size_eval, size_eval), Image.BILINEAR)
+                return to_tensor(main.resize((extra, extra), Image.BILINEAR))
+            x_all = [torch.stack([view_at(p) for p in tep[i:i + 64]]) for i in range(0, len(tep), 64)]
+            e = e + torch.cat([embed(through(x, 0, frozen)) for x in x_all])
+        if cfg["preprocess"].get("extra_sizes"):
+            e = F.normalize(e, dim=1)
         r = recall_at(e, yte, [1, 2, 4, 8])
     out = {"peer": f"pytorch {torch.__version__}", "run": a.run, "loss": loss_name, "image_size": size, "inference_size": size_eval, "pooling": pooling, "freeze_until_block": frozen,
-           "epochs": epochs, "cached_views": views, "cache_seconds": cache_s, "train_seconds": t_train,
+           "epochs": epochs, "cached_views": views, "rotate": rotate, "turned_classes": bool(tr.get("turned_classes")), "extra_sizes": cfg["preprocess"].get("extra_sizes", []), "cache_seconds": cache_s, "train_seconds": t_train,
            "total_seconds": time.time() - t_start, **r}
     print(json.dumps(out))
 
