@@ -459,12 +459,38 @@ fn repeated_files_are_trained_once_and_reported() {
         single["preprocess"].get("extra_sizes").is_none(),
         "one size leaves the preprocessing (and so the model identity) as before"
     );
-    let o = ok(run(Command::new(bin("trainer"))
-        .args(["eval", "--dataset", "folder", "--extra-sizes", "40"])
-        .arg("--data")
-        .arg(&data)
-        .arg("--model")
-        .arg(tmp.path().join("multi"))));
+    // The training-time evaluation (main size from the cached activations, extra sizes from
+    // the images) and `trainer eval` (the Embedder, every size from the images) agree.
+    let eval = |extra: &[&str]| {
+        ok(run(Command::new(bin("trainer"))
+            .args(["eval", "--dataset", "folder"])
+            .args(extra)
+            .arg("--data")
+            .arg(&data)
+            .arg("--model")
+            .arg(tmp.path().join("multi"))))
+    };
+    let o = eval(&[]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("R@1"), "{o:?}");
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(tmp.path().join("multi").join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let (trained, evaluated) = (&lines[lines.len() - 2], &lines[lines.len() - 1]);
+    assert!(evaluated.get("model").is_some(), "{evaluated}");
+    for key in ["recall@1", "map@r"] {
+        let (a, b) = (
+            trained[key].as_f64().unwrap(),
+            evaluated[key].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() < 1e-4,
+            "{key}: training {a}, trainer eval {b}"
+        );
+    }
+    let o = eval(&["--extra-sizes", "40"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("R@1"), "{o:?}");
 
     // Out-of-range view options are refused before the run directory exists.

@@ -190,6 +190,21 @@ impl EmbeddingModel {
     }
 }
 
+/// `views` (each `side`×`side`) normalised by `pre` into one batch tensor `[B, 3, side, side]`.
+pub fn view_batch(
+    pre: &crate::preprocess::Preprocess,
+    views: &[image::RgbImage],
+    side: u32,
+    device: &Device,
+) -> Result<Tensor> {
+    let s = side as usize;
+    let mut buf = Vec::with_capacity(views.len() * 3 * s * s);
+    for v in views {
+        pre.normalize_into(v, &mut buf);
+    }
+    Ok(Tensor::from_vec(buf, (views.len(), 3, s, s), device)?)
+}
+
 /// Row-wise L2 normalisation with an epsilon so a zero vector stays finite.
 pub fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
     let norm = (x.sqr()?.sum_keepdim(D::Minus1)? + 1e-12)?.sqrt()?;
@@ -321,11 +336,13 @@ impl Embedder {
                     v.dimensions()
                 )));
             }
-            let mut sum = self.embed_tensor(&self.batch(chunk, pre.crop)?)?;
+            let mut sum =
+                self.embed_tensor(&view_batch(pre, chunk, pre.crop, &self.model.device)?)?;
             for &size in &pre.extra_sizes {
                 let extra: Vec<image::RgbImage> =
                     chunk.par_iter().map(|v| pre.extra_view(v, size)).collect();
-                sum = (sum + self.embed_tensor(&self.batch(&extra, size)?)?)?;
+                sum = (sum
+                    + self.embed_tensor(&view_batch(pre, &extra, size, &self.model.device)?)?)?;
             }
             if !pre.extra_sizes.is_empty() {
                 sum = l2_normalize(&sum)?;
@@ -333,21 +350,6 @@ impl Embedder {
             out.extend(sum.to_vec2::<f32>()?);
         }
         Ok(out)
-    }
-
-    /// `views` (each `side`×`side`) normalised into one batch tensor.
-    fn batch(&self, views: &[image::RgbImage], side: u32) -> Result<Tensor> {
-        let pre = &self.model.config.preprocess;
-        let s = side as usize;
-        let mut buf = Vec::with_capacity(views.len() * 3 * s * s);
-        for v in views {
-            pre.normalize_into(v, &mut buf);
-        }
-        Ok(Tensor::from_vec(
-            buf,
-            (views.len(), 3, s, s),
-            &self.model.device,
-        )?)
     }
 
     /// The same model embedding at `sizes` besides its input size (multi-scale; empty: one
@@ -551,7 +553,7 @@ mod tests {
         let pre = one.config().preprocess.clone();
         let small: Vec<RgbImage> = views.iter().map(|v| pre.extra_view(v, 32)).collect();
         let at32 = one
-            .embed_tensor(&one.batch(&small, 32)?)?
+            .embed_tensor(&view_batch(&pre, &small, 32, &Device::Cpu)?)?
             .to_vec2::<f32>()?;
         let before = one.identity().clone();
         let multi = one.with_extra_sizes(vec![32]);

@@ -88,35 +88,35 @@ impl Speeds {
     }
     /// Evaluation cost per image from stage `f` on (see [`Speeds::eval_from`]).
     fn eval_range(&self, f: usize) -> f64 {
-        let at_train_size = match self.eval_from.get(f) {
+        self.eval_at_train_size(f) * self.area_ratio(self.eval_size)
+    }
+    /// Evaluation cost per image of the extra sizes when stages `0..f` are cached: the whole
+    /// network at each of them, from images decoded once for all (and already decoded for
+    /// the main size when nothing is cached).
+    fn eval_extra(&self, f: usize) -> f64 {
+        if self.extra_sizes.is_empty() {
+            return 0.0;
+        }
+        let network: f64 = self
+            .extra_sizes
+            .iter()
+            .map(|&e| self.eval_at_train_size(0) * self.area_ratio(e))
+            .sum();
+        network + if f > 0 { self.decode } else { 0.0 }
+    }
+    /// [`Speeds::eval_from`] at `f` as measured at [`Speeds::image_size`].
+    fn eval_at_train_size(&self, f: usize) -> f64 {
+        match self.eval_from.get(f) {
             Some(&t) => t,
             None => self.forward_range(f..self.stages()),
-        };
-        at_train_size * self.eval_area_ratio()
+        }
     }
-    /// Evaluation cost per image of the extra sizes (whole network from decoded images).
-    fn eval_extra(&self) -> f64 {
-        let at_train_size = match self.eval_from.first() {
-            Some(&t) => t,
-            None => self.forward_range(0..self.stages()),
-        };
-        self.extra_sizes
-            .iter()
-            .map(|&e| {
-                let ratio = if self.image_size == 0 {
-                    1.0
-                } else {
-                    (e as f64 / self.image_size as f64).powi(2)
-                };
-                self.decode + at_train_size * ratio
-            })
-            .sum()
-    }
-    fn eval_area_ratio(&self) -> f64 {
-        if self.eval_size == 0 || self.image_size == 0 {
+    /// Cost of an image at `size` relative to the measured size (0: the measured size).
+    fn area_ratio(&self, size: u32) -> f64 {
+        if size == 0 || self.image_size == 0 {
             return 1.0;
         }
-        (self.eval_size as f64 / self.image_size as f64).powi(2)
+        (size as f64 / self.image_size as f64).powi(2)
     }
 }
 
@@ -231,14 +231,14 @@ fn cost(
         (
             0.0,
             n * (s.train[0] + s.decode),
-            m * (s.decode + s.eval_range(0) + s.eval_extra()),
+            m * (s.decode + s.eval_range(0) + s.eval_extra(0)),
         )
     } else {
         let per_image = s.decode + s.forward_range(0..f);
         (
             (n * views as f64 + m) * per_image,
             n * s.train[f],
-            m * (s.eval_range(f) + s.eval_extra()),
+            m * (s.eval_range(f) + s.eval_extra(f)),
         )
     };
     (cache, per_epoch * epochs as f64, per_eval * evals as f64)
@@ -615,9 +615,12 @@ mod tests {
         let one = plan(1800.0, &data(3000), &speeds(1.0), false).unwrap();
         let mut s = speeds(1.0);
         s.extra_sizes = vec![160, 112];
-        // Decoding twice, and the whole network (16 ms per image at 224) at each area.
+        // The whole network (16 ms per image at 224) at each area, and one more decoding
+        // when the main size comes from the cache.
         let whole = 0.016 * ((160.0f64 / 224.0).powi(2) + (112.0f64 / 224.0).powi(2));
-        assert!((s.eval_extra() - (2.0 * 2e-3 + whole)).abs() < 1e-12);
+        assert!((s.eval_extra(0) - whole).abs() < 1e-12);
+        assert!((s.eval_extra(3) - (whole + 2e-3)).abs() < 1e-12);
+        assert_eq!(speeds(1.0).eval_extra(3), 0.0);
         let multi = plan(1800.0, &data(3000), &s, false).unwrap();
         assert!(multi.seconds_eval > one.seconds_eval, "{one:?} {multi:?}");
         assert!(multi.seconds_total <= 1800.0 * (1.0 - SAFETY), "{multi:?}");

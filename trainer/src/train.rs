@@ -364,6 +364,9 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
+/// Receives one batch of [`Encoding::run`]: its activations and its views (`None`: unreadable).
+type BatchSink<'a> = dyn FnMut(Tensor, &[Option<image::RgbImage>]) -> Result<()> + 'a;
+
 /// Images → stage-`upto` activations for views of `count` samples, in batches of `batch`,
 /// with a progress bar named `what`.
 struct Encoding<'a> {
@@ -377,12 +380,13 @@ struct Encoding<'a> {
 
 impl Encoding<'_> {
     /// `view(i)` produces the network-sized RGB view of item `i`; each batch's activations go
-    /// to `sink` in order, so the caller keeps only what it needs (one cache buffer, or
-    /// embeddings) and memory stays bounded by one batch. Returns which items could be read.
+    /// to `sink` in order with the batch's views (`None`: unreadable), so the caller keeps
+    /// only what it needs (one cache buffer, or embeddings) and memory stays bounded by one
+    /// batch. Returns which items could be read.
     fn run(
         &self,
         view: &(dyn Fn(usize) -> Result<Option<image::RgbImage>> + Sync),
-        sink: &mut dyn FnMut(Tensor) -> Result<()>,
+        sink: &mut BatchSink<'_>,
     ) -> Result<Vec<bool>> {
         use rayon::prelude::*;
         let side = self.pre.crop as usize;
@@ -392,12 +396,14 @@ impl Encoding<'_> {
         let mut ok = vec![true; count];
         for start in (0..count).step_by(self.batch.max(1)) {
             let end = (start + self.batch).min(count);
-            let views: Vec<Result<Option<image::RgbImage>>> =
-                (start..end).into_par_iter().map(view).collect();
+            let views: Vec<Option<image::RgbImage>> = (start..end)
+                .into_par_iter()
+                .map(view)
+                .collect::<Result<_>>()?;
             let mut buf = Vec::with_capacity((end - start) * 3 * side * side);
-            for (i, v) in views.into_iter().enumerate() {
-                match v? {
-                    Some(img) => self.pre.normalize_into(&img, &mut buf),
+            for (i, v) in views.iter().enumerate() {
+                match v {
+                    Some(img) => self.pre.normalize_into(img, &mut buf),
                     None => {
                         ok[start + i] = false;
                         buf.resize(buf.len() + 3 * side * side, 0.0);
@@ -414,7 +420,7 @@ impl Encoding<'_> {
                     .forward_stages(&x, 0..self.upto)?
                     .detach()
             };
-            sink(y)?;
+            sink(y, &views)?;
             pb.inc((end - start) as u64);
         }
         pb.finish_and_clear();
@@ -430,7 +436,7 @@ impl Encoding<'_> {
     ) -> Result<(Tensor, Vec<bool>)> {
         let mut rows: Vec<f32> = Vec::new();
         let mut item_shape: Vec<usize> = Vec::new();
-        let ok = self.run(view, &mut |y| {
+        let ok = self.run(view, &mut |y, _| {
             if item_shape.is_empty() {
                 item_shape = y.dims()[1..].to_vec();
                 rows.reserve_exact(self.count * item_shape.iter().product::<usize>());
@@ -1120,7 +1126,7 @@ impl Run {
             }
         };
         let step = self.args.eval_batch_size.max(1);
-        let (emb, ok) = match &self.caches.eval {
+        let cached = match &self.caches.eval {
             Some((cache, ok)) => {
                 let mut out = Vec::new();
                 for start in (0..ok.len()).step_by(step) {
@@ -1131,35 +1137,11 @@ impl Run {
                             .to_vec1::<f32>()?,
                     );
                 }
-                (out, ok.clone())
+                Some((out, ok.clone()))
             }
-            None => {
-                let pre = &model.config.preprocess;
-                let mut out = Vec::new();
-                let encoding = Encoding {
-                    model,
-                    pre,
-                    count: self.eval_set.samples.len(),
-                    upto: 0,
-                    batch: step,
-                    what: "evaluate",
-                };
-                let ok = encoding.run(
-                    &|i| {
-                        Ok(self
-                            .images
-                            .load(&self.eval_set, i)?
-                            .map(|im| pre.eval_view(&im)))
-                    },
-                    &mut |x| {
-                        out.extend(embed(&x, 0)?.flatten_all()?.to_vec1::<f32>()?);
-                        Ok(())
-                    },
-                )?;
-                (out, ok)
-            }
+            None => None,
         };
-        let (emb, ok) = self.add_extra_sizes(emb, ok, &embed)?;
+        let (emb, ok) = self.embed_eval_images(cached, &embed)?;
         let dim = emb.len() / ok.len().max(1);
         let mut e = Vec::with_capacity(emb.len());
         let mut l = Vec::with_capacity(ok.len());
@@ -1172,56 +1154,77 @@ impl Run {
         Ok((e, l))
     }
 
-    /// A multi-scale model ([`crate::preprocess::Preprocess::extra_sizes`]): adds the
-    /// embeddings of each extra size (views resampled from the main eval view, as the
-    /// `Embedder` makes them) to `emb`, one row per eval sample, and normalises the sums.
-    /// The cache holds the main size only, so these passes run from the images.
-    fn add_extra_sizes(
+    /// What the eval cache does not hold, embedded in one pass over the images: the model's
+    /// own size when nothing is cached (`cached` is `None`), and each extra size of a
+    /// multi-scale model ([`crate::preprocess::Preprocess::extra_sizes`]) from the same main
+    /// views, resampled as the `Embedder` does; the vectors of all sizes are summed and
+    /// normalised. One row per eval sample, and which samples could be read.
+    fn embed_eval_images(
         &self,
-        mut emb: Vec<f32>,
-        mut ok: Vec<bool>,
+        cached: Option<(Vec<f32>, Vec<bool>)>,
         embed: &dyn Fn(&Tensor, usize) -> candle_core::Result<Tensor>,
     ) -> Result<(Vec<f32>, Vec<bool>)> {
-        let pre = &self.model.config.preprocess;
-        if pre.extra_sizes.is_empty() {
-            return Ok((emb, ok));
-        }
-        let dim = emb.len() / ok.len().max(1);
-        for &size in &pre.extra_sizes {
-            let mut at_size = pre.clone();
-            set_image_size(&mut at_size, size);
-            let mut row = 0;
-            let encoding = Encoding {
-                model: &self.model,
-                pre: &at_size,
-                count: self.eval_set.samples.len(),
-                upto: 0,
-                batch: self.args.eval_batch_size.max(1),
-                what: "evaluate (extra size)",
-            };
-            let read = encoding.run(
-                &|i| {
-                    Ok(self
-                        .images
-                        .load(&self.eval_set, i)?
-                        .map(|im| pre.extra_view(&pre.eval_view(&im), size)))
-                },
-                &mut |x| {
-                    let y = embed(&x, 0)?.flatten_all()?.to_vec1::<f32>()?;
-                    for (a, b) in emb[row..row + y.len()].iter_mut().zip(&y) {
-                        *a += b;
+        let model = &self.model;
+        let pre = &model.config.preprocess;
+        let cached = match cached {
+            Some(c) if pre.extra_sizes.is_empty() => return Ok(c),
+            other => other,
+        };
+        let count = self.eval_set.samples.len();
+        let mut out: Vec<f32> = Vec::new();
+        let mut start = 0;
+        let encoding = Encoding {
+            model,
+            pre,
+            count,
+            upto: 0,
+            batch: self.args.eval_batch_size.max(1),
+            what: "evaluate",
+        };
+        let read = encoding.run(
+            &|i| {
+                Ok(self
+                    .images
+                    .load(&self.eval_set, i)?
+                    .map(|im| pre.eval_view(&im)))
+            },
+            &mut |x, views| {
+                let b = views.len();
+                let mut sum = match &cached {
+                    None => embed(&x, 0)?,
+                    Some((rows, _)) => {
+                        let dim = rows.len() / count.max(1);
+                        Tensor::from_slice(
+                            &rows[start * dim..(start + b) * dim],
+                            (b, dim),
+                            &model.device,
+                        )?
                     }
-                    row += y.len();
-                    Ok(())
-                },
-            )?;
-            ok.iter_mut().zip(read).for_each(|(o, r)| *o &= r);
-        }
-        for r in emb.chunks_mut(dim.max(1)) {
-            let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-            r.iter_mut().for_each(|v| *v /= norm);
-        }
-        Ok((emb, ok))
+                };
+                for &size in &pre.extra_sizes {
+                    let extra: Vec<image::RgbImage> = views
+                        .iter()
+                        .map(|v| match v {
+                            Some(v) => pre.extra_view(v, size),
+                            None => image::RgbImage::new(size, size),
+                        })
+                        .collect();
+                    let x = crate::embed::view_batch(pre, &extra, size, &model.device)?;
+                    sum = (sum + embed(&x, 0)?)?;
+                }
+                if !pre.extra_sizes.is_empty() {
+                    sum = crate::embed::l2_normalize(&sum)?;
+                }
+                out.extend(sum.flatten_all()?.to_vec1::<f32>()?);
+                start += b;
+                Ok(())
+            },
+        )?;
+        let ok = match cached {
+            Some((_, ok)) => ok.iter().zip(read).map(|(&c, r)| c && r).collect(),
+            None => read,
+        };
+        Ok((out, ok))
     }
 
     /// Metrics of the eval split after `epoch` epochs (0 with `pretrained`: the bare features).
