@@ -414,18 +414,19 @@ def main():
         else:
             e = torch.cat([embed(xte[i:i + 256]) for i in range(0, len(xte), 256)])
         # A multi-scale model (`--extra-sizes`): each extra view resampled from the main eval
-        # view, the normalised vectors summed and normalised again, as the trainer embeds.
-        for extra in cfg["preprocess"].get("extra_sizes", []):
-            def view_at(p, extra=extra):
-                main = open_image(*as_item(p)).resize((size_eval, size_eval), Image.BILINEAR)
-                return to_tensor(main.resize((extra, extra), Image.BILINEAR))
-            x_all = [torch.stack([view_at(p) for p in tep[i:i + 64]]) for i in range(0, len(tep), 64)]
-            e = e + torch.cat([embed(through(x, 0, frozen)) for x in x_all])
-        if cfg["preprocess"].get("extra_sizes"):
-            e = F.normalize(e, dim=1)
+        # view (decoded once for all sizes), the normalised vectors summed and normalised
+        # again, as the trainer embeds.
+        extras = cfg["preprocess"].get("extra_sizes", [])
+        if extras:
+            parts = []
+            for i in range(0, len(tep), 64):
+                mains = [open_image(*as_item(p)).resize((size_eval, size_eval), Image.BILINEAR) for p in tep[i:i + 64]]
+                parts.append(sum(embed(through(torch.stack([to_tensor(m.resize((x, x), Image.BILINEAR)) for m in mains]), 0, frozen))
+                                 for x in extras))
+            e = F.normalize(e + torch.cat(parts), dim=1)
         r = recall_at(e, yte, [1, 2, 4, 8])
     out = {"peer": f"pytorch {torch.__version__}", "run": a.run, "loss": loss_name, "image_size": size, "inference_size": size_eval, "pooling": pooling, "freeze_until_block": frozen,
-           "epochs": epochs, "cached_views": views, "rotate": rotate, "turned_classes": bool(tr.get("turned_classes")), "extra_sizes": cfg["preprocess"].get("extra_sizes", []), "cache_seconds": cache_s, "train_seconds": t_train,
+           "epochs": epochs, "cached_views": views, "rotate": rotate, "turned_classes": bool(tr.get("turned_classes")), "extra_sizes": extras, "cache_seconds": cache_s, "train_seconds": t_train,
            "total_seconds": time.time() - t_start, **r}
     print(json.dumps(out))
 
