@@ -23,9 +23,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// Below this many epochs deeper training does not pay: the planner freezes more instead.
-/// (On Omniglot, training the whole network 4 epochs lifted R@1 from 55 to 78, while only
-/// the last stage and the head for 10 epochs reached 65: depth matters more than epochs.)
-pub const MIN_EPOCHS: usize = 8;
+/// Depth matters more than epochs, but not at any price: on Omniglot's turned glyphs (10,880
+/// samples), 30 minutes gave R@1 89.1 training the whole network 4 epochs, 90.5 training
+/// blocks3.. 7 epochs, and 83.0 after 4 of 12 epochs of blocks6.. (bench/RESULTS-learning.md).
+pub const MIN_EPOCHS: usize = 7;
 /// More epochs than this rarely help once the schedule has decayed; spare time goes to depth
 /// and augmented views instead.
 pub const MAX_EPOCHS: usize = 60;
@@ -143,6 +144,9 @@ pub struct Plan {
     pub seconds_per_epoch: f64,
     pub seconds_eval: f64,
     pub seconds_total: f64,
+    /// The speeds the plan was made from (kept with the run, to see later why it chose so).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured: Option<Speeds>,
 }
 
 impl Plan {
@@ -320,6 +324,7 @@ pub fn plan(budget: f64, data: &DataStats, s: &Speeds, has_proxies: bool) -> Res
             seconds_per_epoch: epoch1,
             seconds_eval: eval,
             seconds_total: cache + train + eval,
+            measured: None,
         };
         let good_enough = epochs >= MIN_EPOCHS;
         match &best {

@@ -14,6 +14,7 @@ mod cub;
 mod decode;
 pub mod duplicates;
 mod folder;
+pub mod glyphs;
 mod list;
 mod loader;
 pub mod mat5;
