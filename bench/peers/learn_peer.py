@@ -261,6 +261,44 @@ def norm_softmax(x, y, proxies, scale=20.0, margin=0.0):
     return F.cross_entropy(logits, y)
 
 
+def group_near(order, group, cents, candidates=1024):
+    """The trainer's hard-class grouping (trainer/src/data/class_mining.rs): each group is the
+    next unplaced class of the shuffled `order` and its `group - 1` nearest unplaced classes
+    by centroid (among the next `candidates` unplaced), then unseen classes in order."""
+    placed, out = set(), []
+    for cur, seed in enumerate(order):
+        if seed in placed:
+            continue
+        placed.add(seed)
+        out.append(seed)
+        want = min(group - 1, len(order) - len(out))
+        near = []
+        if seed in cents:
+            cand = [c for c in order[cur + 1:] if c not in placed][:candidates]
+            sims = [(float(cents[seed] @ cents[c]), i, c) for i, c in enumerate(cand) if c in cents]
+            near = [c for _, _, c in sorted(sims, key=lambda t: (-t[0], t[1]))[:want]]
+        fill = [c for c in order[cur + 1:] if c not in placed and c not in near][:want - len(near)]
+        for c in near + fill:
+            placed.add(c)
+            out.append(c)
+    return out
+
+
+def class_groups(classes, p, group, cents, rng):
+    """Endless batches of P classes, one shuffled pass over the classes at a time (a short
+    last group topped up from the pass), grouped by `group_near` once centroids exist."""
+    while True:
+        order = list(classes)
+        rng.shuffle(order)
+        if group > 1 and cents:
+            order = group_near(order, group, cents)
+        for s in range(0, len(order), p):
+            batch = order[s:s + p]
+            if len(batch) < p:
+                batch += rng.sample(order[:s], p - len(batch))
+            yield batch
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="a trainer run directory (its config.json holds the recipe)")
@@ -380,6 +418,9 @@ def main():
     by_class = {}
     for i, l in enumerate(trl):
         by_class.setdefault(int(l), []).append(i)
+    hard = int(tr.get("hard_classes") or 1)
+    cents = {}
+    groups = class_groups(sorted(by_class), p_cls, hard, cents, rng)
     per_epoch = max(len(trl) // (p_cls * k_img), 1)
     total = per_epoch * epochs
     warmup = round(warmup_epochs * per_epoch)
@@ -387,9 +428,11 @@ def main():
     for epoch in range(epochs):
         t1 = time.time()
         losses = []
-        for _ in range(per_epoch):
+        # Planned at the epoch's start, as the trainer plans (and prefetches) an epoch.
+        plan = [next(groups) for _ in range(per_epoch)]
+        for classes in plan:
             idx = []
-            for c in rng.sample(sorted(by_class), p_cls):
+            for c in classes:
                 members = by_class[c]
                 idx += rng.sample(members, k_img) if len(members) >= k_img else rng.choices(members, k=k_img)
             f = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(total - warmup, 1))))
@@ -399,7 +442,13 @@ def main():
                 x = torch.stack([train_view(trp[i], size, crop_scale, rng, flip, rotate) for i in idx])
             else:
                 x = xtr[torch.randint(0, views, (len(idx),)), torch.tensor(idx)]
-            loss = loss_fn(embed(x), ytr[idx])
+            e = embed(x)
+            if hard > 1:
+                with torch.no_grad():
+                    for c in set(int(l) for l in ytr[idx]):
+                        m = e[ytr[idx] == c].mean(0)
+                        cents[c] = m / m.norm()
+            loss = loss_fn(e, ytr[idx])
             opt.zero_grad()
             if loss.requires_grad:
                 loss.backward()

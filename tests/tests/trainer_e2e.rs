@@ -492,9 +492,24 @@ fn repeated_files_are_trained_once_and_reported() {
     }
     let o = eval(&["--extra-sizes", "40"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("R@1"), "{o:?}");
+    let o = eval(&["--extra-sizes", "0"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("R@1"), "{o:?}");
 
-    // Out-of-range view options are refused before the run directory exists.
+    // Hard-class batches: random classes for multi-similarity; the fuzzy loss's groups of
+    // four capped at P = 2; an explicit size for any loss.
+    assert_eq!(training("keep")["hard_classes"], 1);
+    ok(train("fuzzy", &["--loss", "fuzzy"]));
+    assert_eq!(training("fuzzy")["hard_classes"], 2);
+    ok(train("grouped", &["--hard-classes", "2"]));
+    assert_eq!(training("grouped")["hard_classes"], 2);
+
+    // Out-of-range options are refused before the run directory exists.
     for (name, arg, says) in [
+        (
+            "badhard",
+            "--hard-classes=3",
+            "--hard-classes 3 must be between 1",
+        ),
         ("badflip", "--flip=1.5", "--flip is a probability"),
         ("baderase", "--erase=-0.1", "--erase is a probability"),
         ("badrotate", "--rotate=200", "--rotate is the largest angle"),

@@ -80,8 +80,8 @@ struct EvalArgs {
     image_size: Option<u32>,
     /// Also embed at these square sizes (comma-separated px) and sum the normalised vectors
     /// (multi-scale embedding; see `trainer train --extra-sizes`), in place of the sizes the
-    /// checkpoint records.
-    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(32..=1024))]
+    /// checkpoint records; `0` = the main size only.
+    #[arg(long, value_delimiter = ',', value_parser = trainer::train::parse_extra_size)]
     extra_sizes: Option<Vec<u32>>,
     #[arg(long, value_enum, default_value = "cub")]
     dataset: DatasetKind,
@@ -127,7 +127,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         embedder = embedder.with_image_size(size);
     }
     if let Some(sizes) = a.extra_sizes.clone() {
-        embedder = embedder.with_extra_sizes(sizes);
+        embedder = embedder.with_extra_sizes(sizes.into_iter().filter(|&s| s != 0).collect());
     }
     let split: data::SplitSpec = a.split.parse().map_err(anyhow::Error::msg)?;
     let set = data::load_dataset(a.dataset, &a.data, &split)?;

@@ -84,6 +84,15 @@ pub struct TrainArgs {
     /// K: images per class in a batch (sampled with replacement only for smaller classes).
     #[arg(long, default_value_t = 5)]
     pub images_per_class: usize,
+    /// Hard-class batches: the P classes of a batch come in groups of G that lie nearest
+    /// each other in the metric being trained (class centroids from the training steps
+    /// themselves, from the second epoch on), so the losses see the negatives the metric
+    /// still confuses; 1 = classes at random (the seed's P×K). Default: groups of 4 (at
+    /// most P) for the fuzzy loss, which only learns from negatives nearer than an anchor's
+    /// nearest positive; 1 for the others.
+    #[arg(long, value_name = "G")]
+    #[serde(default = "classes_at_random")]
+    pub hard_classes: Option<usize>,
     /// Training epochs.
     #[arg(long, default_value_t = 20, conflicts_with = "time_budget")]
     pub epochs: usize,
@@ -283,7 +292,7 @@ impl ViewPreset {
     }
 }
 
-fn parse_extra_size(s: &str) -> std::result::Result<u32, String> {
+pub fn parse_extra_size(s: &str) -> std::result::Result<u32, String> {
     let v: u32 = s
         .trim()
         .parse()
@@ -310,6 +319,23 @@ fn parse_layer_decay(s: &str) -> std::result::Result<f64, String> {
 
 fn default_crop_scale() -> f64 {
     0.16
+}
+
+/// Runs saved before `--hard-classes` existed drew their classes at random.
+fn classes_at_random() -> Option<usize> {
+    Some(1)
+}
+
+/// `--hard-classes` default for the fuzzy loss: groups of four classes (+1.2 R@1 at 4 epochs
+/// on Omniglot); multi-similarity, which weighs every pair, lost MAP@R with them
+/// (`bench/RESULTS-learning.md`, session 22).
+pub const HARD_CLASSES: usize = 4;
+
+fn default_hard_classes(loss: LossKind, classes_per_batch: usize) -> usize {
+    match loss {
+        LossKind::Fuzzy => HARD_CLASSES.min(classes_per_batch),
+        _ => 1,
+    }
 }
 
 fn default_accumulate() -> usize {
@@ -639,7 +665,7 @@ pub fn train(args: TrainArgs, resume: bool, device: &Device) -> Result<TrainSumm
         "loss_args": args.loss_args, "epochs": args.epochs, "lr": args.lr, "head_lr": args.head_lr,
         "proxy_lr": args.proxy_lr, "xbm": args.xbm, "accumulate": args.accumulate,
         "optimizer": args.optimizer, "classes_per_batch": args.classes_per_batch,
-        "images_per_class": args.images_per_class, "head_init": args.head_init, "pooling": args.pooling, "layer_decay": args.layer_decay,
+        "images_per_class": args.images_per_class, "hard_classes": args.hard_classes, "head_init": args.head_init, "pooling": args.pooling, "layer_decay": args.layer_decay,
         "freeze_until": args.freeze_until, "cached_views": args.cached_views,
         "crop_scale": args.crop_scale, "views": args.views, "flip": args.flip, "rotate": args.rotate, "erase": args.erase, "turned_classes": args.turned_classes, "duplicates_dropped": duplicates_dropped, "image_size": train_pre.crop,
         "inference_size": model.config.preprocess.crop, "extra_sizes": model.config.preprocess.extra_sizes, "bn": args.bn, "seed": args.seed, "plan": plan,
@@ -671,6 +697,19 @@ pub fn train(args: TrainArgs, resume: bool, device: &Device) -> Result<TrainSumm
         s = train_pre.crop,
         e = model.config.preprocess.crop
     );
+    match args.hard_classes.unwrap_or(1) {
+        1 => tracing::info!(
+            "P×K batches: {} classes at random × {} images",
+            args.classes_per_batch,
+            args.images_per_class
+        ),
+        g => tracing::info!(
+            "P×K batches: {} classes × {} images, in groups of {g} classes the metric finds alike \
+             (from epoch 2; --hard-classes 1 draws them at random)",
+            args.classes_per_batch,
+            args.images_per_class
+        ),
+    }
 
     let mut augment = data::Augment::new(train_pre, args.seed);
     augment.crop.scale.0 = args.crop_scale;
@@ -746,10 +785,19 @@ fn open_run(mut args: TrainArgs, resume: bool) -> Result<(TrainArgs, usize, usiz
         ));
     }
     check_views(&args)?;
-    std::fs::create_dir_all(&out).map_err(|e| Error::file(&out, e))?;
     if args.classes_per_batch < 2 || args.images_per_class < 2 {
         return Err(Error::Invalid("P×K batches need --classes-per-batch ≥ 2 and --images-per-class ≥ 2 (positives and negatives)".into()));
     }
+    let group = *args
+        .hard_classes
+        .get_or_insert_with(|| default_hard_classes(args.loss, args.classes_per_batch));
+    if group == 0 || group > args.classes_per_batch {
+        return Err(Error::Invalid(format!(
+            "--hard-classes {group} must be between 1 (classes at random) and --classes-per-batch ({})",
+            args.classes_per_batch
+        )));
+    }
+    std::fs::create_dir_all(&out).map_err(|e| Error::file(&out, e))?;
     Ok((args, start_epoch, opt_steps))
 }
 
@@ -1430,14 +1478,20 @@ impl Run {
         };
         let mut view_rng =
             ChaCha8Rng::seed_from_u64(self.args.seed ^ 0x5eed_u64.wrapping_mul(start as u64 + 1));
+        // A resumed run gathers its centroids again: its first epoch samples classes at random.
+        let group = self.args.hard_classes.unwrap_or(1);
+        let mut centroids = (group > 1).then(|| data::ClassCentroids::new(sampler.class_labels()));
         let mut last_metrics = None;
         let mut epoch = start;
         // The deadline guard judges the mean pace of this run's epochs (evaluations and
         // checkpoints included), not one epoch's, so a single slow or fast one does not move it.
         let since = Instant::now();
         while epoch < self.args.epochs {
-            let plan: Vec<Vec<usize>> = (0..per_epoch).map(|_| batches.next()).collect();
-            let (mean_loss, ips) = self.train_epoch(epoch, plan, &labels, &mut view_rng)?;
+            let plan: Vec<Vec<usize>> = (0..per_epoch)
+                .map(|_| batches.next(centroids.as_ref().map(|c| (c, group))))
+                .collect();
+            let (mean_loss, ips) =
+                self.train_epoch(epoch, plan, &labels, &mut view_rng, centroids.as_mut())?;
             let done = epoch + 1;
             eprintln!(
                 "epoch {done}/{}: loss {mean_loss:.4}, {ips:.1} img/s",
@@ -1496,6 +1550,7 @@ impl Run {
         plan: Vec<Vec<usize>>,
         labels: &[u32],
         view_rng: &mut ChaCha8Rng,
+        mut centroids: Option<&mut data::ClassCentroids>,
     ) -> Result<(f64, f64)> {
         let per_epoch = plan.len();
         let accumulate = self.args.accumulate.max(1);
@@ -1563,6 +1618,10 @@ impl Run {
             if let Some(g) = bn_guard {
                 let stats = g.finish();
                 crate::backbone::layers::update_running_stats(&self.model.varmap, &stats, 0.1)?;
+            }
+            if let Some(c) = centroids.as_deref_mut() {
+                let rows = emb.detach().to_dtype(candle_core::DType::F32)?;
+                c.update(&rows.flatten_all()?.to_vec1::<f32>()?, &blabels);
             }
             let out_loss = self.loss_fn.forward(&emb, &blabels)?;
             let value = out_loss
@@ -1766,9 +1825,11 @@ struct BatchQueue<'a> {
 }
 
 impl BatchQueue<'_> {
-    fn next(&mut self) -> Vec<usize> {
+    /// The next batch; a new class pass is grouped by `near` when given (`--hard-classes`).
+    fn next(&mut self, near: Option<(&data::ClassCentroids, usize)>) -> Vec<usize> {
         while self.queue.is_empty() {
-            self.queue.extend(self.sampler.epoch(self.epoch));
+            self.queue
+                .extend(self.sampler.epoch_grouped(self.epoch, near));
             self.epoch += 1;
         }
         self.queue.pop_front().expect("refilled")

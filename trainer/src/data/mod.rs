@@ -10,6 +10,7 @@
 
 mod augment;
 mod cars196;
+pub mod class_mining;
 mod cub;
 mod decode;
 pub mod duplicates;
@@ -30,6 +31,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 pub use augment::{Augment, RandomResizedCrop};
+pub use class_mining::ClassCentroids;
 pub use decode::{
     decode_image, decode_image_bytes, IMAGE_EXTENSIONS, LIMITS as DECODE_LIMITS, MAX_IMAGE_PIXELS,
     MAX_IMAGE_SIDE,

@@ -20,12 +20,15 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::class_mining::ClassCentroids;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone)]
 pub struct PkSampler {
     /// Sample indices of each class, classes in label order.
     classes: Vec<Vec<usize>>,
+    /// The label of each class, ascending.
+    labels: Vec<u32>,
     p: usize,
     k: usize,
     seed: u64,
@@ -56,6 +59,7 @@ impl PkSampler {
             )));
         }
         Ok(Self {
+            labels: by_label.keys().copied().collect(),
             classes: by_label.into_values().collect(),
             p: classes_per_batch,
             k: images_per_class,
@@ -75,6 +79,10 @@ impl PkSampler {
     pub fn num_classes(&self) -> usize {
         self.classes.len()
     }
+    /// The label of each class, in the order [`ClassCentroids`] indexes them.
+    pub fn class_labels(&self) -> &[u32] {
+        &self.labels
+    }
     /// ⌈#classes / P⌉.
     pub fn batches_per_epoch(&self) -> usize {
         self.classes.len().div_ceil(self.p)
@@ -82,10 +90,24 @@ impl PkSampler {
 
     /// The batches of `epoch`, each a list of P·K sample indices (K consecutive per class).
     pub fn epoch(&self, epoch: u64) -> Vec<Vec<usize>> {
+        self.epoch_grouped(epoch, None)
+    }
+
+    /// [`Self::epoch`] with the shuffled classes regrouped `near.1` at a time by the
+    /// centroids `near.0` (see [`ClassCentroids::group`]), so each batch holds groups of
+    /// classes the metric finds alike. With `None`, or groups of one, the same as `epoch`.
+    pub fn epoch_grouped(
+        &self,
+        epoch: u64,
+        near: Option<(&ClassCentroids, usize)>,
+    ) -> Vec<Vec<usize>> {
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
         rng.set_stream(epoch);
         let mut order: Vec<usize> = (0..self.classes.len()).collect();
         order.shuffle(&mut rng);
+        if let Some((centroids, group)) = near {
+            order = centroids.group(&order, group);
+        }
         let mut batches = Vec::with_capacity(self.batches_per_epoch());
         for start in (0..order.len()).step_by(self.p) {
             let mut group: Vec<usize> = order[start..(start + self.p).min(order.len())].to_vec();
@@ -191,6 +213,50 @@ mod tests {
         let s = PkSampler::new(&labels, 13, 2, 1).unwrap();
         let used: HashSet<usize> = (0..200).flat_map(|e| s.epoch(e)).flatten().collect();
         assert_eq!(used.len(), labels.len());
+    }
+
+    #[test]
+    fn grouped_epochs_keep_p_by_k_and_put_near_classes_together() {
+        // 12 classes of 3 images; class c's centroid points along axis c % 3, so the classes
+        // form three clusters of four.
+        let labels: Vec<u32> = (0..12u32).flat_map(|c| [c * 10; 3]).collect();
+        let s = PkSampler::new(&labels, 4, 2, 3).unwrap();
+        let mut cents = ClassCentroids::new(s.class_labels());
+        assert_eq!(
+            s.epoch_grouped(2, Some((&cents, 4))),
+            s.epoch(2),
+            "no centroids yet"
+        );
+        for (c, &l) in s.class_labels().iter().enumerate() {
+            let mut v = [0.0f32; 3];
+            v[c % 3] = 1.0;
+            cents.update(&v, &[l]);
+        }
+        for epoch in 0..10 {
+            let batches = s.epoch_grouped(epoch, Some((&cents, 4)));
+            assert_eq!(batches.len(), 3);
+            let mut clusters = HashSet::new();
+            for b in &batches {
+                assert_eq!(b.len(), 8);
+                let classes: HashSet<u32> = b.iter().map(|&i| labels[i] / 10).collect();
+                assert_eq!(classes.len(), 4, "P distinct classes");
+                let cluster: HashSet<u32> = classes.iter().map(|c| c % 3).collect();
+                assert_eq!(
+                    cluster.len(),
+                    1,
+                    "epoch {epoch}: one cluster per batch {b:?}"
+                );
+                clusters.extend(cluster);
+            }
+            assert_eq!(clusters.len(), 3, "every class once per pass");
+        }
+        // Groups of two: pairs of one cluster, the batches otherwise as random.
+        let batches = s.epoch_grouped(0, Some((&cents, 2)));
+        for b in &batches {
+            for pair in b.chunks(4) {
+                assert_eq!(labels[pair[0]] / 10 % 3, labels[pair[2]] / 10 % 3, "{b:?}");
+            }
+        }
     }
 
     #[test]
