@@ -258,7 +258,9 @@ impl TrainArgs {
     /// as given, else its `--views` preset's value (the photo views while `auto` is
     /// undecided; [`resolve_views`] decides it before training).
     pub fn view_options(&self) -> (f64, f64, bool) {
-        let (flip, rotate, turned) = self.views.views().unwrap_or((0.5, 0.0, false));
+        let (flip, rotate, turned) = (self.views.views())
+            .or(ViewPreset::Photos.views())
+            .expect("the photo preset has views");
         (
             self.flip.unwrap_or(flip),
             self.rotate.unwrap_or(rotate),
