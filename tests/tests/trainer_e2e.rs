@@ -496,7 +496,7 @@ fn repeated_files_are_trained_once_and_reported() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("R@1"), "{o:?}");
 
     // Hard-class batches: random classes for multi-similarity; the fuzzy loss's groups of
-    // four capped at P = 2; an explicit size for any loss.
+    // eight capped at P = 2; an explicit size for any loss.
     assert_eq!(training("keep")["hard_classes"], 1);
     ok(train("fuzzy", &["--loss", "fuzzy"]));
     assert_eq!(training("fuzzy")["hard_classes"], 2);

@@ -87,7 +87,7 @@ pub struct TrainArgs {
     /// Hard-class batches: the P classes of a batch come in groups of G that lie nearest
     /// each other in the metric being trained (class centroids from the training steps
     /// themselves, from the second epoch on), so the losses see the negatives the metric
-    /// still confuses; 1 = classes at random (the seed's P×K). Default: groups of 4 (at
+    /// still confuses; 1 = classes at random (the seed's P×K). Default: groups of 8 (at
     /// most P) for the fuzzy loss, which only learns from negatives nearer than an anchor's
     /// nearest positive; 1 for the others.
     #[arg(long, value_name = "G")]
@@ -328,10 +328,11 @@ fn classes_at_random() -> Option<usize> {
     Some(1)
 }
 
-/// `--hard-classes` default for the fuzzy loss: groups of four classes (+1.2 R@1 at 4 epochs
-/// on Omniglot); multi-similarity, which weighs every pair, lost MAP@R with them
-/// (`bench/RESULTS-learning.md`, session 22).
-pub const HARD_CLASSES: usize = 4;
+/// `--hard-classes` default for the fuzzy loss: groups of eight classes (Omniglot, 4 fixed
+/// epochs: R@1 84.8 at random, 86.0 with groups of 4, 87.7 with 8); multi-similarity, which
+/// weighs every pair, lost MAP@R with groups of 4 (`bench/RESULTS-learning.md`, sessions
+/// 22–23).
+pub const HARD_CLASSES: usize = 8;
 
 fn default_hard_classes(loss: LossKind, classes_per_batch: usize) -> usize {
     match loss {
