@@ -56,6 +56,8 @@ def run_peer(a, loss):
            "--data", a.data, "--dataset", a.dataset]
     if a.threads:
         cmd += ["--threads", str(a.threads)]
+    if a.peer_cache:
+        cmd += ["--cache-dir", a.peer_cache]
     print("+", " ".join(cmd), file=sys.stderr)
     with open(out + ".peer.log", "w") as log:
         p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -96,6 +98,7 @@ def main():
     ap.add_argument("--trainer", default=os.path.join(HERE, "..", "target", "debug", "trainer"))
     ap.add_argument("--peer", action="store_true", help="also run the PyTorch peer of each run")
     ap.add_argument("--threads", type=int, default=0, help="threads for both (default: all cores)")
+    ap.add_argument("--peer-cache", help="the peer's --cache-dir: its frozen activations, reused across losses")
     ap.add_argument("recipe", nargs=argparse.REMAINDER, help="-- then the trainer's recipe flags")
     a = ap.parse_args()
     recipe = a.recipe[1:] if a.recipe[:1] == ["--"] else a.recipe

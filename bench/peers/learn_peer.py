@@ -13,6 +13,9 @@ deadline guard shortened its schedule trained fewer epochs than its plan).
 Reports Recall@1,2,4,8 on the held-out classes and the wall time as one JSON line.
 
     python3 bench/peers/learn_peer.py --run runs/omniglot-30m --data ../shared/data/omniglot --dataset folder
+
+`--cache-dir DIR` keeps the frozen stages' outputs for later runs of the same data and views
+(the every-loss table re-runs one recipe per loss; the trainer reuses its cache the same way).
 """
 import argparse
 import hashlib
@@ -306,6 +309,8 @@ def main():
     ap.add_argument("--dataset", choices=["folder", "cub"], default="folder")
     ap.add_argument("--weights", default=os.path.join(os.path.dirname(__file__), "../../../shared/models/efficientnet-lite0/efficientnet-lite0-57934424.pth"))
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--cache-dir", help="keep the frozen stages' outputs here and reuse them in later runs of the "
+                    "same data and views (as the trainer's --cache-dir does)")
     a = ap.parse_args()
     t_start = time.time()
     cfg = json.load(open(os.path.join(a.run, "config.json")))
@@ -355,7 +360,19 @@ def main():
 
     t0 = time.time()
     xte = xtr = None
-    if frozen > 0:
+    cache = None
+    if frozen > 0 and a.cache_dir:
+        # Everything the cached tensors depend on; the RNG state after caching is kept with
+        # them, so that a run reading the cache samples the same batches as one that wrote it.
+        key = json.dumps([os.path.abspath(a.data), a.dataset, size, size_eval, frozen, views, crop_scale, flip, rotate,
+                          seed, bool(tr.get("turned_classes")), bool(tr.get("duplicates_dropped")),
+                          os.path.abspath(a.weights)])
+        cache = os.path.join(a.cache_dir, "peer-" + hashlib.sha256(key.encode()).hexdigest()[:16] + ".pt")
+        if os.path.exists(cache):
+            saved = torch.load(cache)
+            xte, xtr = saved["xte"], saved["xtr"]
+            rng.setstate(saved["rng"])
+    if frozen > 0 and xte is None:
         xte = torch.cat([through(torch.stack([eval_view(p, size_eval) for p in tep[i:i + 32]]), 0, frozen) for i in range(0, len(tep), 32)])
         per_view = []
         for v in range(views):
@@ -363,6 +380,10 @@ def main():
                 return eval_view(p, size) if i == 0 else train_view(p, size, crop_scale, rng, flip, rotate)
             per_view.append(torch.cat([through(torch.stack([view(p) for p in trp[i:i + 32]]), 0, frozen) for i in range(0, len(trp), 32)]))
         xtr = torch.stack(per_view)  # [views, n, ...]
+        if cache:
+            os.makedirs(a.cache_dir, exist_ok=True)
+            torch.save({"xte": xte, "xtr": xtr, "rng": rng.getstate()}, cache + ".tmp")
+            os.replace(cache + ".tmp", cache)
     cache_s = time.time() - t0
 
     head = torch.nn.Linear(1280, dim)
