@@ -19,6 +19,7 @@ Reports Recall@1,2,4,8 on the held-out classes and the wall time as one JSON lin
 """
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -277,10 +278,10 @@ def group_near(order, group, cents, candidates=1024):
         want = min(group - 1, len(order) - len(out))
         near = []
         if seed in cents:
-            cand = [c for c in order[cur + 1:] if c not in placed][:candidates]
+            cand = list(itertools.islice((c for c in order[cur + 1:] if c not in placed), candidates))
             sims = [(float(cents[seed] @ cents[c]), i, c) for i, c in enumerate(cand) if c in cents]
             near = [c for _, _, c in sorted(sims, key=lambda t: (-t[0], t[1]))[:want]]
-        fill = [c for c in order[cur + 1:] if c not in placed and c not in near][:want - len(near)]
+        fill = list(itertools.islice((c for c in order[cur + 1:] if c not in placed and c not in near), want - len(near)))
         for c in near + fill:
             placed.add(c)
             out.append(c)

@@ -354,7 +354,9 @@ impl Embedder {
 
     /// The same model embedding at `sizes` besides its input size (multi-scale; empty: one
     /// size), e.g. to try it on a checkpoint (`trainer eval --extra-sizes`).
-    pub fn with_extra_sizes(mut self, sizes: Vec<u32>) -> Self {
+    pub fn with_extra_sizes(mut self, mut sizes: Vec<u32>) -> Self {
+        // `0` is `--extra-sizes`' "main size only", not a size.
+        sizes.retain(|&s| s != 0);
         self.model.config.preprocess.extra_sizes = sizes;
         self.identity = ModelIdentity::new(
             &self.model.config,

@@ -127,7 +127,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         embedder = embedder.with_image_size(size);
     }
     if let Some(sizes) = a.extra_sizes.clone() {
-        embedder = embedder.with_extra_sizes(sizes.into_iter().filter(|&s| s != 0).collect());
+        embedder = embedder.with_extra_sizes(sizes);
     }
     let split: data::SplitSpec = a.split.parse().map_err(anyhow::Error::msg)?;
     let set = data::load_dataset(a.dataset, &a.data, &split)?;

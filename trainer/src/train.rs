@@ -258,9 +258,7 @@ impl TrainArgs {
     /// as given, else its `--views` preset's value (the photo views while `auto` is
     /// undecided; [`resolve_views`] decides it before training).
     pub fn view_options(&self) -> (f64, f64, bool) {
-        let (flip, rotate, turned) = (self.views.views())
-            .or(ViewPreset::Photos.views())
-            .expect("the photo preset has views");
+        let (flip, rotate, turned) = self.views.views().unwrap_or(PHOTO_VIEWS);
         (
             self.flip.unwrap_or(flip),
             self.rotate.unwrap_or(rotate),
@@ -288,11 +286,14 @@ impl ViewPreset {
     pub fn views(self) -> Option<(f64, f64, bool)> {
         match self {
             ViewPreset::Auto => None,
-            ViewPreset::Photos => Some((0.5, 0.0, false)),
+            ViewPreset::Photos => Some(PHOTO_VIEWS),
             ViewPreset::Glyphs => Some((0.0, 15.0, true)),
         }
     }
 }
+
+/// The seed's photo views: mirrored half the time, no rotation, no turned classes.
+const PHOTO_VIEWS: (f64, f64, bool) = (0.5, 0.0, false);
 
 pub fn parse_extra_size(s: &str) -> std::result::Result<u32, String> {
     let v: u32 = s

@@ -75,7 +75,8 @@ impl ClassCentroids {
     }
 
     /// How many classes have a centroid.
-    pub fn known(&self) -> usize {
+    #[cfg(test)]
+    fn known(&self) -> usize {
         self.seen.iter().filter(|&&s| s).count()
     }
 
