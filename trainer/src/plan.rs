@@ -360,14 +360,22 @@ impl Deadline {
 /// more, and has time for `fit` more at the speed measured: fewer when they do not fit; more
 /// when at least three more fit, keeping two spare, so an epoch a little slower than the
 /// last does not take back what was just added; never past [`MAX_EPOCHS`] nor cutting a
-/// plan that was already longer. `None`: keep the plan.
-pub fn deadline_epochs(done: usize, remaining: usize, fit: usize) -> Option<usize> {
+/// plan that was already longer. A run cut below its plan (`planned` epochs) earlier goes
+/// back up to it as soon as the epochs fit again, without spare ones: the plan kept its own
+/// margin ([`SAFETY`]), and slow early epochs (the first ones gather the hard classes, the
+/// machine may be busy for a while) often make a cut that the later ones repay. `None`:
+/// keep the plan.
+pub fn deadline_epochs(done: usize, remaining: usize, fit: usize, planned: usize) -> Option<usize> {
     if fit < remaining {
         return Some(done + fit);
     }
-    let planned = done + remaining;
-    let longer = (done + fit - 2).min(MAX_EPOCHS.max(planned));
-    (fit >= remaining + 3 && longer > planned).then_some(longer)
+    let total = done + remaining;
+    if total < planned {
+        let back = (done + fit).min(planned);
+        return (back > total).then_some(back);
+    }
+    let longer = (done + fit - 2).min(MAX_EPOCHS.max(total));
+    (fit >= remaining + 3 && longer > total).then_some(longer)
 }
 
 /// The typical shorter side of the training images, read from the headers of up to 200
@@ -640,20 +648,36 @@ mod tests {
 
     #[test]
     fn the_deadline_shortens_a_late_run_and_lengthens_an_early_one() {
+        let d = |done, remaining, fit| deadline_epochs(done, remaining, fit, done + remaining);
         // Behind: only what fits.
-        assert_eq!(deadline_epochs(5, 10, 3), Some(8));
-        assert_eq!(deadline_epochs(5, 10, 0), Some(5));
+        assert_eq!(d(5, 10, 3), Some(8));
+        assert_eq!(d(5, 10, 0), Some(5));
         // On time, or up to two epochs spare: the plan stands.
-        assert_eq!(deadline_epochs(5, 10, 10), None);
-        assert_eq!(deadline_epochs(5, 10, 12), None);
+        assert_eq!(d(5, 10, 10), None);
+        assert_eq!(d(5, 10, 12), None);
         // Ahead: more epochs, two kept spare, capped at MAX_EPOCHS.
-        assert_eq!(deadline_epochs(5, 10, 13), Some(16));
-        assert_eq!(deadline_epochs(5, 10, 14), Some(17));
+        assert_eq!(d(5, 10, 13), Some(16));
+        assert_eq!(d(5, 10, 14), Some(17));
         // Lengthened to 17 with 12 left to do, the next epoch a little slower (11 fit) keeps it.
-        assert_eq!(deadline_epochs(5, 12, 13), None);
-        assert_eq!(deadline_epochs(5, 10, 500), Some(MAX_EPOCHS));
+        assert_eq!(deadline_epochs(5, 12, 13, 15), None);
+        assert_eq!(d(5, 10, 500), Some(MAX_EPOCHS));
         // A plan already past the cap is not cut because it is ahead.
-        assert_eq!(deadline_epochs(5, 70, 500), None);
+        assert_eq!(d(5, 70, 500), None);
+    }
+
+    #[test]
+    fn a_run_cut_below_its_plan_goes_back_up_when_the_epochs_fit_again() {
+        // Planned 8, cut to 7 after epoch 4; after epoch 5 three more fit: back to 8.
+        assert_eq!(deadline_epochs(5, 2, 3, 8), Some(8));
+        // Only two fit: stays at 7; one fits: cut again.
+        assert_eq!(deadline_epochs(5, 2, 2, 8), None);
+        assert_eq!(deadline_epochs(5, 2, 1, 8), Some(6));
+        // Never past the plan on the way back...
+        assert_eq!(deadline_epochs(5, 1, 2, 8), Some(7));
+        assert_eq!(deadline_epochs(5, 1, 30, 8), Some(8));
+        // ...and once back at it, lengthening past it keeps its two spare epochs.
+        assert_eq!(deadline_epochs(6, 2, 4, 8), None);
+        assert_eq!(deadline_epochs(6, 2, 5, 8), Some(9));
     }
 
     #[test]

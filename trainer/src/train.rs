@@ -726,6 +726,7 @@ pub fn train(args: TrainArgs, resume: bool, device: &Device) -> Result<TrainSumm
     let caches = build_caches(
         &args, &model, frozen, &train_set, &eval_set, &augment, &images,
     )?;
+    let epochs_planned = args.epochs;
     let mut run = Run {
         args,
         model,
@@ -738,6 +739,8 @@ pub fn train(args: TrainArgs, resume: bool, device: &Device) -> Result<TrainSumm
         images,
         caches,
         deadline,
+        planned_epochs: epochs_planned,
+        eval_seconds: std::sync::atomic::AtomicU64::new(0),
         baseline: None,
     };
     run.baseline = run.pretrained_baseline(resume)?;
@@ -1281,6 +1284,12 @@ struct Run {
     images: Images,
     caches: Caches,
     deadline: Option<crate::plan::Deadline>,
+    /// The epochs this run set out to train (the plan's, with `--time-budget`), which the
+    /// deadline guard may restore after cutting them.
+    planned_epochs: usize,
+    /// Wall seconds of the latest evaluation (`f64` bits; atomic because the evaluation's
+    /// loaders borrow the run across threads): what the deadline guard keeps for the last one.
+    eval_seconds: std::sync::atomic::AtomicU64,
     /// Recall@1 of the bare pretrained features on the eval split.
     baseline: Option<f64>,
 }
@@ -1416,6 +1425,7 @@ impl Run {
 
     /// Metrics of the eval split after `epoch` epochs (0 with `pretrained`: the bare features).
     fn evaluate(&self, pretrained: bool, epoch: usize) -> Result<metrics::RetrievalMetrics> {
+        let t0 = Instant::now();
         let (emb, labels) = self.embed_eval(pretrained)?;
         if emb.iter().any(|v| !v.is_finite()) {
             return Err(if pretrained {
@@ -1433,7 +1443,12 @@ impl Run {
         }
         let dim = emb.len() / labels.len().max(1);
         let ks = metrics::default_ks(self.args.dataset == DatasetKind::Sop);
-        metrics::evaluate(&emb, dim, &labels, ks, self.args.seed)
+        let m = metrics::evaluate(&emb, dim, &labels, ks, self.args.seed);
+        self.eval_seconds.store(
+            t0.elapsed().as_secs_f64().to_bits(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        m
     }
 
     /// Recall@1 of the pretrained features, measured once per run directory and kept in
@@ -1524,13 +1539,19 @@ impl Run {
         let Some(deadline) = self.deadline else {
             return;
         };
-        // One evaluation costs about what a tenth of an epoch does, plus a margin.
-        let reserve = 0.15 * epoch_seconds + 10.0;
+        // The last evaluation costs what the latest one did (about a tenth of an epoch if
+        // none ran yet), plus a margin for the checkpoint.
+        let latest = f64::from_bits(self.eval_seconds.load(std::sync::atomic::Ordering::Relaxed));
+        let eval = match latest {
+            s if s > 0.0 => s,
+            _ => 0.15 * epoch_seconds,
+        };
+        let reserve = eval + 10.0;
         let fit = ((deadline.left() - reserve) / epoch_seconds)
             .floor()
             .max(0.0) as usize;
         let remaining = self.args.epochs - done;
-        let epochs = match crate::plan::deadline_epochs(done, remaining, fit) {
+        let epochs = match crate::plan::deadline_epochs(done, remaining, fit, self.planned_epochs) {
             Some(e) if e != self.args.epochs => e,
             _ => return,
         };
