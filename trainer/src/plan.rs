@@ -362,9 +362,8 @@ impl Deadline {
 /// last does not take back what was just added; never past [`MAX_EPOCHS`] nor cutting a
 /// plan that was already longer. A run cut below its plan (`planned` epochs) earlier goes
 /// back up to it as soon as the epochs fit again, without spare ones: the plan kept its own
-/// margin ([`SAFETY`]), and slow early epochs (the first ones gather the hard classes, the
-/// machine may be busy for a while) often make a cut that the later ones repay. `None`:
-/// keep the plan.
+/// margin ([`SAFETY`]), and early epochs slowed by a busy machine make a cut that the
+/// later ones may repay. `None`: keep the plan.
 pub fn deadline_epochs(done: usize, remaining: usize, fit: usize, planned: usize) -> Option<usize> {
     if fit < remaining {
         return Some(done + fit);

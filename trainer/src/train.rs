@@ -740,7 +740,7 @@ pub fn train(args: TrainArgs, resume: bool, device: &Device) -> Result<TrainSumm
         caches,
         deadline,
         planned_epochs: epochs_planned,
-        eval_seconds: std::sync::atomic::AtomicU64::new(0),
+        eval_seconds: None,
         baseline: None,
     };
     run.baseline = run.pretrained_baseline(resume)?;
@@ -1287,9 +1287,8 @@ struct Run {
     /// The epochs this run set out to train (the plan's, with `--time-budget`), which the
     /// deadline guard may restore after cutting them.
     planned_epochs: usize,
-    /// Wall seconds of the latest evaluation (`f64` bits; atomic because the evaluation's
-    /// loaders borrow the run across threads): what the deadline guard keeps for the last one.
-    eval_seconds: std::sync::atomic::AtomicU64,
+    /// Wall seconds of the latest evaluation: what the deadline guard keeps for the last one.
+    eval_seconds: Option<f64>,
     /// Recall@1 of the bare pretrained features on the eval split.
     baseline: Option<f64>,
 }
@@ -1424,7 +1423,7 @@ impl Run {
     }
 
     /// Metrics of the eval split after `epoch` epochs (0 with `pretrained`: the bare features).
-    fn evaluate(&self, pretrained: bool, epoch: usize) -> Result<metrics::RetrievalMetrics> {
+    fn evaluate(&mut self, pretrained: bool, epoch: usize) -> Result<metrics::RetrievalMetrics> {
         let t0 = Instant::now();
         let (emb, labels) = self.embed_eval(pretrained)?;
         if emb.iter().any(|v| !v.is_finite()) {
@@ -1444,17 +1443,14 @@ impl Run {
         let dim = emb.len() / labels.len().max(1);
         let ks = metrics::default_ks(self.args.dataset == DatasetKind::Sop);
         let m = metrics::evaluate(&emb, dim, &labels, ks, self.args.seed);
-        self.eval_seconds.store(
-            t0.elapsed().as_secs_f64().to_bits(),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.eval_seconds = Some(t0.elapsed().as_secs_f64());
         m
     }
 
     /// Recall@1 of the pretrained features, measured once per run directory and kept in
     /// `metrics.jsonl` (epoch 0, `"model": "pretrained"`), so every later evaluation can say
     /// what training gained.
-    fn pretrained_baseline(&self, resume: bool) -> Result<Option<f64>> {
+    fn pretrained_baseline(&mut self, resume: bool) -> Result<Option<f64>> {
         let path = self.args.out.join(METRICS_FILE);
         if resume {
             let lines = read_jsonl(&path);
@@ -1541,12 +1537,7 @@ impl Run {
         };
         // The last evaluation costs what the latest one did (about a tenth of an epoch if
         // none ran yet), plus a margin for the checkpoint.
-        let latest = f64::from_bits(self.eval_seconds.load(std::sync::atomic::Ordering::Relaxed));
-        let eval = match latest {
-            s if s > 0.0 => s,
-            _ => 0.15 * epoch_seconds,
-        };
-        let reserve = eval + 10.0;
+        let reserve = self.eval_seconds.unwrap_or(0.15 * epoch_seconds) + 10.0;
         let fit = ((deadline.left() - reserve) / epoch_seconds)
             .floor()
             .max(0.0) as usize;
