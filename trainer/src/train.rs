@@ -1535,8 +1535,8 @@ impl Run {
         let Some(deadline) = self.deadline else {
             return;
         };
-        // The last evaluation costs what the latest one did (about a tenth of an epoch if
-        // none ran yet), plus a margin for the checkpoint.
+        // The last evaluation costs what the latest one did (0.15 of an epoch if none ran
+        // yet: a resumed run that kept its baseline), plus a margin for the checkpoint.
         let reserve = self.eval_seconds.unwrap_or(0.15 * epoch_seconds) + 10.0;
         let fit = ((deadline.left() - reserve) / epoch_seconds)
             .floor()
