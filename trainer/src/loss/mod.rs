@@ -142,8 +142,9 @@ pub mod defaults {
 /// the selected loss are used). Defaults are the seed project's, or the paper's.
 #[derive(Debug, Clone, PartialEq, clap::Args, serde::Serialize, serde::Deserialize)]
 pub struct LossArgs {
-    /// Fuzzy: margin m (seed README default 0.1; a later seed variant used 0.05). 0.1 beat
-    /// 0.02, 0.05, 0.2 and 0.3 on Omniglot (bench/RESULTS-learning.md, session 26).
+    /// Fuzzy: margin m (seed README default 0.1; a later seed variant used 0.05). On Omniglot
+    /// 0.1 beat 0.02 and 0.05 over 4 epochs and 0.2 and 0.3 over 2 (bench/RESULTS-learning.md,
+    /// session 26).
     #[arg(long, default_value_t = defaults::FUZZY_MARGIN)]
     pub fuzzy_margin: f64,
     /// Fuzzy: number k of nearest positives averaged per anchor; negatives closer than the
