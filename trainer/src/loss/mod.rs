@@ -110,6 +110,7 @@ impl std::fmt::Display for LossKind {
 pub mod defaults {
     pub const FUZZY_MARGIN: f64 = 0.1;
     pub const FUZZY_POSITIVES: usize = 1;
+    pub const FUZZY_HARD_POSITIVE: f64 = 0.0;
     pub const CONTRASTIVE_POS_MARGIN: f64 = 0.6;
     pub const CONTRASTIVE_NEG_MARGIN: f64 = 1.2;
     pub const LIFTED_MARGIN: f64 = 1.0;
@@ -124,6 +125,9 @@ pub mod defaults {
     pub const SOFTMAX_MARGIN: f64 = 0.0;
 
     // serde defaults for run configs written before these constants existed.
+    pub fn fuzzy_hard_positive() -> f64 {
+        FUZZY_HARD_POSITIVE
+    }
     pub fn pa_alpha() -> f64 {
         PA_ALPHA
     }
@@ -152,6 +156,12 @@ pub struct LossArgs {
     /// variant used k > 1). Anchors with fewer positives use all they have.
     #[arg(long, default_value_t = defaults::FUZZY_POSITIVES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub fuzzy_positives: usize,
+    /// Fuzzy: weight w of a later seed variant's hard-positive term: each anchor also pulls,
+    /// with w · their mean distance, its positives farther than its 80th-percentile negative
+    /// (the seed's commented-out value 0.1). 0 = off (the seed README's loss).
+    #[arg(long, default_value_t = defaults::FUZZY_HARD_POSITIVE)]
+    #[serde(default = "defaults::fuzzy_hard_positive")]
+    pub fuzzy_hard_positive: f64,
     /// Contrastive: positives are pulled until their distance is below this (seed 0.6;
     /// pytorch-metric-learning 0; MLRC-tuned -0.20 — on distance, not similarity).
     #[arg(long, default_value_t = defaults::CONTRASTIVE_POS_MARGIN, allow_negative_numbers = true)]
@@ -210,6 +220,7 @@ impl Default for LossArgs {
         Self {
             fuzzy_margin: defaults::FUZZY_MARGIN,
             fuzzy_positives: defaults::FUZZY_POSITIVES,
+            fuzzy_hard_positive: defaults::FUZZY_HARD_POSITIVE,
             contrastive_pos_margin: defaults::CONTRASTIVE_POS_MARGIN,
             contrastive_neg_margin: defaults::CONTRASTIVE_NEG_MARGIN,
             lifted_margin: defaults::LIFTED_MARGIN,
@@ -306,6 +317,7 @@ pub fn build(
         LossKind::Fuzzy => Box::new(Fuzzy {
             margin: args.fuzzy_margin,
             positives: args.fuzzy_positives,
+            hard_positive: args.fuzzy_hard_positive,
         }),
         LossKind::Contrastive => Box::new(Contrastive {
             pos_margin: args.contrastive_pos_margin,

@@ -25,7 +25,7 @@ fn hinge(v: f64) -> f64 {
 /// The loss `kind` with constants `args` on embeddings `x` (rows) and `labels`.
 pub fn naive(kind: LossKind, args: &LossArgs, x: &[Vec<f64>], labels: &[u32]) -> f64 {
     match kind {
-        LossKind::Fuzzy => fuzzy(x, labels, args.fuzzy_margin, args.fuzzy_positives),
+        LossKind::Fuzzy => fuzzy(x, labels, args),
         LossKind::Contrastive => contrastive(
             x,
             labels,
@@ -42,7 +42,12 @@ pub fn naive(kind: LossKind, args: &LossArgs, x: &[Vec<f64>], labels: &[u32]) ->
     }
 }
 
-fn fuzzy(x: &[Vec<f64>], y: &[u32], m: f64, k: usize) -> f64 {
+fn fuzzy(x: &[Vec<f64>], y: &[u32], args: &LossArgs) -> f64 {
+    let (m, k, w) = (
+        args.fuzzy_margin,
+        args.fuzzy_positives,
+        args.fuzzy_hard_positive,
+    );
     let n = x.len();
     let mut sum = 0.0;
     for i in 0..n {
@@ -54,13 +59,22 @@ fn fuzzy(x: &[Vec<f64>], y: &[u32], m: f64, k: usize) -> f64 {
             continue;
         }
         pos.sort_by(f64::total_cmp);
-        let kept = &pos[..k.min(pos.len())];
-        let limit = kept[kept.len() - 1] + m;
-        let neg: Vec<f64> = (0..n)
+        let mut all_neg: Vec<f64> = (0..n)
             .filter(|&j| y[j] != y[i])
             .map(|j| dist(&x[i], &x[j]))
-            .filter(|&d| d < limit)
             .collect();
+        all_neg.sort_by(f64::total_cmp);
+        if w > 0.0 && !all_neg.is_empty() {
+            // The seed: neg_pair[int(num_neg * 0.8)].
+            let bound = all_neg[(all_neg.len() as f64 * 0.8) as usize];
+            let hard: Vec<f64> = pos.iter().copied().filter(|&d| d > bound).collect();
+            if !hard.is_empty() {
+                sum += w * mean(&hard);
+            }
+        }
+        let kept = &pos[..k.min(pos.len())];
+        let limit = kept[kept.len() - 1] + m;
+        let neg: Vec<f64> = all_neg.into_iter().filter(|&d| d < limit).collect();
         if neg.is_empty() {
             continue;
         }

@@ -23,6 +23,13 @@ fn configurations() -> Vec<(LossKind, LossArgs)> {
                 ..d()
             },
         ),
+        (
+            LossKind::Fuzzy,
+            LossArgs {
+                fuzzy_hard_positive: 0.5,
+                ..d()
+            },
+        ),
         (LossKind::Contrastive, d()),
         (
             LossKind::Contrastive,
@@ -183,6 +190,47 @@ fn fuzzy_matches_a_hand_computed_value() {
     let want = (2.0 * 2f64.sqrt() - 1.0 - 2.0 * 15f64.to_radians().sin() + 2.0 * 0.1) / 3.0;
     assert!((out.loss.to_scalar::<f64>().unwrap() - want).abs() < 1e-12);
     assert_eq!(out.active, 2);
+}
+
+#[test]
+fn fuzzy_hard_positive_term_matches_a_hand_computed_value() {
+    // On the unit circle: x0 at 0° and x1 at `second`° share class 0; five singleton classes
+    // at 10°..50°. Only anchors 0 and 1 have positives, and the term adds w · d01 / n for
+    // each anchor whose 80th-percentile negative (rank ⌊0.8 · 5⌋ = 4, nearest first) is
+    // nearer than x1.
+    let at = |deg: f64| vec![deg.to_radians().cos(), deg.to_radians().sin()];
+    let chord = |deg: f64| 2.0 * (deg.to_radians() / 2.0).sin();
+    let labels = [0, 0, 1, 2, 3, 4, 5];
+    let w = 0.5;
+    let loss = |args: &LossArgs, x: &[Vec<f64>]| {
+        let out = build(LossKind::Fuzzy, args, None)
+            .unwrap()
+            .forward(&to_tensor(x), &labels)
+            .unwrap();
+        (out.loss.to_scalar::<f64>().unwrap(), out.active)
+    };
+    let with = LossArgs {
+        fuzzy_hard_positive: w,
+        ..LossArgs::default()
+    };
+    // (x1's angle, anchors with a hard positive): at 180° x1 is beyond both anchors'
+    // 80th-percentile negatives (50° from x0, 130°..170° from x1: ranks 4 are 50° and
+    // 170° away); at 45° only beyond x1's (ranks 4: 50° from x0, 35° from x1), and rank 3
+    // instead (40° from x0) would count anchor 0 too.
+    for (second, hard) in [(180.0, 2.0), (45.0, 1.0)] {
+        let mut x = vec![at(0.0), at(second)];
+        x.extend([10.0, 20.0, 30.0, 40.0, 50.0].map(at));
+        let (base, _) = loss(&LossArgs::default(), &x);
+        let (got, active) = loss(&with, &x);
+        let want = w * hard * chord(second) / 7.0;
+        assert!(
+            (got - base - want).abs() < 1e-12,
+            "x1 at {second}°: term {} vs {want}",
+            got - base
+        );
+        assert!((got - naive(LossKind::Fuzzy, &with, &x, &labels)).abs() < 1e-12);
+        assert_eq!(active, 2, "x1 at {second}°");
+    }
 }
 
 /// Gradient of the tensor loss at `x`, and central differences of the naive loss.
@@ -406,7 +454,10 @@ fn command_line_defaults_are_the_protocol_defaults() {
     assert_eq!(cli.loss, LossKind::Fuzzy);
     assert_eq!(cli.args, LossArgs::default());
     let d = LossArgs::default();
-    assert_eq!((d.fuzzy_margin, d.fuzzy_positives), (0.1, 1));
+    assert_eq!(
+        (d.fuzzy_margin, d.fuzzy_positives, d.fuzzy_hard_positive),
+        (0.1, 1, 0.0)
+    );
     assert_eq!(
         (d.contrastive_pos_margin, d.contrastive_neg_margin),
         (0.6, 1.2)
@@ -429,15 +480,28 @@ fn command_line_parses_variants_and_rejects_bad_values() {
         "-0.2",
         "--fuzzy-positives",
         "3",
+        "--fuzzy-hard-positive",
+        "0.1",
         "--batch-hard-soft",
     ])
     .unwrap();
     assert_eq!(cli.loss, LossKind::MultiSimilarity);
     assert_eq!(cli.args.contrastive_pos_margin, -0.2);
     assert_eq!(cli.args.fuzzy_positives, 3);
+    assert_eq!(cli.args.fuzzy_hard_positive, 0.1);
     assert!(cli.args.batch_hard_soft);
     assert!(Cli::try_parse_from(["trainer", "--fuzzy-positives", "0"]).is_err());
     assert!(Cli::try_parse_from(["trainer", "--loss", "neighbour"]).is_err());
+
+    let pulls_away = LossArgs {
+        fuzzy_hard_positive: -0.1,
+        ..LossArgs::default()
+    };
+    let err = pulls_away
+        .validate(LossKind::Fuzzy)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--fuzzy-hard-positive"), "{err}");
 
     let bad = LossArgs {
         ms_alpha: 0.0,
