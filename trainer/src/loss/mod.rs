@@ -158,7 +158,9 @@ pub struct LossArgs {
     pub fuzzy_positives: usize,
     /// Fuzzy: weight w of a later seed variant's hard-positive term: each anchor also pulls,
     /// with w · their mean distance, its positives farther than its 80th-percentile negative
-    /// (the seed's commented-out value 0.1). 0 = off (the seed README's loss).
+    /// (the seed's commented-out value 0.1). 0 = off (the seed README's loss). On Omniglot it
+    /// bought MAP@R and NMI but cost R@1 (0.1: −0.2, 0.3: −0.7 over 4 epochs;
+    /// bench/RESULTS-learning.md, session 27).
     #[arg(long, default_value_t = defaults::FUZZY_HARD_POSITIVE)]
     #[serde(default = "defaults::fuzzy_hard_positive")]
     pub fuzzy_hard_positive: f64,
