@@ -345,8 +345,8 @@ pub const HARD_CLASSES: usize = 8;
 
 /// `--classes-per-batch` default for the fuzzy loss (Omniglot, 4 fixed epochs: R@1 85.21
 /// with P = 8, 87.29 with 16, 86.99 with 32, but +1.1 MAP@R and a faster step: a 30-minute
-/// budget fitted 8 epochs instead of 7 when its timed steps were not slow; bench/RESULTS-learning.md,
-/// session 27).
+/// budget fitted 8 epochs instead of 7 when its timed steps were not slow;
+/// bench/RESULTS-learning.md, session 27).
 pub const FUZZY_CLASSES_PER_BATCH: usize = 32;
 /// `--classes-per-batch` default for the other losses (the seed's P×K sampling).
 pub const CLASSES_PER_BATCH: usize = 16;

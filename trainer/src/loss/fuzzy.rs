@@ -42,15 +42,10 @@ impl MetricLoss for Fuzzy {
 
     fn check(&self) -> Result<()> {
         check_constant(self.name(), "fuzzy-margin", self.margin, false)?;
-        check_constant(
-            self.name(),
-            "fuzzy-hard-positive",
-            self.hard_positive,
-            false,
-        )?;
-        if self.hard_positive < 0.0 {
+        // Negative would push far positives away: not the seed's term.
+        if !(self.hard_positive.is_finite() && self.hard_positive >= 0.0) {
             candle_core::bail!(
-                "fuzzy loss: --fuzzy-hard-positive must be at least 0, got {}",
+                "fuzzy loss: --fuzzy-hard-positive must be a finite number ≥ 0, got {}",
                 self.hard_positive
             );
         }
@@ -83,10 +78,8 @@ impl MetricLoss for Fuzzy {
                 .negatives(i)
                 .filter(|&j| row[j] < threshold)
                 .collect();
-            if !hard.is_empty() {
-                let wh = self.hard_positive * inverse_or_zero(hard.len());
-                hard.iter().for_each(|&j| w[j] += wh);
-            }
+            let wh = self.hard_positive * inverse_or_zero(hard.len());
+            hard.iter().for_each(|&j| w[j] += wh);
             if !neg.is_empty() {
                 mined += 1;
                 let wp = inverse_or_zero(nearest.len());
@@ -123,8 +116,8 @@ impl Fuzzy {
         if neg.is_empty() {
             return Vec::new();
         }
-        neg.sort_by(f64::total_cmp);
-        let bound = neg[percentile_80(neg.len())];
+        let rank = percentile_80(neg.len());
+        let (_, &mut bound, _) = neg.select_nth_unstable_by(rank, f64::total_cmp);
         pos.iter().copied().filter(|&j| row[j] > bound).collect()
     }
 }
